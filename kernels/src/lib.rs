@@ -1,0 +1,6 @@
+//! Compute kernels of QLoRA-MiniSAM, CPU reference implementations.
+//!
+//! Each kernel works on plain slices with explicit shapes (the first comment of each function
+//! states them), so the same function is the reference a GPU kernel is checked against.
+
+pub mod nf4;

@@ -1,0 +1,3 @@
+//! The SAM-family networks, each written once over [`crate::backend::Backend`].
+
+pub mod common;
