@@ -3,4 +3,9 @@
 //! Each kernel works on plain slices with explicit shapes (the first comment of each function
 //! states them), so the same function is the reference a GPU kernel is checked against.
 
+pub mod activation;
 pub mod nf4;
+pub mod weights;
+
+pub use activation::Activation;
+pub use weights::MatrixRef;
