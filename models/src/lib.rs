@@ -4,7 +4,9 @@
 pub mod backend;
 pub mod config;
 pub mod error;
+pub mod image;
 pub mod nets;
+pub mod prompt;
 pub mod store;
 
 pub use error::{Error, Result};

@@ -1,0 +1,59 @@
+//! Opening a model file of any supported kind: our packed NF4 file, or an official checkpoint
+//! read directly in f32 (to separate quantisation error from implementation error).
+
+use std::io::Read;
+use std::path::Path;
+
+use crate::config::ModelConfig;
+use crate::format::PackedModel;
+use crate::import::Checkpoint;
+use crate::store::WeightStore;
+use crate::{Error, Result};
+
+pub enum ModelFile {
+    Packed(PackedModel),
+    Checkpoint(Checkpoint),
+}
+
+impl ModelFile {
+    /// Decides by content, not by extension: packed files start with `MSAMPACK`; anything else is
+    /// handed to the checkpoint importer (PyTorch zip or safetensors).
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut magic = [0u8; 8];
+        let n = std::fs::File::open(path)
+            .and_then(|mut f| f.read(&mut magic))
+            .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+        if n == magic.len() && &magic == b"MSAMPACK" {
+            Ok(Self::Packed(PackedModel::open(path)?))
+        } else {
+            Ok(Self::Checkpoint(Checkpoint::open(path)?))
+        }
+    }
+
+    pub fn store(&self) -> &dyn WeightStore {
+        match self {
+            Self::Packed(m) => m,
+            Self::Checkpoint(c) => c,
+        }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            Self::Packed(m) => m.config(),
+            Self::Checkpoint(c) => c.config(),
+        }
+    }
+
+    /// One line for logs and the CLI: kind, architecture, content hash prefix.
+    pub fn describe(&self) -> String {
+        let arch = match &self.config().encoder {
+            crate::config::EncoderConfig::Vit(v) => format!("SAM ViT (dim {}, depth {})", v.embed_dim, v.depth),
+            crate::config::EncoderConfig::TinyVit(t) => format!("TinyViT {:?}", t.embed_dims),
+        };
+        let input = self.config().image_size;
+        match self {
+            Self::Packed(m) => format!("packed NF4 model, {arch}, input {input}, sha256 {}", &m.file_sha256()[..12]),
+            Self::Checkpoint(c) => format!("f32 checkpoint, {arch}, input {input}, sha256 {}", &c.sha256()[..12]),
+        }
+    }
+}
