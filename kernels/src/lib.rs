@@ -4,7 +4,12 @@
 //! states them), so the same function is the reference a GPU kernel is checked against.
 
 pub mod activation;
+pub mod attention;
+pub mod conv;
+pub mod gemm;
 pub mod nf4;
+pub mod norm;
+pub mod resize;
 pub mod weights;
 
 pub use activation::Activation;

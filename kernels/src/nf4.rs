@@ -181,3 +181,196 @@ pub fn quantize(x: &[f32]) -> Nf4Owned {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn rng() -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(rand::random())
+    }
+
+    fn dequantize_all(q: &Nf4Owned, n: usize) -> Vec<f32> {
+        let mut out = vec![f32::NAN; n];
+        dequantize(&q.view(), 0, &mut out);
+        out
+    }
+
+    /// The largest distance between consecutive table entries.
+    fn largest_gap() -> f32 {
+        NF4_TABLE.windows(2).map(|p| p[1] - p[0]).fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn table_is_the_published_qlora_code_book() {
+        // bitsandbytes `create_normal_map` / QLoRA Appendix E, as printed there (f64 digits).
+        let published = [
+            -1.0,
+            -0.6961928009986877,
+            -0.5250730514526367,
+            -0.39491748809814453,
+            -0.28444138169288635,
+            -0.18477343022823334,
+            -0.09105003625154495,
+            0.0,
+            0.07958029955625534,
+            0.16093020141124725,
+            0.24611230194568634,
+            0.33791524171829224,
+            0.44070982933044434,
+            0.5626170039176941,
+            0.7229568362236023,
+            1.0,
+        ];
+        for (i, (&ours, &theirs)) in NF4_TABLE.iter().zip(&published).enumerate() {
+            assert!((ours as f64 - theirs).abs() <= 1e-7, "entry {i}: {ours} != {theirs}");
+        }
+    }
+
+    #[test]
+    fn table_is_ascending_and_nearly_symmetric() {
+        assert!(NF4_TABLE.windows(2).all(|p| p[0] < p[1]), "not strictly ascending");
+        assert_eq!((NF4_TABLE[0], NF4_TABLE[7], NF4_TABLE[15]), (-1.0, 0.0, 1.0));
+        // Seven negative and eight positive quantiles: each negative magnitude falls between the
+        // positive entries of the same and the next rank.
+        for i in 1..7 {
+            let negative = -NF4_TABLE[7 - i];
+            assert!(NF4_TABLE[7 + i] < negative && negative < NF4_TABLE[8 + i], "rank {i}: {negative}");
+        }
+    }
+
+    #[test]
+    fn nearest_code_picks_each_entry_and_its_neighbourhood() {
+        for (c, &v) in NF4_TABLE.iter().enumerate() {
+            assert_eq!(nearest_code(v) as usize, c);
+        }
+        let mut rng = rng();
+        for _ in 0..10_000 {
+            let x: f32 = rng.gen_range(-1.0..=1.0);
+            let best = (0..16).min_by(|&a, &b| (NF4_TABLE[a] - x).abs().total_cmp(&(NF4_TABLE[b] - x).abs())).unwrap();
+            let got = nearest_code(x) as usize;
+            assert!((NF4_TABLE[got] - x).abs() <= (NF4_TABLE[best] - x).abs(), "x={x}: code {got}, nearest {best}");
+        }
+    }
+
+    #[test]
+    fn exact_table_values_times_absmax_round_trip() {
+        let mut rng = rng();
+        let absmax: f32 = rng.gen_range(0.01..100.0);
+        let blocks = 3;
+        let mut codes: Vec<u8> = (0..blocks * BLOCK).map(|_| rng.gen_range(0..16)).collect();
+        for b in 0..blocks {
+            codes[b * BLOCK + rng.gen_range(0..BLOCK)] = 15; // makes the block's absmax exact
+        }
+        let x: Vec<f32> = codes.iter().map(|&c| NF4_TABLE[c as usize] * absmax).collect();
+        let q = quantize(&x);
+        // Equal absmaxes: zero spread, so the double quantisation is exact.
+        for b in 0..blocks {
+            assert_eq!(q.view().block_absmax(b), absmax);
+        }
+        for (i, &c) in codes.iter().enumerate() {
+            assert_eq!(q.view().code(i), c, "element {i}");
+        }
+        assert_eq!(dequantize_all(&q, x.len()), x);
+    }
+
+    #[test]
+    fn quantisation_error_is_bounded() {
+        let mut rng = rng();
+        // More than one scale group, blocks of very different magnitudes, a ragged last block.
+        let n = BLOCK * (SCALE_GROUP + 37) + 23;
+        let block_scales: Vec<f32> = (0..n.div_ceil(BLOCK)).map(|_| 10f32.powf(rng.gen_range(-2.0..1.0))).collect();
+        let x: Vec<f32> = (0..n).map(|i| rng.gen_range(-1.0..1.0) * block_scales[i / BLOCK]).collect();
+        let q = quantize(&x);
+        let y = dequantize_all(&q, n);
+        let half_gap = 0.5 * largest_gap();
+        for (b, chunk) in x.chunks(BLOCK).enumerate() {
+            let true_absmax = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let stored_absmax = q.view().block_absmax(b);
+            let scale_error = (true_absmax - stored_absmax).abs();
+            for (j, &v) in chunk.iter().enumerate() {
+                let i = b * BLOCK + j;
+                let bound = half_gap * stored_absmax + scale_error + 1e-6 * true_absmax;
+                assert!((y[i] - v).abs() <= bound, "element {i}: {v} -> {}, bound {bound}", y[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn double_quantised_absmaxes_round_trip() {
+        let mut rng = rng();
+        let n = BLOCK * (2 * SCALE_GROUP + 5);
+        let x: Vec<f32> = (0..n).map(|i| rng.gen_range(-1.0..1.0) * (1.0 + (i / BLOCK % 7) as f32)).collect();
+        let absmax: Vec<f32> = x.chunks(BLOCK).map(|c| c.iter().fold(0.0f32, |m, v| m.max(v.abs()))).collect();
+        let q = quantize(&x);
+        let mean = absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len() as f64;
+        assert!((q.absmax_offset as f64 - mean).abs() <= 1e-6 * mean);
+        for (g, group) in absmax.chunks(SCALE_GROUP).enumerate() {
+            let spread = group.iter().fold(0.0f32, |m, &a| m.max((a - q.absmax_offset).abs()));
+            for (j, &a) in group.iter().enumerate() {
+                let b = g * SCALE_GROUP + j;
+                let err = (q.view().block_absmax(b) - a).abs();
+                // Rounding to the nearest of 255 levels: half a step, plus f32 rounding.
+                assert!(err <= spread / 254.0 + 1e-6 * a, "block {b}: absmax {a}, error {err}, spread {spread}");
+            }
+        }
+    }
+
+    #[test]
+    fn packed_sizes_match_quantize_and_known_values() {
+        assert_eq!(packed_sizes(0), (0, 0, 0));
+        assert_eq!(packed_sizes(1), (1, 1, 4));
+        assert_eq!(packed_sizes(64), (32, 1, 4));
+        assert_eq!(packed_sizes(65), (33, 2, 4));
+        assert_eq!(packed_sizes(BLOCK * SCALE_GROUP), (8192, 256, 4));
+        assert_eq!(packed_sizes(BLOCK * SCALE_GROUP + 1), (8193, 257, 8));
+        let mut rng = rng();
+        for n in [0, 1, 2, 63, 64, 65, 127, 16_384, 16_385, rng.gen_range(1..100_000)] {
+            let x: Vec<f32> = (0..n).map(|_| rng.gen_range(-3.0..3.0)).collect();
+            let q = quantize(&x);
+            assert_eq!((q.codes.len(), q.absmax_q.len(), q.absmax_scales.len()), packed_sizes(n), "n={n}");
+            assert!(q.view().check_len(n).is_ok());
+            assert!(q.view().check_len(n + 128).is_err());
+        }
+    }
+
+    #[test]
+    fn zero_blocks_dequantise_to_zero() {
+        let mut rng = rng();
+        let mut x: Vec<f32> = (0..BLOCK * 5).map(|_| rng.gen_range(-2.0..2.0)).collect();
+        x[BLOCK * 2..BLOCK * 3].fill(0.0);
+        let y = dequantize_all(&quantize(&x), x.len());
+        assert!(y[BLOCK * 2..BLOCK * 3].iter().all(|&v| v == 0.0));
+        assert!(y.iter().all(|v| v.is_finite()));
+
+        let zeros = vec![0.0f32; 130];
+        assert_eq!(dequantize_all(&quantize(&zeros), 130), zeros);
+    }
+
+    #[test]
+    fn partial_ranges_equal_the_full_dequantisation() {
+        let mut rng = rng();
+        let n = 1000;
+        let x: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let q = quantize(&x);
+        let full = dequantize_all(&q, n);
+        for _ in 0..50 {
+            let start = rng.gen_range(0..n);
+            let len = rng.gen_range(0..=n - start);
+            let mut part = vec![f32::NAN; len];
+            dequantize(&q.view(), start, &mut part);
+            assert_eq!(part, full[start..start + len]);
+        }
+    }
+
+    #[test]
+    fn non_finite_inputs_become_zero() {
+        let mut x = vec![0.5f32; BLOCK];
+        x[3] = f32::NAN;
+        x[9] = f32::INFINITY;
+        let y = dequantize_all(&quantize(&x), BLOCK);
+        assert_eq!((y[3], y[9], y[0]), (0.0, 0.0, 0.5));
+    }
+}

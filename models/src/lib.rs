@@ -3,10 +3,17 @@
 
 pub mod backend;
 pub mod config;
+pub mod cpu;
 pub mod error;
+pub mod format;
 pub mod image;
+pub mod import;
+pub mod load;
 pub mod nets;
+pub mod npy;
+pub mod pipeline;
 pub mod prompt;
+pub mod sam;
 pub mod store;
 
 pub use error::{Error, Result};

@@ -1,3 +1,8 @@
 //! The SAM-family networks, each written once over [`crate::backend::Backend`].
 
 pub mod common;
+pub mod mask_decoder;
+pub mod prompt_encoder;
+pub mod tiny_vit;
+pub mod vit;
+pub mod transformer;

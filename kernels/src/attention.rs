@@ -1,0 +1,475 @@
+//! Flash-style attention on the CPU: `softmax(scale · q·kᵀ + bias) · v` without ever holding an
+//! `nq × nk` score matrix (SAM's global attention has nq = nk = 4096 per head).
+//!
+//! Each task owns one batch-head and a block of [`QUERY_BLOCK`] queries, and walks the keys in
+//! blocks of [`KEY_BLOCK`] with the online softmax: per query it keeps the running maximum, the
+//! running sum of `exp(score - max)` and an unnormalised output row, rescaling both when the
+//! maximum grows. Memory per thread is `QUERY_BLOCK × (KEY_BLOCK + d)` plus one transposed key
+//! block, and the result is exact up to f32 rounding (no score is ever exponentiated above 0).
+//!
+//! Both inner products are written as `axpy` loops over contiguous memory (the key block is
+//! transposed first), so they vectorise; on x86-64 with AVX2 the task body is compiled a second
+//! time with those features and chosen at run time.
+
+use rayon::prelude::*;
+
+/// Queries per task.
+const QUERY_BLOCK: usize = 32;
+/// Keys per online-softmax step.
+const KEY_BLOCK: usize = 64;
+
+/// An additive bias on the scores, evaluated on the fly.
+#[derive(Clone, Copy, Debug)]
+pub enum Bias<'a> {
+    None,
+    /// `table` is `[heads, nq, nk]`; batch-head `bh` uses head `bh % heads`.
+    Table {
+        table: &'a [f32],
+        heads: usize,
+    },
+    /// SAM's decomposed relative position: `rel_h` is `[bh, nq, kh]`, `rel_w` is `[bh, nq, kw]`,
+    /// `nk = kh * kw` and `bias(i, j) = rel_h[bh, i, j / kw] + rel_w[bh, i, j % kw]`.
+    RelPos {
+        rel_h: &'a [f32],
+        rel_w: &'a [f32],
+        kh: usize,
+        kw: usize,
+    },
+}
+
+/// `out = softmax(scale · q·kᵀ + bias) · v` for every batch-head.
+/// A query whose scores are all `-inf` gets NaN, as in PyTorch.
+// q is [bh, nq, d], k and v are [bh, nk, d], out is [bh, nq, d].
+#[allow(clippy::too_many_arguments)]
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], bh: usize, nq: usize, nk: usize, d: usize, scale: f32, bias: Bias, out: &mut [f32]) {
+    assert_eq!(q.len(), bh * nq * d, "attention: q is not [bh, nq, d]");
+    assert_eq!(k.len(), bh * nk * d, "attention: k is not [bh, nk, d]");
+    assert_eq!(v.len(), bh * nk * d, "attention: v is not [bh, nk, d]");
+    assert_eq!(out.len(), bh * nq * d, "attention: out is not [bh, nq, d]");
+    match bias {
+        Bias::None => {}
+        Bias::Table { table, heads } => {
+            assert!(heads > 0 && table.len() == heads * nq * nk, "attention: bias table is not [heads, nq, nk]");
+        }
+        Bias::RelPos { rel_h, rel_w, kh, kw } => {
+            assert_eq!(kh * kw, nk, "attention: relative position grid {kh}x{kw} does not cover {nk} keys");
+            assert_eq!(rel_h.len(), bh * nq * kh, "attention: rel_h is not [bh, nq, kh]");
+            assert_eq!(rel_w.len(), bh * nq * kw, "attention: rel_w is not [bh, nq, kw]");
+        }
+    }
+    if out.is_empty() {
+        return;
+    }
+    run_tasks(q, k, v, nq, nk, d, scale, bias, avx_available(), out);
+}
+
+/// Splits the work into (batch-head, query block) tasks and runs them in parallel.
+// q is [bh, nq, d], k and v are [bh, nk, d], out is [bh, nq, d] (shapes already checked, d > 0).
+#[allow(clippy::too_many_arguments)]
+fn run_tasks(q: &[f32], k: &[f32], v: &[f32], nq: usize, nk: usize, d: usize, scale: f32, bias: Bias, use_avx: bool, out: &mut [f32]) {
+    out.par_chunks_mut(nq * d).enumerate().for_each(|(b, out_b)| {
+        out_b.par_chunks_mut(QUERY_BLOCK * d).enumerate().for_each_init(Scratch::default, |scratch, (block, out_block)| {
+            let task = Task {
+                q: &q[(b * nq + block * QUERY_BLOCK) * d..][..out_block.len()],
+                k: &k[b * nk * d..(b + 1) * nk * d],
+                v: &v[b * nk * d..(b + 1) * nk * d],
+                b,
+                first_query: block * QUERY_BLOCK,
+                nq,
+                nk,
+                d,
+                scale,
+                bias,
+            };
+            if use_avx {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                unsafe {
+                    task.run_avx(scratch, out_block)
+                }
+            } else {
+                task.run(scratch, out_block)
+            }
+        });
+    });
+}
+
+/// Whether the AVX2+FMA build of the task body may run on this CPU.
+// No arguments; cheap (the standard library caches the CPUID answer).
+fn avx_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Per-thread buffers, reused across tasks.
+#[derive(Default)]
+struct Scratch {
+    /// `[rows, KEY_BLOCK]` scores, then probabilities, of the current key block.
+    scores: Vec<f32>,
+    /// `[d, KEY_BLOCK]`: the current key block, transposed.
+    keys_t: Vec<f32>,
+    /// `[rows, d]` unnormalised outputs.
+    acc: Vec<f32>,
+    running_max: Vec<f32>,
+    running_sum: Vec<f32>,
+}
+
+/// `e^x` for `x <= 0` (or NaN), accurate to a few f32 ulps, written so that loops over it
+/// vectorise (the standard library's `exp` is a scalar call): `e^x = 2^n · e^r` with
+/// `n = round(x / ln 2)`, `|r| <= ln 2 / 2`, and `e^r` by its degree-7 Taylor polynomial
+/// (truncation error < 2e-9 relative there).
+// x: scalar, x <= 0; results below f32's normal range flush to 0, NaN propagates.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let clamped = x.max(-87.0);
+    let n = (clamped * std::f32::consts::LOG2_E).round();
+    let r = (clamped - n * LN2_HI) - n * LN2_LO;
+    let mut poly = 1.0 / 5040.0;
+    poly = poly * r + 1.0 / 720.0;
+    poly = poly * r + 1.0 / 120.0;
+    poly = poly * r + 1.0 / 24.0;
+    poly = poly * r + 1.0 / 6.0;
+    poly = poly * r + 0.5;
+    poly = poly * r + 1.0;
+    poly = poly * r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let result = poly * scale;
+    if x < -87.0 {
+        0.0
+    } else if x.is_nan() {
+        x
+    } else {
+        result
+    }
+}
+
+/// `acc += Σ_j probs[j] · values[j]`, walking `acc` in register-sized chunks so that each chunk
+/// is loaded and stored once per key block instead of once per key.
+// probs is [keys], values is [keys, d], acc is [d].
+#[inline(always)]
+fn accumulate_values(probs: &[f32], values: &[f32], d: usize, acc: &mut [f32]) {
+    const CHUNK: usize = 32;
+    let mut c0 = 0;
+    while c0 + CHUNK <= d {
+        let mut chunk: [f32; CHUNK] = acc[c0..c0 + CHUNK].try_into().unwrap();
+        for (j, &prob) in probs.iter().enumerate() {
+            let v: &[f32; CHUNK] = values[j * d + c0..][..CHUNK].try_into().unwrap();
+            for (a, &vv) in chunk.iter_mut().zip(v) {
+                *a += prob * vv;
+            }
+        }
+        acc[c0..c0 + CHUNK].copy_from_slice(&chunk);
+        c0 += CHUNK;
+    }
+    if c0 < d {
+        let tail = &mut acc[c0..];
+        for (j, &prob) in probs.iter().enumerate() {
+            for (a, &vv) in tail.iter_mut().zip(&values[j * d + c0..(j + 1) * d]) {
+                *a += prob * vv;
+            }
+        }
+    }
+}
+
+/// One batch-head's block of queries.
+struct Task<'a> {
+    /// `[rows, d]`: this block's queries.
+    q: &'a [f32],
+    /// `[nk, d]`: this batch-head's keys and values.
+    k: &'a [f32],
+    v: &'a [f32],
+    b: usize,
+    first_query: usize,
+    nq: usize,
+    nk: usize,
+    d: usize,
+    scale: f32,
+    bias: Bias<'a>,
+}
+
+impl Task<'_> {
+    /// [`Task::run`] compiled with AVX2 and FMA.
+    // out is [rows, d].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx(&self, scratch: &mut Scratch, out: &mut [f32]) {
+        self.run(scratch, out)
+    }
+
+    /// Online softmax over all key blocks, then normalisation into `out`.
+    // out is [rows, d].
+    #[inline(always)]
+    fn run(&self, s: &mut Scratch, out: &mut [f32]) {
+        let d = self.d;
+        let rows = out.len() / d;
+        s.acc.clear();
+        s.acc.resize(rows * d, 0.0);
+        s.running_max.clear();
+        s.running_max.resize(rows, f32::NEG_INFINITY);
+        s.running_sum.clear();
+        s.running_sum.resize(rows, 0.0);
+        s.scores.resize(rows * KEY_BLOCK, 0.0);
+        s.keys_t.resize(d * KEY_BLOCK, 0.0);
+
+        for key0 in (0..self.nk).step_by(KEY_BLOCK) {
+            let keys = KEY_BLOCK.min(self.nk - key0);
+            // Transpose the key block so that the score loop runs over contiguous keys.
+            for j in 0..keys {
+                for (p, &kv) in self.k[(key0 + j) * d..][..d].iter().enumerate() {
+                    s.keys_t[p * KEY_BLOCK + j] = kv;
+                }
+            }
+            for i in 0..rows {
+                // A whole block of scores fits in registers: accumulate there, store once.
+                let mut block = [0.0f32; KEY_BLOCK];
+                for (p, &qv) in self.q[i * d..][..d].iter().enumerate() {
+                    let kt: &[f32; KEY_BLOCK] = s.keys_t[p * KEY_BLOCK..][..KEY_BLOCK].try_into().unwrap();
+                    for (sc, &kv) in block.iter_mut().zip(kt) {
+                        *sc += qv * kv;
+                    }
+                }
+                let scores = &mut s.scores[i * KEY_BLOCK..][..keys];
+                for (sc, &b) in scores.iter_mut().zip(&block) {
+                    *sc = b * self.scale;
+                }
+                self.add_bias(self.first_query + i, key0, scores);
+
+                let block_max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let new_max = s.running_max[i].max(block_max);
+                if new_max == f32::NEG_INFINITY {
+                    continue; // every score so far is -inf: nothing to accumulate yet
+                }
+                let rescale = (s.running_max[i] - new_max).exp();
+                s.running_max[i] = new_max;
+                let mut block_sum = 0.0f32;
+                for sc in scores.iter_mut() {
+                    *sc = exp_nonpositive(*sc - new_max);
+                }
+                for &sc in scores.iter() {
+                    block_sum += sc;
+                }
+                s.running_sum[i] = s.running_sum[i] * rescale + block_sum;
+                let acc = &mut s.acc[i * d..][..d];
+                if rescale != 1.0 {
+                    for a in acc.iter_mut() {
+                        *a *= rescale;
+                    }
+                }
+                let values = &self.v[key0 * d..(key0 + keys) * d];
+                accumulate_values(scores, values, d, acc);
+            }
+        }
+        for i in 0..rows {
+            let inv = 1.0 / s.running_sum[i];
+            for (o, &a) in out[i * d..][..d].iter_mut().zip(&s.acc[i * d..][..d]) {
+                *o = a * inv;
+            }
+        }
+    }
+
+    /// Adds the bias of query `query` against keys `key0 ..` to `scores`.
+    // scores is [keys] for keys key0 .. key0 + scores.len().
+    #[inline(always)]
+    fn add_bias(&self, query: usize, key0: usize, scores: &mut [f32]) {
+        match self.bias {
+            Bias::None => {}
+            Bias::Table { table, heads } => {
+                let head = self.b % heads;
+                let row = &table[(head * self.nq + query) * self.nk + key0..][..scores.len()];
+                for (sc, &t) in scores.iter_mut().zip(row) {
+                    *sc += t;
+                }
+            }
+            Bias::RelPos { rel_h, rel_w, kh, kw } => {
+                let row_h = &rel_h[(self.b * self.nq + query) * kh..][..kh];
+                let row_w = &rel_w[(self.b * self.nq + query) * kw..][..kw];
+                let (mut y, mut x) = (key0 / kw, key0 % kw);
+                for sc in scores.iter_mut() {
+                    *sc += row_h[y] + row_w[x];
+                    x += 1;
+                    if x == kw {
+                        x = 0;
+                        y += 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn rng() -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(rand::random())
+    }
+
+    fn random(rng: &mut ChaCha8Rng, n: usize, magnitude: f32) -> Vec<f32> {
+        (0..n).map(|_| rng.gen_range(-magnitude..magnitude)).collect()
+    }
+
+    /// Plain two-pass softmax attention in f64.
+    // q is [bh, nq, d], k and v are [bh, nk, d]; returns [bh, nq, d].
+    #[allow(clippy::too_many_arguments)]
+    fn naive(q: &[f32], k: &[f32], v: &[f32], bh: usize, nq: usize, nk: usize, d: usize, scale: f32, bias: &dyn Fn(usize, usize, usize) -> f64) -> Vec<f64> {
+        let mut out = vec![0.0f64; bh * nq * d];
+        for b in 0..bh {
+            for i in 0..nq {
+                let scores: Vec<f64> = (0..nk)
+                    .map(|j| {
+                        let dot: f64 = (0..d).map(|p| q[(b * nq + i) * d + p] as f64 * k[(b * nk + j) * d + p] as f64).sum();
+                        scale as f64 * dot + bias(b, i, j)
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for p in 0..d {
+                    out[(b * nq + i) * d + p] = (0..nk).map(|j| weights[j] * v[(b * nk + j) * d + p] as f64).sum::<f64>() / total;
+                }
+            }
+        }
+        out
+    }
+
+    fn relative_error(out: &[f32], reference: &[f64]) -> f64 {
+        let diff: f64 = out.iter().zip(reference).map(|(&o, &r)| (o as f64 - r).powi(2)).sum();
+        let norm: f64 = reference.iter().map(|r| r * r).sum();
+        (diff / norm).sqrt()
+    }
+
+    enum Kind {
+        None,
+        Table,
+        RelPos,
+    }
+
+    fn check(kind: Kind, bh: usize, nq: usize, kh: usize, kw: usize, d: usize, magnitude: f32) {
+        let nk = kh * kw;
+        let mut rng = rng();
+        let q = random(&mut rng, bh * nq * d, magnitude);
+        let k = random(&mut rng, bh * nk * d, magnitude);
+        let v = random(&mut rng, bh * nk * d, 1.0);
+        let heads = 3;
+        let table = random(&mut rng, heads * nq * nk, 2.0);
+        let rel_h = random(&mut rng, bh * nq * kh, 2.0);
+        let rel_w = random(&mut rng, bh * nq * kw, 2.0);
+        let scale = 1.0 / (d as f32).sqrt();
+        let (bias, reference) = match kind {
+            Kind::None => (Bias::None, naive(&q, &k, &v, bh, nq, nk, d, scale, &|_, _, _| 0.0)),
+            Kind::Table => {
+                (Bias::Table { table: &table, heads }, naive(&q, &k, &v, bh, nq, nk, d, scale, &|b, i, j| table[((b % heads) * nq + i) * nk + j] as f64))
+            }
+            Kind::RelPos => (
+                Bias::RelPos { rel_h: &rel_h, rel_w: &rel_w, kh, kw },
+                naive(&q, &k, &v, bh, nq, nk, d, scale, &|b, i, j| rel_h[(b * nq + i) * kh + j / kw] as f64 + rel_w[(b * nq + i) * kw + j % kw] as f64),
+            ),
+        };
+        let mut out = vec![f32::NAN; bh * nq * d];
+        attention(&q, &k, &v, bh, nq, nk, d, scale, bias, &mut out);
+        let err = relative_error(&out, &reference);
+        assert!(err <= 1e-5, "bh={bh} nq={nq} nk={nk} d={d} magnitude={magnitude}: relative error {err}");
+    }
+
+    #[test]
+    fn no_bias_matches_naive() {
+        for d in [16, 32, 64, 80] {
+            check(Kind::None, 2, 70, 9, 11, d, 1.0);
+        }
+        check(Kind::None, 1, 1, 1, 1, 16, 1.0);
+    }
+
+    #[test]
+    fn table_bias_matches_naive() {
+        for d in [16, 32, 64, 80] {
+            check(Kind::Table, 5, 49, 7, 7, d, 1.0);
+        }
+        check(Kind::Table, 4, 33, 5, 13, 32, 1.0);
+    }
+
+    #[test]
+    fn relative_position_bias_matches_naive() {
+        for d in [16, 32, 64, 80] {
+            check(Kind::RelPos, 3, 40, 8, 12, d, 1.0);
+        }
+        check(Kind::RelPos, 2, 100, 14, 14, 64, 1.0);
+    }
+
+    #[test]
+    fn large_scores_stay_finite_and_accurate() {
+        // Scores of several hundred: a naive exp would overflow f32.
+        check(Kind::None, 2, 37, 10, 10, 64, 30.0);
+        check(Kind::RelPos, 2, 37, 10, 10, 32, 30.0);
+    }
+
+    #[test]
+    fn portable_path_matches_avx_path() {
+        // `attention` picks the AVX2 build where it can, so the other one is run directly.
+        let mut rng = rng();
+        let (bh, nq, nk, d) = (2, 45, 70, 24);
+        let q = random(&mut rng, bh * nq * d, 1.0);
+        let k = random(&mut rng, bh * nk * d, 1.0);
+        let v = random(&mut rng, bh * nk * d, 1.0);
+        let reference = naive(&q, &k, &v, bh, nq, nk, d, 0.3, &|_, _, _| 0.0);
+        for use_avx in [false, avx_available()] {
+            let mut out = vec![f32::NAN; bh * nq * d];
+            run_tasks(&q, &k, &v, nq, nk, d, 0.3, Bias::None, use_avx, &mut out);
+            let err = relative_error(&out, &reference);
+            assert!(err <= 1e-5, "use_avx={use_avx}: relative error {err}");
+        }
+    }
+
+    #[test]
+    fn fast_exp_matches_f64_exp() {
+        let mut rng = rng();
+        for i in 0..100_000 {
+            let x: f32 = if i % 2 == 0 { rng.gen_range(-20.0..=0.0) } else { rng.gen_range(-87.0..=0.0) };
+            let want = (x as f64).exp();
+            let got = exp_nonpositive(x) as f64;
+            assert!(((got - want) / want).abs() <= 4e-7, "exp({x}) = {got}, want {want}");
+        }
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(-100.0), 0.0);
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+        assert!(exp_nonpositive(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn empty_inputs_are_a_no_op() {
+        let mut out: Vec<f32> = vec![];
+        attention(&[], &[], &[], 0, 4, 4, 8, 1.0, Bias::None, &mut out);
+        attention(&[], &[0.0; 16], &[0.0; 16], 1, 0, 2, 8, 1.0, Bias::None, &mut out);
+    }
+
+    /// Not a pass/fail test: prints the throughput (`cargo test -p minisam-kernels --release
+    /// attention::tests::throughput -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn throughput() {
+        let mut rng = rng();
+        let (bh, n, d) = (2, 4096, 64);
+        let q = random(&mut rng, bh * n * d, 1.0);
+        let k = random(&mut rng, bh * n * d, 1.0);
+        let v = random(&mut rng, bh * n * d, 1.0);
+        let mut out = vec![0.0f32; bh * n * d];
+        let start = std::time::Instant::now();
+        attention(&q, &k, &v, bh, n, n, d, 0.125, Bias::None, &mut out);
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "attention {bh}x{n}x{n}x{d}: {secs:.3} s, {:.1} GFLOP/s on {} threads",
+            4.0 * (bh * n * n * d) as f64 / secs / 1e9,
+            rayon::current_num_threads()
+        );
+    }
+}

@@ -1,0 +1,700 @@
+//! The reference [`Backend`]: every operation on the host, in f32, through `minisam_kernels`.
+//!
+//! It exists so that the networks can be checked (and run) without a GPU, and so that a GPU
+//! backend has something to be compared against operation by operation. Weights stay in their
+//! stored precision (the kernels dequantise tile by tile); tensors are plain row-major `Vec<f32>`.
+//! Every operation checks its shapes and returns [`Error::Shape`] with the shapes it was given,
+//! so a wiring mistake in a network reads as a message rather than a panic deep in a kernel.
+//! All work runs inside the backend's own rayon pool, so several backends (or a host
+//! application's own rayon work) do not fight over threads.
+
+use rayon::prelude::*;
+
+use minisam_kernels::attention::{self, Bias};
+use minisam_kernels::{activation, conv, gemm, norm, resize, MatrixRef};
+
+use crate::backend::{Activation, AttentionBias, Backend, Conv2dSpec};
+use crate::store::{StoredTensor, TensorData};
+use crate::{Error, Result};
+
+/// A host tensor: row-major, contiguous.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl CpuTensor {
+    /// A tensor, if `data` holds exactly the elements `shape` needs.
+    // shape: any rank; data: [product of shape].
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
+        let numel: usize = shape.iter().product();
+        if numel != data.len() {
+            return Err(Error::Shape(format!("shape {shape:?} needs {numel} elements, got {}", data.len())));
+        }
+        Ok(Self { shape, data })
+    }
+}
+
+/// A weight in its stored precision.
+#[derive(Clone, Debug)]
+pub struct CpuWeight {
+    pub shape: Vec<usize>,
+    pub data: TensorData,
+}
+
+impl CpuWeight {
+    /// The borrowed view the kernels take.
+    pub fn matrix(&self) -> MatrixRef<'_> {
+        match &self.data {
+            TensorData::F32(v) => MatrixRef::F32(v),
+            TensorData::F16(bytes) => MatrixRef::F16(bytes.as_slice()),
+            TensorData::Nf4(q) => MatrixRef::Nf4(q.view()),
+        }
+    }
+}
+
+/// The CPU backend; owns its thread pool.
+pub struct CpuBackend {
+    pool: rayon::ThreadPool,
+}
+
+impl CpuBackend {
+    /// A backend running on `threads` threads (0: one per core).
+    // threads: a count, 0 for the number of cores.
+    pub fn new(threads: usize) -> Result<Self> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("minisam-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::Backend(format!("cannot start {threads} CPU threads: {e}")))?;
+        Ok(Self { pool })
+    }
+
+    /// How many threads the backend's pool runs.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Runs `op` inside the backend's pool, so that its rayon work uses these threads.
+    // op: any closure; its result is returned unchanged.
+    fn run<T: Send>(&self, op: impl FnOnce() -> T + Send) -> T {
+        self.pool.install(op)
+    }
+}
+
+impl Default for CpuBackend {
+    /// One thread per core. Panics only if the OS refuses to start threads.
+    fn default() -> Self {
+        Self::new(0).expect("cannot start the CPU backend's thread pool")
+    }
+}
+
+/// The kernels' activation enum for the networks' one.
+// act: the network-side enum.
+fn kernel_activation(act: Activation) -> activation::Activation {
+    match act {
+        Activation::None => activation::Activation::None,
+        Activation::Gelu => activation::Activation::Gelu,
+        Activation::Relu => activation::Activation::Relu,
+    }
+}
+
+/// Checks that a stored payload holds exactly the bytes `shape` needs, so that kernels indexing
+/// it cannot go out of bounds.
+// shape: any rank; data: the payload claimed to have that shape.
+fn check_payload(name: &str, shape: &[usize], data: &TensorData) -> Result<()> {
+    let numel: usize = shape.iter().product();
+    let problem = match data {
+        TensorData::F32(v) if v.len() != numel => Some(format!("{} f32 values", v.len())),
+        TensorData::F16(b) if b.len() != 2 * numel => Some(format!("{} fp16 bytes", b.len())),
+        TensorData::Nf4(q) => q.view().check_len(numel).err(),
+        _ => None,
+    };
+    match problem {
+        Some(p) => Err(Error::Shape(format!("tensor {name} of shape {shape:?}: {p}"))),
+        None => Ok(()),
+    }
+}
+
+/// `(rows, last)` of a tensor whose last axis is `last`, for ops over the last axis.
+// shape: rank >= 1.
+fn split_last(op: &str, shape: &[usize]) -> Result<(usize, usize)> {
+    match shape.split_last() {
+        Some((&last, lead)) => Ok((lead.iter().product(), last)),
+        None => Err(Error::Shape(format!("{op}: needs rank >= 1, got a scalar"))),
+    }
+}
+
+/// `shape` if it has rank `rank`, else an error naming the op and the operand.
+// shape: the operand's shape; rank: the rank the op needs.
+fn expect_rank<'a>(op: &str, what: &str, shape: &'a [usize], rank: usize) -> Result<&'a [usize]> {
+    if shape.len() != rank {
+        return Err(Error::Shape(format!("{op}: {what} must have rank {rank}, got shape {shape:?}")));
+    }
+    Ok(shape)
+}
+
+/// `a + b` broadcasting `b` over the leading axes of `a` (`b`'s shape a suffix of `a`'s).
+// a: [.., s], b: [s] where s is any suffix of a's shape.
+fn add_broadcast(op: &str, a: &CpuTensor, b_shape: &[usize], b: &[f32]) -> Result<CpuTensor> {
+    if b_shape.len() > a.shape.len() || a.shape[a.shape.len() - b_shape.len()..] != *b_shape {
+        return Err(Error::Shape(format!("{op}: shape {b_shape:?} is not a suffix of {:?}", a.shape)));
+    }
+    let mut data = a.data.clone();
+    if !b.is_empty() {
+        data.par_chunks_mut(b.len()).for_each(|chunk| {
+            for (x, &y) in chunk.iter_mut().zip(b) {
+                *x += y;
+            }
+        });
+    }
+    Ok(CpuTensor { shape: a.shape.clone(), data })
+}
+
+/// Row-major strides of `shape`.
+// shape: any rank; returns [rank], the last stride 1.
+fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// Materialised axis permutation: output axis `i` is input axis `perm[i]`.
+// t: any rank r >= 1, perm: a permutation of 0..r.
+fn permute_tensor(t: &CpuTensor, perm: &[usize]) -> Result<CpuTensor> {
+    let rank = t.shape.len();
+    let mut seen = vec![false; rank];
+    if perm.len() != rank || perm.iter().any(|&p| p >= rank || std::mem::replace(&mut seen[p], true)) {
+        return Err(Error::Shape(format!("permute: {perm:?} is not a permutation of the axes of {:?}", t.shape)));
+    }
+    let out_shape: Vec<usize> = perm.iter().map(|&p| t.shape[p]).collect();
+    let in_strides = strides(&t.shape);
+    // Input stride of each output axis.
+    let src_strides: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
+    let mut data = vec![0.0f32; t.data.len()];
+    if rank == 0 || data.is_empty() {
+        return CpuTensor::new(out_shape, t.data.clone());
+    }
+    let inner = out_shape[rank - 1];
+    let inner_stride = src_strides[rank - 1];
+    data.par_chunks_mut(inner).enumerate().for_each(|(row, dst)| {
+        // Decompose the output row index into the leading output coordinates.
+        let mut rest = row;
+        let mut base = 0;
+        for axis in (0..rank - 1).rev() {
+            base += (rest % out_shape[axis]) * src_strides[axis];
+            rest /= out_shape[axis];
+        }
+        if inner_stride == 1 {
+            dst.copy_from_slice(&t.data[base..base + inner]);
+        } else {
+            for (j, d) in dst.iter_mut().enumerate() {
+                *d = t.data[base + j * inner_stride];
+            }
+        }
+    });
+    CpuTensor::new(out_shape, data)
+}
+
+/// Maps the networks' attention bias onto the kernel's, checking its shapes.
+// q is [bh, nq, d], k is [bh, nk, d]; table is [heads, nq, nk]; rel_h [bh, nq, kh], rel_w [bh, nq, kw].
+fn attention_bias<'a>(bias: &'a AttentionBias<'_, CpuBackend>, bh: usize, nq: usize, nk: usize) -> Result<Bias<'a>> {
+    match bias {
+        AttentionBias::None => Ok(Bias::None),
+        AttentionBias::Table(table) => {
+            let s = &table.shape;
+            if s.len() != 3 || s[0] == 0 || s[1] != nq || s[2] != nk {
+                return Err(Error::Shape(format!("attention: bias table {s:?} is not [heads, {nq}, {nk}]")));
+            }
+            Ok(Bias::Table { table: &table.data, heads: s[0] })
+        }
+        AttentionBias::DecomposedRelPos { rel_h, rel_w } => {
+            let (sh, sw) = (&rel_h.shape, &rel_w.shape);
+            if sh.len() != 3 || sw.len() != 3 || sh[0] != bh || sw[0] != bh || sh[1] != nq || sw[1] != nq || sh[2] * sw[2] != nk {
+                return Err(Error::Shape(format!("attention: rel_h {sh:?} / rel_w {sw:?} are not [{bh}, {nq}, kh] / [{bh}, {nq}, kw] with kh*kw = {nk}")));
+            }
+            Ok(Bias::RelPos { rel_h: &rel_h.data, rel_w: &rel_w.data, kh: sh[2], kw: sw[2] })
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Weight = CpuWeight;
+    type Vector = CpuTensor;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn weight(&self, t: &StoredTensor) -> Result<CpuWeight> {
+        check_payload(&t.name, &t.shape, &t.data)?;
+        Ok(CpuWeight { shape: t.shape.clone(), data: t.data.clone() })
+    }
+
+    fn vector(&self, t: &StoredTensor) -> Result<CpuTensor> {
+        check_payload(&t.name, &t.shape, &t.data)?;
+        CpuTensor::new(t.shape.clone(), t.to_f32())
+    }
+
+    fn vector_from_host(&self, shape: &[usize], data: &[f32]) -> Result<CpuTensor> {
+        CpuTensor::new(shape.to_vec(), data.to_vec())
+    }
+
+    fn vector_shape<'a>(&self, v: &'a CpuTensor) -> &'a [usize] {
+        &v.shape
+    }
+
+    fn from_host(&self, shape: &[usize], data: &[f32]) -> Result<CpuTensor> {
+        CpuTensor::new(shape.to_vec(), data.to_vec())
+    }
+
+    fn to_host(&self, t: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(t.data.clone())
+    }
+
+    fn shape<'a>(&self, t: &'a CpuTensor) -> &'a [usize] {
+        &t.shape
+    }
+
+    fn tensor_from_vector(&self, v: &CpuTensor) -> Result<CpuTensor> {
+        Ok(v.clone())
+    }
+
+    fn reshape(&self, t: CpuTensor, shape: &[usize]) -> Result<CpuTensor> {
+        let from = t.shape.clone();
+        CpuTensor::new(shape.to_vec(), t.data).map_err(|_| Error::Shape(format!("reshape: cannot view {from:?} as {shape:?}")))
+    }
+
+    fn permute(&self, t: &CpuTensor, perm: &[usize]) -> Result<CpuTensor> {
+        self.run(|| permute_tensor(t, perm))
+    }
+
+    fn narrow(&self, t: &CpuTensor, axis: usize, start: usize, len: usize) -> Result<CpuTensor> {
+        let dim = match t.shape.get(axis) {
+            Some(&d) => d,
+            None => return Err(Error::Shape(format!("narrow: axis {axis} out of range for {:?}", t.shape))),
+        };
+        if start.checked_add(len).is_none_or(|end| end > dim) {
+            return Err(Error::Shape(format!("narrow: {start}..{start}+{len} outside axis {axis} of {:?}", t.shape)));
+        }
+        let inner: usize = t.shape[axis + 1..].iter().product();
+        let mut shape = t.shape.clone();
+        shape[axis] = len;
+        let data: Vec<f32> = if inner == 0 || dim == 0 {
+            Vec::new()
+        } else {
+            t.data.chunks_exact(dim * inner).flat_map(|outer| &outer[start * inner..(start + len) * inner]).copied().collect()
+        };
+        CpuTensor::new(shape, data)
+    }
+
+    fn concat(&self, ts: &[&CpuTensor], axis: usize) -> Result<CpuTensor> {
+        let first = ts.first().ok_or_else(|| Error::Shape("concat: no tensors".into()))?;
+        if axis >= first.shape.len() {
+            return Err(Error::Shape(format!("concat: axis {axis} out of range for {:?}", first.shape)));
+        }
+        for t in ts {
+            let same_rank = t.shape.len() == first.shape.len();
+            if !same_rank || t.shape.iter().zip(&first.shape).enumerate().any(|(i, (a, b))| i != axis && a != b) {
+                return Err(Error::Shape(format!("concat along {axis}: {:?} does not match {:?}", t.shape, first.shape)));
+            }
+        }
+        let outer: usize = first.shape[..axis].iter().product();
+        let inner: usize = first.shape[axis + 1..].iter().product();
+        let mut shape = first.shape.clone();
+        shape[axis] = ts.iter().map(|t| t.shape[axis]).sum();
+        let mut data = Vec::with_capacity(shape.iter().product());
+        for o in 0..outer {
+            for t in ts {
+                let chunk = t.shape[axis] * inner;
+                data.extend_from_slice(&t.data[o * chunk..(o + 1) * chunk]);
+            }
+        }
+        CpuTensor::new(shape, data)
+    }
+
+    fn pad_hw(&self, t: &CpuTensor, pad_h: usize, pad_w: usize) -> Result<CpuTensor> {
+        let s = expect_rank("pad_hw", "input", &t.shape, 4)?;
+        let (b, h, w, c) = (s[0], s[1], s[2], s[3]);
+        let (oh, ow) = (h + pad_h, w + pad_w);
+        let mut data = vec![0.0f32; b * oh * ow * c];
+        for bi in 0..b {
+            for y in 0..h {
+                let src = &t.data[((bi * h + y) * w) * c..][..w * c];
+                data[((bi * oh + y) * ow) * c..][..w * c].copy_from_slice(src);
+            }
+        }
+        CpuTensor::new(vec![b, oh, ow, c], data)
+    }
+
+    fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuTensor>, act: Activation) -> Result<CpuTensor> {
+        let (m, k) = split_last("linear", &x.shape)?;
+        let ws = expect_rank("linear", "weight", &w.shape, 2)?;
+        let n = ws[0];
+        if ws[1] != k {
+            return Err(Error::Shape(format!("linear: input {:?} against weight {ws:?}", x.shape)));
+        }
+        if let Some(b) = bias {
+            if b.shape != [n] {
+                return Err(Error::Shape(format!("linear: bias {:?} is not [{n}]", b.shape)));
+            }
+        }
+        let mut shape = x.shape.clone();
+        *shape.last_mut().unwrap() = n;
+        let mut out = vec![0.0f32; m * n];
+        self.run(|| gemm::linear(&x.data, m, k, w.matrix(), n, bias.map(|b| &b.data[..]), kernel_activation(act), &mut out));
+        CpuTensor::new(shape, out)
+    }
+
+    fn matmul(&self, a: &CpuTensor, b: &CpuTensor, transpose_b: bool) -> Result<CpuTensor> {
+        let sa = expect_rank("matmul", "a", &a.shape, 3)?;
+        let sb = expect_rank("matmul", "b", &b.shape, 3)?;
+        let (batch, m, k) = (sa[0], sa[1], sa[2]);
+        let (b_k, n) = if transpose_b { (sb[2], sb[1]) } else { (sb[1], sb[2]) };
+        if sb[0] != batch || b_k != k {
+            return Err(Error::Shape(format!("matmul: {sa:?} by {sb:?} (transpose_b = {transpose_b})")));
+        }
+        let mut out = vec![0.0f32; batch * m * n];
+        self.run(|| gemm::matmul(&a.data, &b.data, batch, m, k, n, transpose_b, &mut out));
+        CpuTensor::new(vec![batch, m, n], out)
+    }
+
+    fn conv2d(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuTensor>, spec: Conv2dSpec, act: Activation) -> Result<CpuTensor> {
+        let xs = expect_rank("conv2d", "input", &x.shape, 4)?;
+        let ws = expect_rank("conv2d", "weight", &w.shape, 4)?;
+        let (batch, c_in, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
+        let (c_out, kh, kw) = (ws[0], ws[2], ws[3]);
+        let Conv2dSpec { stride, padding, groups } = spec;
+        let bad_groups = groups == 0 || c_in % groups != 0 || c_out % groups != 0 || ws[1] * groups != c_in;
+        if bad_groups || stride == 0 || kh == 0 || kw == 0 || h + 2 * padding < kh || wd + 2 * padding < kw {
+            return Err(Error::Shape(format!("conv2d: input {xs:?}, weight {ws:?}, {spec:?}")));
+        }
+        if let Some(b) = bias {
+            if b.shape != [c_out] {
+                return Err(Error::Shape(format!("conv2d: bias {:?} is not [{c_out}]", b.shape)));
+            }
+        }
+        let (oh, ow) = (conv::output_size(h, kh, stride, padding), conv::output_size(wd, kw, stride, padding));
+        let mut out = vec![0.0f32; batch * c_out * oh * ow];
+        self.run(|| {
+            let bias = bias.map(|b| &b.data[..]);
+            conv::conv2d(&x.data, batch, c_in, h, wd, w.matrix(), c_out, kh, kw, bias, stride, padding, groups, kernel_activation(act), &mut out)
+        });
+        CpuTensor::new(vec![batch, c_out, oh, ow], out)
+    }
+
+    fn conv_transpose2d(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuTensor>, stride: usize) -> Result<CpuTensor> {
+        let xs = expect_rank("conv_transpose2d", "input", &x.shape, 4)?;
+        let ws = expect_rank("conv_transpose2d", "weight", &w.shape, 4)?;
+        let (batch, c_in, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
+        let (c_out, k) = (ws[1], ws[2]);
+        if ws[0] != c_in || ws[3] != k || k == 0 || stride != k {
+            return Err(Error::Shape(format!("conv_transpose2d: input {xs:?}, weight {ws:?}, stride {stride} (kernel must be square and equal the stride)")));
+        }
+        if let Some(b) = bias {
+            if b.shape != [c_out] {
+                return Err(Error::Shape(format!("conv_transpose2d: bias {:?} is not [{c_out}]", b.shape)));
+            }
+        }
+        let mut out = vec![0.0f32; batch * c_out * h * k * wd * k];
+        self.run(|| conv::conv_transpose2d(&x.data, batch, c_in, h, wd, w.matrix(), c_out, k, bias.map(|b| &b.data[..]), &mut out));
+        CpuTensor::new(vec![batch, c_out, h * k, wd * k], out)
+    }
+
+    fn layer_norm(&self, x: &CpuTensor, gamma: &CpuTensor, beta: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+        let (rows, dim) = split_last("layer_norm", &x.shape)?;
+        if gamma.shape != [dim] || beta.shape != [dim] {
+            return Err(Error::Shape(format!("layer_norm: input {:?}, gamma {:?}, beta {:?}", x.shape, gamma.shape, beta.shape)));
+        }
+        let mut out = vec![0.0f32; x.data.len()];
+        self.run(|| norm::layer_norm(&x.data, rows, dim, &gamma.data, &beta.data, eps, &mut out));
+        CpuTensor::new(x.shape.clone(), out)
+    }
+
+    fn layer_norm_nchw(&self, x: &CpuTensor, gamma: &CpuTensor, beta: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+        let xs = expect_rank("layer_norm_nchw", "input", &x.shape, 4)?;
+        let (batch, channels, spatial) = (xs[0], xs[1], xs[2] * xs[3]);
+        if gamma.shape != [channels] || beta.shape != [channels] {
+            return Err(Error::Shape(format!("layer_norm_nchw: input {xs:?}, gamma {:?}, beta {:?}", gamma.shape, beta.shape)));
+        }
+        let mut out = vec![0.0f32; x.data.len()];
+        self.run(|| norm::layer_norm_channels(&x.data, batch, channels, spatial, &gamma.data, &beta.data, eps, &mut out));
+        CpuTensor::new(x.shape.clone(), out)
+    }
+
+    fn activation(&self, x: &CpuTensor, act: Activation) -> Result<CpuTensor> {
+        let mut data = x.data.clone();
+        self.run(|| data.par_chunks_mut(4096).for_each(|chunk| activation::apply(kernel_activation(act), chunk)));
+        CpuTensor::new(x.shape.clone(), data)
+    }
+
+    fn add(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
+        self.run(|| add_broadcast("add", a, &b.shape, &b.data))
+    }
+
+    fn add_vector(&self, a: &CpuTensor, v: &CpuTensor) -> Result<CpuTensor> {
+        self.run(|| add_broadcast("add_vector", a, &v.shape, &v.data))
+    }
+
+    fn scale(&self, a: &CpuTensor, s: f32) -> Result<CpuTensor> {
+        let mut data = a.data.clone();
+        self.run(|| data.par_iter_mut().for_each(|x| *x *= s));
+        CpuTensor::new(a.shape.clone(), data)
+    }
+
+    fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, scale: f32, bias: AttentionBias<'_, Self>) -> Result<CpuTensor> {
+        let qs = expect_rank("attention", "q", &q.shape, 3)?;
+        let ks = expect_rank("attention", "k", &k.shape, 3)?;
+        let (bh, nq, d) = (qs[0], qs[1], qs[2]);
+        let nk = ks[1];
+        if ks[0] != bh || ks[2] != d || v.shape != ks {
+            return Err(Error::Shape(format!("attention: q {qs:?}, k {ks:?}, v {:?}", v.shape)));
+        }
+        let bias = attention_bias(&bias, bh, nq, nk)?;
+        let mut out = vec![0.0f32; bh * nq * d];
+        self.run(|| attention::attention(&q.data, &k.data, &v.data, bh, nq, nk, d, scale, bias, &mut out));
+        CpuTensor::new(q.shape.clone(), out)
+    }
+
+    fn resize_bilinear(&self, x: &CpuTensor, out_h: usize, out_w: usize) -> Result<CpuTensor> {
+        let rank = x.shape.len();
+        if rank < 2 || x.shape[rank - 2] == 0 || x.shape[rank - 1] == 0 {
+            return Err(Error::Shape(format!("resize_bilinear: input {:?} has no [.., H, W] planes", x.shape)));
+        }
+        let (h, w) = (x.shape[rank - 2], x.shape[rank - 1]);
+        let planes: usize = x.shape[..rank - 2].iter().product();
+        let mut out = vec![0.0f32; planes * out_h * out_w];
+        self.run(|| resize::bilinear(&x.data, planes, h, w, out_h, out_w, &mut out));
+        let mut shape = x.shape.clone();
+        shape[rank - 2] = out_h;
+        shape[rank - 1] = out_w;
+        CpuTensor::new(shape, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Nf4Data;
+    use crate::store::SharedBytes;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn rng() -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(rand::random())
+    }
+
+    fn random_tensor(rng: &mut ChaCha8Rng, shape: &[usize]) -> CpuTensor {
+        let n = shape.iter().product();
+        CpuTensor::new(shape.to_vec(), (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect()).unwrap()
+    }
+
+    fn backend() -> CpuBackend {
+        CpuBackend::new(2).unwrap()
+    }
+
+    /// Row-major multi-index of flat position `i`.
+    fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
+        let mut idx = vec![0; shape.len()];
+        for axis in (0..shape.len()).rev() {
+            idx[axis] = i % shape[axis];
+            i /= shape[axis];
+        }
+        idx
+    }
+
+    fn ravel(idx: &[usize], shape: &[usize]) -> usize {
+        idx.iter().zip(shape).fold(0, |acc, (&i, &s)| acc * s + i)
+    }
+
+    #[test]
+    fn permute_matches_index_math_on_random_ranks() {
+        let mut rng = rng();
+        let be = backend();
+        for _ in 0..40 {
+            let rank = rng.gen_range(1..=5);
+            let shape: Vec<usize> = (0..rank).map(|_| rng.gen_range(1..=6)).collect();
+            let t = random_tensor(&mut rng, &shape);
+            let mut perm: Vec<usize> = (0..rank).collect();
+            for i in (1..rank).rev() {
+                perm.swap(i, rng.gen_range(0..=i));
+            }
+            let out = be.permute(&t, &perm).unwrap();
+            let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+            assert_eq!(out.shape, out_shape);
+            for (o, &value) in out.data.iter().enumerate() {
+                let out_idx = unravel(o, &out_shape);
+                let mut in_idx = vec![0; rank];
+                for (axis, &p) in perm.iter().enumerate() {
+                    in_idx[p] = out_idx[axis];
+                }
+                assert_eq!(value, t.data[ravel(&in_idx, &shape)], "shape {shape:?} perm {perm:?} at {out_idx:?}");
+            }
+        }
+        let t = random_tensor(&mut rng, &[2, 3]);
+        assert!(be.permute(&t, &[0, 0]).is_err());
+        assert!(be.permute(&t, &[1]).is_err());
+        assert!(be.permute(&t, &[0, 2]).is_err());
+    }
+
+    #[test]
+    fn narrow_and_concat_are_inverse() {
+        let mut rng = rng();
+        let be = backend();
+        for axis in 0..3 {
+            let t = random_tensor(&mut rng, &[3, 5, 4]);
+            let dim = t.shape[axis];
+            let cut = rng.gen_range(1..dim);
+            let head = be.narrow(&t, axis, 0, cut).unwrap();
+            let tail = be.narrow(&t, axis, cut, dim - cut).unwrap();
+            for (part, offset) in [(&head, 0), (&tail, cut)] {
+                for (o, &value) in part.data.iter().enumerate() {
+                    let mut idx = unravel(o, &part.shape);
+                    idx[axis] += offset;
+                    assert_eq!(value, t.data[ravel(&idx, &t.shape)]);
+                }
+            }
+            assert_eq!(be.concat(&[&head, &tail], axis).unwrap(), t);
+        }
+        let t = random_tensor(&mut rng, &[2, 3]);
+        assert!(be.narrow(&t, 1, 2, 2).is_err());
+        assert!(be.narrow(&t, 2, 0, 1).is_err());
+        let other = random_tensor(&mut rng, &[3, 3]);
+        assert!(be.concat(&[&t, &other], 1).is_err());
+        assert_eq!(be.concat(&[&t, &other], 0).unwrap().shape, [5, 3]);
+    }
+
+    #[test]
+    fn pad_hw_adds_zeros_bottom_right() {
+        let mut rng = rng();
+        let be = backend();
+        let t = random_tensor(&mut rng, &[2, 3, 4, 5]);
+        let p = be.pad_hw(&t, 2, 1).unwrap();
+        assert_eq!(p.shape, [2, 5, 5, 5]);
+        for (o, &value) in p.data.iter().enumerate() {
+            let idx = unravel(o, &p.shape);
+            let want = if idx[1] < 3 && idx[2] < 4 { t.data[ravel(&idx, &t.shape)] } else { 0.0 };
+            assert_eq!(value, want, "at {idx:?}");
+        }
+        assert!(be.pad_hw(&random_tensor(&mut rng, &[3, 4]), 1, 1).is_err());
+    }
+
+    #[test]
+    fn add_broadcasts_suffix_shapes() {
+        let mut rng = rng();
+        let be = backend();
+        let a = random_tensor(&mut rng, &[2, 3, 4]);
+        for b_shape in [vec![2, 3, 4], vec![3, 4], vec![4], vec![]] {
+            let b = random_tensor(&mut rng, &b_shape);
+            let sum = be.add(&a, &b).unwrap();
+            for (i, &value) in sum.data.iter().enumerate() {
+                assert_eq!(value, a.data[i] + b.data[i % b.data.len()], "b {b_shape:?} at {i}");
+            }
+        }
+        assert!(be.add(&a, &random_tensor(&mut rng, &[3])).is_err());
+        assert!(be.add(&a, &random_tensor(&mut rng, &[1, 2, 3, 4])).is_err());
+        let v = random_tensor(&mut rng, &[4]);
+        let sum = be.add_vector(&a, &v).unwrap();
+        assert_eq!(sum.data[5], a.data[5] + v.data[1]);
+        let scaled = be.scale(&a, -2.0).unwrap();
+        assert!(scaled.data.iter().zip(&a.data).all(|(s, x)| *s == -2.0 * x));
+    }
+
+    #[test]
+    fn linear_with_nf4_weight_end_to_end() {
+        let mut rng = rng();
+        let be = backend();
+        let (n, k) = (70, 129);
+        let w: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let q = minisam_kernels::nf4::quantize(&w);
+        let stored = StoredTensor {
+            name: "test.weight".into(),
+            shape: vec![n, k],
+            data: TensorData::Nf4(Nf4Data {
+                codes: SharedBytes::from_vec(q.codes),
+                absmax_q: SharedBytes::from_vec(q.absmax_q),
+                absmax_scales: SharedBytes::from_vec(q.absmax_scales),
+                absmax_offset: q.absmax_offset,
+            }),
+        };
+        let dequantised = stored.to_f32();
+        let weight = be.weight(&stored).unwrap();
+        let bias = be.vector_from_host(&[n], &(0..n).map(|_| rng.gen_range(-1.0..1.0)).collect::<Vec<_>>()).unwrap();
+        let x = random_tensor(&mut rng, &[2, 3, k]);
+        let y = be.linear(&x, &weight, Some(&bias), Activation::Relu).unwrap();
+        assert_eq!(y.shape, [2, 3, n]);
+        let (mut diff, mut norm) = (0.0f64, 0.0f64);
+        for row in 0..6 {
+            for j in 0..n {
+                let dot: f64 = (0..k).map(|p| x.data[row * k + p] as f64 * dequantised[j * k + p] as f64).sum();
+                let want = (dot + bias.data[j] as f64).max(0.0);
+                diff += (y.data[row * n + j] as f64 - want).powi(2);
+                norm += want * want;
+            }
+        }
+        assert!((diff / norm).sqrt() <= 1e-5, "relative error {}", (diff / norm).sqrt());
+
+        let wrong_input = random_tensor(&mut rng, &[2, k + 1]);
+        assert!(matches!(be.linear(&wrong_input, &weight, None, Activation::None), Err(Error::Shape(_))));
+        let truncated = StoredTensor { shape: vec![n + 1, k], ..stored };
+        assert!(be.weight(&truncated).is_err());
+    }
+
+    #[test]
+    fn attention_maps_both_bias_kinds() {
+        let mut rng = rng();
+        let be = backend();
+        let (bh, nq, kh, kw, d) = (4, 6, 2, 3, 8);
+        let nk = kh * kw;
+        let q = random_tensor(&mut rng, &[bh, nq, d]);
+        let k = random_tensor(&mut rng, &[bh, nk, d]);
+        let v = random_tensor(&mut rng, &[bh, nk, d]);
+        let table = random_tensor(&mut rng, &[2, nq, nk]);
+        let rel_h = random_tensor(&mut rng, &[bh, nq, kh]);
+        let rel_w = random_tensor(&mut rng, &[bh, nq, kw]);
+        let table_bias = |b: usize, i: usize, j: usize| table.data[((b % 2) * nq + i) * nk + j] as f64;
+        let rel_bias = |b: usize, i: usize, j: usize| (rel_h.data[(b * nq + i) * kh + j / kw] + rel_w.data[(b * nq + i) * kw + j % kw]) as f64;
+        type BiasOf<'f> = &'f dyn Fn(usize, usize, usize) -> f64;
+        let cases: [(AttentionBias<'_, CpuBackend>, BiasOf); 2] =
+            [(AttentionBias::Table(&table), &table_bias), (AttentionBias::DecomposedRelPos { rel_h: &rel_h, rel_w: &rel_w }, &rel_bias)];
+        for (bias, bias_of) in cases {
+            let out = be.attention(&q, &k, &v, 0.5, bias).unwrap();
+            assert_eq!(out.shape, [bh, nq, d]);
+            for b in 0..bh {
+                for i in 0..nq {
+                    let scores: Vec<f64> = (0..nk)
+                        .map(|j| {
+                            0.5 * (0..d).map(|p| q.data[(b * nq + i) * d + p] as f64 * k.data[(b * nk + j) * d + p] as f64).sum::<f64>() + bias_of(b, i, j)
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                    for p in 0..d {
+                        let want = (0..nk).map(|j| (scores[j] - max).exp() * v.data[(b * nk + j) * d + p] as f64).sum::<f64>() / total;
+                        let got = out.data[(b * nq + i) * d + p] as f64;
+                        assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "bh {b} query {i} dim {p}: {got} vs {want}");
+                    }
+                }
+            }
+        }
+        let wrong_table = random_tensor(&mut rng, &[2, nq, nk + 1]);
+        assert!(matches!(be.attention(&q, &k, &v, 0.5, AttentionBias::Table(&wrong_table)), Err(Error::Shape(_))));
+        let wrong_rel = random_tensor(&mut rng, &[bh, nq, kw + 1]);
+        let mismatched = AttentionBias::DecomposedRelPos { rel_h: &rel_h, rel_w: &wrong_rel };
+        assert!(matches!(be.attention(&q, &k, &v, 0.5, mismatched), Err(Error::Shape(_))));
+    }
+
+    #[test]
+    fn tensor_constructor_checks_element_count() {
+        assert!(CpuTensor::new(vec![2, 3], vec![0.0; 6]).is_ok());
+        assert!(CpuTensor::new(vec![2, 3], vec![0.0; 5]).is_err());
+        let be = backend();
+        let t = be.from_host(&[6], &[1.0; 6]).unwrap();
+        assert_eq!(be.reshape(t.clone(), &[3, 2]).unwrap().shape, [3, 2]);
+        assert!(be.reshape(t, &[4]).is_err());
+    }
+}
