@@ -1,12 +1,15 @@
 //! Element-wise activations fused into the epilogues of GEMM and convolution.
 //!
-//! GELU is the exact erf form of `torch.nn.GELU()`: the networks were trained with it, and the
-//! tanh approximation differs by up to ~1e-3, far above the tolerance the golden outputs allow.
-//! Rust's standard library has no `erf`, so erfc is evaluated here in f64 through the scaled
-//! function erfcx(z) = exp(z²)·erfc(z) (piecewise polynomials, then a continued fraction), which
-//! keeps ~1e-10 relative accuracy even deep in the negative tail of GELU, well beyond f32.
+//! GELU is the erf form of `torch.nn.GELU()`, not the tanh approximation: the networks were
+//! trained with it, and the tanh form differs by up to ~1e-3, far above what the golden outputs
+//! allow. Rust has no `erf`, and GELU runs on every element of every MLP (about 10^8 times per
+//! LiteMedSAM frame), so erfc is evaluated with a branch-free Chebyshev fit that vectorises:
+//! erfc(z) = t·exp(-z² + P(t)), t = 1/(1 + z/2) (Numerical Recipes' `erfcc`, fractional error
+//! below 1.2e-7 for every z ≥ 0), with [`crate::fastmath::exp_nonpositive`].
 
 use rayon::prelude::*;
+
+use crate::fastmath::exp_nonpositive;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
@@ -16,75 +19,33 @@ pub enum Activation {
     Relu,
 }
 
-/// Width of the pieces of the erfcx approximation below.
-const ERFCX_PIECE: f64 = 0.5;
-
-/// erfcx(z) = exp(z²)·erfc(z) on [0, 8], as 16 degree-8 polynomials in t ∈ [-1, 1] over pieces of
-/// width 0.5 (t = 4(z - z0) - 1). erfcx is smooth and slowly varying, so low-degree pieces reach
-/// 1.5e-10 relative error. Coefficients: Chebyshev interpolation at 9 Chebyshev nodes per piece of
-/// double-precision erfc·exp values, converted to the monomial basis (generated offline once; the
-/// tests check the result against an independent series / continued-fraction evaluation).
-#[rustfmt::skip]
-const ERFCX_POLY: [[f64; 9]; 16] = [
-    [0.7703465477309971, -0.18580147239978598, 0.03653406705799848, -0.006219487350207546, 0.0009473322419759869, -0.00013176015876166974, 1.698567974194197e-05, -2.1078928895690296e-06, 2.3937526884133655e-07],
-    [0.506937650293145, -0.09199317278573559, 0.014434883210117665, -0.0020286901771440708, 0.0002609007144263289, -3.114352964258178e-05, 3.4880072523119702e-06, -3.775116728850965e-07, 3.79481015500005e-08],
-    [0.36782291645236126, -0.05220546896896993, 0.006674723216691294, -0.0007846608330699388, 8.598191614823174e-05, -8.86771411185489e-06, 8.673703177919377e-07, -8.233211130143697e-08, 7.3493385204730855e-09],
-    [0.28497223473743655, -0.03274408637404019, 0.003485226880094795, -0.00034781248671217964, 3.2829376499066136e-05, -2.9499509460369686e-06, 2.5369558069125253e-07, -2.1259695238819e-08, 1.6927626707759675e-09],
-    [0.231087258730392, -0.022121625701084394, 0.001999539213090472, -0.00017190721402703267, 1.413670162407775e-05, -1.11686943382594e-06, 8.50880300539024e-08, -6.340012366952881e-09, 4.5268006627136653e-10],
-    [0.19366209627906877, -0.01580940938985578, 0.0012349120616859726, -9.272403368528377e-05, 6.717117007109468e-06, -4.708790775569898e-07, 3.2025877850906504e-08, -2.1372241260703757e-09, 1.376250224893738e-10],
-    [0.16633534842682196, -0.011799850580199795, 0.0008085806801805446, -5.3679240319712574e-05, 3.460955468289247e-06, -2.1716599175726336e-07, 1.3285949032295877e-08, -7.997259151200826e-10, 4.672193496288754e-11],
-    [0.14558972127503858, -0.009114064383149377, 0.0005549222204538905, -3.2926295271135724e-05, 1.9071187167756734e-06, -1.0798633207384809e-07, 5.985324927040538e-09, -3.2716032352355895e-10, 1.7443626789928304e-11],
-    [0.12934527478598795, -0.007236082853642188, 0.0003957416421142495, -2.1186455894587713e-05, 1.1116217296041556e-06, -5.722159459844691e-08, 2.892545265038077e-09, -1.4447731899736027e-10, 7.0742424264204195e-12],
-    [0.11630270721024737, -0.00587586214953664, 0.0002913328980587622, -1.4189045324945285e-05, 6.794074490655709e-07, -3.200737832800529e-08, 1.484622350981605e-09, -6.814578531096534e-11, 3.0776369107520115e-12],
-    [0.10561273546889184, -0.004861361168035598, 0.00022025943375533454, -9.82971082188724e-06, 4.3235960325540805e-07, -1.8753890169204762e-08, 8.026055869297326e-10, -3.4036872086239276e-11, 1.4279935258956456e-12],
-    [0.09669877816971398, -0.004085804535950439, 0.00017032961517620928, -7.009307791307052e-06, 2.8486051591632605e-07, -1.1437874968144177e-08, 4.539079729366019e-10, -1.786334043648215e-11, 7.046215462954326e-13],
-    [0.08915663178727447, -0.0034803174386454235, 0.00013429348881887254, -5.124175760669776e-06, 1.934092288546907e-07, -7.2236116347805055e-09, 2.67028128004338e-10, -9.804108142614293e-12, 3.6612688189860713e-13],
-    [0.0826950567750531, -0.00299897515807424, 0.00010767046918938902, -3.828020413222511e-06, 1.3480994820458392e-07, -4.703799350025406e-09, 1.6263415305830778e-10, -5.583977724654687e-12, 1.9890262276728914e-13],
-    [0.07709918035125993, -0.002610263000560809, 8.759708343580554e-05, -2.9144825408487935e-06, 9.615906632682363e-08, -3.1467357608505604e-09, 1.0213948205735808e-10, -3.3008657535699764e-12, 1.1324274851176597e-13],
-    [0.07220717081466979, -0.0022920048670330476, 7.218874604039386e-05, -2.2564058229399307e-06, 7.000517121547034e-08, -2.1561358377732e-09, 6.593777375959083e-11, -2.006000304138272e-12, 5.985335683868066e-14],
-];
-
-/// erfcx(z) for z >= 0.
-// z: scalar >= 0.
-fn erfcx_nonnegative(z: f64) -> f64 {
-    if z < ERFCX_PIECE * ERFCX_POLY.len() as f64 {
-        let piece = (z / ERFCX_PIECE) as usize;
-        let t = 2.0 * (z - piece as f64 * ERFCX_PIECE) / ERFCX_PIECE - 1.0;
-        ERFCX_POLY[piece].iter().rev().fold(0.0, |acc, &c| acc * t + c)
-    } else {
-        // Laplace continued fraction 1/√π · 1/(z + (1/2)/(z + 1/(z + …))); beyond z = 8 six levels
-        // are accurate to 6e-12 relative.
-        let mut tail = z;
-        for k in (1..=6).rev() {
-            tail = z + (k as f64 * 0.5) / tail;
-        }
-        1.0 / (std::f64::consts::PI.sqrt() * tail)
-    }
-}
-
-/// Complementary error function in f64, ~1e-10 relative accuracy including the far tail (far
-/// more than the f32 results need).
-// z: scalar, any value; NaN propagates.
-pub fn erfc_f64(z: f64) -> f64 {
-    if z.is_nan() {
-        return z;
-    }
-    let a = z.abs();
-    let tail = if a > 27.0 { 0.0 } else { erfcx_nonnegative(a) * (-a * a).exp() };
-    if z >= 0.0 {
-        tail
-    } else {
-        2.0 - tail
-    }
-}
-
-/// Exact GELU, `x * Φ(x) = 0.5 · x · erfc(-x/√2)`; written with erfc so that the negative tail
-/// keeps full relative precision instead of cancelling in `1 + erf`.
+/// Exact GELU, `x · Φ(x) = 0.5 · x · erfc(-x/√2)`. Against an f64 reference over [-12, 12]
+/// (test below) the error stays under `1.5e-6·|gelu(x)| + 1e-9`; the golden-output tests show
+/// this is invisible at the network's output.
 // x: scalar.
-#[inline]
+#[inline(always)]
 pub fn gelu(x: f32) -> f32 {
-    let x = x as f64;
-    (0.5 * x * erfc_f64(-x * std::f64::consts::FRAC_1_SQRT_2)) as f32
+    let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let mut p = 0.170_872_77_f32;
+    p = p * t - 0.822_152_23;
+    p = p * t + 1.488_515_87;
+    p = p * t - 1.135_203_98;
+    p = p * t + 0.278_868_07;
+    p = p * t - 0.186_288_06;
+    p = p * t + 0.096_784_18;
+    p = p * t + 0.374_091_96;
+    p = p * t + 1.000_023_68;
+    p = p * t - 1.265_512_23;
+    let erfc_abs = t * exp_nonpositive(p - z * z);
+    // erfc(-x/√2) is erfc(z) for x < 0 and 2 - erfc(z) for x ≥ 0; written so no `1 + erf`
+    // cancellation happens on either side.
+    let half_erfc = 0.5 * erfc_abs;
+    if x < 0.0 {
+        x * half_erfc
+    } else {
+        x * (1.0 - half_erfc)
+    }
 }
 
 // x: scalar.
@@ -122,17 +83,15 @@ fn apply_serial(act: Activation, xs: &mut [f32]) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::{Rng, SeedableRng};
-    use rand_chacha::ChaCha8Rng;
-
+/// High-precision f64 erfc, by a route independent of [`gelu`]: the reference kernel tests
+/// compare against.
+pub(crate) mod reference {
     const FRAC_2_SQRT_PI: f64 = std::f64::consts::FRAC_2_SQRT_PI;
 
     /// Reference erfc by a different route than the kernel: for |z| < 5 the all-positive series
     /// erf(z) = 2/√π · e^(-z²) · Σ 2^n z^(2n+1) / (2n+1)!!  (no cancellation), beyond it a very
     /// long continued fraction evaluated forwards with the modified Lentz algorithm.
-    fn reference_erfc(z: f64) -> f64 {
+    pub fn erfc(z: f64) -> f64 {
         if z.abs() < 5.0 {
             let z2 = z * z;
             let mut term = z;
@@ -182,55 +141,34 @@ mod tests {
         (-z * z).exp() / (std::f64::consts::PI.sqrt() * f)
     }
 
-    #[test]
-    fn erfc_matches_known_values() {
-        // Values from tables (Abramowitz & Stegun / mpmath).
-        let cases = [
-            (0.5, 0.4795001221869535),
-            (1.0, 0.15729920705028513),
-            (3.0, 2.209049699858544e-05),
-            (-1.0, 1.8427007929497148),
-            (6.0, 2.1519736712498913e-17),
-        ];
-        for (z, want) in cases {
-            let got = erfc_f64(z);
-            assert!(((got - want) / want).abs() < 1e-9, "erfc({z}) = {got}, want {want}");
-            let r = reference_erfc(z);
-            assert!(((r - want) / want).abs() < 1e-13, "reference erfc({z}) = {r}, want {want}");
-        }
-    }
+}
 
-    #[test]
-    fn erfc_sweep_covers_every_piece() {
-        // Random points in every polynomial piece, across the switch to the continued fraction
-        // at z = 8 and on the negative side.
-        let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
-        let mut worst = 0.0f64;
-        for _ in 0..20000 {
-            let z: f64 = rng.gen_range(-6.0..12.0);
-            let (got, want) = (erfc_f64(z), reference_erfc(z));
-            worst = worst.max(((got - want) / want).abs());
-        }
-        assert!(worst < 1e-9, "worst relative error of erfc {worst}");
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::activation::reference;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
 
     #[test]
     fn gelu_matches_high_precision_reference() {
+        // Relative where GELU is of order one; in the negative tail the f32 rounding of `z²` and
+        // of the exponent costs up to ~1.2e-6 relative (seen near x = -2.9, where GELU is -0.006:
+        // 7e-9 absolute) and the bound turns absolute, far under the activations' resolution.
         let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
         let mut worst = 0.0f64;
-        for i in 0..20000 {
-            let x: f32 = if i % 2 == 0 { rng.gen_range(-4.0..4.0) } else { rng.gen_range(-12.0..12.0) };
+        for i in 0..200_000 {
+            let x: f32 = if i % 2 == 0 { rng.gen_range(-5.0..5.0) } else { rng.gen_range(-12.0..12.0) };
             let xd = x as f64;
-            let want = 0.5 * xd * reference_erfc(-xd / 2f64.sqrt());
+            let want = 0.5 * xd * reference::erfc(-xd / 2f64.sqrt());
             let got = gelu(x) as f64;
-            if want != 0.0 {
-                worst = worst.max(((got - want) / want).abs());
-            } else {
-                assert_eq!(got, 0.0);
-            }
+            worst = worst.max((got - want).abs() / (1.5e-6 * want.abs() + 1e-9));
         }
-        // f32 rounding of the result is 6e-8; anything above ~1e-7 is an erf error.
-        assert!(worst <= 1.2e-7, "worst relative error {worst}");
+        assert!(worst <= 1.0, "error reaches {worst} x (1.5e-6 |gelu| + 1e-9)");
+        assert_eq!(gelu(0.0), 0.0);
+        assert!(gelu(f32::NAN).is_nan());
+        assert_eq!(gelu(f32::INFINITY), f32::INFINITY);
     }
 
     #[test]
@@ -244,9 +182,9 @@ mod tests {
                 let want = match act {
                     Activation::None => *x as f64,
                     Activation::Relu => (*x as f64).max(0.0),
-                    Activation::Gelu => 0.5 * *x as f64 * reference_erfc(-*x as f64 / 2f64.sqrt()),
+                    Activation::Gelu => 0.5 * *x as f64 * reference::erfc(-*x as f64 / 2f64.sqrt()),
                 };
-                assert!((*y as f64 - want).abs() <= 1e-6 * want.abs().max(1e-30), "{act:?}({x}) = {y}, want {want}");
+                assert!((*y as f64 - want).abs() <= 1.5e-6 * want.abs() + 1e-9, "{act:?}({x}) = {y}, want {want}");
             }
         }
         assert_eq!(relu(-0.0), 0.0);

@@ -13,6 +13,8 @@
 
 use rayon::prelude::*;
 
+use crate::fastmath::exp_nonpositive;
+
 /// Queries per task.
 const QUERY_BLOCK: usize = 32;
 /// Keys per online-softmax step.
@@ -120,36 +122,6 @@ struct Scratch {
     running_sum: Vec<f32>,
 }
 
-/// `e^x` for `x <= 0` (or NaN), accurate to a few f32 ulps, written so that loops over it
-/// vectorise (the standard library's `exp` is a scalar call): `e^x = 2^n · e^r` with
-/// `n = round(x / ln 2)`, `|r| <= ln 2 / 2`, and `e^r` by its degree-7 Taylor polynomial
-/// (truncation error < 2e-9 relative there).
-// x: scalar, x <= 0; results below f32's normal range flush to 0, NaN propagates.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let clamped = x.max(-87.0);
-    let n = (clamped * std::f32::consts::LOG2_E).round();
-    let r = (clamped - n * LN2_HI) - n * LN2_LO;
-    let mut poly = 1.0 / 5040.0;
-    poly = poly * r + 1.0 / 720.0;
-    poly = poly * r + 1.0 / 120.0;
-    poly = poly * r + 1.0 / 24.0;
-    poly = poly * r + 1.0 / 6.0;
-    poly = poly * r + 0.5;
-    poly = poly * r + 1.0;
-    poly = poly * r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    let result = poly * scale;
-    if x < -87.0 {
-        0.0
-    } else if x.is_nan() {
-        x
-    } else {
-        result
-    }
-}
 
 /// `acc += Σ_j probs[j] · values[j]`, walking `acc` in register-sized chunks so that each chunk
 /// is loaded and stored once per key block instead of once per key.
@@ -379,7 +351,11 @@ mod tests {
         let mut out = vec![f32::NAN; bh * nq * d];
         attention(&q, &k, &v, bh, nq, nk, d, scale, bias, &mut out);
         let err = relative_error(&out, &reference);
-        assert!(err <= 1e-5, "bh={bh} nq={nq} nk={nk} d={d} magnitude={magnitude}: relative error {err}");
+        // f32 rounding of a score grows with its size (products of magnitude², summed over d):
+        // at magnitude 30 a score of several hundred carries ~1e-4 absolute rounding, which the
+        // softmax turns into relative output error of the same order. Scale the bound with it.
+        let tolerance = 1e-5 * (magnitude * magnitude / 100.0).max(1.0) as f64;
+        assert!(err <= tolerance, "bh={bh} nq={nq} nk={nk} d={d} magnitude={magnitude}: relative error {err} > {tolerance}");
     }
 
     #[test]
@@ -428,21 +404,6 @@ mod tests {
             let err = relative_error(&out, &reference);
             assert!(err <= 1e-5, "use_avx={use_avx}: relative error {err}");
         }
-    }
-
-    #[test]
-    fn fast_exp_matches_f64_exp() {
-        let mut rng = rng();
-        for i in 0..100_000 {
-            let x: f32 = if i % 2 == 0 { rng.gen_range(-20.0..=0.0) } else { rng.gen_range(-87.0..=0.0) };
-            let want = (x as f64).exp();
-            let got = exp_nonpositive(x) as f64;
-            assert!(((got - want) / want).abs() <= 4e-7, "exp({x}) = {got}, want {want}");
-        }
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-        assert_eq!(exp_nonpositive(-100.0), 0.0);
-        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
-        assert!(exp_nonpositive(f32::NAN).is_nan());
     }
 
     #[test]

@@ -341,7 +341,7 @@ mod tests {
         match act {
             Activation::None => v,
             Activation::Relu => v.max(0.0),
-            Activation::Gelu => 0.5 * v * activation::erfc_f64(-v / std::f64::consts::SQRT_2),
+            Activation::Gelu => 0.5 * v * crate::activation::reference::erfc(-v / std::f64::consts::SQRT_2),
         }
     }
 

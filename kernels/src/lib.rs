@@ -6,6 +6,7 @@
 pub mod activation;
 pub mod attention;
 pub mod conv;
+pub mod fastmath;
 pub mod gemm;
 pub mod nf4;
 pub mod norm;
