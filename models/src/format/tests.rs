@@ -173,9 +173,12 @@ fn with_manifest(edit: impl Fn(&mut Manifest)) -> Vec<u8> {
     head
 }
 
+/// A named change to a good manifest.
+type Edit = (&'static str, Box<dyn Fn(&mut Manifest)>);
+
 #[test]
 fn hand_crafted_bad_manifests_are_format_errors() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut Manifest)>)> = vec![
+    let cases: Vec<Edit> = vec![
         ("overlap", Box::new(|m| m.tensors[1].arrays[0].offset = m.tensors[0].arrays[0].offset)),
         ("out of range", Box::new(|m| m.tensors[1].arrays[0].offset = m.data_len)),
         ("huge offset", Box::new(|m| m.tensors[1].arrays[0].offset = u64::MAX - 63)),

@@ -72,6 +72,15 @@ fn detect_vit(s: &Shapes) -> Result<(VitConfig, usize)> {
     }
     let head_dim = dim(s, &format!("{p}.blocks.0.attn.rel_pos_h"), 1, 2)?;
     let num_heads = ratio(embed_dim, head_dim, "ViT heads (embed / rel_pos_h columns)")?;
+    // The official table (ViT-B/L/H); other widths (test models) rely on the shapes alone.
+    let official = match embed_dim {
+        768 => Some(12),
+        1024 | 1280 => Some(16),
+        _ => None,
+    };
+    if official.is_some_and(|h| h != num_heads) {
+        return Err(Error::Shape(format!("ViT of width {embed_dim} with rel_pos head dim {head_dim}: {num_heads} heads, official SAM has {official:?}")));
+    }
     let mut global_attn_indexes = Vec::new();
     let mut window_size = 0;
     for i in 0..depth {
@@ -178,6 +187,12 @@ mod tests {
         assert!(matches!(detect(&s), Err(Error::Shape(_))));
         let mut s = shapes(super::super::layout::sam_vit_tensors(&cfg, size));
         s.insert("mask_decoder.iou_token.weight".into(), vec![256]);
+        let mut b = shapes(super::super::layout::sam_vit_tensors(&VitConfig::sam_b(), 1024));
+        for i in 0..12 {
+            let rows = b[&format!("image_encoder.blocks.{i}.attn.rel_pos_h")][0];
+            b.insert(format!("image_encoder.blocks.{i}.attn.rel_pos_h"), vec![rows, 96]);
+        }
+        assert!(matches!(detect(&b), Err(Error::Shape(_))));
         assert!(matches!(detect(&s), Err(Error::Shape(_))));
         s.remove("mask_decoder.iou_token.weight");
         assert!(matches!(detect(&s), Err(Error::MissingTensor(_))));

@@ -45,7 +45,6 @@ pub fn sam_vit_tensors(cfg: &VitConfig, image_size: usize) -> Vec<(String, Vec<u
     add(format!("{p}.neck.2.weight"), &[o, o, 3, 3]);
     add(format!("{p}.neck.3.weight"), &[o]);
     add(format!("{p}.neck.3.bias"), &[o]);
-    drop(add);
     t.extend(prompt_encoder_and_mask_decoder());
     t
 }
@@ -122,7 +121,6 @@ pub fn prompt_encoder_and_mask_decoder() -> Vec<(String, Vec<usize>)> {
         mlp(&mut add, format!("{p}.output_hypernetworks_mlps.{i}"), d / 8);
     }
     mlp(&mut add, format!("{p}.iou_prediction_head"), 4);
-    drop(add);
     t
 }
 

@@ -347,7 +347,9 @@ fn reduce(f: &Value, args: &Value) -> Result<Value> {
 }
 
 /// Emits pickle protocol 2 the way `torch.save` does for an `OrderedDict` of tensors.
-pub fn write_state_dict(tensors: &[(String, TensorRef)]) -> Vec<u8> {
+/// `storage_numel` gives each storage's element count (torch reads exactly that many); a key
+/// missing from it is taken to be exactly as large as the tensor viewing it.
+pub fn write_state_dict(tensors: &[(String, TensorRef)], storage_numel: &HashMap<String, usize>) -> Vec<u8> {
     let mut o = vec![0x80, 2];
     global(&mut o, "collections", "OrderedDict");
     o.extend_from_slice(b")R");
@@ -370,7 +372,7 @@ pub fn write_state_dict(tensors: &[(String, TensorRef)]) -> Vec<u8> {
             global(&mut o, "torch", storage);
             unicode(&mut o, &t.key);
             unicode(&mut o, "cpu");
-            let numel = t.size.iter().product::<usize>().max(1);
+            let numel = storage_numel.get(&t.key).copied().unwrap_or_else(|| t.size.iter().product::<usize>());
             int(&mut o, numel as i64);
             o.extend_from_slice(b"tQ");
             int(&mut o, t.offset as i64);
@@ -451,7 +453,7 @@ mod tests {
 
     #[test]
     fn writer_output_loads_back() {
-        let v = load(&write_state_dict(&sample())).unwrap();
+        let v = load(&write_state_dict(&sample(), &HashMap::new())).unwrap();
         assert_eq!(entries(&v), sample());
     }
 
@@ -471,7 +473,7 @@ mod tests {
 
     #[test]
     fn truncated_and_malformed_pickles_are_errors() {
-        let p = write_state_dict(&sample());
+        let p = write_state_dict(&sample(), &HashMap::new());
         for cut in 0..p.len() {
             assert!(load(&p[..cut]).is_err(), "cut at {cut}");
         }

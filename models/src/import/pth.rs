@@ -18,7 +18,7 @@ pub fn read(bytes: &[u8]) -> Result<TensorMap> {
         .clone();
     let root = pkl.trim_end_matches("data.pkl").to_string();
     let top = pickle::load(&bytes[entries[&pkl].clone()])?;
-    let dict = state_dict(&top)?;
+    let dict = state_dict(&top, true)?;
     let mut out = TensorMap::new();
     for (name, t) in dict {
         if matches!(t.dtype, StorageDtype::I64 | StorageDtype::I32) {
@@ -36,15 +36,16 @@ pub fn read(bytes: &[u8]) -> Result<TensorMap> {
 }
 
 /// The `{name: tensor}` dict: the top-level object, or its `"model"` / `"state_dict"` entry.
-fn state_dict(top: &Value) -> Result<Vec<(String, TensorRef)>> {
+/// Only one level is unwrapped, so a self-referencing pickle cannot recurse forever.
+fn state_dict(top: &Value, unwrap: bool) -> Result<Vec<(String, TensorRef)>> {
     let d = match top {
         Value::Dict(d) => d.borrow(),
         _ => return Err(Error::Import("checkpoint top level is not a dict".into())),
     };
-    for wrapper in ["model", "state_dict"] {
+    for wrapper in ["model", "state_dict"].iter().filter(|_| unwrap) {
         if let Some((_, inner)) = d.iter().find(|(k, _)| matches!(k, Value::Str(s) if s == wrapper)) {
             if matches!(inner, Value::Dict(_)) {
-                return state_dict(inner);
+                return state_dict(inner, false);
             }
         }
     }
@@ -66,6 +67,11 @@ fn gather(storage: &[u8], t: &TensorRef) -> std::result::Result<Vec<f32>, String
     let numel = t.size.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("shape overflows")?;
     if numel == 0 {
         return Ok(Vec::new());
+    }
+    // Only a broadcast (stride-0) view can have more elements than its storage; no parameter is
+    // one, and allowing it would let a tiny file request an arbitrarily large allocation.
+    if numel > storage_len {
+        return Err(format!("{numel} elements from a storage of {storage_len}: broadcast views are not weights"));
     }
     // Highest element index touched: offset + Σ (size_i − 1)·stride_i.
     let last = t.size.iter().zip(&t.stride).try_fold(t.offset, |acc, (&n, &s)| (n - 1).checked_mul(s).and_then(|x| acc.checked_add(x)));
@@ -107,7 +113,8 @@ pub struct RawStorage {
 /// `<root>/version`, `<root>/byteorder`) from explicit views, so tests can build strided tensors.
 pub fn write_raw(root: &str, views: &[(String, TensorRef)], storages: &[RawStorage]) -> Result<Vec<u8>> {
     let mut z = zip::ZipWriter::default();
-    z.add(&format!("{root}/data.pkl"), &pickle::write_state_dict(views))?;
+    let numel = storages.iter().map(|s| (s.key.clone(), s.values.len())).collect();
+    z.add(&format!("{root}/data.pkl"), &pickle::write_state_dict(views, &numel))?;
     z.add(&format!("{root}/byteorder"), b"little")?;
     for s in storages {
         let bytes: Vec<u8> = s.values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -158,12 +165,40 @@ mod tests {
     #[test]
     fn views_past_their_storage_are_errors() {
         let storage = RawStorage { key: "0".into(), values: vec![0.0; 6] };
-        for (offset, size, stride) in [(1, vec![2, 3], vec![3, 1]), (0, vec![4], vec![2]), (usize::MAX / 2, vec![2], vec![usize::MAX / 2])] {
+        for (offset, size, stride) in [(1, vec![2, 3], vec![3, 1]), (0, vec![4], vec![2]), (usize::MAX / 2, vec![2], vec![usize::MAX / 2]), (0, vec![1 << 40], vec![0])] {
             let views = vec![("x".to_string(), TensorRef { dtype: StorageDtype::F32, key: "0".into(), offset, size, stride })];
             let bytes = write_raw("ck", &views, &[RawStorage { key: "0".into(), values: storage.values.clone() }]).unwrap();
             assert!(matches!(read(&bytes), Err(Error::Import(_))));
         }
         let views = vec![("x".to_string(), TensorRef { dtype: StorageDtype::F32, key: "9".into(), offset: 0, size: vec![1], stride: vec![1] })];
         assert!(read(&write_raw("ck", &views, &[storage]).unwrap()).is_err());
+    }
+
+    #[test]
+    fn self_referencing_dict_is_an_error_not_a_stack_overflow() {
+        // {"model": <the same dict>}
+        let mut p = vec![0x80, 2, b'}', b'q', 0, b'X'];
+        p.extend_from_slice(&5u32.to_le_bytes());
+        p.extend_from_slice(b"model");
+        p.extend_from_slice(&[b'h', 0, b's', b'.']);
+        let mut z = zip::ZipWriter::default();
+        z.add("ck/data.pkl", &p).unwrap();
+        assert!(matches!(read(&z.finish()), Err(Error::Import(_))));
+    }
+
+    #[test]
+    fn any_single_byte_change_never_panics() {
+        let tensors = vec![
+            ("a".to_string(), vec![2, 3], vec![1.0; 6]),
+            ("b.weight".to_string(), vec![4], vec![2.0; 4]),
+        ];
+        let good = write("ck", &tensors).unwrap();
+        for at in 0..good.len() {
+            for x in [0x01u8, 0x80, 0xff] {
+                let mut b = good.clone();
+                b[at] ^= x;
+                let _ = read(&b); // Ok or Err, but no panic.
+            }
+        }
     }
 }

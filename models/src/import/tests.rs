@@ -134,7 +134,7 @@ fn state_dict_under_a_model_key_is_found() {
         })
         .collect();
     // Wrap: {"model": <state dict>} — splice the inner pickle's body into an outer dict.
-    let inner = pickle::write_state_dict(&views);
+    let inner = pickle::write_state_dict(&views, &Default::default());
     let mut p = vec![0x80, 2, b'}', b'X'];
     p.extend_from_slice(&5u32.to_le_bytes());
     p.extend_from_slice(b"model");

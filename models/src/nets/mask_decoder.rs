@@ -318,6 +318,21 @@ mod tests {
         assert!(logits.iter().chain(&iou).all(|v| v.is_finite()));
     }
 
+    #[test]
+    fn lite_medsam_mask_prompt_is_downscaled_to_the_embedding_grid() {
+        let Some(ckpt) = lite_medsam() else { return };
+        let b = CpuBackend::new(2).unwrap();
+        let prompt_encoder = PromptEncoder::load(&b, &ckpt, ckpt.config()).unwrap();
+        let mask: Vec<f32> = (0..256 * 256).map(|i| if (i / 256) % 64 < 32 { 4.0 } else { -4.0 }).collect();
+        let mask = b.from_host(&[1, 1, 256, 256], &mask).unwrap();
+        let (sparse, dense) = prompt_encoder.embed(&b, &[(10.0, 10.0, 1)], &[], Some(&mask)).unwrap();
+        assert_eq!(b.shape(&sparse), [1, 2, 256]);
+        assert_eq!(b.shape(&dense), [1, 256, 64, 64]);
+        assert!(b.to_host(&dense).unwrap().iter().all(|v| v.is_finite()));
+        let wrong = b.from_host(&[1, 1, 64, 64], &[0.0; 64 * 64]).unwrap();
+        assert!(prompt_encoder.embed(&b, &[], &[[0.0, 0.0, 9.0, 9.0]], Some(&wrong)).is_err());
+    }
+
     mod tiny {
         //! The whole decoder at toy size against a direct f64 evaluation of `predict_masks`'s tail
         //! (the transformer itself is checked in `nets::transformer`).
@@ -381,7 +396,8 @@ mod tests {
             };
             for l in 0..dc.transformer_depth {
                 let p = format!("{PREFIX}.transformer.layers.{l}");
-                for (attn, internal) in [("self_attn", DIM), ("cross_attn_token_to_image", DIM / 2), ("cross_attn_image_to_token", DIM / 2)] {
+                for (attn, internal) in [("self_attn", DIM), ("cross_attn_token_to_image", DIM / 2), ("cross_attn_image_to_token", DIM / 2)]
+                {
                     for proj in ["q_proj", "k_proj", "v_proj"] {
                         linear(&mut s, &mut rng, format!("{p}.{attn}.{proj}"), DIM, internal);
                     }
@@ -488,7 +504,8 @@ mod tests {
             let decoder = MaskDecoder::load(&b, &s, &cfg).unwrap();
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
             let mut random = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect() };
-            let (emb, pe, dense, sparse) = (random(DIM * GRID * GRID), random(DIM * GRID * GRID), random(DIM * GRID * GRID), random(N_SPARSE * DIM));
+            let (emb, pe, dense, sparse) =
+                (random(DIM * GRID * GRID), random(DIM * GRID * GRID), random(DIM * GRID * GRID), random(N_SPARSE * DIM));
             let grid = [1, DIM, GRID, GRID];
             let up = |x: &[f32], shape: &[usize]| b.from_host(shape, x).unwrap();
 
@@ -497,14 +514,18 @@ mod tests {
             tokens.extend(&s.0[&format!("{PREFIX}.mask_tokens.weight")].1);
             tokens.extend(&sparse);
             let src: Vec<f32> = emb.iter().zip(&dense).map(|(a, d)| a + d).collect();
-            let (hs, keys) = decoder.transformer.forward(&b, &up(&src, &grid), &up(&pe, &grid), &up(&tokens, &[1, 5 + N_SPARSE, DIM])).unwrap();
+            let (hs, keys) =
+                decoder.transformer.forward(&b, &up(&src, &grid), &up(&pe, &grid), &up(&tokens, &[1, 5 + N_SPARSE, DIM])).unwrap();
             let hs: Vec<f64> = b.to_host(&hs).unwrap().iter().map(|&v| v as f64).collect();
             let keys = b.to_host(&keys).unwrap();
             let hw = GRID * GRID;
             let src_chw: Vec<f64> = (0..DIM).flat_map(|c| (0..hw).map(move |p| (c, p))).map(|(c, p)| keys[p * DIM + c] as f64).collect();
             let x = conv_transpose_f64(&s, &format!("{PREFIX}.output_upscaling.0"), &src_chw, DIM, GRID, GRID);
             let x = layer_norm_2d_gelu_f64(&s, &format!("{PREFIX}.output_upscaling.1"), &x, DIM / 4);
-            let x: Vec<f64> = conv_transpose_f64(&s, &format!("{PREFIX}.output_upscaling.3"), &x, DIM / 4, 2 * GRID, 2 * GRID).into_iter().map(gelu_f64).collect();
+            let x: Vec<f64> = conv_transpose_f64(&s, &format!("{PREFIX}.output_upscaling.3"), &x, DIM / 4, 2 * GRID, 2 * GRID)
+                .into_iter()
+                .map(gelu_f64)
+                .collect();
             let pixels = 16 * hw;
             let mask_of = |t: usize| -> Vec<f64> {
                 let hyper = mlp_f64(&s, &format!("{PREFIX}.output_hypernetworks_mlps.{t}"), &hs[(1 + t) * DIM..(2 + t) * DIM]);
@@ -513,11 +534,14 @@ mod tests {
             let iou = mlp_f64(&s, &format!("{PREFIX}.iou_prediction_head"), &hs[..DIM]);
 
             for multimask in [false, true] {
-                let (masks, got_iou) = decoder.forward(&b, &up(&emb, &grid), &up(&pe, &grid), &up(&sparse, &[1, N_SPARSE, DIM]), &up(&dense, &grid), multimask).unwrap();
+                let (masks, got_iou) = decoder
+                    .forward(&b, &up(&emb, &grid), &up(&pe, &grid), &up(&sparse, &[1, N_SPARSE, DIM]), &up(&dense, &grid), multimask)
+                    .unwrap();
                 let selected: Vec<usize> = if multimask { vec![1, 2, 3] } else { vec![0] };
                 assert_eq!(b.shape(&masks), [1, selected.len(), 4 * GRID, 4 * GRID]);
                 let want: Vec<f64> = selected.iter().flat_map(|&t| mask_of(t)).chain(selected.iter().map(|&t| iou[t])).collect();
                 let got: Vec<f32> = b.to_host(&masks).unwrap().into_iter().chain(got_iou).collect();
+                assert_eq!(got.len(), want.len());
                 let worst = got.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
                 assert!(worst < 1e-4, "multimask {multimask}: largest difference {worst}");
             }

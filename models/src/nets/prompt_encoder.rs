@@ -272,13 +272,7 @@ impl<B: Backend> PromptEncoder<B> {
 
     /// One prompt set in the encoder-input frame → (sparse `[1, n, embed_dim]`,
     /// dense `[1, embed_dim, E, E]`); `mask`, if given, is `[1, 1, 4E, 4E]` logits.
-    pub fn embed(
-        &self,
-        b: &B,
-        points: &[(f32, f32, i32)],
-        boxes: &[[f32; 4]],
-        mask: Option<&B::Tensor>,
-    ) -> Result<(B::Tensor, B::Tensor)> {
+    pub fn embed(&self, b: &B, points: &[(f32, f32, i32)], boxes: &[[f32; 4]], mask: Option<&B::Tensor>) -> Result<(B::Tensor, B::Tensor)> {
         let dim = self.sparse.embed_dim();
         let tokens = self.sparse.tokens(points, boxes)?;
         let sparse = b.from_host(&[1, tokens.len() / dim, dim], &tokens)?;
@@ -350,7 +344,9 @@ mod tests {
     #[test]
     fn pixel_encoding_matches_the_formula_in_f64() {
         let pe = PositionEmbeddingRandom::new(random_matrix(64), 64).unwrap();
-        for &(x, y, (h, w)) in &[(0.5f32, 0.5f32, (256usize, 256usize)), (100.5, 37.25, (256, 256)), (1023.5, 0.5, (768, 1024)), (300.0, 700.0, (1024, 1024))] {
+        for &(x, y, (h, w)) in
+            &[(0.5f32, 0.5f32, (256usize, 256usize)), (100.5, 37.25, (256, 256)), (1023.5, 0.5, (768, 1024)), (300.0, 700.0, (1024, 1024))]
+        {
             let want = pe_f64(&pe.gaussian, x as f64 / w as f64, y as f64 / h as f64);
             assert_close(&pe.encode_pixel(x, y, (h, w)), &want, 1e-4);
         }

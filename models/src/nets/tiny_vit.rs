@@ -803,14 +803,16 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         let pixels: Vec<f32> = (0..3 * s * s).map(|_| rng.gen_range(pixel_range.clone())).collect();
         let image = b.from_host(&[1, 3, s, s], &pixels).expect("image");
+        let started = std::time::Instant::now();
         let out = encoder.forward(&b, &image).expect("forward");
+        let elapsed = started.elapsed();
 
         assert_eq!(b.shape(&out), &[1, 256, 64, 64]);
         let values = b.to_host(&out).expect("download");
         assert!(values.iter().all(|v| v.is_finite()), "non-finite values in the embedding");
         let mean = values.iter().sum::<f32>() / values.len() as f32;
         let var = values.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / values.len() as f32;
-        eprintln!("{file} embedding: mean {mean:.5}, std {:.5}, first {:?}", var.sqrt(), &values[..4]);
+        eprintln!("{file} embedding in {elapsed:.2?}: mean {mean:.5}, std {:.5}, first {:?}", var.sqrt(), &values[..4]);
         assert!(var > 1e-6, "embedding is constant");
     }
 
@@ -824,6 +826,72 @@ mod tests {
     #[test]
     fn tiny_vit_mobilesam_checkpoint_encodes_finite_embedding() {
         check_checkpoint_encodes_finite_embedding("mobile_sam.pt", -2.0..2.2);
+    }
+
+    /// The four integers after `"key": [` in a golden JSON file.
+    fn json_box(json: &str, key: &str) -> [f32; 4] {
+        let start = json.find(&format!("\"{key}\"")).expect("key in json");
+        let list = &json[start..];
+        let (open, close) = (list.find('[').expect("["), list.find(']').expect("]"));
+        let numbers: Vec<f32> = list[open + 1..close].split(',').map(|v| v.trim().parse().expect("number")).collect();
+        [numbers[0], numbers[1], numbers[2], numbers[3]]
+    }
+
+    /// The number after `"key":` in a golden JSON file.
+    fn json_number(json: &str, key: &str) -> f32 {
+        let start = json.find(&format!("\"{key}\":")).expect("key in json") + key.len() + 3;
+        let rest = json[start..].trim_start();
+        let end = rest.find([',', '\n', '}']).unwrap_or(rest.len());
+        rest[..end].trim().parse().expect("number")
+    }
+
+    /// End to end against the PyTorch golden low-res logits of LiteMedSAM: our encoder, then the
+    /// prompt encoder and mask decoder of this crate. One unpadded image (us-busbra, 512x512 →
+    /// 256x256) and one zero-padded (us-hc18, resized to 173x256 then padded).
+    #[test]
+    fn tiny_vit_litemedsam_matches_golden_lowres_logits() {
+        use crate::cpu::CpuBackend;
+        use crate::import::Checkpoint;
+        use crate::nets::mask_decoder::MaskDecoder;
+        use crate::nets::prompt_encoder::PromptEncoder;
+
+        let shared = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared"));
+        let golden = shared.join("reference/litemedsam");
+        let weights = shared.join("weights/lite_medsam.pth");
+        if !golden.exists() || !weights.exists() {
+            eprintln!("SKIP: shared golden outputs or weights not found");
+            return;
+        }
+        let checkpoint = Checkpoint::open(&weights).expect("import");
+        let config = checkpoint.config().clone();
+        let crate::config::EncoderConfig::TinyVit(cfg) = &config.encoder else { panic!("not TinyViT") };
+        let b = CpuBackend::new(2).expect("cpu backend");
+        let encoder = TinyVit::load(&b, &checkpoint, cfg, 256).expect("encoder");
+        let prompt_encoder = PromptEncoder::load(&b, &checkpoint, &config).expect("prompt encoder");
+        let decoder = MaskDecoder::load(&b, &checkpoint, &config).expect("decoder");
+
+        for (set, stem) in [("us-busbra", "0003-l"), ("us-hc18", "000_HC")] {
+            let dir = golden.join(set);
+            let channel = crate::npy::read(&dir.join(format!("{stem}_input256_ch0.npy"))).expect("input npy");
+            let pixels: Vec<f32> = channel.data.iter().copied().cycle().take(3 * channel.data.len()).collect();
+            let image = b.from_host(&[1, 3, 256, 256], &pixels).expect("image");
+            let embedding = encoder.forward(&b, &image).expect("encode");
+
+            let json = std::fs::read_to_string(dir.join(format!("{stem}_label1.json"))).expect("json");
+            let (sparse, dense) = prompt_encoder.embed(&b, &[], &[json_box(&json, "box_256_xyxy")], None).expect("prompt");
+            let pe = prompt_encoder.dense_positional_encoding();
+            let (logits, iou) = decoder.forward(&b, &embedding, pe, &sparse, &dense, false).expect("decode");
+
+            let ours = b.to_host(&logits).expect("download");
+            let expected = crate::npy::read(&dir.join(format!("{stem}_label1_lowres_logits.npy"))).expect("golden npy");
+            assert_eq!(ours.len(), expected.data.len());
+            let max_diff = ours.iter().zip(&expected.data).map(|(a, e)| (a - e).abs()).fold(0.0f32, f32::max);
+            let sign_flips = ours.iter().zip(&expected.data).filter(|(a, e)| (**a > 0.0) != (**e > 0.0)).count();
+            let golden_iou = json_number(&json, "iou_pred");
+            eprintln!("golden {set}/{stem}: max |logit diff| {max_diff:.5}, sign flips {sign_flips}, iou {} vs {golden_iou}", iou[0]);
+            assert!(max_diff < 1e-3, "{set}/{stem}: logits differ from PyTorch by up to {max_diff}");
+            assert!((iou[0] - golden_iou).abs() < 1e-3, "{set}/{stem}: IoU prediction {} vs PyTorch {golden_iou}", iou[0]);
+        }
     }
 
     /// A backend whose tensors are only shapes: each operation checks its operands' shapes as a

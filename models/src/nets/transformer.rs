@@ -42,7 +42,14 @@ pub struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     /// Loads `{prefix}.{q,k,v,out}_proj` with `internal_dim = embedding_dim / downsample_rate`.
-    pub fn load(b: &B, store: &dyn WeightStore, prefix: &str, embedding_dim: usize, num_heads: usize, downsample_rate: usize) -> Result<Self> {
+    pub fn load(
+        b: &B,
+        store: &dyn WeightStore,
+        prefix: &str,
+        embedding_dim: usize,
+        num_heads: usize,
+        downsample_rate: usize,
+    ) -> Result<Self> {
         let internal_dim = embedding_dim / downsample_rate.max(1);
         if num_heads == 0 || internal_dim % num_heads != 0 {
             return Err(Error::Input(format!("{prefix}: {num_heads} heads must divide the internal dimension {internal_dim}")));
@@ -148,7 +155,14 @@ impl<B: Backend> TwoWayAttentionBlock<B> {
 
     /// `queries: [B, Nt, C]`, `keys: [B, HW, C]`, `query_pe` like `queries`, `key_pe: [HW, C]`
     /// (broadcast over the batch) → updated `(queries, keys)`.
-    fn forward(&self, b: &B, queries: &B::Tensor, keys: &B::Tensor, query_pe: &B::Tensor, key_pe: &B::Tensor) -> Result<(B::Tensor, B::Tensor)> {
+    fn forward(
+        &self,
+        b: &B,
+        queries: &B::Tensor,
+        keys: &B::Tensor,
+        query_pe: &B::Tensor,
+        key_pe: &B::Tensor,
+    ) -> Result<(B::Tensor, B::Tensor)> {
         let queries = self.token_self_attention(b, queries, query_pe)?;
         let queries = self.tokens_attend_to_image(b, &queries, keys, query_pe, key_pe)?;
         let queries = residual_then_norm(b, &queries, &self.mlp.forward(b, &queries)?, &self.norm3)?;
@@ -168,7 +182,14 @@ impl<B: Backend> TwoWayAttentionBlock<B> {
     }
 
     /// Tokens (queries) attend to the image (keys), then `norm2`: → `[B, Nt, C]`.
-    fn tokens_attend_to_image(&self, b: &B, queries: &B::Tensor, keys: &B::Tensor, query_pe: &B::Tensor, key_pe: &B::Tensor) -> Result<B::Tensor> {
+    fn tokens_attend_to_image(
+        &self,
+        b: &B,
+        queries: &B::Tensor,
+        keys: &B::Tensor,
+        query_pe: &B::Tensor,
+        key_pe: &B::Tensor,
+    ) -> Result<B::Tensor> {
         let q = b.add(queries, query_pe)?;
         let k = b.add(keys, key_pe)?;
         let attn_out = self.cross_attn_token_to_image.forward(b, &q, &k, keys)?;
@@ -176,7 +197,14 @@ impl<B: Backend> TwoWayAttentionBlock<B> {
     }
 
     /// The image (as queries) attends to the tokens, then `norm4`: → keys `[B, HW, C]`.
-    fn image_attends_to_tokens(&self, b: &B, queries: &B::Tensor, keys: &B::Tensor, query_pe: &B::Tensor, key_pe: &B::Tensor) -> Result<B::Tensor> {
+    fn image_attends_to_tokens(
+        &self,
+        b: &B,
+        queries: &B::Tensor,
+        keys: &B::Tensor,
+        query_pe: &B::Tensor,
+        key_pe: &B::Tensor,
+    ) -> Result<B::Tensor> {
         let q = b.add(queries, query_pe)?;
         let k = b.add(keys, key_pe)?;
         let attn_out = self.cross_attn_image_to_token.forward(b, &k, &q, queries)?;
@@ -206,15 +234,27 @@ impl<B: Backend> TwoWayTransformer<B> {
         let layers = (0..cfg.transformer_depth)
             .map(|i| TwoWayAttentionBlock::load(b, store, &format!("{prefix}.layers.{i}"), embedding_dim, cfg, i == 0))
             .collect::<Result<Vec<_>>>()?;
-        let final_attn_token_to_image =
-            Attention::load(b, store, &format!("{prefix}.final_attn_token_to_image"), embedding_dim, cfg.num_heads, cfg.attention_downsample_rate)?;
+        let final_attn_token_to_image = Attention::load(
+            b,
+            store,
+            &format!("{prefix}.final_attn_token_to_image"),
+            embedding_dim,
+            cfg.num_heads,
+            cfg.attention_downsample_rate,
+        )?;
         let norm_final_attn = Norm::load(b, store, &format!("{prefix}.norm_final_attn"), embedding_dim, NORM_EPS)?;
         Ok(Self { layers, final_attn_token_to_image, norm_final_attn })
     }
 
     /// `image_embedding: [B, C, H, W]`, `image_pe: [1, C, H, W]`, `point_embedding: [B, Nt, C]` →
     /// (tokens `[B, Nt, C]`, image tokens `[B, H·W, C]`).
-    pub fn forward(&self, b: &B, image_embedding: &B::Tensor, image_pe: &B::Tensor, point_embedding: &B::Tensor) -> Result<(B::Tensor, B::Tensor)> {
+    pub fn forward(
+        &self,
+        b: &B,
+        image_embedding: &B::Tensor,
+        image_pe: &B::Tensor,
+        point_embedding: &B::Tensor,
+    ) -> Result<(B::Tensor, B::Tensor)> {
         let image_tokens = nchw_to_tokens(b, image_embedding)?;
         let key_pe = drop_unit_batch(b, nchw_to_tokens(b, image_pe)?)?;
         let (first, rest) = self.layers.split_first().expect("depth >= 1 checked at load");
@@ -227,7 +267,14 @@ impl<B: Backend> TwoWayTransformer<B> {
     }
 
     /// The last tokens→image attention, residual and `norm_final_attn`: → `[B, Nt, C]`.
-    fn final_token_to_image(&self, b: &B, queries: &B::Tensor, keys: &B::Tensor, query_pe: &B::Tensor, key_pe: &B::Tensor) -> Result<B::Tensor> {
+    fn final_token_to_image(
+        &self,
+        b: &B,
+        queries: &B::Tensor,
+        keys: &B::Tensor,
+        query_pe: &B::Tensor,
+        key_pe: &B::Tensor,
+    ) -> Result<B::Tensor> {
         let q = b.add(queries, query_pe)?;
         let k = b.add(keys, key_pe)?;
         let attn_out = self.final_attn_token_to_image.forward(b, &q, &k, keys)?;
@@ -381,7 +428,17 @@ mod tests {
 
     /// `TwoWayAttentionBlock.forward` for batch 1, written directly from the reference in f64.
     #[allow(clippy::too_many_arguments)]
-    fn block_f64(store: &MapStore, p: &str, queries: &[f64], keys: &[f64], query_pe: &[f64], key_pe: &[f64], dim: usize, heads: usize, skip_pe: bool) -> (Vec<f64>, Vec<f64>) {
+    fn block_f64(
+        store: &MapStore,
+        p: &str,
+        queries: &[f64],
+        keys: &[f64],
+        query_pe: &[f64],
+        key_pe: &[f64],
+        dim: usize,
+        heads: usize,
+        skip_pe: bool,
+    ) -> (Vec<f64>, Vec<f64>) {
         let queries = if skip_pe {
             attention_f64(store, &format!("{p}.self_attn"), queries, queries, queries, dim, heads)
         } else {
@@ -409,7 +466,8 @@ mod tests {
     #[test]
     fn two_way_transformer_matches_a_direct_f64_evaluation() {
         let (dim, heads, mlp_dim, n_tokens, (h, w)) = (16, 2, 32, 3, (2, 3));
-        let cfg = DecoderConfig { transformer_depth: 2, num_heads: heads, mlp_dim, attention_downsample_rate: 2, ..DecoderConfig::default() };
+        let cfg =
+            DecoderConfig { transformer_depth: 2, num_heads: heads, mlp_dim, attention_downsample_rate: 2, ..DecoderConfig::default() };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
         let mut store = MapStore(BTreeMap::new());
         for i in 0..2 {
@@ -432,7 +490,12 @@ mod tests {
         let b = CpuBackend::new(1).unwrap();
         let transformer = TwoWayTransformer::load(&b, &store, "t", dim, &cfg).unwrap();
         let (q, k) = transformer
-            .forward(&b, &b.from_host(&[1, dim, h, w], &image).unwrap(), &b.from_host(&[1, dim, h, w], &image_pe).unwrap(), &b.from_host(&[1, n_tokens, dim], &tokens).unwrap())
+            .forward(
+                &b,
+                &b.from_host(&[1, dim, h, w], &image).unwrap(),
+                &b.from_host(&[1, dim, h, w], &image_pe).unwrap(),
+                &b.from_host(&[1, n_tokens, dim], &tokens).unwrap(),
+            )
             .unwrap();
         assert_eq!(b.shape(&q), [1, n_tokens, dim]);
         assert_eq!(b.shape(&k), [1, h * w, dim]);
