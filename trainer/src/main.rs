@@ -1,1 +1,32 @@
-fn main() {}
+//! `minisam`: the offline tools of QLoRA-MiniSAM (pack, inspect, segment, eval); the work is in
+//! the library (`lib.rs`), this file only reports errors.
+//!
+//! Layout: `cli` parses, `commands::*` run one subcommand each, `eval` holds the evaluation
+//! protocol independent of any model, `image_io`/`dicom` turn files into the protocol's 3-channel
+//! uint8 image, `json` reads the reference's small JSON files, `runtime` holds process facts
+//! (model path, peak memory). Every failure reaches `main` as an error chain, printed once.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use minisam::{cli, commands};
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: cli::Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        cli::Command::Pack(a) => commands::pack::run(a),
+        cli::Command::Inspect(a) => commands::inspect::run(a),
+        cli::Command::Segment(a) => commands::segment::run(a),
+        cli::Command::Eval(a) => commands::eval::run(a),
+    }
+}

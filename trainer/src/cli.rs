@@ -1,0 +1,332 @@
+//! The command line: subcommands and strict parsing of prompt arguments. A malformed `--box`
+//! (wrong arity, NaN, inverted corners) is refused here with the expected syntax, before any
+//! model is loaded.
+
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use minisam_models::prompt::{BoxPrompt, Point, PointLabel};
+
+use crate::eval::protocol::PromptKind;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "minisam",
+    version,
+    about = "QLoRA-MiniSAM offline tools: pack, inspect, segment, eval"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Quantise a checkpoint (.pth/.pt/.safetensors) into a packed NF4 model file.
+    Pack(PackArgs),
+    /// Print a packed model's header, config, provenance and tensor table.
+    Inspect(InspectArgs),
+    /// Segment one image from box and/or point prompts and write the mask PNG.
+    Segment(SegmentArgs),
+    /// Run the box-prompt evaluation protocol on a data tree and write per-target Dice.
+    Eval(EvalArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PackArgs {
+    /// Source checkpoint.
+    pub checkpoint: PathBuf,
+    /// Output packed model file.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Keep tensors whose name contains PATTERN in fp16 instead of NF4 (repeatable).
+    #[arg(long = "keep-fp16", value_name = "PATTERN")]
+    pub keep_fp16: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Packed model file.
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("prompt").required(true).multiple(true).args(["boxes", "points"])))]
+pub struct SegmentArgs {
+    /// Input image (PNG, or single-frame uncompressed grey DICOM).
+    pub image: PathBuf,
+    /// Box prompt in pixels, inclusive corners: x0,y0,x1,y1.
+    #[arg(long = "box", value_name = "X0,Y0,X1,Y1", value_parser = parse_box)]
+    pub boxes: Vec<BoxPrompt>,
+    /// Point prompt in pixels: x,y[,label] with label 1 = foreground (default), 0 = background.
+    #[arg(long = "point", value_name = "X,Y[,LABEL]", value_parser = parse_point)]
+    pub points: Vec<Point>,
+    /// Model file (packed or checkpoint); default: $MINISAM_MODEL, then models/litemedsam-nf4.msam.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// LoRA adapter file.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Output mask PNG (8-bit grey, 0/255).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Write the mask as 0/1 instead of 0/255 (the reference's golden mask files).
+    #[arg(long = "mask-01")]
+    pub mask_01: bool,
+    /// Ask the decoder for 3 masks and keep the one with the best predicted IoU.
+    #[arg(long)]
+    pub multimask: bool,
+    #[command(flatten)]
+    pub threads: Threads,
+    /// Print peak resident memory at the end.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Model file (packed or checkpoint).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Data tree: <data>/<set>/{images,masks}/*.png.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// LoRA adapter file.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Box prompt of each target.
+    #[arg(long, value_enum, default_value_t = PromptKind::Box)]
+    pub prompt: PromptKind,
+    /// Jittered boxes (default: <data>/../reference/boxes-jitter.json when it exists).
+    #[arg(long, value_name = "FILE")]
+    pub jitter_boxes: Option<PathBuf>,
+    /// Per-target CSV output.
+    #[arg(long, default_value = "results.csv")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub threads: Threads,
+    /// Only the first N images of each set (quick runs).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub limit: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct Threads {
+    /// Worker threads (default: all cores).
+    #[arg(long = "threads", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
+}
+
+impl Threads {
+    pub fn get(&self) -> usize {
+        match self.threads {
+            Some(n) => usize::from(n),
+            None => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        }
+    }
+}
+
+fn numbers(s: &str, what: &str, syntax: &str, arities: &[usize]) -> Result<Vec<f32>, String> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    if !arities.contains(&parts.len()) {
+        return Err(format!(
+            "{what} {s:?} has {} values; expected {syntax}",
+            parts.len()
+        ));
+    }
+    parts
+        .iter()
+        .map(|p| match p.parse::<f32>() {
+            Ok(v) if v.is_finite() => Ok(v),
+            _ => Err(format!(
+                "{what} {s:?}: {p:?} is not a finite number; expected {syntax}"
+            )),
+        })
+        .collect()
+}
+
+/// `x0,y0,x1,y1`, finite, `x0 <= x1` and `y0 <= y1`.
+pub fn parse_box(s: &str) -> Result<BoxPrompt, String> {
+    let v = numbers(s, "box", "x0,y0,x1,y1 in pixels", &[4])?;
+    if v[0] > v[2] || v[1] > v[3] {
+        return Err(format!(
+            "box {s:?}: need x0 <= x1 and y0 <= y1 (corners are top-left, bottom-right)"
+        ));
+    }
+    Ok(BoxPrompt {
+        x0: v[0],
+        y0: v[1],
+        x1: v[2],
+        y1: v[3],
+    })
+}
+
+/// `x,y` or `x,y,label` with label 1 (foreground) or 0 (background).
+pub fn parse_point(s: &str) -> Result<Point, String> {
+    let v = numbers(
+        s,
+        "point",
+        "x,y or x,y,label (label 1 = foreground, 0 = background)",
+        &[2, 3],
+    )?;
+    let label = match v.get(2).copied() {
+        None => PointLabel::Foreground,
+        Some(l) if l == 1.0 || l == 0.0 => {
+            if l == 1.0 {
+                PointLabel::Foreground
+            } else {
+                PointLabel::Background
+            }
+        }
+        Some(l) => {
+            return Err(format!(
+                "point {s:?}: label {l} must be 1 (foreground) or 0 (background)"
+            ))
+        }
+    };
+    Ok(Point {
+        x: v[0],
+        y: v[1],
+        label,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn boxes_are_parsed_strictly() {
+        assert_eq!(
+            parse_box("1,2.5, 3,4").unwrap(),
+            BoxPrompt {
+                x0: 1.0,
+                y0: 2.5,
+                x1: 3.0,
+                y1: 4.0
+            }
+        );
+        for bad in [
+            "1,2,3",
+            "1,2,3,4,5",
+            "1,2,NaN,4",
+            "1,2,inf,4",
+            "a,2,3,4",
+            "5,2,3,4",
+            "1,5,3,4",
+            "",
+            "1,,3,4",
+        ] {
+            assert!(parse_box(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn points_are_parsed_strictly() {
+        assert_eq!(
+            parse_point("3,4").unwrap(),
+            Point {
+                x: 3.0,
+                y: 4.0,
+                label: PointLabel::Foreground
+            }
+        );
+        assert_eq!(parse_point("3,4,0").unwrap().label, PointLabel::Background);
+        assert_eq!(parse_point("3,4,1").unwrap().label, PointLabel::Foreground);
+        for bad in ["3", "3,4,2", "3,4,0.5", "nan,4", "1,2,3,4"] {
+            assert!(parse_point(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn command_line_shapes() {
+        Cli::command().debug_assert();
+        let c = Cli::try_parse_from([
+            "minisam",
+            "segment",
+            "a.png",
+            "--box",
+            "1,2,3,4",
+            "--point",
+            "5,6,0",
+            "-o",
+            "m.png",
+            "--threads",
+            "2",
+        ])
+        .unwrap();
+        let Command::Segment(s) = c.command else {
+            panic!("not segment")
+        };
+        assert_eq!((s.boxes.len(), s.points.len(), s.threads.get()), (1, 1, 2));
+        assert!(
+            Cli::try_parse_from(["minisam", "segment", "a.png", "-o", "m.png"]).is_err(),
+            "a prompt is required"
+        );
+        assert!(Cli::try_parse_from([
+            "minisam",
+            "segment",
+            "a.png",
+            "--box",
+            "1,2,nan,4",
+            "-o",
+            "m.png"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from([
+            "minisam",
+            "segment",
+            "a.png",
+            "--box",
+            "1,2,3,4",
+            "-o",
+            "m.png",
+            "--threads",
+            "0"
+        ])
+        .is_err());
+        let c = Cli::try_parse_from([
+            "minisam",
+            "eval",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--prompt",
+            "box-jitter",
+            "--limit",
+            "3",
+        ])
+        .unwrap();
+        let Command::Eval(e) = c.command else {
+            panic!("not eval")
+        };
+        assert_eq!(
+            (e.prompt, e.limit, e.out.to_str()),
+            (PromptKind::BoxJitter, Some(3), Some("results.csv"))
+        );
+        assert!(Cli::try_parse_from([
+            "minisam", "eval", "--model", "m", "--data", "d", "--limit", "0"
+        ])
+        .is_err());
+        let c = Cli::try_parse_from([
+            "minisam",
+            "pack",
+            "x.pth",
+            "-o",
+            "y.msam",
+            "--keep-fp16",
+            "a",
+            "--keep-fp16",
+            "b",
+        ])
+        .unwrap();
+        let Command::Pack(p) = c.command else {
+            panic!("not pack")
+        };
+        assert_eq!(p.keep_fp16, vec!["a", "b"]);
+    }
+}

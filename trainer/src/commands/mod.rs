@@ -1,0 +1,7 @@
+//! One module per subcommand; each turns parsed arguments into a run and its printed report.
+
+pub mod eval;
+pub mod inspect;
+pub mod model;
+pub mod pack;
+pub mod segment;

@@ -1,0 +1,119 @@
+//! `minisam segment`: one image, one prompt set, one mask PNG, with the decoder's IoU estimate
+//! and the time spent in each stage.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use minisam_models::prompt::Prompts;
+
+use crate::cli::SegmentArgs;
+use crate::image_io::{self, MaskValue};
+use crate::runtime;
+
+pub fn run(args: &SegmentArgs) -> Result<()> {
+    runtime::refuse_adapter(args.adapter.as_deref())?;
+    let image = image_io::read_rgb(&args.image)?;
+    let env = std::env::var("MINISAM_MODEL").ok();
+    let model_path = runtime::resolve_model(args.model.as_deref(), env.as_deref())?;
+    let prompts = Prompts {
+        boxes: args.boxes.clone(),
+        points: args.points.clone(),
+    };
+    // Checked before the (slow) model load so a typo costs nothing.
+    prompts
+        .validate(image.width, image.height)
+        .with_context(|| {
+            format!(
+                "prompt does not fit {} ({}x{})",
+                args.image.display(),
+                image.width,
+                image.height
+            )
+        })?;
+
+    let loaded = super::model::load(&model_path, args.threads.get())?;
+    println!(
+        "model: {} ({}), loaded in {:.0} ms",
+        model_path.display(),
+        loaded.description,
+        loaded.load_ms
+    );
+    let t0 = Instant::now();
+    let emb = loaded
+        .segmenter
+        .encode(&image)
+        .with_context(|| format!("encoding {}", args.image.display()))?;
+    let encode_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let t1 = Instant::now();
+    let seg = loaded
+        .segmenter
+        .decode(&emb, &prompts, args.multimask)
+        .context("decoding the prompt")?;
+    let decode_ms = t1.elapsed().as_secs_f64() * 1e3;
+
+    let best = best_index(&seg.iou).context("the decoder returned no mask")?;
+    let mask = seg
+        .masks
+        .get(best)
+        .context("the decoder returned fewer masks than IoU scores")?;
+    let value = if args.mask_01 {
+        MaskValue::One
+    } else {
+        MaskValue::Visible255
+    };
+    image_io::write_mask(&args.output, mask, value)?;
+    println!(
+        "mask: {} ({}x{}, {} px inside), predicted IoU {:.4}",
+        args.output.display(),
+        mask.width,
+        mask.height,
+        mask.area(),
+        seg.iou[best]
+    );
+    if seg.iou.len() > 1 {
+        let all: Vec<String> = seg.iou.iter().map(|v| format!("{v:.4}")).collect();
+        println!(
+            "multimask: kept output {best} of IoU scores [{}]",
+            all.join(", ")
+        );
+    }
+    println!(
+        "time: encode {encode_ms:.1} ms, decode {decode_ms:.1} ms ({} threads)",
+        args.threads.get()
+    );
+    if args.stats {
+        match runtime::peak_rss_kib() {
+            Some(kib) => println!("peak RSS: {:.1} MiB", kib as f64 / 1024.0),
+            None => println!("peak RSS: unavailable (no /proc/self/status)"),
+        }
+    }
+    Ok(())
+}
+
+/// Index of the highest predicted IoU (the first on ties); `None` when empty. NaN never wins.
+pub fn best_index(iou: &[f32]) -> Option<usize> {
+    let mut best: Option<usize> = None;
+    for (i, v) in iou.iter().enumerate() {
+        let better = match best {
+            None => true,
+            Some(b) => *v > iou[b] || iou[b].is_nan() && !v.is_nan(),
+        };
+        if better {
+            best = Some(i);
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn best_mask_is_the_highest_iou() {
+        assert_eq!(best_index(&[]), None);
+        assert_eq!(best_index(&[0.2]), Some(0));
+        assert_eq!(best_index(&[0.2, 0.9, 0.9, 0.1]), Some(1));
+        assert_eq!(best_index(&[f32::NAN, 0.1]), Some(1));
+    }
+}

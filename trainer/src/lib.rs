@@ -1,0 +1,15 @@
+//! The offline tools of QLoRA-MiniSAM as a library, so integration tests (`tests/`) and benches
+//! (`benches/`) use the same image reading and evaluation protocol as the `minisam` binary.
+//!
+//! Layout: `cli` parses, `commands::*` run one subcommand each, `eval` holds the evaluation
+//! protocol independent of any model, `image_io`/`dicom` turn files into the protocol's 3-channel
+//! uint8 image, `json` reads the reference's small JSON files, `runtime` holds process facts
+//! (model path, peak memory).
+
+pub mod cli;
+pub mod commands;
+pub mod dicom;
+pub mod eval;
+pub mod image_io;
+pub mod json;
+pub mod runtime;
