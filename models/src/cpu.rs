@@ -618,7 +618,6 @@ mod tests {
                 codes: SharedBytes::from_vec(q.codes),
                 absmax_q: SharedBytes::from_vec(q.absmax_q),
                 absmax_scales: SharedBytes::from_vec(q.absmax_scales),
-                absmax_offset: q.absmax_offset,
             }),
         };
         let dequantised = stored.to_f32();

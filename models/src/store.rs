@@ -57,15 +57,15 @@ pub enum TensorData {
 
 /// The three arrays of an NF4 tensor of `n` elements (flattened row-major):
 /// - `codes`: `ceil(n/2)` bytes, element `2i` in the low nibble of byte `i`, `2i+1` in the high;
-/// - `absmax_q`: one `i8` per block of 64 elements, `ceil(n/64)` bytes;
-/// - `absmax_scales`: one f32 (LE) per group of 256 blocks, `ceil(ceil(n/64)/256)` values;
-/// - `absmax_offset`: the mean absmax, added back after dequantising the scales.
+/// - `absmax_q`: one log2-coded `u8` per block of 64 elements, `ceil(n/64)` bytes;
+/// - `absmax_scales`: an f32 (LE) log2 offset and step per group of 256 blocks.
+///
+/// `minisam_kernels::nf4` documents the encoding.
 #[derive(Clone, Debug)]
 pub struct Nf4Data {
     pub codes: SharedBytes,
     pub absmax_q: SharedBytes,
     pub absmax_scales: SharedBytes,
-    pub absmax_offset: f32,
 }
 
 #[derive(Clone, Debug)]
@@ -106,7 +106,6 @@ impl Nf4Data {
             codes: self.codes.as_slice(),
             absmax_q: self.absmax_q.as_slice(),
             absmax_scales: self.absmax_scales.as_slice(),
-            absmax_offset: self.absmax_offset,
         }
     }
 }

@@ -72,8 +72,6 @@ pub struct TensorEntry {
     pub arrays: Vec<ByteRange>,
     /// CRC-32 (IEEE) of the arrays' bytes, concatenated in order.
     pub crc32: u32,
-    /// NF4 only (0 otherwise): the mean absmax added back to dequantised scales.
-    pub absmax_offset: f32,
 }
 
 /// Everything between the fixed header and the data section.

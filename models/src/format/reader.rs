@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use memmap2::Mmap;
+use minisam_kernels::nf4::Nf4View;
 use sha2::{Digest, Sha256};
 
 use super::*;
@@ -170,8 +171,13 @@ fn validate_tensors(m: &Manifest, data: &[u8]) -> Result<std::collections::BTree
         if crc.finalize() != t.crc32 {
             return Err(bad(format!("tensor {}: checksum mismatch (file corrupted)", t.name)));
         }
-        if t.dtype == Dtype::Nf4 && !t.absmax_offset.is_finite() {
-            return Err(bad(format!("tensor {}: NF4 absmax offset is not finite", t.name)));
+        if t.dtype == Dtype::Nf4 {
+            // Scale records decide every block's magnitude: a NaN or out-of-range one is refused
+            // here, not discovered as NaN logits later.
+            let slice = |r: &ByteRange| &data[r.offset as usize..(r.offset + r.len) as usize];
+            let view = Nf4View { codes: slice(&t.arrays[0]), absmax_q: slice(&t.arrays[1]), absmax_scales: slice(&t.arrays[2]) };
+            let n = t.shape.iter().product::<u64>() as usize;
+            view.check_len(n).map_err(|e| bad(format!("tensor {}: {e}", t.name)))?;
         }
     }
     spans.sort_unstable();
@@ -206,7 +212,6 @@ impl WeightStore for PackedModel {
                     codes: self.bytes(&t.arrays[0])?,
                     absmax_q: self.bytes(&t.arrays[1])?,
                     absmax_scales: self.bytes(&t.arrays[2])?,
-                    absmax_offset: t.absmax_offset,
                 };
                 let n = t.shape.iter().product::<u64>() as usize;
                 q.view().check_len(n).map_err(|e| bad(format!("tensor {name}: {e}")))?;

@@ -38,13 +38,13 @@ pub fn pack(store: &dyn WeightStore, config: &ModelConfig, mut provenance: Prove
         }
         let quantise = is_quantised_by_default(&name, &t.shape) && !keep_fp16.iter().any(|p| glob_match(p, &name));
         let fits_f16 = values.iter().all(|v| v.abs() <= f32::from(half::f16::MAX));
-        let (dtype, arrays, absmax_offset): (Dtype, Vec<Vec<u8>>, f32) = if quantise {
+        let (dtype, arrays): (Dtype, Vec<Vec<u8>>) = if quantise {
             let q = minisam_kernels::nf4::quantize(&values);
-            (Dtype::Nf4, vec![q.codes, q.absmax_q, q.absmax_scales], q.absmax_offset)
+            (Dtype::Nf4, vec![q.codes, q.absmax_q, q.absmax_scales])
         } else if fits_f16 {
-            (Dtype::F16, vec![values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()], 0.0)
+            (Dtype::F16, vec![values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()])
         } else {
-            (Dtype::F32, vec![values.iter().flat_map(|v| v.to_le_bytes()).collect()], 0.0)
+            (Dtype::F32, vec![values.iter().flat_map(|v| v.to_le_bytes()).collect()])
         };
         let mut crc = crc32fast::Hasher::new();
         let mut ranges = Vec::with_capacity(arrays.len());
@@ -65,7 +65,7 @@ pub fn pack(store: &dyn WeightStore, config: &ModelConfig, mut provenance: Prove
         *total += bytes;
         report.tensors += 1;
         report.source_f32_bytes += 4 * values.len() as u64;
-        tensors.push(TensorEntry { name, shape: t.shape.iter().map(|&d| d as u64).collect(), dtype, arrays: ranges, crc32: crc.finalize(), absmax_offset });
+        tensors.push(TensorEntry { name, shape: t.shape.iter().map(|&d| d as u64).collect(), dtype, arrays: ranges, crc32: crc.finalize() });
     }
     let manifest = Manifest { config: config.clone(), provenance, data_len: data.len() as u64, tensors };
     let (head, _) = encode_head(&manifest)?;

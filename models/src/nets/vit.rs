@@ -462,6 +462,9 @@ mod tests {
     use crate::cpu::{CpuBackend, CpuTensor};
     use crate::import::layout::sam_vit_tensors;
     use crate::import::Checkpoint;
+    use crate::pipeline::Geometry;
+    use crate::prompt::{BoxPrompt, Prompts};
+    use crate::sam::Segmenter;
     use crate::store::{StoredTensor, TensorData};
 
     type NamedTensors = Vec<(String, Vec<usize>, Vec<f32>)>;
@@ -690,9 +693,26 @@ mod tests {
     }
 
     // ---- against PyTorch (fixtures from tests/fixtures/gen_torch_fixtures.py) ----
+    //
+    // The generator builds SAM with `segment_anything`'s own classes and seeded random weights,
+    // saves its state_dict (official naming) and records every block's tokens, the embedding and
+    // the decoder's answer for one box. `tiny_sam/` is committed; `sam_vit_b/` (~530 MB) is
+    // git-ignored and made by hand: `python3 tests/fixtures/gen_torch_fixtures.py --vit-b-only`.
+
+    /// Relative tolerance of every comparison with PyTorch (both sides compute in f32).
+    const TORCH_TOLERANCE: f32 = 1e-4;
 
     fn fixture_dir(name: &str) -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+    }
+
+    /// Opens `<name>/<name>.pth`, or fails saying how to generate it.
+    fn open_fixture_checkpoint(name: &str, how: &str) -> (PathBuf, Checkpoint) {
+        let dir = fixture_dir(name);
+        let path = dir.join(format!("{name}.pth"));
+        assert!(path.exists(), "{} not found: generate it with `{how}` (see the script's header)", path.display());
+        let checkpoint = Checkpoint::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        (dir, checkpoint)
     }
 
     fn read_npy(dir: &std::path::Path, name: &str) -> CpuTensor {
@@ -700,49 +720,99 @@ mod tests {
         CpuTensor { shape: array.shape, data: array.data }
     }
 
-    /// Compares with a tolerance relative to the reference's scale; returns the worst error.
+    /// Compares with a tolerance relative to the reference's largest magnitude; prints that
+    /// error and the relative L2 error `‖got − want‖ / ‖want‖`; returns the max |diff|.
     fn assert_close(what: &str, got: &CpuTensor, want: &CpuTensor, tolerance: f32) -> f32 {
         assert_eq!(got.shape, want.shape, "{what}: shape");
         let scale = want.data.iter().fold(1.0f32, |m, v| m.max(v.abs()));
         let diff = max_abs_diff(&got.data, &want.data);
-        eprintln!("{what}: max |diff| = {diff:e} (reference max |x| = {scale})");
+        let (err2, ref2) = got.data.iter().zip(&want.data).fold((0.0f64, 0.0f64), |(e, r), (&g, &w)| {
+            (e + f64::from(g - w).powi(2), r + f64::from(w).powi(2))
+        });
+        let relative_l2 = (err2 / ref2.max(f64::MIN_POSITIVE)).sqrt();
+        eprintln!("{what}: max |diff| = {diff:e} (reference max |x| = {scale}, max |diff| / max(1, max |x|) = {:e}, relative L2 = {relative_l2:e})", diff / scale);
         assert!(diff <= tolerance * scale, "{what}: max |diff| {diff} exceeds {tolerance} x {scale}");
         diff
     }
 
-    /// Runs the encoder block by block, comparing each block's tokens and the embedding with
-    /// PyTorch's. Skipped (with a message) when the fixture has not been generated.
-    fn check_against_torch_fixture(name: &str) {
-        let dir = fixture_dir(name);
-        let checkpoint_path = dir.join(format!("{name}.pth"));
-        if !checkpoint_path.exists() {
-            eprintln!("skipped: {} not found (run tests/fixtures/gen_torch_fixtures.py)", checkpoint_path.display());
-            return;
-        }
+    /// Runs the encoder block by block, comparing each block's tokens and (through the neck) the
+    /// embedding with PyTorch's.
+    fn check_vit_against_torch_fixture(name: &str, dir: &std::path::Path, checkpoint: &Checkpoint) {
         let b = backend();
-        let checkpoint = Checkpoint::open(&checkpoint_path).unwrap();
         let EncoderConfig::Vit(cfg) = checkpoint.config().encoder.clone() else { panic!("{name} is not a ViT SAM") };
-        let encoder = VitEncoder::load(&b, &checkpoint, &cfg, checkpoint.config().image_size).unwrap();
-        let image = read_npy(&dir, "input.npy");
+        let encoder = VitEncoder::load(&b, checkpoint, &cfg, checkpoint.config().image_size).unwrap();
+        let image = read_npy(dir, "input.npy");
         let patches = encoder.patch_embed.forward(&b, &image, Activation::None).unwrap();
         let mut tokens = b.add_vector(&b.permute(&patches, &[0, 2, 3, 1]).unwrap(), &encoder.pos_embed).unwrap();
         for (i, block) in encoder.blocks.iter().enumerate() {
             tokens = block.forward(&b, &tokens).unwrap();
-            assert_close(&format!("{name} block {i}"), &tokens, &read_npy(&dir, &format!("block_{i}.npy")), 1e-4);
+            assert_close(&format!("{name} block {i}"), &tokens, &read_npy(dir, &format!("block_{i}.npy")), TORCH_TOLERANCE);
         }
-        let embedding = encoder.forward(&b, &image).unwrap();
-        assert_close(&format!("{name} image embedding"), &embedding, &read_npy(&dir, "image_embedding.npy"), 1e-4);
+        let embedding = encoder.neck.forward(&b, &b.permute(&tokens, &[0, 3, 1, 2]).unwrap()).unwrap();
+        assert_close(&format!("{name} neck"), &embedding, &read_npy(dir, "image_embedding.npy"), TORCH_TOLERANCE);
     }
 
+    /// The whole model through the public API, as a caller uses it: `Segmenter::load` on the
+    /// imported checkpoint, `encode_preprocessed` on the reference's own normalised input (an
+    /// image exactly the input size, so prompts are not rescaled), and `decode` of the box with
+    /// and without multimask, against the reference's embedding, low-res logits and IoU.
+    fn check_segmenter_against_torch_fixture(name: &str, dir: &std::path::Path, checkpoint: &Checkpoint, backend: CpuBackend) {
+        let config = checkpoint.config();
+        let s = config.image_size;
+        let segmenter = Segmenter::load(backend, checkpoint, config).unwrap();
+        let input = read_npy(dir, "input.npy");
+        assert_eq!(input.shape, vec![1, 3, s, s], "{name}: input.npy");
+        let encoded = segmenter.encode_preprocessed(&input.data, Geometry::new(s, s, s)).unwrap();
+        assert_close(&format!("{name} image embedding"), &encoded.embedding, &read_npy(dir, "image_embedding.npy"), TORCH_TOLERANCE);
+
+        let corners = read_npy(dir, "box.npy").data;
+        let prompts = Prompts::with_box(BoxPrompt { x0: corners[0], y0: corners[1], x1: corners[2], y1: corners[3] });
+        for (multimask, suffix) in [(false, ""), (true, "_multi")] {
+            let segmentation = segmenter.decode(&encoded, &prompts, multimask).unwrap();
+            let want = read_npy(dir, &format!("low_res_logits{suffix}.npy"));
+            let k = segmentation.iou.len();
+            let side = ((segmentation.low_res_logits.len() / k.max(1)) as f64).sqrt() as usize;
+            let logits = CpuTensor { shape: vec![1, k, side, side], data: segmentation.low_res_logits.clone() };
+            assert_close(&format!("{name} low-res logits{suffix}"), &logits, &want, TORCH_TOLERANCE);
+
+            let want_iou = read_npy(dir, &format!("iou{suffix}.npy"));
+            assert_eq!(want_iou.shape, vec![1, k], "{name} iou{suffix}: shape");
+            let iou_diff = max_abs_diff(&segmentation.iou, &want_iou.data);
+            eprintln!("{name} iou{suffix}: ours {:?}, torch {:?}, max |diff| = {iou_diff:e}", segmentation.iou, want_iou.data);
+            let iou_scale = want_iou.data.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            assert!(iou_diff <= TORCH_TOLERANCE * iou_scale, "{name} iou{suffix}: max |diff| {iou_diff}");
+        }
+    }
+
+    const TINY_FIXTURE_COMMAND: &str = "python3 tests/fixtures/gen_torch_fixtures.py --skip-vit-b";
+    const VIT_B_FIXTURE_COMMAND: &str = "python3 tests/fixtures/gen_torch_fixtures.py --vit-b-only";
+
+    /// The committed tiny SAM: its architecture is inferred from the .pth as the generator built
+    /// it (window 3 not tiling the 8x8 grid, block 1 global, out_chans 32 ≠ width 64).
     #[test]
     fn vit_matches_torch_tiny_fixture() {
-        check_against_torch_fixture("tiny_sam");
+        let (dir, checkpoint) = open_fixture_checkpoint("tiny_sam", TINY_FIXTURE_COMMAND);
+        let expected = VitConfig { patch_size: 16, embed_dim: 64, depth: 2, num_heads: 4, mlp_ratio: 4, window_size: 3, global_attn_indexes: vec![1], out_chans: 32 };
+        assert_eq!(checkpoint.config().encoder, EncoderConfig::Vit(expected));
+        assert_eq!((checkpoint.config().image_size, checkpoint.config().prompt_embed_dim), (128, 32));
+        check_vit_against_torch_fixture("tiny_sam", &dir, &checkpoint);
     }
 
-    /// Random-weight ViT-B at 1024 (the generator's `sam_vit_b/`, too large to commit).
     #[test]
-    #[ignore = "needs tests/fixtures/sam_vit_b from gen_torch_fixtures.py and minutes of CPU"]
+    fn sam_matches_torch_tiny_fixture() {
+        let (dir, checkpoint) = open_fixture_checkpoint("tiny_sam", TINY_FIXTURE_COMMAND);
+        check_segmenter_against_torch_fixture("tiny_sam", &dir, &checkpoint, backend());
+    }
+
+    /// Random-weight ViT-B at 1024 (the generator's `sam_vit_b/`, ~530 MB, git-ignored): every
+    /// block, the embedding, then the whole `Segmenter` on the box.
+    #[test]
+    #[ignore = "needs tests/fixtures/sam_vit_b (python3 tests/fixtures/gen_torch_fixtures.py --vit-b-only) and minutes of CPU"]
     fn vit_b_matches_torch_fixture() {
-        check_against_torch_fixture("sam_vit_b");
+        let (dir, checkpoint) = open_fixture_checkpoint("sam_vit_b", VIT_B_FIXTURE_COMMAND);
+        assert_eq!(checkpoint.config().encoder, EncoderConfig::Vit(VitConfig::sam_b()));
+        assert_eq!(checkpoint.config().image_size, 1024);
+        check_vit_against_torch_fixture("sam_vit_b", &dir, &checkpoint);
+        check_segmenter_against_torch_fixture("sam_vit_b", &dir, &checkpoint, CpuBackend::new(0).expect("cpu backend"));
     }
 }
