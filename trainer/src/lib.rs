@@ -3,7 +3,7 @@
 //!
 //! Layout: `cli` parses, `commands::*` run one subcommand each, `eval` holds the evaluation
 //! protocol independent of any model, `image_io`/`dicom` turn files into the protocol's 3-channel
-//! uint8 image, `json` reads the reference's small JSON files, `runtime` holds process facts
+//! uint8 image, `runtime` holds process facts
 //! (model path, peak memory).
 
 pub mod cli;
@@ -11,5 +11,4 @@ pub mod commands;
 pub mod dicom;
 pub mod eval;
 pub mod image_io;
-pub mod json;
 pub mod runtime;

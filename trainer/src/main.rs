@@ -1,10 +1,6 @@
-//! `minisam`: the offline tools of QLoRA-MiniSAM (pack, inspect, segment, eval); the work is in
-//! the library (`lib.rs`), this file only reports errors.
-//!
-//! Layout: `cli` parses, `commands::*` run one subcommand each, `eval` holds the evaluation
-//! protocol independent of any model, `image_io`/`dicom` turn files into the protocol's 3-channel
-//! uint8 image, `json` reads the reference's small JSON files, `runtime` holds process facts
-//! (model path, peak memory). Every failure reaches `main` as an error chain, printed once.
+//! `minisam`: the offline tools of QLoRA-MiniSAM (pack, inspect, segment, eval). The work is in
+//! the library (`lib.rs` lists its modules); every failure reaches `main` as an error chain,
+//! printed once.
 
 use std::process::ExitCode;
 

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::image_io::LabelMask;
-use crate::json;
 
 /// Targets with fewer pixels than this are skipped (protocol "Targets").
 pub const MIN_TARGET_PIXELS: usize = 16;
@@ -179,7 +178,7 @@ impl JitterBoxes {
 
     /// Parses `[{"set", "image", "label", "box_xyxy": [x0, y0, x1, y1]}, ...]`.
     pub fn parse(text: &str, source: &Path) -> Result<Self> {
-        let v = json::parse(text)?;
+        let v: serde_json::Value = serde_json::from_str(text)?;
         let items = v
             .as_array()
             .context("expected a JSON array of {set, image, label, box_xyxy}")?;
@@ -251,8 +250,8 @@ pub fn label_names(set: &SetDir) -> Result<BTreeMap<u16, String>> {
     }
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let v = json::parse(&text).with_context(|| format!("reading {}", path.display()))?;
-    let json::Value::Object(members) = v else {
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
+    let serde_json::Value::Object(members) = v else {
         bail!(
             "{}: expected an object {{\"label\": \"name\"}}",
             path.display()
