@@ -5,4 +5,5 @@ pub mod mask_decoder;
 pub mod prompt_encoder;
 pub mod tiny_vit;
 pub mod vit;
+pub(crate) mod window;
 pub mod transformer;

@@ -26,6 +26,7 @@
 use crate::backend::{Activation, AttentionBias, Backend, Conv2dSpec};
 use crate::config::TinyVitConfig;
 use crate::nets::common::{Conv2d, Linear, Norm};
+use crate::nets::window::{nhwc_dims, WindowGrid};
 use crate::store::WeightStore;
 use crate::{Error, Result};
 
@@ -369,66 +370,6 @@ impl<B: Backend> TinyVitBlock<B> {
         let image = nhwc_to_nchw(b, x)?;
         let image = self.local_conv.forward(b, &image, Activation::None)?;
         nchw_to_nhwc(b, &image)
-    }
-}
-
-/// `(B, H, W, C)` of an NHWC tensor.
-fn nhwc_dims<B: Backend>(b: &B, x: &B::Tensor) -> Result<(usize, usize, usize, usize)> {
-    match *b.shape(x) {
-        [n, h, w, c] => Ok((n, h, w, c)),
-        ref other => Err(Error::Shape(format!("TinyViT block expects [B, H, W, C], got {other:?}"))),
-    }
-}
-
-/// How an `H x W` image is tiled by `window x window` windows after bottom/right zero padding.
-struct WindowGrid {
-    batch: usize,
-    height: usize,
-    width: usize,
-    window: usize,
-    windows_down: usize,
-    windows_across: usize,
-}
-
-impl WindowGrid {
-    fn new(batch: usize, height: usize, width: usize, window: usize) -> Self {
-        Self { batch, height, width, window, windows_down: height.div_ceil(window), windows_across: width.div_ceil(window) }
-    }
-
-    fn padded_height(&self) -> usize {
-        self.windows_down * self.window
-    }
-
-    fn padded_width(&self) -> usize {
-        self.windows_across * self.window
-    }
-
-    /// `x: [B, H, W, C]` → `[B·nH·nW, ws·ws, C]`, windows in row-major order (as the reference's
-    /// `view(B, nH, ws, nW, ws, C).transpose(2, 3)`).
-    fn partition<B: Backend>(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        let channels = b.shape(x)[3];
-        let (pad_h, pad_w) = (self.padded_height() - self.height, self.padded_width() - self.width);
-        // An owned copy either way: the caller still needs `x` for the residual.
-        let padded = if pad_h > 0 || pad_w > 0 { b.pad_hw(x, pad_h, pad_w)? } else { b.permute(x, &[0, 1, 2, 3])? };
-        let ws = self.window;
-        let grid = b.reshape(padded, &[self.batch, self.windows_down, ws, self.windows_across, ws, channels])?;
-        let grouped = b.permute(&grid, &[0, 1, 3, 2, 4, 5])?;
-        b.reshape(grouped, &[self.batch * self.windows_down * self.windows_across, ws * ws, channels])
-    }
-
-    /// Inverse of [`Self::partition`]: `[B·nH·nW, ws·ws, C]` → `[B, H, W, C]`, padding dropped.
-    fn merge<B: Backend>(&self, b: &B, windows: B::Tensor) -> Result<B::Tensor> {
-        let channels = b.shape(&windows)[2];
-        let ws = self.window;
-        let grid = b.reshape(windows, &[self.batch, self.windows_down, self.windows_across, ws, ws, channels])?;
-        let rows = b.permute(&grid, &[0, 1, 3, 2, 4, 5])?;
-        let padded = b.reshape(rows, &[self.batch, self.padded_height(), self.padded_width(), channels])?;
-        let cropped = if self.padded_height() > self.height { b.narrow(&padded, 1, 0, self.height)? } else { padded };
-        if self.padded_width() > self.width {
-            b.narrow(&cropped, 2, 0, self.width)
-        } else {
-            Ok(cropped)
-        }
     }
 }
 
@@ -1063,11 +1004,4 @@ mod tests {
         }
     }
 
-    #[test]
-    fn tiny_vit_window_grid_padding() {
-        let grid = WindowGrid::new(1, 64, 64, 14);
-        assert_eq!((grid.windows_down, grid.padded_height()), (5, 70));
-        let grid = WindowGrid::new(1, 128, 128, 7);
-        assert_eq!((grid.windows_across, grid.padded_width()), (19, 133));
-    }
 }

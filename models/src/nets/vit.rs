@@ -23,6 +23,7 @@
 use crate::backend::{Activation, AttentionBias, Backend, Conv2dSpec};
 use crate::config::VitConfig;
 use crate::nets::common::{Conv2d, Linear, Norm};
+use crate::nets::window::{nhwc_dims, WindowGrid};
 use crate::store::WeightStore;
 use crate::{Error, Result};
 
@@ -172,7 +173,7 @@ impl<B: Backend> VitBlock<B> {
     fn windowed_attention(&self, b: &B, x: B::Tensor, window: usize) -> Result<B::Tensor> {
         let (batch, height, width, _) = nhwc_dims(b, &x)?;
         let grid = WindowGrid::new(batch, height, width, window);
-        let windows = grid.partition(b, x)?;
+        let windows = grid.partition(b, &x)?;
         let attended = self.attn.forward(b, &windows, (window, window))?;
         grid.merge(b, attended)
     }
@@ -192,67 +193,6 @@ fn block_span(cfg: &VitConfig, index: usize) -> AttentionSpan {
         AttentionSpan::Global
     } else {
         AttentionSpan::Windowed(cfg.window_size)
-    }
-}
-
-/// `(B, H, W, C)` of an NHWC tensor (or `(BH, h, w, D)` of a per-head query grid).
-fn nhwc_dims<B: Backend>(b: &B, x: &B::Tensor) -> Result<(usize, usize, usize, usize)> {
-    match *b.shape(x) {
-        [n, h, w, c] => Ok((n, h, w, c)),
-        ref other => Err(Error::Shape(format!("SAM ViT expects a 4-D [B, H, W, C] tensor, got {other:?}"))),
-    }
-}
-
-/// How an `H x W` grid is tiled by `window x window` windows after bottom/right zero padding
-/// (the reference's `window_partition` / `window_unpartition`).
-struct WindowGrid {
-    batch: usize,
-    height: usize,
-    width: usize,
-    window: usize,
-    windows_down: usize,
-    windows_across: usize,
-}
-
-impl WindowGrid {
-    /// The tiling of a `[batch, height, width, C]` grid by `window x window` windows.
-    fn new(batch: usize, height: usize, width: usize, window: usize) -> Self {
-        Self { batch, height, width, window, windows_down: height.div_ceil(window), windows_across: width.div_ceil(window) }
-    }
-
-    fn padded_height(&self) -> usize {
-        self.windows_down * self.window
-    }
-
-    fn padded_width(&self) -> usize {
-        self.windows_across * self.window
-    }
-
-    /// `x: [B, H, W, C]` → `[B·nH·nW, ws·ws, C]`, windows in row-major order, as the reference's
-    /// `view(B, nH, ws, nW, ws, C).permute(0, 1, 3, 2, 4, 5)`.
-    fn partition<B: Backend>(&self, b: &B, x: B::Tensor) -> Result<B::Tensor> {
-        let channels = b.shape(&x)[3];
-        let (pad_h, pad_w) = (self.padded_height() - self.height, self.padded_width() - self.width);
-        let padded = if pad_h > 0 || pad_w > 0 { b.pad_hw(&x, pad_h, pad_w)? } else { x };
-        let ws = self.window;
-        let tiles = b.reshape(padded, &[self.batch, self.windows_down, ws, self.windows_across, ws, channels])?;
-        let grouped = b.permute(&tiles, &[0, 1, 3, 2, 4, 5])?;
-        b.reshape(grouped, &[self.batch * self.windows_down * self.windows_across, ws * ws, channels])
-    }
-
-    /// Inverse of [`Self::partition`]: `[B·nH·nW, ws·ws, C]` → `[B, H, W, C]`, padding dropped.
-    fn merge<B: Backend>(&self, b: &B, windows: B::Tensor) -> Result<B::Tensor> {
-        let channels = b.shape(&windows)[2];
-        let ws = self.window;
-        let tiles = b.reshape(windows, &[self.batch, self.windows_down, self.windows_across, ws, ws, channels])?;
-        let rows = b.permute(&tiles, &[0, 1, 3, 2, 4, 5])?;
-        let padded = b.reshape(rows, &[self.batch, self.padded_height(), self.padded_width(), channels])?;
-        let cropped = if self.padded_height() > self.height { b.narrow(&padded, 1, 0, self.height)? } else { padded };
-        if self.padded_width() > self.width {
-            b.narrow(&cropped, 2, 0, self.width)
-        } else {
-            Ok(cropped)
-        }
     }
 }
 
@@ -624,7 +564,7 @@ mod tests {
         let attn = RelPosAttention::load(&b, &store, "t", dim, heads, window).unwrap();
         let x = random_host(side * side * dim, 8);
         let tiles = WindowGrid::new(1, side, side, window);
-        let windows = tiles.partition(&b, b.from_host(&[1, side, side, dim], &x).unwrap()).unwrap();
+        let windows = tiles.partition(&b, &b.from_host(&[1, side, side, dim], &x).unwrap()).unwrap();
         let windowed = tiles.merge(&b, attn.forward(&b, &windows, (window, window)).unwrap()).unwrap();
         assert_eq!(windowed.shape, vec![1, side, side, dim]);
 
