@@ -13,6 +13,8 @@ import time
 parser = argparse.ArgumentParser()
 parser.add_argument("--threads", type=int, default=2)
 parser.add_argument("--runs", type=int, default=5)
+parser.add_argument("--bf16", action="store_true",
+                    help="also time bf16 (minutes per frame on CPUs without native bf16; meant for GPUs)")
 args = parser.parse_args()
 
 try:
@@ -33,7 +35,8 @@ def median(xs):
 
 
 with torch.inference_mode():
-    for dtype_name, dtype in [("f32", torch.float32), ("bf16", torch.bfloat16)]:
+    dtypes = [("f32", torch.float32)] + ([("bf16", torch.bfloat16)] if args.bf16 else [])
+    for dtype_name, dtype in dtypes:
         model = sam.to(dtype)
         x = image.to(dtype)
         emb = model.image_encoder(x)  # warm-up
