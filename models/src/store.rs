@@ -3,6 +3,7 @@
 //! canonical name (the `segment_anything` naming, with BatchNorms already folded into the
 //! preceding convolution — see `crate::import`).
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -126,5 +127,32 @@ pub trait WeightStore: Send + Sync {
             return Err(Error::Shape(format!("tensor {name}: expected shape {shape:?}, found {:?}", t.shape)));
         }
         Ok(t)
+    }
+}
+
+/// Named f32 tensors held in memory: weights built in code (tests, adapters under training, small
+/// derived parameters) rather than read from a file. The map is public so builders can fill it.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryStore(pub BTreeMap<String, (Vec<usize>, Vec<f32>)>);
+
+impl MemoryStore {
+    pub fn new(tensors: Vec<(String, Vec<usize>, Vec<f32>)>) -> Self {
+        Self(tensors.into_iter().map(|(name, shape, values)| (name, (shape, values))).collect())
+    }
+}
+
+impl WeightStore for MemoryStore {
+    fn get(&self, name: &str) -> Result<StoredTensor> {
+        let (shape, values) = self.0.get(name).ok_or_else(|| Error::MissingTensor(name.to_string()))?;
+        if shape.iter().product::<usize>() != values.len() {
+            return Err(Error::Shape(format!("tensor {name}: shape {shape:?} but {} values", values.len())));
+        }
+        Ok(StoredTensor { name: name.to_string(), shape: shape.clone(), data: TensorData::F32(values.as_slice().into()) })
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+    fn names(&self) -> Vec<String> {
+        self.0.keys().cloned().collect()
     }
 }

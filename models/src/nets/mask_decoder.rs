@@ -339,7 +339,7 @@ mod tests {
         use super::super::*;
         use crate::config::{DecoderConfig, EncoderConfig, Preprocess, VitConfig};
         use crate::cpu::CpuBackend;
-        use crate::store::{StoredTensor, TensorData};
+        use crate::store::MemoryStore as MapStore;
         use rand::{Rng, SeedableRng};
         use std::collections::BTreeMap;
 
@@ -347,22 +347,13 @@ mod tests {
         const GRID: usize = 2;
         const N_SPARSE: usize = 2;
 
-        struct MapStore(BTreeMap<String, (Vec<usize>, Vec<f32>)>);
-
-        impl WeightStore for MapStore {
-            fn get(&self, name: &str) -> Result<StoredTensor> {
-                let (shape, v) = self.0.get(name).ok_or_else(|| Error::MissingTensor(name.into()))?;
-                Ok(StoredTensor { name: name.into(), shape: shape.clone(), data: TensorData::F32(v.clone().into()) })
-            }
-            fn contains(&self, name: &str) -> bool {
-                self.0.contains_key(name)
-            }
-            fn names(&self) -> Vec<String> {
-                self.0.keys().cloned().collect()
-            }
+        /// Random filling and f64 read-back of the shared in-memory store.
+        trait Fill {
+            fn put(&mut self, rng: &mut rand_chacha::ChaCha8Rng, name: String, shape: &[usize]);
+            fn values(&self, name: &str) -> Vec<f64>;
         }
 
-        impl MapStore {
+        impl Fill for MapStore {
             fn put(&mut self, rng: &mut rand_chacha::ChaCha8Rng, name: String, shape: &[usize]) {
                 let n = shape.iter().product();
                 self.0.insert(name, (shape.to_vec(), (0..n).map(|_| rng.gen_range(-0.5f32..0.5)).collect()));

@@ -305,25 +305,10 @@ fn drop_unit_batch<B: Backend>(b: &B, x: B::Tensor) -> Result<B::Tensor> {
 mod tests {
     use super::*;
     use crate::cpu::CpuBackend;
-    use crate::store::{StoredTensor, TensorData};
+    use crate::store::MemoryStore as MapStore;
     use rand::{Rng, SeedableRng};
     use std::collections::BTreeMap;
 
-    /// Random named f32 tensors.
-    struct MapStore(BTreeMap<String, (Vec<usize>, Vec<f32>)>);
-
-    impl WeightStore for MapStore {
-        fn get(&self, name: &str) -> Result<StoredTensor> {
-            let (shape, v) = self.0.get(name).ok_or_else(|| Error::MissingTensor(name.into()))?;
-            Ok(StoredTensor { name: name.into(), shape: shape.clone(), data: TensorData::F32(v.clone().into()) })
-        }
-        fn contains(&self, name: &str) -> bool {
-            self.0.contains_key(name)
-        }
-        fn names(&self) -> Vec<String> {
-            self.0.keys().cloned().collect()
-        }
-    }
 
     fn random(rng: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<f32> {
         (0..n).map(|_| rng.gen_range(-0.5f32..0.5)).collect()

@@ -390,9 +390,7 @@ impl<B: Backend> Neck<B> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::path::PathBuf;
-    use std::sync::Arc;
 
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
@@ -405,31 +403,10 @@ mod tests {
     use crate::pipeline::Geometry;
     use crate::prompt::{BoxPrompt, Prompts};
     use crate::sam::Segmenter;
-    use crate::store::{StoredTensor, TensorData};
+    use crate::store::MemoryStore;
 
     type NamedTensors = Vec<(String, Vec<usize>, Vec<f32>)>;
 
-    /// Named f32 tensors, for weights that are not a whole SAM checkpoint.
-    struct MapStore(BTreeMap<String, (Vec<usize>, Arc<[f32]>)>);
-
-    impl MapStore {
-        fn new(tensors: NamedTensors) -> Self {
-            Self(tensors.into_iter().map(|(name, shape, values)| (name, (shape, Arc::from(values)))).collect())
-        }
-    }
-
-    impl WeightStore for MapStore {
-        fn get(&self, name: &str) -> Result<StoredTensor> {
-            let (shape, values) = self.0.get(name).ok_or_else(|| Error::MissingTensor(name.to_string()))?;
-            Ok(StoredTensor { name: name.to_string(), shape: shape.clone(), data: TensorData::F32(values.clone()) })
-        }
-        fn contains(&self, name: &str) -> bool {
-            self.0.contains_key(name)
-        }
-        fn names(&self) -> Vec<String> {
-            self.0.keys().cloned().collect()
-        }
-    }
 
     /// The brief's tiny ViT: width 64, 2 blocks of 4 heads, window 4, block 1 global.
     fn tiny_config() -> VitConfig {
@@ -560,7 +537,7 @@ mod tests {
             ("t.rel_pos_h", vec![2 * window - 1, head_dim]),
             ("t.rel_pos_w", vec![2 * window - 1, head_dim]),
         ];
-        let store = MapStore::new(shapes.iter().map(|(n, s)| (n.to_string(), s.clone(), random_values(n, s, &mut rng))).collect());
+        let store = MemoryStore::new(shapes.iter().map(|(n, s)| (n.to_string(), s.clone(), random_values(n, s, &mut rng))).collect());
         let attn = RelPosAttention::load(&b, &store, "t", dim, heads, window).unwrap();
         let x = random_host(side * side * dim, 8);
         let tiles = WindowGrid::new(1, side, side, window);
@@ -593,7 +570,7 @@ mod tests {
         let windowed_cfg = VitConfig { window_size: 8, global_attn_indexes: vec![], ..tiny_config() };
         let global_cfg = VitConfig { global_attn_indexes: vec![0, 1], ..windowed_cfg.clone() };
         let tensors = random_sam_tensors(&windowed_cfg, TINY_IMAGE, 11);
-        let store = MapStore::new(tensors.into_iter().filter(|(n, _, _)| n.starts_with("image_encoder.")).collect());
+        let store = MemoryStore::new(tensors.into_iter().filter(|(n, _, _)| n.starts_with("image_encoder.")).collect());
         let image = b.from_host(&[1, 3, TINY_IMAGE, TINY_IMAGE], &random_host(3 * TINY_IMAGE * TINY_IMAGE, 12)).unwrap();
         let windowed = VitEncoder::load(&b, &store, &windowed_cfg, TINY_IMAGE).unwrap().forward(&b, &image).unwrap();
         let global = VitEncoder::load(&b, &store, &global_cfg, TINY_IMAGE).unwrap().forward(&b, &image).unwrap();
@@ -624,7 +601,7 @@ mod tests {
     fn vit_refuses_a_grid_other_than_the_stored_position_embedding() {
         let b = backend();
         let cfg = tiny_config();
-        let store = MapStore::new(random_sam_tensors(&cfg, TINY_IMAGE, 31));
+        let store = MemoryStore::new(random_sam_tensors(&cfg, TINY_IMAGE, 31));
         let refused = VitEncoder::load(&b, &store, &cfg, 2 * TINY_IMAGE);
         assert!(matches!(&refused, Err(Error::Shape(m)) if m.contains("does not interpolate")), "{:?}", refused.err());
         let encoder = VitEncoder::load(&b, &store, &cfg, TINY_IMAGE).unwrap();
