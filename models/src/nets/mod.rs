@@ -2,6 +2,7 @@
 
 pub mod common;
 pub mod mask_decoder;
+pub(crate) mod neck;
 pub mod prompt_encoder;
 pub mod tiny_vit;
 pub mod vit;

@@ -26,6 +26,7 @@
 use crate::backend::{Activation, AttentionBias, Backend, Conv2dSpec};
 use crate::config::TinyVitConfig;
 use crate::nets::common::{Conv2d, Linear, Norm};
+use crate::nets::neck::Neck;
 use crate::nets::window::{nhwc_dims, WindowGrid};
 use crate::store::WeightStore;
 use crate::{Error, Result};
@@ -35,7 +36,6 @@ const PREFIX: &str = "image_encoder";
 /// `torch.nn.LayerNorm` default, used by `attn.norm` and `mlp.norm`.
 const BLOCK_NORM_EPS: f32 = 1e-5;
 /// SAM's `LayerNorm2d` default, used by `neck.1` and `neck.3`.
-const NECK_NORM_EPS: f32 = 1e-6;
 /// Output widths for which the reference `PatchMerging` keeps the resolution (stride 1).
 const NON_DOWNSAMPLING_MERGE_DIMS: [usize; 3] = [320, 448, 576];
 /// Kernel of the depthwise convolutions in MBConv and PatchMerging.
@@ -510,38 +510,6 @@ impl<B: Backend> Mlp<B> {
         let h = self.norm.forward(b, x)?;
         let h = self.fc1.forward(b, &h, Activation::Gelu)?;
         self.fc2.forward(b, &h, Activation::None)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Neck
-// ---------------------------------------------------------------------------------------------
-
-/// SAM's neck: 1x1 conv (no bias) → LayerNorm2d → 3x3 conv pad 1 (no bias) → LayerNorm2d.
-struct Neck<B: Backend> {
-    reduce: Conv2d<B>,
-    reduce_norm: Norm<B>,
-    mix: Conv2d<B>,
-    mix_norm: Norm<B>,
-}
-
-impl<B: Backend> Neck<B> {
-    fn load(b: &B, store: &dyn WeightStore, in_dim: usize, out_dim: usize) -> Result<Self> {
-        let prefix = format!("{PREFIX}.neck");
-        Ok(Self {
-            reduce: Conv2d::load(b, store, &format!("{prefix}.0"), in_dim, out_dim, 1, conv_spec(1, 0, 1))?,
-            reduce_norm: Norm::load(b, store, &format!("{prefix}.1"), out_dim, NECK_NORM_EPS)?,
-            mix: Conv2d::load(b, store, &format!("{prefix}.2"), out_dim, out_dim, 3, conv_spec(1, 1, 1))?,
-            mix_norm: Norm::load(b, store, &format!("{prefix}.3"), out_dim, NECK_NORM_EPS)?,
-        })
-    }
-
-    /// `x: [B, C_last, 64, 64]` → `[B, out_chans, 64, 64]`.
-    fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        let h = self.reduce.forward(b, x, Activation::None)?;
-        let h = self.reduce_norm.forward_nchw(b, &h)?;
-        let h = self.mix.forward(b, &h, Activation::None)?;
-        self.mix_norm.forward_nchw(b, &h)
     }
 }
 

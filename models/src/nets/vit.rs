@@ -23,6 +23,7 @@
 use crate::backend::{Activation, AttentionBias, Backend, Conv2dSpec};
 use crate::config::VitConfig;
 use crate::nets::common::{Conv2d, Linear, Norm};
+use crate::nets::neck::Neck;
 use crate::nets::window::{nhwc_dims, WindowGrid};
 use crate::store::WeightStore;
 use crate::{Error, Result};
@@ -32,7 +33,6 @@ const PREFIX: &str = "image_encoder";
 /// `build_sam` uses `partial(nn.LayerNorm, eps=1e-6)` in every block.
 const BLOCK_NORM_EPS: f32 = 1e-6;
 /// SAM's `LayerNorm2d` default, used by `neck.1` and `neck.3`.
-const NECK_NORM_EPS: f32 = 1e-6;
 /// Input channels of the patch embedding (RGB).
 const IMAGE_CHANNELS: usize = 3;
 
@@ -351,41 +351,6 @@ pub fn resize_rows_linear(table: &[f32], rows: usize, dim: usize, out_rows: usiz
         out.extend(lo.iter().zip(hi).map(|(&a, &c)| (1.0 - upper_weight) * a + upper_weight * c));
     }
     out
-}
-
-// ---------------------------------------------------------------------------------------------
-// Neck
-// ---------------------------------------------------------------------------------------------
-
-/// SAM's neck: 1x1 conv (no bias) → LayerNorm2d → 3x3 conv pad 1 (no bias) → LayerNorm2d.
-struct Neck<B: Backend> {
-    reduce: Conv2d<B>,
-    reduce_norm: Norm<B>,
-    mix: Conv2d<B>,
-    mix_norm: Norm<B>,
-}
-
-impl<B: Backend> Neck<B> {
-    /// Loads `neck.0` `[out, in, 1, 1]`, `neck.2` `[out, out, 3, 3]` and the two `[out]` norms.
-    fn load(b: &B, store: &dyn WeightStore, in_dim: usize, out_dim: usize) -> Result<Self> {
-        let prefix = format!("{PREFIX}.neck");
-        let pointwise = Conv2dSpec { stride: 1, padding: 0, groups: 1 };
-        let same_3x3 = Conv2dSpec { stride: 1, padding: 1, groups: 1 };
-        Ok(Self {
-            reduce: Conv2d::load(b, store, &format!("{prefix}.0"), in_dim, out_dim, 1, pointwise)?,
-            reduce_norm: Norm::load(b, store, &format!("{prefix}.1"), out_dim, NECK_NORM_EPS)?,
-            mix: Conv2d::load(b, store, &format!("{prefix}.2"), out_dim, out_dim, 3, same_3x3)?,
-            mix_norm: Norm::load(b, store, &format!("{prefix}.3"), out_dim, NECK_NORM_EPS)?,
-        })
-    }
-
-    /// `x: [B, C, G, G]` → `[B, out_chans, G, G]`.
-    fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        let h = self.reduce.forward(b, x, Activation::None)?;
-        let h = self.reduce_norm.forward_nchw(b, &h)?;
-        let h = self.mix.forward(b, &h, Activation::None)?;
-        self.mix_norm.forward_nchw(b, &h)
-    }
 }
 
 #[cfg(test)]
