@@ -8,20 +8,39 @@
 //! All work runs inside the backend's own rayon pool, so several backends (or a host
 //! application's own rayon work) do not fight over threads.
 
+use std::sync::Arc;
+
 use rayon::prelude::*;
 
 use minisam_kernels::attention::{self, Bias};
 use minisam_kernels::{activation, conv, gemm, norm, resize, MatrixRef};
 
 use crate::backend::{Activation, AttentionBias, Backend, Conv2dSpec};
+use crate::buffer_pool::BufferPool;
 use crate::store::{StoredTensor, TensorData};
 use crate::{Error, Result};
 
-/// A host tensor: row-major, contiguous.
-#[derive(Clone, Debug, PartialEq)]
+/// A host tensor: row-major, contiguous. Tensors made by a [`CpuBackend`] give their buffer back
+/// to its pool when dropped (see `crate::buffer_pool`).
+#[derive(Clone, Debug)]
 pub struct CpuTensor {
     pub shape: Vec<usize>,
     pub data: Vec<f32>,
+    recycle: Option<Arc<BufferPool>>,
+}
+
+impl PartialEq for CpuTensor {
+    fn eq(&self, other: &Self) -> bool {
+        self.shape == other.shape && self.data == other.data
+    }
+}
+
+impl Drop for CpuTensor {
+    fn drop(&mut self) {
+        if let Some(pool) = &self.recycle {
+            pool.give(std::mem::take(&mut self.data));
+        }
+    }
 }
 
 impl CpuTensor {
@@ -32,7 +51,7 @@ impl CpuTensor {
         if numel != data.len() {
             return Err(Error::Shape(format!("shape {shape:?} needs {numel} elements, got {}", data.len())));
         }
-        Ok(Self { shape, data })
+        Ok(Self { shape, data, recycle: None })
     }
 }
 
@@ -57,6 +76,7 @@ impl CpuWeight {
 /// The CPU backend; owns its thread pool.
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
+    buffers: Arc<BufferPool>,
 }
 
 impl CpuBackend {
@@ -68,7 +88,32 @@ impl CpuBackend {
             .thread_name(|i| format!("minisam-cpu-{i}"))
             .build()
             .map_err(|e| Error::Backend(format!("cannot start {threads} CPU threads: {e}")))?;
-        Ok(Self { pool })
+        Ok(Self { pool, buffers: Arc::default() })
+    }
+
+    /// Activation buffers that had to be allocated because the pool had none that fitted: after
+    /// the first frame of a given geometry this stops growing.
+    pub fn fresh_allocations(&self) -> usize {
+        self.buffers.fresh_allocations()
+    }
+
+    /// A zero-filled output buffer from the pool.
+    fn buffer(&self, len: usize) -> Vec<f32> {
+        self.buffers.take(len)
+    }
+
+    /// A pooled tensor, if `data` holds exactly the elements `shape` needs.
+    fn tensor(&self, shape: Vec<usize>, data: Vec<f32>) -> Result<CpuTensor> {
+        let mut t = CpuTensor::new(shape, data)?;
+        t.recycle = Some(self.buffers.clone());
+        Ok(t)
+    }
+
+    /// A pooled copy of `src`.
+    fn copy_of(&self, shape: &[usize], src: &[f32]) -> Result<CpuTensor> {
+        let mut data = self.buffer(src.len());
+        data.copy_from_slice(src);
+        self.tensor(shape.to_vec(), data)
     }
 
     /// How many threads the backend's pool runs.
@@ -137,19 +182,19 @@ fn expect_rank<'a>(op: &str, what: &str, shape: &'a [usize], rank: usize) -> Res
 
 /// `a + b` broadcasting `b` over the leading axes of `a` (`b`'s shape a suffix of `a`'s).
 // a: [.., s], b: [s] where s is any suffix of a's shape.
-fn add_broadcast(op: &str, a: &CpuTensor, b_shape: &[usize], b: &[f32]) -> Result<CpuTensor> {
+fn add_broadcast(be: &CpuBackend, op: &str, a: &CpuTensor, b_shape: &[usize], b: &[f32]) -> Result<CpuTensor> {
     if b_shape.len() > a.shape.len() || a.shape[a.shape.len() - b_shape.len()..] != *b_shape {
         return Err(Error::Shape(format!("{op}: shape {b_shape:?} is not a suffix of {:?}", a.shape)));
     }
-    let mut data = a.data.clone();
+    let mut out = be.copy_of(&a.shape, &a.data)?;
     if !b.is_empty() {
-        data.par_chunks_mut(b.len()).for_each(|chunk| {
+        out.data.par_chunks_mut(b.len()).for_each(|chunk| {
             for (x, &y) in chunk.iter_mut().zip(b) {
                 *x += y;
             }
         });
     }
-    Ok(CpuTensor { shape: a.shape.clone(), data })
+    Ok(out)
 }
 
 /// Row-major strides of `shape`.
@@ -164,7 +209,7 @@ fn strides(shape: &[usize]) -> Vec<usize> {
 
 /// Materialised axis permutation: output axis `i` is input axis `perm[i]`.
 // t: any rank r >= 1, perm: a permutation of 0..r.
-fn permute_tensor(t: &CpuTensor, perm: &[usize]) -> Result<CpuTensor> {
+fn permute_tensor(be: &CpuBackend, t: &CpuTensor, perm: &[usize]) -> Result<CpuTensor> {
     let rank = t.shape.len();
     let mut seen = vec![false; rank];
     if perm.len() != rank || perm.iter().any(|&p| p >= rank || std::mem::replace(&mut seen[p], true)) {
@@ -174,10 +219,10 @@ fn permute_tensor(t: &CpuTensor, perm: &[usize]) -> Result<CpuTensor> {
     let in_strides = strides(&t.shape);
     // Input stride of each output axis.
     let src_strides: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
-    let mut data = vec![0.0f32; t.data.len()];
-    if rank == 0 || data.is_empty() {
-        return CpuTensor::new(out_shape, t.data.clone());
+    if rank == 0 || t.data.is_empty() {
+        return be.copy_of(&out_shape, &t.data);
     }
+    let mut data = be.buffer(t.data.len());
     let inner = out_shape[rank - 1];
     let inner_stride = src_strides[rank - 1];
     data.par_chunks_mut(inner).enumerate().for_each(|(row, dst)| {
@@ -196,7 +241,7 @@ fn permute_tensor(t: &CpuTensor, perm: &[usize]) -> Result<CpuTensor> {
             }
         }
     });
-    CpuTensor::new(out_shape, data)
+    be.tensor(out_shape, data)
 }
 
 /// Maps the networks' attention bias onto the kernel's, checking its shapes.
@@ -249,7 +294,11 @@ impl Backend for CpuBackend {
     }
 
     fn from_host(&self, shape: &[usize], data: &[f32]) -> Result<CpuTensor> {
-        CpuTensor::new(shape.to_vec(), data.to_vec())
+        let numel: usize = shape.iter().product();
+        if numel != data.len() {
+            return Err(Error::Shape(format!("from_host: shape {shape:?} needs {numel} elements, got {}", data.len())));
+        }
+        self.copy_of(shape, data)
     }
 
     fn to_host(&self, t: &CpuTensor) -> Result<Vec<f32>> {
@@ -261,16 +310,19 @@ impl Backend for CpuBackend {
     }
 
     fn tensor_from_vector(&self, v: &CpuTensor) -> Result<CpuTensor> {
-        Ok(v.clone())
+        self.copy_of(&v.shape, &v.data)
     }
 
-    fn reshape(&self, t: CpuTensor, shape: &[usize]) -> Result<CpuTensor> {
-        let from = t.shape.clone();
-        CpuTensor::new(shape.to_vec(), t.data).map_err(|_| Error::Shape(format!("reshape: cannot view {from:?} as {shape:?}")))
+    fn reshape(&self, mut t: CpuTensor, shape: &[usize]) -> Result<CpuTensor> {
+        if shape.iter().product::<usize>() != t.data.len() {
+            return Err(Error::Shape(format!("reshape: cannot view {:?} as {shape:?}", t.shape)));
+        }
+        t.shape = shape.to_vec();
+        Ok(t)
     }
 
     fn permute(&self, t: &CpuTensor, perm: &[usize]) -> Result<CpuTensor> {
-        self.run(|| permute_tensor(t, perm))
+        self.run(|| permute_tensor(self, t, perm))
     }
 
     fn narrow(&self, t: &CpuTensor, axis: usize, start: usize, len: usize) -> Result<CpuTensor> {
@@ -284,12 +336,14 @@ impl Backend for CpuBackend {
         let inner: usize = t.shape[axis + 1..].iter().product();
         let mut shape = t.shape.clone();
         shape[axis] = len;
-        let data: Vec<f32> = if inner == 0 || dim == 0 {
-            Vec::new()
-        } else {
-            t.data.chunks_exact(dim * inner).flat_map(|outer| &outer[start * inner..(start + len) * inner]).copied().collect()
-        };
-        CpuTensor::new(shape, data)
+        let mut data = self.buffer(shape.iter().product());
+        if inner != 0 && dim != 0 && len != 0 {
+            let piece = len * inner;
+            for (dst, outer) in data.chunks_exact_mut(piece).zip(t.data.chunks_exact(dim * inner)) {
+                dst.copy_from_slice(&outer[start * inner..(start + len) * inner]);
+            }
+        }
+        self.tensor(shape, data)
     }
 
     fn concat(&self, ts: &[&CpuTensor], axis: usize) -> Result<CpuTensor> {
@@ -307,28 +361,30 @@ impl Backend for CpuBackend {
         let inner: usize = first.shape[axis + 1..].iter().product();
         let mut shape = first.shape.clone();
         shape[axis] = ts.iter().map(|t| t.shape[axis]).sum();
-        let mut data = Vec::with_capacity(shape.iter().product());
+        let mut data = self.buffer(shape.iter().product());
+        let mut at = 0;
         for o in 0..outer {
             for t in ts {
                 let chunk = t.shape[axis] * inner;
-                data.extend_from_slice(&t.data[o * chunk..(o + 1) * chunk]);
+                data[at..at + chunk].copy_from_slice(&t.data[o * chunk..(o + 1) * chunk]);
+                at += chunk;
             }
         }
-        CpuTensor::new(shape, data)
+        self.tensor(shape, data)
     }
 
     fn pad_hw(&self, t: &CpuTensor, pad_h: usize, pad_w: usize) -> Result<CpuTensor> {
         let s = expect_rank("pad_hw", "input", &t.shape, 4)?;
         let (b, h, w, c) = (s[0], s[1], s[2], s[3]);
         let (oh, ow) = (h + pad_h, w + pad_w);
-        let mut data = vec![0.0f32; b * oh * ow * c];
+        let mut data = self.buffer(b * oh * ow * c);
         for bi in 0..b {
             for y in 0..h {
                 let src = &t.data[((bi * h + y) * w) * c..][..w * c];
                 data[((bi * oh + y) * ow) * c..][..w * c].copy_from_slice(src);
             }
         }
-        CpuTensor::new(vec![b, oh, ow, c], data)
+        self.tensor(vec![b, oh, ow, c], data)
     }
 
     fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuTensor>, act: Activation) -> Result<CpuTensor> {
@@ -345,9 +401,9 @@ impl Backend for CpuBackend {
         }
         let mut shape = x.shape.clone();
         *shape.last_mut().unwrap() = n;
-        let mut out = vec![0.0f32; m * n];
+        let mut out = self.buffer(m * n);
         self.run(|| gemm::linear(&x.data, m, k, w.matrix(), n, bias.map(|b| &b.data[..]), kernel_activation(act), &mut out));
-        CpuTensor::new(shape, out)
+        self.tensor(shape, out)
     }
 
     fn matmul(&self, a: &CpuTensor, b: &CpuTensor, transpose_b: bool) -> Result<CpuTensor> {
@@ -358,9 +414,9 @@ impl Backend for CpuBackend {
         if sb[0] != batch || b_k != k {
             return Err(Error::Shape(format!("matmul: {sa:?} by {sb:?} (transpose_b = {transpose_b})")));
         }
-        let mut out = vec![0.0f32; batch * m * n];
+        let mut out = self.buffer(batch * m * n);
         self.run(|| gemm::matmul(&a.data, &b.data, batch, m, k, n, transpose_b, &mut out));
-        CpuTensor::new(vec![batch, m, n], out)
+        self.tensor(vec![batch, m, n], out)
     }
 
     fn conv2d(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuTensor>, spec: Conv2dSpec, act: Activation) -> Result<CpuTensor> {
@@ -379,12 +435,12 @@ impl Backend for CpuBackend {
             }
         }
         let (oh, ow) = (conv::output_size(h, kh, stride, padding), conv::output_size(wd, kw, stride, padding));
-        let mut out = vec![0.0f32; batch * c_out * oh * ow];
+        let mut out = self.buffer(batch * c_out * oh * ow);
         self.run(|| {
             let bias = bias.map(|b| &b.data[..]);
             conv::conv2d(&x.data, batch, c_in, h, wd, w.matrix(), c_out, kh, kw, bias, stride, padding, groups, kernel_activation(act), &mut out)
         });
-        CpuTensor::new(vec![batch, c_out, oh, ow], out)
+        self.tensor(vec![batch, c_out, oh, ow], out)
     }
 
     fn conv_transpose2d(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuTensor>, stride: usize) -> Result<CpuTensor> {
@@ -400,9 +456,9 @@ impl Backend for CpuBackend {
                 return Err(Error::Shape(format!("conv_transpose2d: bias {:?} is not [{c_out}]", b.shape)));
             }
         }
-        let mut out = vec![0.0f32; batch * c_out * h * k * wd * k];
+        let mut out = self.buffer(batch * c_out * h * k * wd * k);
         self.run(|| conv::conv_transpose2d(&x.data, batch, c_in, h, wd, w.matrix(), c_out, k, bias.map(|b| &b.data[..]), &mut out));
-        CpuTensor::new(vec![batch, c_out, h * k, wd * k], out)
+        self.tensor(vec![batch, c_out, h * k, wd * k], out)
     }
 
     fn layer_norm(&self, x: &CpuTensor, gamma: &CpuTensor, beta: &CpuTensor, eps: f32) -> Result<CpuTensor> {
@@ -410,9 +466,9 @@ impl Backend for CpuBackend {
         if gamma.shape != [dim] || beta.shape != [dim] {
             return Err(Error::Shape(format!("layer_norm: input {:?}, gamma {:?}, beta {:?}", x.shape, gamma.shape, beta.shape)));
         }
-        let mut out = vec![0.0f32; x.data.len()];
+        let mut out = self.buffer(x.data.len());
         self.run(|| norm::layer_norm(&x.data, rows, dim, &gamma.data, &beta.data, eps, &mut out));
-        CpuTensor::new(x.shape.clone(), out)
+        self.tensor(x.shape.clone(), out)
     }
 
     fn layer_norm_nchw(&self, x: &CpuTensor, gamma: &CpuTensor, beta: &CpuTensor, eps: f32) -> Result<CpuTensor> {
@@ -421,29 +477,29 @@ impl Backend for CpuBackend {
         if gamma.shape != [channels] || beta.shape != [channels] {
             return Err(Error::Shape(format!("layer_norm_nchw: input {xs:?}, gamma {:?}, beta {:?}", gamma.shape, beta.shape)));
         }
-        let mut out = vec![0.0f32; x.data.len()];
+        let mut out = self.buffer(x.data.len());
         self.run(|| norm::layer_norm_channels(&x.data, batch, channels, spatial, &gamma.data, &beta.data, eps, &mut out));
-        CpuTensor::new(x.shape.clone(), out)
+        self.tensor(x.shape.clone(), out)
     }
 
     fn activation(&self, x: &CpuTensor, act: Activation) -> Result<CpuTensor> {
-        let mut data = x.data.clone();
-        self.run(|| data.par_chunks_mut(4096).for_each(|chunk| activation::apply(kernel_activation(act), chunk)));
-        CpuTensor::new(x.shape.clone(), data)
+        let mut out = self.copy_of(&x.shape, &x.data)?;
+        self.run(|| out.data.par_chunks_mut(4096).for_each(|chunk| activation::apply(kernel_activation(act), chunk)));
+        Ok(out)
     }
 
     fn add(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
-        self.run(|| add_broadcast("add", a, &b.shape, &b.data))
+        self.run(|| add_broadcast(self, "add", a, &b.shape, &b.data))
     }
 
     fn add_vector(&self, a: &CpuTensor, v: &CpuTensor) -> Result<CpuTensor> {
-        self.run(|| add_broadcast("add_vector", a, &v.shape, &v.data))
+        self.run(|| add_broadcast(self, "add_vector", a, &v.shape, &v.data))
     }
 
     fn scale(&self, a: &CpuTensor, s: f32) -> Result<CpuTensor> {
-        let mut data = a.data.clone();
-        self.run(|| data.par_iter_mut().for_each(|x| *x *= s));
-        CpuTensor::new(a.shape.clone(), data)
+        let mut out = self.copy_of(&a.shape, &a.data)?;
+        self.run(|| out.data.par_iter_mut().for_each(|x| *x *= s));
+        Ok(out)
     }
 
     fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, scale: f32, bias: AttentionBias<'_, Self>) -> Result<CpuTensor> {
@@ -455,9 +511,9 @@ impl Backend for CpuBackend {
             return Err(Error::Shape(format!("attention: q {qs:?}, k {ks:?}, v {:?}", v.shape)));
         }
         let bias = attention_bias(&bias, bh, nq, nk)?;
-        let mut out = vec![0.0f32; bh * nq * d];
+        let mut out = self.buffer(bh * nq * d);
         self.run(|| attention::attention(&q.data, &k.data, &v.data, bh, nq, nk, d, scale, bias, &mut out));
-        CpuTensor::new(q.shape.clone(), out)
+        self.tensor(q.shape.clone(), out)
     }
 
     fn resize_bilinear(&self, x: &CpuTensor, out_h: usize, out_w: usize) -> Result<CpuTensor> {
@@ -467,12 +523,12 @@ impl Backend for CpuBackend {
         }
         let (h, w) = (x.shape[rank - 2], x.shape[rank - 1]);
         let planes: usize = x.shape[..rank - 2].iter().product();
-        let mut out = vec![0.0f32; planes * out_h * out_w];
+        let mut out = self.buffer(planes * out_h * out_w);
         self.run(|| resize::bilinear(&x.data, planes, h, w, out_h, out_w, &mut out));
         let mut shape = x.shape.clone();
         shape[rank - 2] = out_h;
         shape[rank - 1] = out_w;
-        CpuTensor::new(shape, out)
+        self.tensor(shape, out)
     }
 }
 

@@ -2,6 +2,7 @@
 //! and one implementation of the networks over a [`backend::Backend`].
 
 pub mod backend;
+pub mod buffer_pool;
 pub mod config;
 pub mod cpu;
 pub mod error;

@@ -123,3 +123,36 @@ impl<B: Backend> Segmenter<B> {
         Ok(Segmentation { masks, iou, low_res_logits })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::CpuBackend;
+    use crate::import::Checkpoint;
+    use crate::prompt::BoxPrompt;
+
+    /// The committed tiny SAM checkpoint (official layout, random weights; see tests/fixtures).
+    fn tiny_sam() -> Segmenter<CpuBackend> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny_sam/tiny_sam.pth");
+        let ckpt = Checkpoint::open(&path).expect("committed tiny SAM fixture");
+        Segmenter::load(CpuBackend::new(2).unwrap(), &ckpt, ckpt.config()).unwrap()
+    }
+
+    #[test]
+    fn a_second_frame_allocates_no_activation_buffers() {
+        let segmenter = tiny_sam();
+        let grey: Vec<u8> = (0..200 * 150).map(|i| (i * 37 % 251) as u8).collect();
+        let image = RgbImage::from_grey(200, 150, &grey).unwrap();
+        let prompts = Prompts::with_box(BoxPrompt { x0: 40.0, y0: 30.0, x1: 150.0, y1: 120.0 });
+        let frame = |s: &Segmenter<CpuBackend>| {
+            let emb = s.encode(&image).unwrap();
+            s.decode(&emb, &prompts, true).unwrap()
+        };
+        let first = frame(&segmenter);
+        let after_first = segmenter.backend().fresh_allocations();
+        assert!(after_first > 0, "the first frame sizes the pool");
+        let second = frame(&segmenter);
+        assert_eq!(segmenter.backend().fresh_allocations(), after_first, "steady state must reuse pooled buffers");
+        assert_eq!(first.low_res_logits, second.low_res_logits, "recycled buffers must not change results");
+    }
+}

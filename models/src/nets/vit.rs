@@ -599,7 +599,7 @@ mod tests {
 
     fn read_npy(dir: &std::path::Path, name: &str) -> CpuTensor {
         let array = crate::npy::read(&dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
-        CpuTensor { shape: array.shape, data: array.data }
+        CpuTensor::new(array.shape, array.data).expect("npy shape matches its data")
     }
 
     /// Compares with a tolerance relative to the reference's largest magnitude; prints that
@@ -647,14 +647,14 @@ mod tests {
         let encoded = segmenter.encode_preprocessed(&input.data, Geometry::new(s, s, s)).unwrap();
         assert_close(&format!("{name} image embedding"), &encoded.embedding, &read_npy(dir, "image_embedding.npy"), TORCH_TOLERANCE);
 
-        let corners = read_npy(dir, "box.npy").data;
+        let corners = read_npy(dir, "box.npy").data.clone();
         let prompts = Prompts::with_box(BoxPrompt { x0: corners[0], y0: corners[1], x1: corners[2], y1: corners[3] });
         for (multimask, suffix) in [(false, ""), (true, "_multi")] {
             let segmentation = segmenter.decode(&encoded, &prompts, multimask).unwrap();
             let want = read_npy(dir, &format!("low_res_logits{suffix}.npy"));
             let k = segmentation.iou.len();
             let side = ((segmentation.low_res_logits.len() / k.max(1)) as f64).sqrt() as usize;
-            let logits = CpuTensor { shape: vec![1, k, side, side], data: segmentation.low_res_logits.clone() };
+            let logits = CpuTensor::new(vec![1, k, side, side], segmentation.low_res_logits.clone()).unwrap();
             assert_close(&format!("{name} low-res logits{suffix}"), &logits, &want, TORCH_TOLERANCE);
 
             let want_iou = read_npy(dir, &format!("iou{suffix}.npy"));
