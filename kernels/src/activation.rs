@@ -75,6 +75,26 @@ pub fn apply(act: Activation, xs: &mut [f32]) {
 
 // xs: any flat buffer.
 fn apply_serial(act: Activation, xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::fastmath::avx2_fma_available() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        unsafe { apply_serial_avx2(act, xs) };
+        return;
+    }
+    apply_portable(act, xs);
+}
+
+/// The same loop compiled for AVX2: 8 lanes instead of SSE2's 4 (no FMA contraction happens
+/// without fast-math, so results are bit-identical to the portable build).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn apply_serial_avx2(act: Activation, xs: &mut [f32]) {
+    apply_portable(act, xs);
+}
+
+// xs: any flat buffer.
+#[inline(always)]
+fn apply_portable(act: Activation, xs: &mut [f32]) {
     match act {
         Activation::None => {}
         Activation::Relu => xs.iter_mut().for_each(|v| *v = relu(*v)),

@@ -62,7 +62,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], bh: usize, nq: usize, nk: usiz
     if out.is_empty() {
         return;
     }
-    run_tasks(q, k, v, nq, nk, d, scale, bias, avx_available(), out);
+    run_tasks(q, k, v, nq, nk, d, scale, bias, crate::fastmath::avx2_fma_available(), out);
 }
 
 /// Splits the work into (batch-head, query block) tasks and runs them in parallel.
@@ -94,19 +94,6 @@ fn run_tasks(q: &[f32], k: &[f32], v: &[f32], nq: usize, nk: usize, d: usize, sc
             }
         });
     });
-}
-
-/// Whether the AVX2+FMA build of the task body may run on this CPU.
-// No arguments; cheap (the standard library caches the CPUID answer).
-fn avx_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// Per-thread buffers, reused across tasks.
@@ -398,7 +385,7 @@ mod tests {
         let k = random(&mut rng, bh * nk * d, 1.0);
         let v = random(&mut rng, bh * nk * d, 1.0);
         let reference = naive(&q, &k, &v, bh, nq, nk, d, 0.3, &|_, _, _| 0.0);
-        for use_avx in [false, avx_available()] {
+        for use_avx in [false, crate::fastmath::avx2_fma_available()] {
             let mut out = vec![f32::NAN; bh * nq * d];
             run_tasks(&q, &k, &v, nq, nk, d, 0.3, Bias::None, use_avx, &mut out);
             let err = relative_error(&out, &reference);

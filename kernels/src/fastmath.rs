@@ -1,5 +1,20 @@
-//! Vectorisable f32 transcendental functions for kernel inner loops. The standard library's
-//! `exp` is a scalar libm call; these are straight-line arithmetic the compiler turns into SIMD.
+//! Vectorisable f32 transcendental functions for kernel inner loops, and the CPU feature check
+//! the kernels use to pick their AVX2+FMA builds. The standard library's `exp` is a scalar libm
+//! call; these are straight-line arithmetic the compiler turns into SIMD.
+
+/// Whether the AVX2+FMA builds of the kernels may run on this CPU (the crate itself is compiled
+/// for baseline x86-64, so the wide builds are chosen at run time). Cheap: the standard library
+/// caches the CPUID answer.
+pub fn avx2_fma_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 
 /// `e^x` for `x <= 0` (or NaN), accurate to a few f32 ulps, written so that loops over it
 /// vectorise (the standard library's `exp` is a scalar call): `e^x = 2^n · e^r` with

@@ -98,7 +98,7 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: MatrixRef, n: usize, bias: Optio
     let rows_per_task = m.div_ceil(wanted_row_blocks).clamp(MIN_ROWS_PER_TASK, MAX_ROWS_PER_TASK).div_ceil(MR) * MR;
     let row_blocks = m.div_ceil(rows_per_task);
     let out_ptr = SharedOut(out.as_mut_ptr());
-    let use_fma = fma_available();
+    let use_fma = crate::fastmath::avx2_fma_available();
     (0..tiles * row_blocks).into_par_iter().for_each_init(Scratch::default, |scratch, task| {
         let tile = task / row_blocks;
         let row_block = task % row_blocks;
@@ -108,19 +108,6 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: MatrixRef, n: usize, bias: Optio
         // SAFETY: tasks cover disjoint (rows, cols) rectangles of out, which outlives the loop.
         unsafe { task.run(scratch, use_fma, out_ptr) };
     });
-}
-
-/// Whether the AVX2+FMA build of the micro-kernel may run on this CPU.
-// No arguments; cheap (the standard library caches the CPUID answer).
-fn fma_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// The output pointer shared by tasks that write disjoint rectangles.
