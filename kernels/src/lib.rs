@@ -4,13 +4,21 @@
 //! states them), so the same function is the reference a GPU kernel is checked against.
 
 pub mod activation;
+pub mod activation_backward;
 pub mod attention;
+pub mod attention_backward;
 pub mod conv;
+pub mod conv_backward;
 pub mod fastmath;
 pub mod gemm;
+pub mod gemm_backward;
+#[cfg(test)]
+mod gradcheck;
 pub mod nf4;
 pub mod norm;
+pub mod norm_backward;
 pub mod resize;
+pub mod resize_backward;
 pub mod weights;
 
 pub use activation::Activation;

@@ -12,16 +12,16 @@ use rayon::prelude::*;
 
 /// Source taps of one output coordinate under torch's `align_corners=False` rule.
 #[derive(Clone, Copy, Debug)]
-struct LinearTap {
-    i0: usize,
-    i1: usize,
-    w0: f32,
-    w1: f32,
+pub(crate) struct LinearTap {
+    pub(crate) i0: usize,
+    pub(crate) i1: usize,
+    pub(crate) w0: f32,
+    pub(crate) w1: f32,
 }
 
 /// Taps for every output coordinate, computed in f32 exactly as torch's CPU kernel does.
 // in_size, out_size >= 1; returns [out_size] taps.
-fn torch_linear_taps(in_size: usize, out_size: usize) -> Vec<LinearTap> {
+pub(crate) fn torch_linear_taps(in_size: usize, out_size: usize) -> Vec<LinearTap> {
     let scale = in_size as f32 / out_size as f32;
     (0..out_size)
         .map(|d| {
