@@ -198,19 +198,20 @@ def inner(tmp, jeepney, policy):
         props = "org.freedesktop.DBus.Properties"
         get = ("string:" + IFACE, "string:Backend")
         allowed = {
-            "msclient": [(IFACE, "Segment"), (IFACE, "Status"), (IFACE, "ListAdapters"),
+            "msclient": [(IFACE, "Segment"), (IFACE, "Reprompt"), (IFACE, "OpenStream"),
+                         (IFACE, "SegmentSlot"), (IFACE, "CloseStream"), (IFACE, "ListAdapters"),
                          ("org.freedesktop.DBus.Introspectable", "Introspect"),
                          (props, "Get", get), (props, "GetAll", ("string:" + IFACE,)),
                          ("org.freedesktop.DBus.Peer", "Ping")],
-            "msadmin": [(IFACE, "InstallAdapter"), (IFACE, "RemoveAdapter"), (IFACE, "SetAdapter"),
-                        (IFACE, "Segment"), (IFACE, "Status"),
+            "msadmin": [(IFACE, "InstallAdapter"), (IFACE, "ActivateAdapter"), (IFACE, "RollbackAdapter"),
+                        (IFACE, "Segment"), (IFACE, "ListAdapters"),
                         (props, "Set", get + ("variant:string:x",))],
-            "root": [(IFACE, "Segment"), (IFACE, "InstallAdapter"), (IFACE, "RemoveAdapter")],
+            "root": [(IFACE, "Segment"), (IFACE, "InstallAdapter"), (IFACE, "ActivateAdapter")],
         }
         denied = {
-            "msclient": [(IFACE, "InstallAdapter"), (IFACE, "RemoveAdapter"), (IFACE, "SetAdapter"),
+            "msclient": [(IFACE, "InstallAdapter"), (IFACE, "ActivateAdapter"), (IFACE, "RollbackAdapter"),
                          (IFACE, "SomeFutureMethod"), (props, "Set", get + ("variant:string:x",))],
-            "msstranger": [(IFACE, "Segment"), (IFACE, "Status"), (IFACE, "InstallAdapter"),
+            "msstranger": [(IFACE, "Segment"), (IFACE, "ListAdapters"), (IFACE, "InstallAdapter"),
                            ("org.freedesktop.DBus.Introspectable", "Introspect"),
                            ("org.freedesktop.DBus.Peer", "Ping")],
             "msadmin": [("org.example.NotOurs", "Anything")],
