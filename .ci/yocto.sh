@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# CI for yocto/meta-minisam (bitbake is not available here, so the layer is checked without it):
+#   1. oelint-adv --release wrynose on every recipe and class, plus an instance of the adapter
+#      template: zero errors (warnings are printed, not fatal);
+#   2. minisamd-crates.inc regenerated from Cargo.lock equals the committed one;
+#   3. the layer against the repository (installed paths exist, SRCREV, run-ptest parses);
+#   4. the kas files against kas's own JSON schema.
+# Tools come from PyPI, pinned, into a virtualenv under $MINISAM_CI_CACHE.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OELINT_VERSION=9.11.2
+KAS_VERSION=5.5
+CACHE=${MINISAM_CI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/minisam-ci}
+VENV="$CACHE/yocto-venv-oelint$OELINT_VERSION-kas$KAS_VERSION"
+PASS=0
+FAIL=0
+ok() { PASS=$((PASS + 1)); echo "ok   $*"; }
+bad() { FAIL=$((FAIL + 1)); echo "FAIL $*"; }
+
+if [ ! -x "$VENV/bin/oelint-adv" ] || [ ! -x "$VENV/bin/kas" ]; then
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check "oelint-adv==$OELINT_VERSION" "kas==$KAS_VERSION"
+fi
+echo "== $("$VENV/bin/oelint-adv" --version)"
+
+LAYER=yocto/meta-minisam
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+# The adapter recipe is a template (no adapter file ships in the repository): lint an instance.
+sed 's/@MODALITY@/ultrasound/g; s/@FILE@/ultrasound.lora/g' \
+    "$LAYER/recipes-minisam/minisam-adapters/minisam-adapter-MODALITY.bb.template" \
+    > "$TMP/minisam-adapter-ultrasound_1.0.bb"
+mapfile -t FILES < <(find "$LAYER" -name '*.bb' -o -name '*.bbappend' -o -name '*.bbclass' | sort)
+FILES+=("$TMP/minisam-adapter-ultrasound_1.0.bb")
+
+echo "== oelint-adv --release wrynose (${#FILES[@]} files)"
+# homepageping fetches HOMEPAGE over the network: not CI's business, and flaky offline.
+"$VENV/bin/oelint-adv" --release wrynose --quiet --relpaths --suppress oelint.vars.homepageping \
+    "${FILES[@]}" > "$TMP/lint.txt" 2>&1 || true
+grep -v ':info:' "$TMP/lint.txt" || true
+errors=$(grep -c ':error:' "$TMP/lint.txt" || true)
+warnings=$(grep -c ':warning:' "$TMP/lint.txt" || true)
+infos=$(grep -c ':info:' "$TMP/lint.txt" || true)
+echo "oelint: $errors errors, $warnings warnings, $infos infos"
+if [ "$errors" -eq 0 ]; then ok "oelint-adv: no errors"; else bad "oelint-adv: $errors errors"; fi
+
+echo "== minisamd-crates.inc against Cargo.lock"
+if python3 yocto/scripts/gen-crates-inc.py --check; then ok "crates.inc up to date"; else bad "crates.inc stale"; fi
+
+echo "== layer against the repository"
+if python3 yocto/scripts/check-layer.py; then ok "check-layer.py"; else bad "check-layer.py"; fi
+
+echo "== kas files against the kas $KAS_VERSION schema"
+if "$VENV/bin/python" - yocto/kas/*.yml <<'PY'
+import json, os, sys
+import jsonschema, kas, yaml
+schema = json.load(open(os.path.join(os.path.dirname(kas.__file__), "schema-kas.json")))
+bad = 0
+for path in sys.argv[1:]:
+    try:
+        jsonschema.validate(yaml.safe_load(open(path)), schema)
+        print(f"valid {path}")
+    except (jsonschema.ValidationError, yaml.YAMLError) as e:
+        bad += 1
+        print(f"invalid {path}: {e}")
+sys.exit(1 if bad else 0)
+PY
+then ok "kas files valid"; else bad "kas files invalid"; fi
+
+echo "yocto: $PASS passed, $FAIL failed"
+[ "$FAIL" -eq 0 ]
