@@ -4,7 +4,8 @@
 #      template: zero errors (warnings are printed, not fatal);
 #   2. minisamd-crates.inc regenerated from Cargo.lock equals the committed one;
 #   3. the layer against the repository (installed paths exist, SRCREV, run-ptest parses);
-#   4. the kas files against kas's own JSON schema.
+#   4. the kas files against kas's own JSON schema;
+#   5. the ptest script (run-ptest) against the built daemon, when one was built.
 # Tools come from PyPI, pinned, into a virtualenv under $MINISAM_CI_CACHE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -68,6 +69,20 @@ for path in sys.argv[1:]:
 sys.exit(1 if bad else 0)
 PY
 then ok "kas files valid"; else bad "kas files invalid"; fi
+
+echo "== minisamd-ptest's run-ptest against the build tree"
+if [ -x target/debug/minisamd ] && [ -x target/debug/minisamctl ] && command -v dbus-daemon >/dev/null; then
+    out=$(MINISAM_BINDIR=target/debug MINISAM_MODEL=models/litemedsam-nf4.msam \
+          sh yocto/meta-minisam/recipes-minisam/minisamd/files/run-ptest 2>&1) || true
+    echo "$out"
+    if echo "$out" | grep -q '^PASS:' && ! echo "$out" | grep -q '^FAIL:'; then
+        ok "run-ptest on target/debug"
+    else
+        bad "run-ptest on target/debug"
+    fi
+else
+    echo "SKIP: run-ptest: no target/debug/minisamd and minisamctl (or no dbus-daemon)"
+fi
 
 echo "yocto: $PASS passed, $FAIL failed"
 [ "$FAIL" -eq 0 ]
