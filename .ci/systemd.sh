@@ -127,7 +127,12 @@ JEEPNEY="$CACHE/jeepney-$JEEPNEY_VERSION"
 if [ ! -d "$JEEPNEY/jeepney" ]; then
     python3 -m pip install -q --disable-pip-version-check --target "$JEEPNEY" "jeepney==$JEEPNEY_VERSION"
 fi
-if python3 systemd/tests/dbus_policy_test.py --jeepney "$JEEPNEY"; then
+REAL=()
+if [ -n "$MINISAMD" ] && [ -x "$(dirname "$MINISAMD")/minisamctl" ]; then
+    # Also the real daemon (as user minisam) and the real client (as each test user).
+    REAL=(--minisamd "$MINISAMD" --minisamctl "$(dirname "$MINISAMD")/minisamctl" --model models/litemedsam-nf4.msam)
+fi
+if python3 systemd/tests/dbus_policy_test.py --jeepney "$JEEPNEY" "${REAL[@]}"; then
     ok "dbus_policy_test.py"
 else
     bad "dbus_policy_test.py"

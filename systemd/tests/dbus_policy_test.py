@@ -166,7 +166,64 @@ def call(addr, user, iface, member, args=()):
     return "error: " + p.stderr.strip()
 
 
-def inner(tmp, jeepney, policy):
+def ctl(addr, user, minisamctl, *args):
+    """Runs minisamctl as `user`; 'allowed', 'denied' (the bus refused) or 'error: ...'."""
+    p = subprocess.run(as_user(user, [minisamctl, "--bus-address", addr, *args]),
+                       capture_output=True, text=True, timeout=60)
+    if p.returncode == 0:
+        return "allowed"
+    if "AccessDenied" in p.stdout + p.stderr:
+        return "denied"
+    return f"error: rc={p.returncode} {(p.stdout + p.stderr).strip()[:300]}"
+
+
+def real_daemon_probes(addr, r, tmp, minisamd, minisamctl, model):
+    """The same policy with the real daemon as owner and the real client as caller."""
+    adapters = os.path.join(tmp, "adapters")
+    os.mkdir(adapters)
+    uid = subprocess.run(["id", "-u", "minisam"], capture_output=True, text=True).stdout.strip()
+    os.chown(adapters, int(uid), int(uid))
+    log = open(os.path.join(tmp, "minisamd.log"), "w")
+    daemon = subprocess.Popen(as_user("minisam", [minisamd, "--bus-address", addr, "--backend", "cpu",
+                                                  "--model", model, "--adapters-dir", adapters]),
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        owned = False
+        for _ in range(120):
+            q = subprocess.run(["dbus-send", f"--bus={addr}", "--print-reply", "--dest=org.freedesktop.DBus",
+                                "/org/freedesktop/DBus", "org.freedesktop.DBus.NameHasOwner",
+                                "string:" + NAME], capture_output=True, text=True)
+            if "boolean true" in q.stdout:
+                owned = True
+                break
+            if daemon.poll() is not None:
+                break
+            time.sleep(0.5)
+        r.check(owned, "real minisamd, run as minisam, owns the name under the policy",
+                open(log.name).read()[-2000:])
+        if not owned:
+            return
+        probes = [("msclient", ["status"], "allowed"), ("msclient", ["adapters", "list"], "allowed"),
+                  ("msclient", ["adapters", "activate", "none"], "denied"),
+                  ("msclient", ["adapters", "rollback"], "denied"),
+                  ("msadmin", ["adapters", "activate", "none"], "allowed"),
+                  ("msadmin", ["status"], "allowed"),
+                  ("root", ["status"], "allowed"),
+                  ("msstranger", ["status"], "denied"), ("msstranger", ["adapters", "list"], "denied")]
+        for user, args, want in probes:
+            got = ctl(addr, user, minisamctl, *args)
+            r.check(got == want, f"{user}: minisamctl {' '.join(args)} {want}", got)
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+        log.close()
+
+
+def inner(tmp, jeepney, policy, real=None):
     subprocess.run(["mount", "--bind", os.path.join(tmp, "passwd"), "/etc/passwd"], check=True)
     subprocess.run(["mount", "--bind", os.path.join(tmp, "group"), "/etc/group"], check=True)
     sock = os.path.join(tmp, "bus")
@@ -221,6 +278,13 @@ def inner(tmp, jeepney, policy):
                 for iface, member, *rest in probes:
                     got = call(addr, user, iface, member, rest[0] if rest else ())
                     r.check(got == want, f"{user} {iface}.{member} {want}", got)
+        owner.kill()
+        owner.wait()
+        owner = None
+        if real:
+            real_daemon_probes(addr, r, tmp, *real)
+        else:
+            print("SKIP: real-daemon probes: no --minisamd/--minisamctl given")
     finally:
         if owner:
             owner.kill()
@@ -235,10 +299,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--jeepney", help="directory containing the jeepney package")
     ap.add_argument("--policy", default=POLICY, help="policy file to test (default: ours)")
+    ap.add_argument("--minisamd", help="built daemon: also probe the policy with the real daemon and client")
+    ap.add_argument("--minisamctl", help="built client (with --minisamd)")
+    ap.add_argument("--model", help="packed model for the real daemon (with --minisamd)")
     ap.add_argument("--inner", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.inner:
-        sys.exit(inner(a.inner, a.jeepney, a.policy))
+        real = (a.minisamd, a.minisamctl, a.model) if a.minisamd else None
+        sys.exit(inner(a.inner, a.jeepney, a.policy, real))
     if os.geteuid() != 0:
         skip("needs root (private mount namespace and setpriv)")
     for tool in ("unshare", "setpriv", "dbus-daemon", "dbus-send", "mount"):
@@ -259,9 +327,19 @@ def main():
             for f in files:
                 os.chmod(os.path.join(root, f), 0o644)
         write_identity_files(tmp)
+        extra = []
+        if a.minisamd:
+            if not (a.minisamctl and a.model):
+                skip("--minisamd needs --minisamctl and --model")
+            # Copies the test users can reach whatever the checkout's directory permissions.
+            for flag, src in (("--minisamd", a.minisamd), ("--minisamctl", a.minisamctl), ("--model", a.model)):
+                dst = os.path.join(tmp, os.path.basename(src))
+                shutil.copy2(src, dst)
+                os.chmod(dst, 0o755)
+                extra += [flag, dst]
         rc = subprocess.run(["unshare", "--mount", "--propagation", "private", "--",
                              sys.executable, os.path.abspath(__file__), "--inner", tmp,
-                             "--jeepney", jeepney, "--policy", os.path.abspath(a.policy)]).returncode
+                             "--jeepney", jeepney, "--policy", os.path.abspath(a.policy)] + extra).returncode
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     sys.exit(rc)
