@@ -22,6 +22,7 @@
 //! front of a trainable decoder runs at forward cost and keeps no activations.
 
 mod backend_impl;
+mod model;
 mod params;
 mod tape;
 #[cfg(test)]
@@ -32,6 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::cpu::{CpuBackend, CpuTensor, CpuWeight};
 use crate::{Error, Result};
 
+pub use model::{SamModel, TrainEncoder};
 pub use params::ParamInfo;
 use params::Registry;
 use tape::Tape;
