@@ -138,5 +138,18 @@ else
     bad "dbus_policy_test.py"
 fi
 
+echo "== SystemCallFilter= against the calls the built daemon makes (strace, CPU backend)"
+if [ -n "$MINISAMD" ] && [ -x "$(dirname "$MINISAMD")/minisamctl" ] && command -v strace >/dev/null; then
+    if python3 systemd/tests/syscall_filter_check.py --systemd-analyze "${SA[*]}" --minisamd "$MINISAMD" \
+        --minisamctl "$(dirname "$MINISAMD")/minisamctl" --model models/litemedsam-nf4.msam \
+        --image models/samples/us-hc18-000_HC.png --box 330,288,489,467; then
+        ok "syscall_filter_check.py"
+    else
+        bad "syscall_filter_check.py"
+    fi
+else
+    echo "SKIP: syscall filter check: needs a built minisamd + minisamctl and strace"
+fi
+
 echo "systemd: $PASS passed, $FAIL failed"
 [ "$FAIL" -eq 0 ]
