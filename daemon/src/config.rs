@@ -1,0 +1,100 @@
+//! minisamd's command line (the flags fixed in the cross-crate contract; systemd passes them
+//! through `MINISAMD_ARGS` from /etc/default/minisamd).
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// CUDA when a GPU backend is built and a GPU is present, else CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Bus {
+    System,
+    Session,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "minisamd", version, about = "Segment Anything over D-Bus, frames and masks in sealed memfds")]
+pub struct Args {
+    /// Packed model (.msam) or official checkpoint.
+    #[arg(long, default_value = "/usr/share/minisam/models/default.msam")]
+    pub model: PathBuf,
+    /// Adapter directory; repeatable. The first is the writable install target.
+    #[arg(long = "adapters-dir", default_values = ["/var/lib/minisam/adapters", "/usr/share/minisam/adapters"])]
+    pub adapters_dirs: Vec<PathBuf>,
+    /// Adapter (name or modality) active at start; default: the base model.
+    #[arg(long)]
+    pub adapter: Option<String>,
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+    /// GPU memory the CUDA backend may use (bytes, or with KiB/MiB/GiB).
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    pub vram_budget: u64,
+    /// Compute threads of the CPU backend; default: all cores.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Requests that may wait for the worker; more are refused with Busy.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub queue_depth: u32,
+    /// Per-request deadline in milliseconds (queue wait + encoder).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub deadline_ms: u64,
+    #[arg(long, value_enum, default_value_t = Bus::System)]
+    pub bus: Bus,
+    /// Bus address to connect to instead of the system or session bus (tests, containers).
+    #[arg(long)]
+    pub bus_address: Option<String>,
+    /// Largest frame accepted, in pixels (width × height).
+    #[arg(long, default_value_t = 4096 * 4096)]
+    pub max_frame_pixels: u64,
+}
+
+/// `1073741824`, `1GiB`, `512MiB`, `64KiB` (also `G`/`M`/`K`, powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected a number of bytes like 1GiB"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?}; use KiB, MiB or GiB")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} overflows"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes_parse() {
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("1TB").is_err());
+        assert!(parse_bytes("GiB").is_err());
+    }
+
+    #[test]
+    fn contract_flags_parse() {
+        let a = Args::try_parse_from([
+            "minisamd", "--model", "m.msam", "--adapters-dir", "/a", "--adapters-dir", "/b", "--adapter", "US",
+            "--backend", "cpu", "--vram-budget", "2GiB", "--threads", "2", "--queue-depth", "8", "--deadline-ms", "500",
+            "--bus", "session", "--max-frame-pixels", "1000000",
+        ])
+        .unwrap();
+        assert_eq!(a.adapters_dirs, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert_eq!((a.queue_depth, a.deadline_ms, a.vram_budget), (8, 500, 2 << 30));
+        assert_eq!(a.bus, Bus::Session);
+        assert!(Args::try_parse_from(["minisamd", "--queue-depth", "0"]).is_err());
+    }
+}

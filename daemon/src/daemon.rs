@@ -1,0 +1,179 @@
+//! minisamd's life: load the model, bring up the backend and worker, own the bus name, then
+//! tell systemd READY=1 — in that order, so "ready" means frames can be served. Afterwards the
+//! main loop handles reloads (SIGHUP: RELOADING=1 … READY=1 around an adapter rescan),
+//! directory changes, clients leaving the bus (their streams are freed) and SIGTERM (stop
+//! taking requests, finish the queued ones, exit).
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures_core::Stream;
+use minisam_models::backend::Backend;
+use minisam_models::cpu::CpuBackend;
+use minisam_models::load::ModelFile;
+use minisam_models::sam::Segmenter;
+
+use crate::adapters::Registry;
+use crate::config::{Args, BackendChoice, Bus};
+use crate::notify::Notifier;
+use crate::reply::Mailbox;
+use crate::service::{Limits, ModelInfo, Segmenter1, Streams, BUS_NAME, OBJECT_PATH};
+use crate::signals::{self, Event};
+use crate::{watchdog, worker};
+
+/// How long in-flight replies get to leave the socket after the worker drained.
+const FLUSH_GRACE: Duration = Duration::from_millis(200);
+
+fn rescan(registry: &Mutex<Registry>) -> usize {
+    let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
+    for bad in r.scan() {
+        tracing::warn!(path = %bad.path.display(), "skipping adapter: {}", bad.reason);
+    }
+    r.entries().len()
+}
+
+fn after(delay: Duration, events: &Mailbox<Event>, ev: Event) {
+    let events = events.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(delay);
+        events.post(ev);
+    });
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let notifier = Arc::new(Notifier::from_env());
+    let events: Mailbox<Event> = Mailbox::default();
+    // Signals first: a SIGTERM during a slow model load must not kill us half-initialised
+    // without a log line; it is handled once the loop runs.
+    let _signals = signals::spawn_signal_thread(events.clone()).context("installing signal handlers")?;
+
+    notifier.status("loading model");
+    let t0 = Instant::now();
+    let file = ModelFile::open(&args.model).with_context(|| format!("cannot open model {}", args.model.display()))?;
+    let model_sha256 = file.sha256_hex().to_string();
+    let description = file.describe();
+    match args.backend {
+        BackendChoice::Auto | BackendChoice::Cpu => {}
+        BackendChoice::Cuda => bail!("--backend cuda: this minisamd is built with the CPU backend only"),
+    }
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let backend = CpuBackend::new(threads).with_context(|| format!("starting {threads} CPU threads"))?;
+    let mut segmenter = Segmenter::load(backend, file.store(), file.config()).with_context(|| format!("building the networks from {}", args.model.display()))?;
+    let backend_name = segmenter.backend().name().to_string();
+    drop(file);
+    tracing::info!(model = %model_sha256, backend = %backend_name, threads, load_ms = t0.elapsed().as_millis() as u64, "model loaded: {description}");
+
+    let mut registry = Registry::new(args.adapters_dirs.clone(), model_sha256.clone());
+    for bad in registry.scan() {
+        tracing::warn!(path = %bad.path.display(), "skipping adapter: {}", bad.reason);
+    }
+    let initial = match &args.adapter {
+        None => None,
+        Some(key) => {
+            let e = registry.resolve(key).map_err(|e| anyhow::anyhow!("--adapter {key}: {}", e.message()))?;
+            registry.check_fits(&e).map_err(|e| anyhow::anyhow!("--adapter {key}: {}", e.message()))?;
+            segmenter.set_adapter(Some(&e.file)).with_context(|| format!("applying adapter {}", e.name))?;
+            tracing::info!(adapter = %e.name, adapter_sha256 = %e.sha256, "initial adapter");
+            Some(e)
+        }
+    };
+    let worker = Arc::new(worker::spawn(segmenter, initial, args.queue_depth as usize)?);
+    let registry = Arc::new(Mutex::new(registry));
+    let streams = Arc::new(Streams::default());
+    let service = Segmenter1::new(
+        worker.clone(),
+        registry.clone(),
+        streams.clone(),
+        ModelInfo { path: args.model.display().to_string(), description, sha256: model_sha256.clone(), backend: backend_name.clone() },
+        Limits { max_frame_pixels: args.max_frame_pixels, deadline: Duration::from_millis(args.deadline_ms) },
+    );
+    if let Err(e) = signals::spawn_dir_watch(&args.adapters_dirs, events.clone()) {
+        tracing::warn!("cannot watch the adapter directories ({e}); SIGHUP rescans them");
+    }
+
+    zbus::block_on(async {
+        let builder = match (&args.bus_address, args.bus) {
+            (Some(addr), _) => zbus::connection::Builder::address(addr.as_str()),
+            (None, Bus::System) => zbus::connection::Builder::system(),
+            (None, Bus::Session) => zbus::connection::Builder::session(),
+        };
+        let conn = builder
+            .name(BUS_NAME)
+            .serve_at(OBJECT_PATH, service)
+            .build()
+            .await
+            .with_context(|| format!("connecting to the {:?} bus and owning {BUS_NAME}", args.bus))?;
+        let dbus = zbus::fdo::DBusProxy::new(&conn).await.context("talking to the bus daemon")?;
+        let mut left = dbus.receive_name_owner_changed().await.context("subscribing to NameOwnerChanged")?;
+
+        let stop_watchdog = Arc::new(AtomicBool::new(false));
+        if let Some(interval) = watchdog::interval_from_env() {
+            watchdog::spawn(notifier.clone(), worker.shared.clone(), interval, stop_watchdog.clone()).context("starting the watchdog thread")?;
+        }
+        let status = format!("serving on {BUS_NAME} ({backend_name}, model {})", &model_sha256[..12]);
+        notifier.ready(&status);
+        tracing::info!(model = %model_sha256, "{status}");
+
+        let mut draining = false;
+        loop {
+            let next = poll_fn(|cx| {
+                if let Poll::Ready(ev) = events.poll_next(cx) {
+                    return Poll::Ready(Some(ev));
+                }
+                match Pin::new(&mut left).poll_next(cx) {
+                    Poll::Ready(Some(sig)) => {
+                        if let Ok(a) = sig.args() {
+                            if a.name().as_str().starts_with(':') && a.new_owner().is_none() {
+                                let n = streams.forget_client(a.name().as_str());
+                                if n > 0 {
+                                    tracing::info!("client {} left; closed its {n} stream(s)", a.name());
+                                }
+                            }
+                        }
+                        Poll::Ready(None)
+                    }
+                    _ => Poll::Pending,
+                }
+            })
+            .await;
+            match next {
+                None => {}
+                Some(Event::Reload) => {
+                    notifier.reloading();
+                    let n = rescan(&registry);
+                    tracing::info!("reloaded: {n} adapter(s)");
+                    notifier.ready(&format!("{status}; {n} adapter(s)"));
+                }
+                Some(Event::AdaptersChanged) => {
+                    // A burst of directory events (copy, rename) gives one rescan.
+                    while let Some(Event::AdaptersChanged) = events.try_next() {}
+                    let n = rescan(&registry);
+                    tracing::info!("adapter directory changed: {n} adapter(s)");
+                }
+                Some(Event::Terminate) if !draining => {
+                    draining = true;
+                    notifier.stopping();
+                    tracing::info!("SIGTERM: finishing queued requests");
+                    let (w, ev) = (worker.clone(), events.clone());
+                    std::thread::spawn(move || {
+                        w.drain();
+                        ev.post(Event::Drained);
+                    });
+                }
+                Some(Event::Terminate) => {}
+                Some(Event::Drained) => after(FLUSH_GRACE, &events, Event::Flushed),
+                Some(Event::Flushed) => break,
+            }
+        }
+        stop_watchdog.store(true, std::sync::atomic::Ordering::Relaxed);
+        let served = worker.shared.frames_served.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(frames_served = served, "stopped");
+        drop(conn);
+        Ok(())
+    })
+}

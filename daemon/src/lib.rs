@@ -1,0 +1,23 @@
+//! minisamd: the QLoRA-MiniSAM segmentation daemon (D-Bus + sealed memfds) and its client.
+//!
+//! Module map: `service` is the D-Bus interface; `worker` the inference thread and its queue;
+//! `memfd`, `frame`, `prompts`, `stream` check and convert what clients send; `adapters` finds,
+//! validates and installs LoRA adapters; `notify`, `watchdog`, `signals`, `logging` are the
+//! systemd integration; `config` the command line; `client` the proxy minisamctl and the tests use.
+
+pub mod adapters;
+pub mod error;
+pub mod frame;
+pub mod memfd;
+pub mod prompts;
+pub mod reply;
+pub mod service;
+pub mod stream;
+pub mod worker;
+pub mod config;
+pub mod logging;
+pub mod notify;
+pub mod signals;
+pub mod watchdog;
+pub mod daemon;
+pub mod client;
