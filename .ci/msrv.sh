@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Every package in the workspace's resolved dependency graph (cargo metadata: workspace members
-# and every locked dependency, for all targets and platforms) must declare a rust-version no newer
+# Every package in the workspace's resolved dependency graph (cargo metadata --all-features:
+# workspace members and every locked dependency, optional ones such as tract behind feature onnx
+# included, for all targets and platforms) must declare a rust-version no newer
 # than the Rust of Yocto wrynose, 1.94, which builds the daemon for the cart. A crate that
 # declares none is reported but not failed (nothing to compare). Fails naming each offender.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 LIMIT=${MSRV_LIMIT:-1.94}
-cargo metadata --format-version 1 --locked > "${TMPDIR:-/tmp}/minisam-metadata.$$.json"
+cargo metadata --format-version 1 --locked --all-features > "${TMPDIR:-/tmp}/minisam-metadata.$$.json"
 trap 'rm -f "${TMPDIR:-/tmp}/minisam-metadata.$$.json"' EXIT
 python3 - "$LIMIT" "${TMPDIR:-/tmp}/minisam-metadata.$$.json" <<'PY'
 import json, sys
