@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 LIMIT=${MSRV_LIMIT:-1.94}
-cargo metadata --format-version 1 --locked --all-features > "${TMPDIR:-/tmp}/minisam-metadata.$$.json"
+cargo metadata --format-version 1 --all-features > "${TMPDIR:-/tmp}/minisam-metadata.$$.json"
 trap 'rm -f "${TMPDIR:-/tmp}/minisam-metadata.$$.json"' EXIT
 python3 - "$LIMIT" "${TMPDIR:-/tmp}/minisam-metadata.$$.json" <<'PY'
 import json, sys

