@@ -29,6 +29,7 @@ NAME = "org.minisam.Segmenter1"
 PATH = "/org/minisam/Segmenter1"
 IFACE = "org.minisam.Segmenter1"
 POLICY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "org.minisam.Segmenter1.conf")
+ACTIVATION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "org.minisam.Segmenter1.service")
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 # The stand-in service, run as a test user under the system interpreter with jeepney on its path.
@@ -72,6 +73,7 @@ BUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configur
     <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
     <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Peer"/>
   </policy>
+  <servicedir>{services}</servicedir>
   <include>{policy}</include>
 </busconfig>
 """
@@ -228,8 +230,12 @@ def inner(tmp, jeepney, policy, real=None):
     subprocess.run(["mount", "--bind", os.path.join(tmp, "group"), "/etc/group"], check=True)
     sock = os.path.join(tmp, "bus")
     conf = os.path.join(tmp, "bus.conf")
+    services = os.path.join(tmp, "system-services")
+    os.mkdir(services)
+    # A system bus only accepts an activation file named after the bus name it declares.
+    shutil.copy(ACTIVATION, os.path.join(services, NAME + ".service"))
     with open(conf, "w") as f:
-        f.write(BUS_CONF.format(sock=sock, policy=os.path.abspath(policy)))
+        f.write(BUS_CONF.format(sock=sock, policy=os.path.abspath(policy), services=services))
     os.umask(0)  # the socket must be connectable by the test users
     bus = subprocess.Popen(["dbus-daemon", f"--config-file={conf}", "--nofork", "--nopidfile",
                             "--print-address=1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -243,6 +249,11 @@ def inner(tmp, jeepney, policy, real=None):
     r = Results()
     owner = None
     try:
+        names = subprocess.run(["dbus-send", f"--bus={addr}", "--print-reply", "--dest=org.freedesktop.DBus",
+                                "/org/freedesktop/DBus", "org.freedesktop.DBus.ListActivatableNames"],
+                               capture_output=True, text=True)
+        r.check(f'"{NAME}"' in names.stdout, "the bus reads the activation file (name is activatable)",
+                names.stdout + names.stderr)
         for user in ("msstranger", "msclient", "msadmin", "root"):
             line, _ = try_own(addr, user, env)
             r.check(line == "DENIED org.freedesktop.DBus.Error.AccessDenied",
