@@ -150,6 +150,7 @@ impl Segmenter1 {
         let (tx, rx) = reply::channel();
         let request = Request { source, prompts, multimask: o.multimask, adapter: o.adapter, deadline: now + o.deadline, enqueued: now };
         self.worker.submit(SegmentJob { request, reply: tx })?;
+        tracing::debug!("request queued");
         let out = rx.await.ok_or_else(|| Error::Internal("the inference worker stopped before answering".into()))??;
         tracing::debug!(
             model = %self.model.sha256,

@@ -94,6 +94,11 @@ impl Daemon {
     }
 
     pub fn start_with(bus: &Bus, adapters: TempDir, extra: &[&str]) -> Daemon {
+        Self::start_env(bus, adapters, extra, &[])
+    }
+
+    /// With extra environment (`NOTIFY_SOCKET`, `WATCHDOG_USEC`, …).
+    pub fn start_env(bus: &Bus, adapters: TempDir, extra: &[&str], envs: &[(&str, &str)]) -> Daemon {
         let log = adapters.0.with_extension("log");
         let child = Command::new(env!("CARGO_BIN_EXE_minisamd"))
             .arg("--bus-address")
@@ -107,6 +112,7 @@ impl Daemon {
             .env("MINISAMD_LOG", "info")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -116,7 +122,7 @@ impl Daemon {
         d
     }
 
-    fn wait_for_name(&mut self, bus: &Bus) {
+    pub fn wait_for_name(&mut self, bus: &Bus) {
         let conn = bus.connect();
         let t0 = Instant::now();
         loop {
