@@ -6,6 +6,7 @@ pub mod backend;
 pub mod buffer_pool;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod error;
 pub mod format;
 pub mod image;

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# ONE script for a lent GPU machine (H200; /work/.library/device/README.md): every CUDA check
+# and the GPU benchmarks, with binaries built beforehand on the development machine (the device
+# has nvcc and PyTorch but no Rust). Results go to $OUT: run.log (everything), summary.md, gpu.txt,
+# bench.md, peer.md (five files: the device returns at most eight).
+#
+# On the development machine, first:
+#     cargo build --release -p minisam
+#     bash .ci/cuda-ptx.sh                  # fills target/ptx-cache with sm_90 PTX (NVRTC 12.6)
+#     mkdir -p shared/weights && cp ../shared/weights/mobile_sam.pt shared/weights/   # optional, 39 MiB
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#         --implementation cp --platform manylinux2014_x86_64 -d .whl segment-anything==1.0
+# then one device call:
+#     run(command="bash benches/gpu/run.sh", timeout_s=540,
+#         carry=["target/release/minisam", "target/ptx-cache", ".whl"])
+# (shared/ inside the checkout travels by itself; ../shared does not, see the device README.)
+#
+# Budget: about 6 minutes on an H200 (kernel checks in 3 precisions, end-to-end parity on
+# LiteMedSAM, MobileSAM and a random ViT-B with their CPU references on 16 cores, benchmarks,
+# PyTorch peer). Each step has its own timeout so one hang cannot eat the lease.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-$PWD/target/gpu-out}"
+mkdir -p "$OUT"
+BIN="${MINISAM_BIN:-$PWD/target/release/minisam}"
+STATUS=0
+summary() { echo "$*" | tee -a "$OUT/summary.md"; }
+step() { # name, timeout seconds, command...
+    local name=$1 limit=$2; shift 2
+    echo "== $name: $*" | tee -a "$OUT/run.log"
+    timeout "$limit" "$@" 2>&1 | tee "/tmp/step-$name.log" | tee -a "$OUT/run.log"
+    local rc=${PIPESTATUS[0]}
+    summary "| $name | $([ "$rc" = 0 ] && echo ok || echo "FAILED (rc $rc)") |"
+    [ "$rc" = 0 ] || STATUS=1
+}
+
+summary "# GPU run $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
+summary ""
+summary "| step | result |"
+summary "|---|---|"
+
+if [ ! -x "$BIN" ]; then
+    summary "| binaries | MISSING: $BIN (carry target/release/minisam) |"
+    exit 1
+fi
+
+# PTX: the carried cache (built by .ci/cuda-ptx.sh) makes NVRTC unnecessary; copied to /tmp so a
+# read-only checkout still works, and NVRTC from the CUDA install is on the path for a cache miss.
+export MINISAM_PTX_CACHE=/tmp/minisam-ptx
+mkdir -p "$MINISAM_PTX_CACHE"
+[ -d target/ptx-cache ] && cp -r target/ptx-cache/. "$MINISAM_PTX_CACHE"/
+for d in /usr/local/nvidia/lib64 /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+
+MODELS=(--model models/litemedsam-nf4.msam)
+MOBILE=""
+for w in shared/weights/mobile_sam.pt ../shared/weights/mobile_sam.pt; do
+    if [ -f "$w" ]; then MOBILE=$w; break; fi
+done
+if [ -n "$MOBILE" ]; then
+    step pack-mobilesam 120 "$BIN" pack "$MOBILE" -o /tmp/mobilesam-nf4.msam
+    [ -f /tmp/mobilesam-nf4.msam ] && MODELS+=(--model /tmp/mobilesam-nf4.msam)
+else
+    summary "| mobilesam | SKIPPED: no shared/weights/mobile_sam.pt in the checkout |"
+fi
+
+# Kernel parity in each precision (poisoned outputs, fresh random inputs), then end to end.
+step check-kernels-bf16 120 "$BIN" cuda-check --require-gpu --precision bf16
+step check-kernels-f16 120 "$BIN" cuda-check --require-gpu --precision f16
+step check-kernels-f32 120 "$BIN" cuda-check --require-gpu --precision f32
+step check-e2e-bf16 300 "$BIN" cuda-check --require-gpu --skip-kernels --precision bf16 "${MODELS[@]}" --random-vit-b
+
+# Latency and peak VRAM (LiteMedSAM@256, MobileSAM@1024, random ViT-B@1024, NF4 weights).
+step bench 300 "$BIN" cuda-bench "${MODELS[@]}" --random-vit-b --runs 20 --warmup 3
+grep '^|' /tmp/step-bench.log > "$OUT/bench.md" 2>/dev/null
+
+# PyTorch bf16 peer (official segment_anything ViT-B, random weights) in the same run.
+if ! python3 -c 'import segment_anything' 2>/dev/null && ls .whl/segment_anything-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/segment_anything-*.whl && export PYTHONPATH=/tmp/site
+fi
+step peer-torch 240 python3 benches/peer_torch.py --device cuda --bf16 --runs 20
+grep '^|' /tmp/step-peer-torch.log > "$OUT/peer.md" 2>/dev/null
+
+summary ""
+summary "## ours (encode / decode / end-to-end ms, median; peak VRAM)"
+cat "$OUT/bench.md" 2>/dev/null | tee -a "$OUT/summary.md"
+summary ""
+summary "## PyTorch peer (ViT-B@1024, encode / decode ms, median)"
+cat "$OUT/peer.md" 2>/dev/null | tee -a "$OUT/summary.md"
+exit $STATUS

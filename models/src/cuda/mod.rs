@@ -1,0 +1,25 @@
+//! The CUDA backend: the CUDA C kernels of `kernels/*.cu`, compiled at run time by NVRTC (PTX
+//! cached on disk), driven through cudarc's driver API. Both libraries are loaded with `dlopen`
+//! when first needed, so this module builds and links everywhere; [`select_backend`] decides at
+//! start-up whether a GPU is usable and falls back to the CPU otherwise.
+//!
+//! - `compile`: sources, NVRTC, PTX cache, ptxas resource report;
+//! - `device`: context, stream, kernel handles, VRAM budget, parameter uploads, activation arena;
+//! - `arena`: the arena's free list;
+//! - `params`: `#[repr(C)]` kernel parameter records;
+//! - `backend`: the [`crate::backend::Backend`] implementation;
+//! - `select`: `auto | cpu | cuda`;
+//! - `check`: per-kernel and end-to-end parity against the CPU backend (needs a GPU).
+
+pub mod arena;
+pub mod backend;
+pub mod check;
+pub mod compile;
+pub mod device;
+pub mod params;
+pub mod select;
+
+pub use backend::{CudaBackend, CudaTensor, CudaVector, CudaWeight};
+pub use compile::MmaPrecision;
+pub use device::{CudaOptions, VramReport};
+pub use select::{parse_bytes, select_backend, BackendChoice, SelectedBackend};
