@@ -92,6 +92,10 @@ def main():
     state = " ".join(svc.get("StateDirectory", [])).split()
     cache = " ".join(svc.get("CacheDirectory", [])).split()
     r.check("minisam/adapters" in state, "unit StateDirectory holds the adapters dir", state)
+    envs = dict(e.split("=", 1) for e in svc.get("Environment", []))
+    caches = [envs.get("MINISAM_PTX_CACHE", ""), envs.get("CUDA_CACHE_PATH", "")]
+    r.check(all(c.startswith("/var/cache/" + cache[0] + "/") for c in caches) if cache else False,
+            "PTX and CUDA JIT caches live in the unit's CacheDirectory (writable under the sandbox)", caches)
 
     # Activation file: ini syntax, names must match the unit.
     act = configparser.ConfigParser(interpolation=None)
