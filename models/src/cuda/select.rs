@@ -67,6 +67,14 @@ pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// The message of a backend error without its "backend error:" prefix (it is about to get one).
+fn reason(e: &Error) -> String {
+    match e {
+        Error::Backend(m) => m.clone(),
+        other => other.to_string(),
+    }
+}
+
 /// Builds the backend asked for. With [`BackendChoice::Auto`], any CUDA failure (no libcuda, no
 /// device, too old a GPU, NVRTC missing, a kernel that does not compile, the budget) falls back
 /// to the CPU after one line on stderr; with [`BackendChoice::Cuda`] it is the error.
@@ -76,11 +84,11 @@ pub fn select_backend(choice: BackendChoice, threads: usize, cuda: CudaOptions) 
         BackendChoice::Cpu => cpu(threads),
         BackendChoice::Cuda => CudaBackend::new(cuda)
             .map(|b| SelectedBackend::Cuda(Box::new(b)))
-            .map_err(|e| Error::Backend(format!("--backend cuda: {e}"))),
+            .map_err(|e| Error::Backend(format!("--backend cuda: {}", reason(&e)))),
         BackendChoice::Auto => match CudaBackend::new(cuda) {
             Ok(b) => Ok(SelectedBackend::Cuda(Box::new(b))),
             Err(e) => {
-                eprintln!("minisam: CUDA unavailable ({e}); using the CPU backend");
+                eprintln!("minisam: CUDA unavailable ({}); using the CPU backend", reason(&e));
                 cpu(threads)
             }
         },
