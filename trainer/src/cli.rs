@@ -13,7 +13,7 @@ use crate::eval::protocol::PromptKind;
 #[command(
     name = "minisam",
     version,
-    about = "QLoRA-MiniSAM offline tools: pack, inspect, segment, eval"
+    about = "QLoRA-MiniSAM offline tools: pack, inspect, segment, eval, onnx-check"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -22,7 +22,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Quantise a checkpoint (.pth/.pt/.safetensors) into a packed NF4 model file.
+    /// Quantise a checkpoint (.pth/.pt/.safetensors, or ONNX exports) into a packed NF4 model file.
     Pack(PackArgs),
     /// Print a packed model's header, config, provenance and tensor table.
     Inspect(InspectArgs),
@@ -30,18 +30,40 @@ pub enum Command {
     Segment(SegmentArgs),
     /// Run the box-prompt evaluation protocol on a data tree and write per-target Dice.
     Eval(EvalArgs),
+    /// Run ONNX exports with tract and the weights mapped from them with our engine; compare.
+    OnnxCheck(OnnxCheckArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct PackArgs {
-    /// Source checkpoint.
-    pub checkpoint: PathBuf,
+    /// Source checkpoint, or ONNX exports (encoder and decoder, in one file or two).
+    #[arg(required = true, num_args = 1..)]
+    pub inputs: Vec<PathBuf>,
     /// Output packed model file.
     #[arg(short, long)]
     pub output: PathBuf,
     /// Keep tensors whose name contains PATTERN in fp16 instead of NF4 (repeatable).
     #[arg(long = "keep-fp16", value_name = "PATTERN")]
     pub keep_fp16: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct OnnxCheckArgs {
+    /// ONNX exports: encoder and decoder (one file or two; see README).
+    #[arg(required = true, num_args = 1..)]
+    pub files: Vec<PathBuf>,
+    /// Image to feed (PNG/DICOM), preprocessed as the model's family does; default: a
+    /// deterministic synthetic input.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Box prompt in the image's pixels (required with --image; default: over the middle).
+    #[arg(long = "box", value_name = "X0,Y0,X1,Y1", value_parser = parse_box)]
+    pub prompt: Option<BoxPrompt>,
+    /// Fail when a relative error exceeds this.
+    #[arg(long, default_value_t = 1e-3)]
+    pub max_rel_err: f64,
+    #[command(flatten)]
+    pub threads: Threads,
 }
 
 #[derive(Debug, Args)]
@@ -328,5 +350,16 @@ mod tests {
             panic!("not pack")
         };
         assert_eq!(p.keep_fp16, vec!["a", "b"]);
+        let c = Cli::try_parse_from(["minisam", "pack", "enc.onnx", "dec.onnx", "-o", "y.msam"]).unwrap();
+        let Command::Pack(p) = c.command else {
+            panic!("not pack")
+        };
+        assert_eq!(p.inputs.len(), 2);
+        assert!(Cli::try_parse_from(["minisam", "pack", "-o", "y.msam"]).is_err(), "an input is required");
+        let c = Cli::try_parse_from(["minisam", "onnx-check", "a.onnx", "--box", "1,2,3,4", "--threads", "3"]).unwrap();
+        let Command::OnnxCheck(o) = c.command else {
+            panic!("not onnx-check")
+        };
+        assert_eq!((o.files.len(), o.threads.get(), o.max_rel_err), (1, 3, 1e-3));
     }
 }

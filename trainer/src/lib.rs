@@ -3,7 +3,8 @@
 //!
 //! Layout: `cli` parses, `commands::*` run one subcommand each, `eval` holds the evaluation
 //! protocol independent of any model, `image_io`/`dicom` turn files into the protocol's 3-channel
-//! uint8 image, `runtime` holds process facts
+//! uint8 image, `onnx` (feature `onnx`) imports and cross-checks ONNX exports through tract,
+//! `runtime` holds process facts
 //! (model path, peak memory).
 
 pub mod cli;
@@ -11,4 +12,6 @@ pub mod commands;
 pub mod dicom;
 pub mod eval;
 pub mod image_io;
+#[cfg(feature = "onnx")]
+pub mod onnx;
 pub mod runtime;

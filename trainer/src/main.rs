@@ -24,5 +24,6 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
         cli::Command::Inspect(a) => commands::inspect::run(a),
         cli::Command::Segment(a) => commands::segment::run(a),
         cli::Command::Eval(a) => commands::eval::run(a),
+        cli::Command::OnnxCheck(a) => commands::onnx_check::run(a),
     }
 }

@@ -3,5 +3,6 @@
 pub mod eval;
 pub mod inspect;
 pub mod model;
+pub mod onnx_check;
 pub mod pack;
 pub mod segment;

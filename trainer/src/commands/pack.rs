@@ -1,5 +1,8 @@
-//! `minisam pack`: checkpoint in, packed NF4 model out, with the source's name and SHA-256
-//! recorded as provenance so a packed file can always be traced back to its weights.
+//! `minisam pack`: checkpoint (or ONNX exports) in, packed NF4 model out, with the source's
+//! name and SHA-256 recorded as provenance so a packed file can always be traced back to its
+//! weights.
+
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use minisam_models::format::{self, PackReport, Provenance};
@@ -8,20 +11,34 @@ use minisam_models::import::Checkpoint;
 use crate::cli::PackArgs;
 
 pub fn run(args: &PackArgs) -> Result<()> {
-    if args.checkpoint == args.output {
+    if let Some(same) = args.inputs.iter().find(|p| **p == args.output) {
         bail!(
-            "the output {} is the input checkpoint: choose another -o path",
-            args.output.display()
+            "the output {} is an input: choose another -o path",
+            same.display()
         );
     }
-    let ckpt = Checkpoint::open(&args.checkpoint)
-        .with_context(|| format!("cannot import {} (expected a .pth/.pt zip or a .safetensors file of a SAM-family model)", args.checkpoint.display()))?;
-    let file_name = args
-        .checkpoint
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let provenance = Provenance::new(file_name, ckpt.sha256());
+    let onnx = args.inputs.iter().any(|p| is_onnx(p));
+    let (ckpt, source_file, source_sha256) = if onnx || args.inputs.len() > 1 {
+        import_onnx(&args.inputs)?
+    } else {
+        let path = &args.inputs[0];
+        let ckpt = Checkpoint::open(path).with_context(|| {
+            format!("cannot import {} (expected a .pth/.pt zip, a .safetensors file or an ONNX export of a SAM-family model)", path.display())
+        })?;
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let sha = ckpt.sha256().to_string();
+        (ckpt, file_name, sha)
+    };
+    let shown = args
+        .inputs
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" + ");
+    let provenance = Provenance::new(source_file, source_sha256.clone());
     let report = format::pack(
         &ckpt,
         ckpt.config(),
@@ -29,21 +46,49 @@ pub fn run(args: &PackArgs) -> Result<()> {
         &args.keep_fp16,
         &args.output,
     )
-    .with_context(|| {
-        format!(
-            "packing {} into {}",
-            args.checkpoint.display(),
-            args.output.display()
-        )
-    })?;
+    .with_context(|| format!("packing {shown} into {}", args.output.display()))?;
     println!(
-        "packed {} (sha256 {}) -> {}",
-        args.checkpoint.display(),
-        ckpt.sha256(),
+        "packed {shown} (sha256 {source_sha256}) -> {}",
         args.output.display()
     );
     print!("{}", render_report(&report));
     Ok(())
+}
+
+/// An ONNX model by extension, or by content: a protobuf `ModelProto` starts with field 1
+/// (`ir_version`, tag byte 0x08), which neither a zip (`PK`) nor a safetensors header (a
+/// little-endian length) does in practice.
+fn is_onnx(path: &Path) -> bool {
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx")) {
+        return true;
+    }
+    let mut first = [0u8; 1];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut first))
+        .is_ok_and(|()| first[0] == 0x08)
+}
+
+#[cfg(feature = "onnx")]
+fn import_onnx(inputs: &[PathBuf]) -> Result<(Checkpoint, String, String)> {
+    let imported = crate::onnx::import(inputs)?;
+    for line in &imported.summary {
+        println!("{line}");
+    }
+    Ok((
+        imported.checkpoint,
+        imported.source_file,
+        imported.source_sha256,
+    ))
+}
+
+#[cfg(not(feature = "onnx"))]
+fn import_onnx(inputs: &[PathBuf]) -> Result<(Checkpoint, String, String)> {
+    let names: Vec<String> = inputs.iter().map(|p| p.display().to_string()).collect();
+    bail!(
+        "{} given: several inputs or .onnx files are ONNX exports. {}",
+        names.join(", "),
+        super::onnx_check::REBUILD_HINT
+    )
 }
 
 fn mib(b: u64) -> f64 {
@@ -92,13 +137,20 @@ mod tests {
     }
 
     #[test]
+    fn onnx_is_recognised_by_extension_or_content() {
+        assert!(is_onnx(&tiny_onnx("encoder.onnx")));
+        let pth = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny_sam/tiny_sam.pth");
+        assert!(!is_onnx(&pth));
+    }
+
+    #[test]
     fn unreadable_checkpoint_is_an_error() {
         let dir = std::env::temp_dir().join(format!("minisam-test-{}-pack", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let ck = dir.join("garbage.pth");
         std::fs::write(&ck, b"not a checkpoint").unwrap();
         let args = PackArgs {
-            checkpoint: ck.clone(),
+            inputs: vec![ck.clone()],
             output: dir.join("out.msam"),
             keep_fp16: vec![],
         };
@@ -106,11 +158,57 @@ mod tests {
         assert!(err.contains("cannot import"), "{err}");
         assert!(!dir.join("out.msam").exists());
         assert!(run(&PackArgs {
-            checkpoint: ck.clone(),
+            inputs: vec![ck.clone()],
             output: ck,
             keep_fp16: vec![]
         })
         .is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn tiny_onnx(file: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/tiny_sam_onnx")
+            .join(file)
+    }
+
+    #[cfg(not(feature = "onnx"))]
+    #[test]
+    fn onnx_without_the_feature_says_how_to_rebuild() {
+        let dir = std::env::temp_dir().join(format!("minisam-test-{}-pack-onnx", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let args = PackArgs {
+            inputs: vec![tiny_onnx("encoder.onnx"), tiny_onnx("decoder.onnx")],
+            output: dir.join("out.msam"),
+            keep_fp16: vec![],
+        };
+        let err = format!("{:#}", run(&args).unwrap_err());
+        assert!(err.contains("--features onnx"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// pack-from-onnx and pack-from-pth of the same weights hold the same tensors, bytes and
+    /// config; only the provenance differs.
+    #[cfg(feature = "onnx")]
+    #[test]
+    fn packing_onnx_exports_equals_packing_the_checkpoint() {
+        use minisam_models::format::PackedModel;
+        use minisam_models::store::WeightStore;
+        let dir = std::env::temp_dir().join(format!("minisam-test-{}-pack-onnx", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pth = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny_sam/tiny_sam.pth");
+        let (from_onnx, from_pth) = (dir.join("onnx.msam"), dir.join("pth.msam"));
+        run(&PackArgs { inputs: vec![tiny_onnx("encoder.onnx"), tiny_onnx("decoder.onnx")], output: from_onnx.clone(), keep_fp16: vec![] }).unwrap();
+        run(&PackArgs { inputs: vec![pth], output: from_pth.clone(), keep_fp16: vec![] }).unwrap();
+        let (a, b) = (PackedModel::open(&from_onnx).unwrap(), PackedModel::open(&from_pth).unwrap());
+        assert_eq!(a.config(), b.config());
+        assert_eq!(a.names(), b.names());
+        for name in a.names() {
+            let (x, y) = (a.get(&name).unwrap(), b.get(&name).unwrap());
+            assert_eq!(x.shape, y.shape, "{name}");
+            assert_eq!(x.to_f32(), y.to_f32(), "{name}");
+        }
+        assert_eq!(a.provenance().source_file, "encoder.onnx+decoder.onnx");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
