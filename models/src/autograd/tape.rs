@@ -63,6 +63,31 @@ pub(super) enum Op {
     Resize { input: Input, in_shape: Vec<usize> },
 }
 
+impl Op {
+    /// The operation's name, for profiles.
+    fn kind(&self) -> &'static str {
+        match self {
+            Op::Reshape { .. } => "reshape",
+            Op::Permute { .. } => "permute",
+            Op::Narrow { .. } => "narrow",
+            Op::Concat { .. } => "concat",
+            Op::PadHw { .. } => "pad_hw",
+            Op::FromVector { .. } => "from_vector",
+            Op::Linear { .. } => "linear",
+            Op::Matmul { .. } => "matmul",
+            Op::Conv2d { .. } => "conv2d",
+            Op::ConvTranspose2d { .. } => "conv_transpose2d",
+            Op::LayerNorm { .. } => "layer_norm",
+            Op::Activation { .. } => "activation",
+            Op::Add { .. } => "add",
+            Op::AddVector { .. } => "add_vector",
+            Op::Scale { .. } => "scale",
+            Op::Attention { .. } => "attention",
+            Op::Resize { .. } => "resize",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct Node {
     pub out: usize,
@@ -156,6 +181,9 @@ impl Tape {
         let mut grads = Grads(HashMap::from([(out_id, seed)]));
         let mut guard = be.registry();
         let reg: &mut Registry = &mut guard;
+        // MINISAM_TAPE_PROFILE=1 prints the backward time spent per kind of operation.
+        let profile = std::env::var_os("MINISAM_TAPE_PROFILE").is_some();
+        let mut spent: std::collections::BTreeMap<&'static str, (usize, f64)> = Default::default();
         be.pool.install(|| -> Result<()> {
             for node in self.nodes.iter().rev() {
                 if node.out > out_id {
@@ -163,10 +191,20 @@ impl Tape {
                 }
                 // Each node is the only producer of its output: its gradient is complete here.
                 let Some(g) = grads.0.remove(&node.out) else { continue };
+                let t0 = std::time::Instant::now();
                 backward_op(&be.cpu, &node.op, &node.out_shape, &g, &mut grads, reg)?;
+                if profile {
+                    let e = spent.entry(node.op.kind()).or_default();
+                    e.0 += 1;
+                    e.1 += t0.elapsed().as_secs_f64();
+                }
             }
             Ok(())
         })?;
+        if profile {
+            let lines: Vec<String> = spent.iter().map(|(k, (n, s))| format!("{k} x{n} {:.3}s", s)).collect();
+            eprintln!("tape backward: {}", lines.join(", "));
+        }
         Ok(Gradients { by_id: grads.0.into_iter().filter(|(id, _)| self.leaves.contains(id)).collect() })
     }
 }
