@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
+use minisam_models::cuda::{parse_bytes, BackendChoice};
 use minisam_models::prompt::{BoxPrompt, Point, PointLabel};
 
 use crate::eval::protocol::PromptKind;
@@ -32,6 +33,12 @@ pub enum Command {
     Eval(EvalArgs),
     /// Run ONNX exports with tract and the weights mapped from them with our engine; compare.
     OnnxCheck(OnnxCheckArgs),
+    /// Compile every CUDA kernel with NVRTC for the given architectures (no GPU needed).
+    CudaCompile(CudaCompileArgs),
+    /// Check the CUDA backend against the CPU reference, kernel by kernel and end to end.
+    CudaCheck(CudaCheckArgs),
+    /// Time encode / decode / end-to-end on the GPU and report peak VRAM.
+    CudaBench(CudaBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -100,6 +107,8 @@ pub struct SegmentArgs {
     pub multimask: bool,
     #[command(flatten)]
     pub threads: Threads,
+    #[command(flatten)]
+    pub backend: BackendArgs,
     /// Print peak resident memory at the end.
     #[arg(long)]
     pub stats: bool,
@@ -127,6 +136,8 @@ pub struct EvalArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub threads: Threads,
+    #[command(flatten)]
+    pub backend: BackendArgs,
     /// Only the first N images of each set (quick runs).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub limit: Option<u64>,
@@ -148,6 +159,87 @@ impl Threads {
                 .unwrap_or(1),
         }
     }
+}
+
+#[derive(Debug, Args)]
+pub struct BackendArgs {
+    /// Where the networks run: auto (the GPU when one works, else the CPU, saying why), cpu, or
+    /// cuda (fail when no GPU works).
+    #[arg(long, value_name = "auto|cpu|cuda", default_value = "auto")]
+    pub backend: BackendChoice,
+    /// VRAM the CUDA backend may take in all (weights + activation arena): bytes, or 1GiB, 512MiB.
+    #[arg(long = "vram-budget", value_name = "BYTES", default_value = "1GiB", value_parser = parse_bytes)]
+    pub vram_budget: u64,
+    /// Tensor-core operand precision of the CUDA GEMMs: bf16, f16, or f32 (CUDA cores only).
+    #[arg(long = "cuda-precision", value_name = "bf16|f16|f32", default_value = "bf16")]
+    pub cuda_precision: String,
+}
+
+#[derive(Debug, Args)]
+pub struct CudaCompileArgs {
+    /// Target architecture (repeatable): sm_87 (Jetson Orin), sm_90 (H100/H200), ...
+    #[arg(long, value_name = "SM", required = true)]
+    pub arch: Vec<String>,
+    /// Tensor-core operand precision compiled for: bf16 or f16.
+    #[arg(long, default_value = "bf16")]
+    pub precision: String,
+    /// Skip the second, real-architecture compile that yields ptxas's register/spill report.
+    #[arg(long = "no-report")]
+    pub no_report: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CudaCheckArgs {
+    /// Model for the end-to-end parity check (repeatable; packed or checkpoint).
+    #[arg(long)]
+    pub model: Vec<PathBuf>,
+    /// Also check a random-weight SAM ViT-B at 1024, packed to NF4 on the fly.
+    #[arg(long = "random-vit-b")]
+    pub random_vit_b: bool,
+    /// Image for the end-to-end checks (default: the bundled ultrasound sample).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Box prompt for the end-to-end checks (default: the middle of the image).
+    #[arg(long = "box", value_name = "X0,Y0,X1,Y1", value_parser = parse_box)]
+    pub r#box: Option<BoxPrompt>,
+    /// bf16, f16 or f32 (tolerances follow).
+    #[arg(long, default_value = "bf16")]
+    pub precision: String,
+    #[arg(long = "vram-budget", value_name = "BYTES", default_value = "4GiB", value_parser = parse_bytes)]
+    pub vram_budget: u64,
+    /// Seed of the kernel checks' random inputs (default: from the clock, printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Only the end-to-end checks.
+    #[arg(long = "skip-kernels")]
+    pub skip_kernels: bool,
+    /// Fail instead of skipping when no GPU is usable.
+    #[arg(long = "require-gpu")]
+    pub require_gpu: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CudaBenchArgs {
+    /// Model to time (repeatable).
+    #[arg(long)]
+    pub model: Vec<PathBuf>,
+    /// Also time a random-weight SAM ViT-B at 1024 (NF4).
+    #[arg(long = "random-vit-b")]
+    pub random_vit_b: bool,
+    /// Input image (default: the bundled ultrasound sample).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    #[arg(long = "box", value_name = "X0,Y0,X1,Y1", value_parser = parse_box)]
+    pub r#box: Option<BoxPrompt>,
+    #[arg(long, default_value = "bf16")]
+    pub precision: String,
+    #[arg(long = "vram-budget", value_name = "BYTES", default_value = "4GiB", value_parser = parse_bytes)]
+    pub vram_budget: u64,
+    /// Timed runs (median reported) after the warm-up runs.
+    #[arg(long, default_value_t = 20)]
+    pub runs: usize,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
 }
 
 fn numbers(s: &str, what: &str, syntax: &str, arities: &[usize]) -> Result<Vec<f32>, String> {

@@ -25,5 +25,8 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
         cli::Command::Segment(a) => commands::segment::run(a),
         cli::Command::Eval(a) => commands::eval::run(a),
         cli::Command::OnnxCheck(a) => commands::onnx_check::run(a),
+        cli::Command::CudaCompile(a) => commands::cuda::compile(a),
+        cli::Command::CudaCheck(a) => commands::cuda::check(a),
+        cli::Command::CudaBench(a) => commands::cuda::bench(a),
     }
 }

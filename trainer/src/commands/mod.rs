@@ -1,5 +1,6 @@
 //! One module per subcommand; each turns parsed arguments into a run and its printed report.
 
+pub mod cuda;
 pub mod eval;
 pub mod inspect;
 pub mod model;

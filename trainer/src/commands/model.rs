@@ -1,28 +1,27 @@
-//! Loading a model file (packed or checkpoint) onto the CPU backend, shared by `segment` and
-//! `eval`, and its family name for matching the reference table.
+//! Loading a model file (packed or checkpoint) onto a backend, shared by `segment` and `eval`,
+//! and its family name for matching the reference table.
 
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use minisam_models::config::{EncoderConfig, ModelConfig, Preprocess};
-use minisam_models::cpu::CpuBackend;
+use minisam_models::backend::Backend;
 use minisam_models::load::ModelFile;
 use minisam_models::sam::Segmenter;
 
-pub struct Loaded {
-    pub segmenter: Segmenter<CpuBackend>,
+pub struct Loaded<B: Backend> {
+    pub segmenter: Segmenter<B>,
     /// One line: kind, architecture, hash prefix.
     pub description: String,
     pub load_ms: f64,
 }
 
-pub fn load(path: &Path, threads: usize) -> Result<Loaded> {
+/// Opens `path` and builds the networks on `backend` (weights uploaded once, here).
+pub fn load<B: Backend>(path: &Path, backend: B) -> Result<Loaded<B>> {
     let t0 = Instant::now();
     let file = ModelFile::open(path)
         .with_context(|| format!("cannot open model {} (expected a packed .msam file or a SAM-family .pth/.safetensors checkpoint)", path.display()))?;
-    let backend =
-        CpuBackend::new(threads).with_context(|| format!("starting {threads} CPU threads"))?;
     let segmenter = Segmenter::load(backend, file.store(), file.config())
         .with_context(|| format!("building the networks from {}", path.display()))?;
     Ok(Loaded {
