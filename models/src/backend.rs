@@ -46,6 +46,16 @@ pub enum AttentionBias<'a, B: Backend + ?Sized> {
     DecomposedRelPos { rel_h: &'a B::Tensor, rel_w: &'a B::Tensor },
 }
 
+/// A LoRA update bound to one linear layer: `Δy = scale · (x·Aᵀ)·Bᵀ` with `A: [r, in]` and
+/// `B: [out, r]`, both f32 weights made by the backend from the adapter file (`crate::adapter`).
+/// `scale` is the adapter's `alpha / r`, folded once at bind time.
+pub struct Lora<B: Backend + ?Sized> {
+    pub a: B::Weight,
+    pub b: B::Weight,
+    pub rank: usize,
+    pub scale: f32,
+}
+
 /// The operations the SAM-family networks need. Each returns a new tensor; a backend is free to
 /// recycle buffers from an arena behind this API.
 pub trait Backend: Send + Sync {
@@ -91,6 +101,23 @@ pub trait Backend: Send + Sync {
     // ---- arithmetic ----
     /// `x[.., K] · wᵀ + bias` with `w: [N, K]`, then `act`. Output `[.., N]`.
     fn linear(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Vector>, act: Activation) -> Result<Self::Tensor>;
+    /// [`Backend::linear`] plus an optional LoRA update before the activation:
+    /// `act(x·wᵀ + bias + scale·(x·Aᵀ)·Bᵀ)`. The default composes existing operations, so every
+    /// backend supports adapters; a backend may override it with a fused kernel.
+    fn linear_lora(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Vector>, act: Activation, lora: Option<&Lora<Self>>) -> Result<Self::Tensor> {
+        let Some(l) = lora else {
+            return self.linear(x, w, bias, act);
+        };
+        let base = self.linear(x, w, bias, Activation::None)?;
+        let down = self.linear(x, &l.a, None, Activation::None)?;
+        let up = self.linear(&down, &l.b, None, Activation::None)?;
+        let delta = self.scale(&up, l.scale)?;
+        let sum = self.add(&base, &delta)?;
+        match act {
+            Activation::None => Ok(sum),
+            act => self.activation(&sum, act),
+        }
+    }
     /// Batched product of tensors: `a: [B, M, K]`, `b: [B, K, N]` (or `[B, N, K]` when
     /// `transpose_b`), output `[B, M, N]`. Used where both sides are activations.
     fn matmul(&self, a: &Self::Tensor, b: &Self::Tensor, transpose_b: bool) -> Result<Self::Tensor>;
@@ -115,4 +142,208 @@ pub trait Backend: Send + Sync {
     fn attention(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, scale: f32, bias: AttentionBias<'_, Self>) -> Result<Self::Tensor>;
     /// Bilinear resize of NCHW to `[.., out_h, out_w]`, `align_corners=False` (PyTorch semantics).
     fn resize_bilinear(&self, x: &Self::Tensor, out_h: usize, out_w: usize) -> Result<Self::Tensor>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::{CpuBackend, CpuTensor, CpuWeight};
+    use crate::store::{SharedBytes, TensorData};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// The CPU backend with every operation but `linear_lora` delegated, so the trait's default
+    /// `linear_lora` (what a backend without a fused kernel runs) is the one under test.
+    struct DefaultLora(CpuBackend);
+
+    impl Backend for DefaultLora {
+        type Tensor = CpuTensor;
+        type Weight = CpuWeight;
+        type Vector = CpuTensor;
+        fn name(&self) -> &'static str {
+            "default-lora"
+        }
+        fn weight(&self, t: &StoredTensor) -> Result<CpuWeight> {
+            self.0.weight(t)
+        }
+        fn vector(&self, t: &StoredTensor) -> Result<CpuTensor> {
+            self.0.vector(t)
+        }
+        fn vector_from_host(&self, shape: &[usize], data: &[f32]) -> Result<CpuTensor> {
+            self.0.vector_from_host(shape, data)
+        }
+        fn vector_shape<'a>(&self, v: &'a CpuTensor) -> &'a [usize] {
+            self.0.vector_shape(v)
+        }
+        fn from_host(&self, shape: &[usize], data: &[f32]) -> Result<CpuTensor> {
+            self.0.from_host(shape, data)
+        }
+        fn to_host(&self, t: &CpuTensor) -> Result<Vec<f32>> {
+            self.0.to_host(t)
+        }
+        fn shape<'a>(&self, t: &'a CpuTensor) -> &'a [usize] {
+            self.0.shape(t)
+        }
+        fn tensor_from_vector(&self, v: &CpuTensor) -> Result<CpuTensor> {
+            self.0.tensor_from_vector(v)
+        }
+        fn reshape(&self, t: CpuTensor, shape: &[usize]) -> Result<CpuTensor> {
+            self.0.reshape(t, shape)
+        }
+        fn permute(&self, t: &CpuTensor, perm: &[usize]) -> Result<CpuTensor> {
+            self.0.permute(t, perm)
+        }
+        fn narrow(&self, t: &CpuTensor, axis: usize, start: usize, len: usize) -> Result<CpuTensor> {
+            self.0.narrow(t, axis, start, len)
+        }
+        fn concat(&self, ts: &[&CpuTensor], axis: usize) -> Result<CpuTensor> {
+            self.0.concat(ts, axis)
+        }
+        fn pad_hw(&self, t: &CpuTensor, pad_h: usize, pad_w: usize) -> Result<CpuTensor> {
+            self.0.pad_hw(t, pad_h, pad_w)
+        }
+        fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuTensor>, act: Activation) -> Result<CpuTensor> {
+            self.0.linear(x, w, bias, act)
+        }
+        fn matmul(&self, a: &CpuTensor, b: &CpuTensor, transpose_b: bool) -> Result<CpuTensor> {
+            self.0.matmul(a, b, transpose_b)
+        }
+        fn conv2d(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuTensor>, spec: Conv2dSpec, act: Activation) -> Result<CpuTensor> {
+            self.0.conv2d(x, w, bias, spec, act)
+        }
+        fn conv_transpose2d(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuTensor>, stride: usize) -> Result<CpuTensor> {
+            self.0.conv_transpose2d(x, w, bias, stride)
+        }
+        fn layer_norm(&self, x: &CpuTensor, gamma: &CpuTensor, beta: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+            self.0.layer_norm(x, gamma, beta, eps)
+        }
+        fn layer_norm_nchw(&self, x: &CpuTensor, gamma: &CpuTensor, beta: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+            self.0.layer_norm_nchw(x, gamma, beta, eps)
+        }
+        fn activation(&self, x: &CpuTensor, act: Activation) -> Result<CpuTensor> {
+            self.0.activation(x, act)
+        }
+        fn add(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
+            self.0.add(a, b)
+        }
+        fn add_vector(&self, a: &CpuTensor, v: &CpuTensor) -> Result<CpuTensor> {
+            self.0.add_vector(a, v)
+        }
+        fn scale(&self, a: &CpuTensor, s: f32) -> Result<CpuTensor> {
+            self.0.scale(a, s)
+        }
+        fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, scale: f32, _bias: AttentionBias<'_, Self>) -> Result<CpuTensor> {
+            self.0.attention(q, k, v, scale, AttentionBias::None)
+        }
+        fn resize_bilinear(&self, x: &CpuTensor, out_h: usize, out_w: usize) -> Result<CpuTensor> {
+            self.0.resize_bilinear(x, out_h, out_w)
+        }
+    }
+
+    fn f32_tensor(name: &str, shape: &[usize], values: &[f32]) -> StoredTensor {
+        StoredTensor { name: name.into(), shape: shape.to_vec(), data: TensorData::F32(values.into()) }
+    }
+
+    fn gelu64(x: f64) -> f64 {
+        // erf(z) = 2/√π · e^(−z²) · Σ 2ⁿ z^(2n+1) / (2n+1)!!: all terms positive, no cancellation.
+        // Beyond |z| = 6 erf is ±1 to within 1e-17.
+        let z = x / std::f64::consts::SQRT_2;
+        let erf = if z.abs() >= 6.0 {
+            z.signum()
+        } else {
+            let (mut term, mut sum, mut n) = (z, z, 0.0);
+            while term.abs() > 1e-20 * sum.abs() {
+                n += 1.0;
+                term *= 2.0 * z * z / (2.0 * n + 1.0);
+                sum += term;
+            }
+            std::f64::consts::FRAC_2_SQRT_PI * (-z * z).exp() * sum
+        };
+        0.5 * x * (1.0 + erf)
+    }
+
+    /// `act(x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ)` in f64, the definition `linear_lora` implements.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: &[f32], a: &[f32], b: &[f32], r: usize, scale: f64, act: Activation) -> Vec<f64> {
+        let mut out = vec![0.0f64; m * n];
+        for i in 0..m {
+            let down: Vec<f64> = (0..r).map(|j| (0..k).map(|p| x[i * k + p] as f64 * a[j * k + p] as f64).sum()).collect();
+            for o in 0..n {
+                let base: f64 = (0..k).map(|p| x[i * k + p] as f64 * w[o * k + p] as f64).sum::<f64>() + bias[o] as f64;
+                let up: f64 = (0..r).map(|j| down[j] * b[o * r + j] as f64).sum();
+                let y = base + scale * up;
+                out[i * n + o] = match act {
+                    Activation::None => y,
+                    Activation::Relu => y.max(0.0),
+                    Activation::Gelu => gelu64(y),
+                };
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn linear_lora_matches_f64_reference_and_default_equals_fused() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let cpu = CpuBackend::new(2).unwrap();
+        let default = DefaultLora(CpuBackend::new(2).unwrap());
+        // Odd sizes on purpose: no dimension is a multiple of a kernel tile.
+        for &(lead, k, n, r) in &[(&[3usize, 5][..], 37usize, 29usize, 4usize), (&[1][..], 64, 192, 8), (&[2, 2, 3][..], 13, 7, 1)] {
+            let m: usize = lead.iter().product();
+            let mut gen = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.gen_range(-1.0f32..1.0)).collect() };
+            let (x, w, bias, a, b) = (gen(m * k), gen(n * k), gen(n), gen(r * k), gen(n * r));
+            // W stored as fp16, as a packed model holds most weights; the reference uses the
+            // stored (rounded) values.
+            let w16: Vec<u8> = w.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+            let w_stored = StoredTensor { name: "w".into(), shape: vec![n, k], data: TensorData::F16(SharedBytes::from_vec(w16)) };
+            let w_values = w_stored.to_f32();
+            let scale = 2.5f32;
+            let mut x_shape = lead.to_vec();
+            x_shape.push(k);
+            for act in [Activation::None, Activation::Relu, Activation::Gelu] {
+                let want = reference(&x, m, k, &w_values, n, &bias, &a, &b, r, scale as f64, act);
+                let mut results = Vec::new();
+                let fused = {
+                    let lora = Lora { a: cpu.weight(&f32_tensor("a", &[r, k], &a)).unwrap(), b: cpu.weight(&f32_tensor("b", &[n, r], &b)).unwrap(), rank: r, scale };
+                    let xt = cpu.from_host(&x_shape, &x).unwrap();
+                    let bt = cpu.vector(&f32_tensor("bias", &[n], &bias)).unwrap();
+                    cpu.linear_lora(&xt, &cpu.weight(&w_stored).unwrap(), Some(&bt), act, Some(&lora)).unwrap()
+                };
+                let composed = {
+                    let be = &default;
+                    let lora = Lora { a: be.weight(&f32_tensor("a", &[r, k], &a)).unwrap(), b: be.weight(&f32_tensor("b", &[n, r], &b)).unwrap(), rank: r, scale };
+                    let xt = be.from_host(&x_shape, &x).unwrap();
+                    let bt = be.vector(&f32_tensor("bias", &[n], &bias)).unwrap();
+                    be.linear_lora(&xt, &be.weight(&w_stored).unwrap(), Some(&bt), act, Some(&lora)).unwrap()
+                };
+                results.push(&fused);
+                results.push(&composed);
+                let mut out_shape = lead.to_vec();
+                out_shape.push(n);
+                for got in results {
+                    assert_eq!(got.shape, out_shape);
+                    let peak = want.iter().fold(0.0f64, |p, v| p.max(v.abs()));
+                    let err = got.data.iter().zip(&want).fold(0.0f64, |e, (g, w)| e.max((*g as f64 - w).abs()));
+                    assert!(err <= 1e-5 * peak.max(1.0), "{act:?} m {m} k {k} n {n} r {r}: max error {err} (peak {peak})");
+                }
+                assert_eq!(fused.data, composed.data, "the CPU's fused linear_lora must round exactly as the default");
+            }
+        }
+    }
+
+    #[test]
+    fn linear_lora_without_adapter_is_linear_and_bad_factors_are_errors() {
+        let cpu = CpuBackend::new(1).unwrap();
+        let (k, n, r) = (6, 5, 2);
+        let x = cpu.from_host(&[2, k], &[0.5; 12]).unwrap();
+        let w = cpu.weight(&f32_tensor("w", &[n, k], &[0.25; 30])).unwrap();
+        let plain = cpu.linear(&x, &w, None, Activation::Gelu).unwrap();
+        assert_eq!(cpu.linear_lora(&x, &w, None, Activation::Gelu, None).unwrap(), plain);
+        // A transposed by mistake: a shape error, never a panic or a silent wrong answer.
+        let lora = Lora { a: cpu.weight(&f32_tensor("a", &[k, r], &[0.1; 12])).unwrap(), b: cpu.weight(&f32_tensor("b", &[n, r], &[0.1; 10])).unwrap(), rank: r, scale: 1.0 };
+        assert!(matches!(cpu.linear_lora(&x, &w, None, Activation::None, Some(&lora)), Err(crate::Error::Shape(_))));
+        let default = DefaultLora(CpuBackend::new(1).unwrap());
+        let lora: Lora<DefaultLora> = Lora { a: lora.a, b: lora.b, rank: lora.rank, scale: lora.scale };
+        assert!(default.linear_lora(&x, &w, None, Activation::None, Some(&lora)).is_err());
+    }
 }

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use minisam_kernels::attention::{self, Bias};
 use minisam_kernels::{activation, conv, gemm, norm, resize, MatrixRef};
 
-use crate::backend::{Activation, AttentionBias, Backend, Conv2dSpec};
+use crate::backend::{Activation, AttentionBias, Backend, Conv2dSpec, Lora};
 use crate::buffer_pool::BufferPool;
 use crate::store::{StoredTensor, TensorData};
 use crate::{Error, Result};
@@ -404,6 +404,38 @@ impl Backend for CpuBackend {
         let mut out = self.buffer(m * n);
         self.run(|| gemm::linear(&x.data, m, k, w.matrix(), n, bias.map(|b| &b.data[..]), kernel_activation(act), &mut out));
         self.tensor(shape, out)
+    }
+
+    /// The default's arithmetic (`act(base + scale·up)`, same rounding) without its three
+    /// intermediate tensors: the low-rank products go through pooled scratch buffers and the
+    /// update, scale and activation are one pass over the output.
+    fn linear_lora(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuTensor>, act: Activation, lora: Option<&Lora<Self>>) -> Result<CpuTensor> {
+        let Some(l) = lora else {
+            return self.linear(x, w, bias, act);
+        };
+        let mut out = self.linear(x, w, bias, Activation::None)?;
+        let (m, k) = split_last("linear_lora", &x.shape)?;
+        let n = w.shape[0];
+        let r = l.rank;
+        if l.a.shape != [r, k] || l.b.shape != [n, r] {
+            return Err(Error::Shape(format!("linear_lora: A {:?} / B {:?} are not [{r}, {k}] / [{n}, {r}] for weight {:?}", l.a.shape, l.b.shape, w.shape)));
+        }
+        let mut down = self.buffer(m * r);
+        let mut up = self.buffer(m * n);
+        let kernel_act = kernel_activation(act);
+        self.run(|| {
+            gemm::linear(&x.data, m, k, l.a.matrix(), r, None, activation::Activation::None, &mut down);
+            gemm::linear(&down, m, r, l.b.matrix(), n, None, activation::Activation::None, &mut up);
+            out.data.par_chunks_mut(4096).zip(up.par_chunks(4096)).for_each(|(o, u)| {
+                for (o, &u) in o.iter_mut().zip(u) {
+                    *o += l.scale * u;
+                }
+                activation::apply(kernel_act, o);
+            });
+        });
+        self.buffers.give(down);
+        self.buffers.give(up);
+        Ok(out)
     }
 
     fn matmul(&self, a: &CpuTensor, b: &CpuTensor, transpose_b: bool) -> Result<CpuTensor> {

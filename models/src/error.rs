@@ -17,6 +17,9 @@ pub enum Error {
     /// Caller input out of range: image size, prompt coordinates, NaN.
     #[error("invalid input: {0}")]
     Input(String),
+    /// A LoRA adapter file that is damaged, or that does not fit the loaded model.
+    #[error("adapter rejected: {0}")]
+    Adapter(String),
     #[error("backend error: {0}")]
     Backend(String),
 }

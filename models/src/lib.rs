@@ -1,6 +1,7 @@
 //! SAM-family networks for medical segmentation: checkpoint import, the packed NF4 model format,
 //! and one implementation of the networks over a [`backend::Backend`].
 
+pub mod adapter;
 pub mod autograd;
 pub mod backend;
 pub mod buffer_pool;

@@ -44,6 +44,15 @@ impl ModelFile {
         }
     }
 
+    /// Lower-case hex SHA-256 of the whole model file (packed file or checkpoint): the identity
+    /// adapters name as their base model.
+    pub fn sha256_hex(&self) -> &str {
+        match self {
+            Self::Packed(m) => m.sha256_hex(),
+            Self::Checkpoint(c) => c.sha256(),
+        }
+    }
+
     /// One line for logs and the CLI: kind, architecture, content hash prefix.
     pub fn describe(&self) -> String {
         let arch = match &self.config().encoder {
@@ -52,8 +61,26 @@ impl ModelFile {
         };
         let input = self.config().image_size;
         match self {
-            Self::Packed(m) => format!("packed NF4 model, {arch}, input {input}, sha256 {}", &m.file_sha256()[..12]),
+            Self::Packed(m) => format!("packed NF4 model, {arch}, input {input}, sha256 {}", &m.sha256_hex()[..12]),
             Self::Checkpoint(c) => format!("f32 checkpoint, {arch}, input {input}, sha256 {}", &c.sha256()[..12]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    #[test]
+    fn identity_is_the_sha256_of_the_whole_file_for_both_kinds() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for path in [root.join("litemedsam-nf4.msam"), root.join("../tests/fixtures/tiny_sam/tiny_sam.pth")] {
+            let want = crate::import::hex(&Sha256::digest(std::fs::read(&path).unwrap()));
+            let file = ModelFile::open(&path).unwrap();
+            assert_eq!(file.sha256_hex(), want, "{}", path.display());
+            assert_eq!(file.store().model_sha256(), Some(want.as_str()));
+            assert!(file.describe().contains(&want[..12]));
         }
     }
 }

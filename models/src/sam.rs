@@ -5,7 +5,10 @@
 //! magnitude: an interactive client re-prompts the same frame many times, and only the decoder
 //! has to run again ([`ImageEmbedding`] is the cache).
 
-use crate::backend::Backend;
+use std::collections::HashMap;
+
+use crate::adapter::{AdapterFile, LinearShape};
+use crate::backend::{Backend, Lora};
 use crate::config::{EncoderConfig, ModelConfig};
 use crate::image::{Mask, RgbImage};
 use crate::nets::mask_decoder::MaskDecoder;
@@ -14,7 +17,8 @@ use crate::nets::tiny_vit::TinyVit;
 use crate::nets::vit::VitEncoder;
 use crate::pipeline::{self, Geometry};
 use crate::prompt::Prompts;
-use crate::store::WeightStore;
+use crate::nets::common::Linear;
+use crate::store::{StoredTensor, TensorData, WeightStore};
 use crate::{Error, Result};
 
 /// The image encoders the packed format can hold.
@@ -29,6 +33,13 @@ impl<B: Backend> ImageEncoder<B> {
             EncoderConfig::Vit(c) => Self::Vit(VitEncoder::load(b, store, c, config.image_size)?),
             EncoderConfig::TinyVit(c) => Self::TinyVit(TinyVit::load(b, store, c, config.image_size)?),
         })
+    }
+
+    fn linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear<B>)) {
+        match self {
+            Self::Vit(e) => e.linears_mut(f),
+            Self::TinyVit(e) => e.linears_mut(f),
+        }
     }
 
     /// `image` is `[1, 3, S, S]`; returns the embedding `[1, 256, 64, 64]`.
@@ -63,16 +74,110 @@ pub struct Segmenter<B: Backend> {
     encoder: ImageEncoder<B>,
     prompt_encoder: PromptEncoder<B>,
     mask_decoder: MaskDecoder<B>,
+    /// SHA-256 of the model file (`WeightStore::model_sha256`); adapters must name it.
+    model_sha256: Option<String>,
+    /// Every adaptable linear layer, in model order (fixed at load).
+    linears: Vec<LinearShape>,
+    /// SHA-256 of the bound adapter's file.
+    adapter_sha256: Option<String>,
 }
 
 impl<B: Backend> Segmenter<B> {
     /// Builds every network from `store`; shapes are checked tensor by tensor, so a checkpoint
     /// that does not match `config` is refused here, naming the first tensor that differs.
+    /// The model's identity (for adapter binding) is the store's `model_sha256`.
     pub fn load(backend: B, store: &dyn WeightStore, config: &ModelConfig) -> Result<Self> {
+        Self::load_with_identity(backend, store, config, store.model_sha256())
+    }
+
+    /// [`Segmenter::load`] with the model identity given explicitly: for weights built in memory
+    /// that stand for a file (the trainer merging an adapter, tests), or `None` for no identity
+    /// (such a segmenter refuses every adapter).
+    pub fn load_with_identity(backend: B, store: &dyn WeightStore, config: &ModelConfig, model_sha256: Option<&str>) -> Result<Self> {
         let encoder = ImageEncoder::load(&backend, store, config)?;
         let prompt_encoder = PromptEncoder::load(&backend, store, config)?;
         let mask_decoder = MaskDecoder::load(&backend, store, config)?;
-        Ok(Self { backend, config: config.clone(), encoder, prompt_encoder, mask_decoder })
+        let mut segmenter = Self {
+            backend,
+            config: config.clone(),
+            encoder,
+            prompt_encoder,
+            mask_decoder,
+            model_sha256: model_sha256.map(str::to_string),
+            linears: Vec::new(),
+            adapter_sha256: None,
+        };
+        let mut linears = Vec::new();
+        segmenter.linears_mut(&mut |l| linears.push(LinearShape { name: l.name.clone(), in_features: l.in_features, out_features: l.out_features }));
+        segmenter.linears = linears;
+        Ok(segmenter)
+    }
+
+    /// Lower-case hex SHA-256 of the model file, if it was loaded from one.
+    pub fn model_sha256(&self) -> Option<&str> {
+        self.model_sha256.as_deref()
+    }
+
+    /// Every linear layer an adapter may target (image encoder, then mask decoder; the prompt
+    /// encoder has none), with its checkpoint name and sizes.
+    pub fn linear_shapes(&self) -> &[LinearShape] {
+        &self.linears
+    }
+
+    /// Visits every linear layer (the order of [`Segmenter::linear_shapes`]); the trainer and the
+    /// adapter binding go through here.
+    pub fn linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear<B>)) {
+        self.encoder.linears_mut(f);
+        self.mask_decoder.linears_mut(f);
+    }
+
+    /// SHA-256 of the bound adapter file, if one is bound.
+    pub fn adapter_sha256(&self) -> Option<&str> {
+        self.adapter_sha256.as_deref()
+    }
+
+    /// Binds `adapter` (replacing any bound one), or unbinds with `None`. All or nothing: the
+    /// adapter must name this model's file hash as its base and every one of its tensors must
+    /// name a linear layer of this model with the same sizes; otherwise the error names the
+    /// first offender and the previously bound adapter (or none) stays in place.
+    pub fn set_adapter(&mut self, adapter: Option<&AdapterFile>) -> Result<()> {
+        let Some(adapter) = adapter else {
+            self.linears_mut(&mut |l| l.lora = None);
+            self.adapter_sha256 = None;
+            return Ok(());
+        };
+        let m = adapter.manifest();
+        let model = self.model_sha256.as_deref().ok_or_else(|| {
+            Error::Adapter(format!("adapter {}: this model was built in memory and has no file identity to check the adapter's base model against", m.name))
+        })?;
+        if m.base_model_sha256 != model {
+            return Err(Error::Adapter(format!(
+                "adapter {} was trained for base model sha256 {}, but the loaded model is sha256 {model}",
+                m.name, m.base_model_sha256
+            )));
+        }
+        let by_name: HashMap<&str, &LinearShape> = self.linears.iter().map(|l| (l.name.as_str(), l)).collect();
+        let rank = m.rank as usize;
+        let mut loras: HashMap<String, Lora<B>> = HashMap::with_capacity(adapter.factors().len());
+        for f in adapter.factors() {
+            let l = by_name.get(f.name.as_str()).ok_or_else(|| Error::Adapter(format!("adapter {}: tensor {} names no linear layer of this model", m.name, f.name)))?;
+            if (l.in_features, l.out_features) != (f.in_features, f.out_features) {
+                return Err(Error::Adapter(format!(
+                    "adapter {}: tensor {} is {} -> {}, the model's layer is {} -> {}",
+                    m.name, f.name, f.in_features, f.out_features, l.in_features, l.out_features
+                )));
+            }
+            let weight = |suffix: &str, shape: Vec<usize>, values: &[f32]| {
+                let t = StoredTensor { name: format!("{}.lora_{suffix}", f.name), shape, data: TensorData::F32(values.into()) };
+                self.backend.weight(&t)
+            };
+            let lora = Lora { a: weight("a", vec![rank, f.in_features], &f.a)?, b: weight("b", vec![f.out_features, rank], &f.b)?, rank, scale: m.scale() };
+            loras.insert(f.name.clone(), lora);
+        }
+        // Everything is validated and uploaded: from here on nothing can fail.
+        self.linears_mut(&mut |l| l.lora = loras.remove(&l.name));
+        self.adapter_sha256 = Some(adapter.sha256_hex().to_string());
+        Ok(())
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -136,6 +241,178 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny_sam/tiny_sam.pth");
         let ckpt = Checkpoint::open(&path).expect("committed tiny SAM fixture");
         Segmenter::load(CpuBackend::new(2).unwrap(), &ckpt, ckpt.config()).unwrap()
+    }
+
+    /// The tiny SAM with its f32 weights as they are in the checkpoint (for merging).
+    fn tiny_sam_checkpoint() -> Checkpoint {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny_sam/tiny_sam.pth");
+        Checkpoint::open(&path).expect("committed tiny SAM fixture")
+    }
+
+    fn test_image() -> RgbImage {
+        let grey: Vec<u8> = (0..160 * 120).map(|i| ((i * 37 + i / 160 * 11) % 251) as u8).collect();
+        RgbImage::from_grey(160, 120, &grey).unwrap()
+    }
+
+    /// (image embedding, low-res logits of 3 masks, IoU predictions) for one frame and box.
+    fn outputs(s: &Segmenter<CpuBackend>) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let emb = s.encode(&test_image()).unwrap();
+        let seg = s.decode(&emb, &Prompts::with_box(BoxPrompt { x0: 30.0, y0: 20.0, x1: 120.0, y1: 100.0 }), true).unwrap();
+        (s.backend().to_host(&emb.embedding).unwrap(), seg.low_res_logits, seg.iou)
+    }
+
+    /// max |a − b| / max |b|.
+    fn relative_error(a: &[f32], b: &[f32]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        let peak = b.iter().fold(0.0f64, |p, v| p.max(v.abs() as f64));
+        a.iter().zip(b).fold(0.0f64, |e, (x, y)| e.max((*x as f64 - *y as f64).abs())) / peak.max(f64::MIN_POSITIVE)
+    }
+
+    /// Linear layers by their stored weights: 2-D `*.weight` tensors that are not embeddings or
+    /// tokens (what `format::is_quantised_by_default` also singles out, minus its NF4 size rule).
+    fn stored_linear_count(store: &dyn WeightStore) -> usize {
+        let embedding = |n: &str| n.contains("point_embeddings.") || ["not_a_point_embed.weight", "no_mask_embed.weight", "iou_token.weight", "mask_tokens.weight"].iter().any(|s| n.ends_with(s));
+        store.names().iter().filter(|n| n.ends_with(".weight") && !embedding(n) && store.get(n).unwrap().shape.len() == 2).count()
+    }
+
+    fn check_linear_shapes(s: &Segmenter<CpuBackend>, store: &dyn WeightStore) {
+        let shapes = s.linear_shapes();
+        for l in shapes {
+            let w = store.get(&format!("{}.weight", l.name)).unwrap_or_else(|e| panic!("{}: {e}", l.name));
+            assert_eq!(w.shape, [l.out_features, l.in_features], "{}", l.name);
+        }
+        let unique: std::collections::BTreeSet<&str> = shapes.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(unique.len(), shapes.len(), "a linear visited twice");
+        assert_eq!(shapes.len(), stored_linear_count(store), "every linear of the model, no more");
+    }
+
+    #[test]
+    fn every_linear_layer_is_exposed_for_adapters() {
+        let ckpt = tiny_sam_checkpoint();
+        let s = Segmenter::load(CpuBackend::new(1).unwrap(), &ckpt, ckpt.config()).unwrap();
+        check_linear_shapes(&s, &ckpt);
+        // depth 2 ViT: 2 x (qkv, proj) under the default targets.
+        let encoder_attention = crate::adapter::select_targets(s.linear_shapes(), &crate::adapter::default_targets());
+        assert_eq!(encoder_attention.len(), 4);
+        assert_eq!(s.model_sha256(), Some(ckpt.sha256()));
+
+        // TinyViT, through the bundled packed LiteMedSAM (in the repository).
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("litemedsam-nf4.msam");
+        let packed = crate::format::PackedModel::open(&path).unwrap();
+        let lite = Segmenter::load(CpuBackend::new(1).unwrap(), &packed, packed.config()).unwrap();
+        check_linear_shapes(&lite, &packed);
+        assert_eq!(lite.model_sha256(), Some(packed.sha256_hex()));
+        let attention = crate::adapter::select_targets(lite.linear_shapes(), &crate::adapter::default_targets());
+        assert!(attention.iter().all(|l| l.name.starts_with("image_encoder.layers.") && (l.name.ends_with(".attn.qkv") || l.name.ends_with(".attn.proj"))));
+        // LiteMedSAM's TinyViT-5M: attention stages of depth 2, 6, 2.
+        assert_eq!(attention.len(), 2 * (2 + 6 + 2));
+    }
+
+    #[test]
+    fn zero_b_adapter_is_bit_identical_and_unbinding_restores_the_base() {
+        let ckpt = tiny_sam_checkpoint();
+        let mut s = Segmenter::load(CpuBackend::new(2).unwrap(), &ckpt, ckpt.config()).unwrap();
+        let base = outputs(&s);
+        let targets = vec!["*".to_string()];
+        let mut factors = crate::adapter::synth::random_factors(s.linear_shapes(), &targets, 4, 3).unwrap();
+        factors.iter_mut().for_each(|f| f.b.iter_mut().for_each(|v| *v = 0.0));
+        let meta = crate::adapter::synth::test_meta(&targets, ckpt.sha256(), 4, 8.0, 3);
+        let zero = crate::adapter::encode_adapter(&meta, &factors).unwrap();
+        s.set_adapter(Some(&zero)).unwrap();
+        assert_eq!(s.adapter_sha256(), Some(zero.sha256_hex()));
+        assert_eq!(outputs(&s), base, "an adapter with B = 0 must not change a single output");
+
+        let random = crate::adapter::synth::random_adapter(s.linear_shapes(), &targets, ckpt.sha256(), 4, 8.0, 3).unwrap();
+        s.set_adapter(Some(&random)).unwrap();
+        assert_ne!(outputs(&s).1, base.1, "a random adapter must change the logits");
+        s.set_adapter(None).unwrap();
+        assert_eq!(s.adapter_sha256(), None);
+        assert_eq!(outputs(&s), base, "unbinding must restore the base model exactly");
+    }
+
+    #[test]
+    fn random_adapter_equals_the_model_with_merged_weights() {
+        let ckpt = tiny_sam_checkpoint();
+        let mut s = Segmenter::load(CpuBackend::new(2).unwrap(), &ckpt, ckpt.config()).unwrap();
+        let base = outputs(&s);
+        // Every linear (encoder, decoder transformer, hypernetworks, IoU head).
+        let targets = vec!["*".to_string()];
+        let (rank, alpha) = (4, 8.0f32);
+        let adapter = crate::adapter::synth::random_adapter(s.linear_shapes(), &targets, ckpt.sha256(), rank, alpha, 42).unwrap();
+        s.set_adapter(Some(&adapter)).unwrap();
+        let adapted = outputs(&s);
+
+        // W' = W + (alpha/r)·B·A, in f64, then stored as f32.
+        let mut merged = crate::store::MemoryStore::default();
+        for name in ckpt.names() {
+            let t = ckpt.get(&name).unwrap();
+            merged.0.insert(name, (t.shape.clone(), t.to_f32()));
+        }
+        let scale = (alpha / rank as f32) as f64;
+        for f in adapter.factors() {
+            let (shape, w) = merged.0.get_mut(&format!("{}.weight", f.name)).unwrap();
+            assert_eq!(shape, &[f.out_features, f.in_features]);
+            for o in 0..f.out_features {
+                for i in 0..f.in_features {
+                    let delta: f64 = (0..rank).map(|j| f.b[o * rank + j] as f64 * f.a[j * f.in_features + i] as f64).sum();
+                    let v = &mut w[o * f.in_features + i];
+                    *v = (*v as f64 + scale * delta) as f32;
+                }
+            }
+        }
+        let reference = Segmenter::load(CpuBackend::new(2).unwrap(), &merged, ckpt.config()).unwrap();
+        let want = outputs(&reference);
+
+        let changed = relative_error(&base.1, &want.1);
+        assert!(changed > 1e-3, "the adapter barely changes the logits ({changed:.2e}): the comparison would prove nothing");
+        for (what, got, want) in [("embedding", &adapted.0, &want.0), ("logits", &adapted.1, &want.1), ("iou", &adapted.2, &want.2)] {
+            let err = relative_error(got, want);
+            eprintln!("{what}: relative error {err:.2e} against merged weights (adapter moved the logits by {changed:.2e})");
+            assert!(err < 1e-5, "{what}: relative error {err:.2e} against merged weights");
+        }
+    }
+
+    #[test]
+    fn a_mismatched_adapter_is_refused_and_the_bound_one_stays() {
+        let ckpt = tiny_sam_checkpoint();
+        let mut s = Segmenter::load(CpuBackend::new(2).unwrap(), &ckpt, ckpt.config()).unwrap();
+        let targets = crate::adapter::default_targets();
+        let good = crate::adapter::synth::random_adapter(s.linear_shapes(), &targets, ckpt.sha256(), 2, 4.0, 1).unwrap();
+        s.set_adapter(Some(&good)).unwrap();
+        let bound = outputs(&s);
+
+        let other_base = "f".repeat(64);
+        let foreign = crate::adapter::synth::random_adapter(s.linear_shapes(), &targets, &other_base, 2, 4.0, 2).unwrap();
+        let e = s.set_adapter(Some(&foreign)).unwrap_err().to_string();
+        assert!(e.contains("trained for base model") && e.contains(&other_base) && e.contains(ckpt.sha256()), "{e}");
+
+        // Right base, but one tensor the model does not have: nothing of it may be bound.
+        let mut shapes = s.linear_shapes().to_vec();
+        shapes.push(crate::adapter::LinearShape { name: "image_encoder.blocks.9.attn.qkv".into(), in_features: 64, out_features: 192 });
+        let extra = crate::adapter::synth::random_adapter(&shapes, &targets, ckpt.sha256(), 2, 4.0, 3).unwrap();
+        let e = s.set_adapter(Some(&extra)).unwrap_err().to_string();
+        assert!(e.contains("image_encoder.blocks.9.attn.qkv") && e.contains("names no linear layer"), "{e}");
+
+        // Right names, wrong sizes.
+        let mut wide = s.linear_shapes().to_vec();
+        wide.iter_mut().filter(|l| l.name.ends_with("blocks.1.attn.proj")).for_each(|l| l.in_features += 1);
+        let wrong = crate::adapter::synth::random_adapter(&wide, &targets, ckpt.sha256(), 2, 4.0, 4).unwrap();
+        let e = s.set_adapter(Some(&wrong)).unwrap_err().to_string();
+        assert!(e.contains("image_encoder.blocks.1.attn.proj") && e.contains("65 -> 64"), "{e}");
+
+        assert_eq!(s.adapter_sha256(), Some(good.sha256_hex()));
+        assert_eq!(outputs(&s), bound, "a refused adapter must leave the bound one in place, bit for bit");
+
+        // Weights built in memory have no identity: every adapter is refused, with the reason.
+        let anonymous = Checkpoint::from_tensors(ckpt.names().into_iter().map(|n| {
+            let t = ckpt.get(&n).unwrap();
+            (n, t.shape.clone(), t.to_f32())
+        }).collect()).unwrap();
+        let mut a = Segmenter::load(CpuBackend::new(1).unwrap(), &anonymous, anonymous.config()).unwrap();
+        assert_eq!(a.model_sha256(), None);
+        assert!(a.set_adapter(Some(&good)).unwrap_err().to_string().contains("no file identity"));
+        let mut named = Segmenter::load_with_identity(CpuBackend::new(1).unwrap(), &anonymous, anonymous.config(), Some(ckpt.sha256())).unwrap();
+        named.set_adapter(Some(&good)).unwrap();
     }
 
     #[test]

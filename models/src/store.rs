@@ -119,6 +119,13 @@ pub trait WeightStore: Send + Sync {
     /// Every tensor name, in a stable order.
     fn names(&self) -> Vec<String>;
 
+    /// Identity of the file these weights came from: lower-case hex SHA-256 of the whole file,
+    /// or `None` for weights built in memory. LoRA adapters name the base model by this hash,
+    /// so a `Segmenter` loaded from a store without one cannot bind adapters.
+    fn model_sha256(&self) -> Option<&str> {
+        None
+    }
+
     /// `get`, then check the shape: networks call this so a mismatched checkpoint is refused with
     /// the tensor's name instead of failing deep inside an operation.
     fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<StoredTensor> {

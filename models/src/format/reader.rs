@@ -3,7 +3,7 @@
 //! is handed out, then serve tensors as views into the map without copying.
 
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 use minisam_kernels::nf4::Nf4View;
@@ -31,7 +31,9 @@ pub struct PackedModel {
     data_start: usize,
     /// Name → index into `manifest.tensors`.
     index: std::collections::BTreeMap<String, usize>,
-    sha256: OnceLock<String>,
+    /// SHA-256 of the whole file, computed at open: it is the model's identity, which every
+    /// adapter bind checks.
+    sha256: String,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -59,7 +61,8 @@ impl PackedModel {
         let (manifest, data_start) = parse_head(&map)?;
         let data = &map[data_start..];
         let index = validate_tensors(&manifest, data)?;
-        Ok(PackedModel { map, manifest, data_start, index, sha256: OnceLock::new() })
+        let sha256 = crate::import::hex(&Sha256::digest(&map[..]));
+        Ok(PackedModel { map, manifest, data_start, index, sha256 })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -70,9 +73,15 @@ impl PackedModel {
         &self.manifest.provenance
     }
 
-    /// SHA-256 of the whole file, computed on first call (a full read: only `inspect` needs it).
+    /// Lower-case hex SHA-256 of the whole file (computed once, at open): the model's identity,
+    /// named by adapters as their `base_model_sha256`.
+    pub fn sha256_hex(&self) -> &str {
+        &self.sha256
+    }
+
+    /// The same as [`PackedModel::sha256_hex`] (the name `inspect` and older callers use).
     pub fn file_sha256(&self) -> &str {
-        self.sha256.get_or_init(|| crate::import::hex(&Sha256::digest(&self.map[..])))
+        &self.sha256
     }
 
     pub fn tensors(&self) -> Vec<TensorInfo> {
@@ -225,5 +234,8 @@ impl WeightStore for PackedModel {
     }
     fn names(&self) -> Vec<String> {
         self.manifest.tensors.iter().map(|t| t.name.clone()).collect()
+    }
+    fn model_sha256(&self) -> Option<&str> {
+        Some(&self.sha256)
     }
 }

@@ -75,6 +75,8 @@ fn round_trip_keeps_values_config_and_provenance() {
     assert_eq!(m.names(), store().names());
     let file = std::fs::read(&path).unwrap();
     assert_eq!(m.file_sha256(), crate::import::hex(&sha2::Sha256::digest(&file)));
+    assert_eq!(m.sha256_hex(), m.file_sha256());
+    assert_eq!(crate::store::WeightStore::model_sha256(&m), Some(m.sha256_hex()));
     for src in store().0 {
         let got = m.get(&src.name).unwrap();
         assert_eq!(got.shape, src.shape);

@@ -121,6 +121,10 @@ impl WeightStore for Checkpoint {
     fn names(&self) -> Vec<String> {
         self.tensors.keys().cloned().collect()
     }
+    fn model_sha256(&self) -> Option<&str> {
+        // Built from tensors in memory: no file, no identity.
+        Some(self.sha256.as_str()).filter(|s| !s.is_empty())
+    }
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {

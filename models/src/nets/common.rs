@@ -2,15 +2,20 @@
 //! prefix, checking shapes, and runs through a [`Backend`].
 
 use crate::backend::{Activation, Backend, Conv2dSpec};
+pub use crate::backend::Lora;
 use crate::store::WeightStore;
 use crate::Result;
 
-/// `y = x·Wᵀ + b`, `W: [out, in]` as `torch.nn.Linear`.
+/// `y = x·Wᵀ + b`, `W: [out, in]` as `torch.nn.Linear`, plus the LoRA update of the bound
+/// adapter, if any (`Segmenter::set_adapter` binds it by [`Linear::name`]).
 pub struct Linear<B: Backend> {
+    /// Checkpoint name prefix (`image_encoder.blocks.0.attn.qkv`): the adapter's key.
+    pub name: String,
     pub weight: B::Weight,
     pub bias: Option<B::Vector>,
     pub in_features: usize,
     pub out_features: usize,
+    pub lora: Option<Lora<B>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -19,11 +24,11 @@ impl<B: Backend> Linear<B> {
         let w = store.get_shaped(&format!("{prefix}.weight"), &[out_features, in_features])?;
         let bias_name = format!("{prefix}.bias");
         let bias = if store.contains(&bias_name) { Some(b.vector(&store.get_shaped(&bias_name, &[out_features])?)?) } else { None };
-        Ok(Self { weight: b.weight(&w)?, bias, in_features, out_features })
+        Ok(Self { name: prefix.to_string(), weight: b.weight(&w)?, bias, in_features, out_features, lora: None })
     }
 
     pub fn forward(&self, b: &B, x: &B::Tensor, act: Activation) -> Result<B::Tensor> {
-        b.linear(x, &self.weight, self.bias.as_ref(), act)
+        b.linear_lora(x, &self.weight, self.bias.as_ref(), act, self.lora.as_ref())
     }
 }
 

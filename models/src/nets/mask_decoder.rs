@@ -159,6 +159,16 @@ impl<B: Backend> MaskDecoder<B> {
         })
     }
 
+    /// Every [`Linear`] of the decoder (transformer, hypernetwork MLPs, IoU head), for adapter
+    /// binding.
+    pub fn linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear<B>)) {
+        self.transformer.linears_mut(f);
+        for mlp in &mut self.output_hypernetworks_mlps {
+            mlp.layers.iter_mut().for_each(&mut *f);
+        }
+        self.iou_prediction_head.layers.iter_mut().for_each(&mut *f);
+    }
+
     /// `image_embedding, image_pe, dense: [1, C, E, E]`, `sparse: [1, n, C]` →
     /// (mask logits `[1, k, 4E, 4E]`, IoU predictions `k`), `k = 3` with `multimask_output`
     /// (outputs 1..) and `k = 1` without (output 0).

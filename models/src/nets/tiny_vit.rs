@@ -60,6 +60,21 @@ impl<B: Backend> TinyVit<B> {
         Ok(Self { image_size, patch_embed, stages, neck })
     }
 
+    /// Every [`Linear`] of this part, in forward order, for adapter binding.
+    /// Stage 0 is convolutional and has none.
+    pub fn linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear<B>)) {
+        for stage in &mut self.stages {
+            if let StageBlocks::Attention(blocks) = &mut stage.blocks {
+                for block in blocks {
+                    f(&mut block.attn.qkv);
+                    f(&mut block.attn.proj);
+                    f(&mut block.mlp.fc1);
+                    f(&mut block.mlp.fc2);
+                }
+            }
+        }
+    }
+
     /// `image` is `[B, 3, S, S]` (normalised and padded); returns `[B, out_chans, 64, 64]` for the
     /// MobileSAM and LiteMedSAM geometries.
     pub fn forward(&self, b: &B, image: &B::Tensor) -> Result<B::Tensor> {

@@ -65,6 +65,14 @@ impl<B: Backend> Attention<B> {
         })
     }
 
+    /// Its four projections, for adapter binding.
+    pub fn linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear<B>)) {
+        f(&mut self.q_proj);
+        f(&mut self.k_proj);
+        f(&mut self.v_proj);
+        f(&mut self.out_proj);
+    }
+
     /// `q: [B, Nq, C]`, `k, v: [B, Nk, C]` → `[B, Nq, C]`.
     pub fn forward(&self, b: &B, q: &B::Tensor, k: &B::Tensor, v: &B::Tensor) -> Result<B::Tensor> {
         let q = self.separate_heads(b, self.q_proj.forward(b, q, Activation::None)?)?;
@@ -244,6 +252,18 @@ impl<B: Backend> TwoWayTransformer<B> {
         )?;
         let norm_final_attn = Norm::load(b, store, &format!("{prefix}.norm_final_attn"), embedding_dim, NORM_EPS)?;
         Ok(Self { layers, final_attn_token_to_image, norm_final_attn })
+    }
+
+    /// Every [`Linear`] of this part, in forward order, for adapter binding.
+    pub fn linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear<B>)) {
+        for layer in &mut self.layers {
+            layer.self_attn.linears_mut(f);
+            layer.cross_attn_token_to_image.linears_mut(f);
+            f(&mut layer.mlp.lin1);
+            f(&mut layer.mlp.lin2);
+            layer.cross_attn_image_to_token.linears_mut(f);
+        }
+        self.final_attn_token_to_image.linears_mut(f);
     }
 
     /// `image_embedding: [B, C, H, W]`, `image_pe: [1, C, H, W]`, `point_embedding: [B, Nt, C]` →

@@ -60,6 +60,16 @@ impl<B: Backend> VitEncoder<B> {
         Ok(Self { image_size, patch_embed, pos_embed, blocks, neck })
     }
 
+    /// Every [`Linear`] of this part, in forward order, for adapter binding.
+    pub fn linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear<B>)) {
+        for block in &mut self.blocks {
+            f(&mut block.attn.qkv);
+            f(&mut block.attn.proj);
+            f(&mut block.mlp_in);
+            f(&mut block.mlp_out);
+        }
+    }
+
     /// `image: [B, 3, S, S]` (normalised and padded) → `[B, out_chans, S/16, S/16]`.
     pub fn forward(&self, b: &B, image: &B::Tensor) -> Result<B::Tensor> {
         self.check_input(b, image)?;

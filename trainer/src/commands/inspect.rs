@@ -1,11 +1,13 @@
 //! `minisam inspect`: everything a packed file says about itself (header, architecture,
 //! provenance, tensor table with checksums), for audits and bug reports. Opening the file
-//! validates every range and CRC, so a file that prints is a file that loads.
+//! validates every range and CRC, so a file that prints is a file that loads. Given a LoRA
+//! adapter file (`MSAMLORA`), it prints the adapter's manifest and factor table instead.
 
 use std::io::Read;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use minisam_models::adapter::{self, AdapterFile};
 use minisam_models::format::{self, PackedModel, TensorInfo};
 
 use crate::cli::InspectArgs;
@@ -20,7 +22,25 @@ fn header(path: &Path) -> Result<(u32, u32, u32)> {
     Ok((u32_at(8), u32_at(12), u32_at(16)))
 }
 
+/// Whether `path` starts with the adapter magic (decided by content, as for models).
+fn is_adapter(path: &Path) -> Result<bool> {
+    let mut magic = [0u8; 8];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut magic))
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(n == magic.len() && &magic == adapter::MAGIC)
+}
+
 pub fn run(args: &InspectArgs) -> Result<()> {
+    if is_adapter(&args.file)? {
+        let a = AdapterFile::open(&args.file)
+            .with_context(|| format!("{} is not a valid adapter file", args.file.display()))?;
+        let (version, manifest_len, manifest_crc) = header(&args.file)?;
+        let mut text = format!("file: {}\n", args.file.display());
+        text += &format!("header: magic MSAMLORA, version {version}, manifest {manifest_len} bytes, manifest crc32 {manifest_crc:08x}\n");
+        text += &render_adapter(&a);
+        return crate::runtime::emit(&text);
+    }
     let model = PackedModel::open(&args.file)
         .with_context(|| format!("{} is not a valid packed model (to inspect a checkpoint, pack it first with `minisam pack`)", args.file.display()))?;
     let (version, manifest_len, manifest_crc) = header(&args.file)?;
@@ -35,6 +55,39 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     );
     text += &render_tensors(&model.tensors());
     crate::runtime::emit(&text)
+}
+
+/// An adapter's identity, manifest fields and factor table.
+pub fn render_adapter(a: &AdapterFile) -> String {
+    let m = a.manifest();
+    let mut out = format!("sha256: {}\n", a.sha256_hex());
+    out += &format!("name: {}\nmodality: {}\n", m.name, m.modality);
+    out += &format!("base model sha256: {}\n", m.base_model_sha256);
+    out += &format!("rank: {}, alpha: {} (scale {})\n", m.rank, m.alpha, m.scale());
+    out += &format!("targets: {}\n", m.targets.join(" "));
+    out += &format!("training set sha256: {}\n", m.training_set_sha256);
+    out += &format!("created: {}\n", m.created);
+    out += &format!(
+        "validation Dice: {}\n",
+        m.val_dice.map_or("not measured".to_string(), |d| format!("{d:.4}"))
+    );
+    out += &format!("trainer: {}\n", m.trainer_version);
+    out += &format!("{:<64} {:>6} {:>6} {:>10} {:>8}\n", "layer", "in", "out", "bytes", "crc32");
+    let mut total = 0u64;
+    for t in &m.tensors {
+        let bytes = t.a.len + t.b.len;
+        total += bytes;
+        out += &format!(
+            "{:<64} {:>6} {:>6} {:>10} {:08x}\n",
+            t.name, t.in_features, t.out_features, bytes, t.crc32
+        );
+    }
+    out += &format!(
+        "total: {} layers, {} parameters, {total} bytes\n",
+        m.tensors.len(),
+        total / 4
+    );
+    out
 }
 
 pub fn render_tensors(tensors: &[TensorInfo]) -> String {
@@ -99,6 +152,44 @@ mod tests {
             s.contains("total: 2 tensors, 8 parameters, 14 bytes"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn an_adapter_file_shows_its_manifest() {
+        use minisam_models::adapter::{synth, LinearShape};
+        let layers = [LinearShape {
+            name: "image_encoder.blocks.0.attn.qkv".into(),
+            in_features: 8,
+            out_features: 24,
+        }];
+        let base = "cd".repeat(32);
+        let a = synth::random_adapter(&layers, &adapter::default_targets(), &base, 2, 4.0, 3)
+            .unwrap();
+        let s = render_adapter(&a);
+        for want in [
+            format!("sha256: {}", a.sha256_hex()),
+            "name: random-3".into(),
+            "modality: US".into(),
+            format!("base model sha256: {base}"),
+            "rank: 2, alpha: 4 (scale 2)".into(),
+            "targets: *.attn.qkv *.attn.proj".into(),
+            "validation Dice: not measured".into(),
+            "total: 1 layers, 64 parameters, 256 bytes".into(),
+        ] {
+            assert!(s.contains(&want), "missing {want:?} in:\n{s}");
+        }
+        assert!(s.lines().any(|l| l.starts_with("image_encoder.blocks.0.attn.qkv") && l.contains(" 8 ") && l.contains(" 24 ")), "{s}");
+
+        let f = std::env::temp_dir()
+            .join(format!("minisam-test-{}-inspect.lora", std::process::id()));
+        std::fs::write(&f, a.bytes()).unwrap();
+        run(&InspectArgs { file: f.clone() }).unwrap();
+        let mut damaged = a.bytes().to_vec();
+        damaged[30] ^= 4;
+        std::fs::write(&f, &damaged).unwrap();
+        let err = format!("{:#}", run(&InspectArgs { file: f.clone() }).unwrap_err());
+        assert!(err.contains("not a valid adapter file"), "{err}");
+        std::fs::remove_file(&f).unwrap();
     }
 
     #[test]

@@ -4,19 +4,15 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use std::path::Path;
-
-use minisam_models::cuda::SelectedBackend;
-use minisam_models::image::RgbImage;
 use minisam_models::prompt::Prompts;
 
-use super::cuda::BackendExtras;
 use crate::cli::SegmentArgs;
 use crate::image_io::{self, MaskValue};
 use crate::runtime;
 
 pub fn run(args: &SegmentArgs) -> Result<()> {
-    runtime::refuse_adapter(args.adapter.as_deref())?;
+    // Validated now, before the slow model load; bound (and checked against the model) after it.
+    runtime::open_adapter(args.adapter.as_deref())?;
     let image = image_io::read_rgb(&args.image)?;
     let env = std::env::var("MINISAM_MODEL").ok();
     let model_path = runtime::resolve_model(args.model.as_deref(), env.as_deref())?;
@@ -36,33 +32,26 @@ pub fn run(args: &SegmentArgs) -> Result<()> {
             )
         })?;
 
-    match args.backend.select(args.threads.get())? {
-        SelectedBackend::Cpu(b) => run_on(args, &image, &prompts, &model_path, b),
-        SelectedBackend::Cuda(b) => run_on(args, &image, &prompts, &model_path, *b),
-    }
-}
-
-/// The rest of `run` on whichever backend was selected.
-fn run_on<B: BackendExtras>(args: &SegmentArgs, image: &RgbImage, prompts: &Prompts, model_path: &Path, backend: B) -> Result<()> {
-    let loaded = super::model::load(model_path, backend)?;
+    let mut loaded = super::model::load(&model_path, args.threads.get())?;
     println!(
         "model: {} ({}), loaded in {:.0} ms",
         model_path.display(),
         loaded.description,
         loaded.load_ms
     );
+    if let Some(line) = runtime::bind_adapter(&mut loaded.segmenter, args.adapter.as_deref())? {
+        println!("{line}");
+    }
     let t0 = Instant::now();
     let emb = loaded
         .segmenter
-        .encode(image)
+        .encode(&image)
         .with_context(|| format!("encoding {}", args.image.display()))?;
-    // GPU work is queued asynchronously: wait for it, so the time is the encoder's.
-    loaded.segmenter.backend().sync()?;
     let encode_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
     let seg = loaded
         .segmenter
-        .decode(&emb, prompts, args.multimask)
+        .decode(&emb, &prompts, args.multimask)
         .context("decoding the prompt")?;
     let decode_ms = t1.elapsed().as_secs_f64() * 1e3;
 
@@ -93,17 +82,13 @@ fn run_on<B: BackendExtras>(args: &SegmentArgs, image: &RgbImage, prompts: &Prom
         );
     }
     println!(
-        "time: encode {encode_ms:.1} ms, decode {decode_ms:.1} ms ({} backend{})",
-        loaded.segmenter.backend().name(),
-        if loaded.segmenter.backend().name() == "cpu" { format!(", {} threads", args.threads.get()) } else { String::new() }
+        "time: encode {encode_ms:.1} ms, decode {decode_ms:.1} ms ({} threads)",
+        args.threads.get()
     );
     if args.stats {
         match runtime::peak_rss_kib() {
             Some(kib) => println!("peak RSS: {:.1} MiB", kib as f64 / 1024.0),
             None => println!("peak RSS: unavailable (no /proc/self/status)"),
-        }
-        if let Some(line) = loaded.segmenter.backend().memory_line() {
-            println!("{line}");
         }
     }
     Ok(())
