@@ -5,11 +5,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use minisam_models::cpu::CpuBackend;
+use minisam_models::backend::Backend;
+use minisam_models::cuda::SelectedBackend;
 use minisam_models::image::{Mask, RgbImage};
 use minisam_models::prompt::{BoxPrompt, Prompts};
 use minisam_models::sam::{ImageEmbedding, Segmenter};
 
+use super::cuda::BackendExtras;
 use crate::cli::EvalArgs;
 use crate::eval::protocol::{self, JitterBoxes, PromptKind};
 use crate::eval::report::{self, Reference};
@@ -17,12 +19,15 @@ use crate::eval::{self, BoxSegmenter, EvalOptions};
 use crate::runtime;
 
 /// The protocol's model step: single output (multimask off), one box per target.
-struct ProtocolModel<'a>(&'a Segmenter<CpuBackend>);
+struct ProtocolModel<'a, B: Backend>(&'a Segmenter<B>);
 
-impl BoxSegmenter for ProtocolModel<'_> {
-    type Embedding = ImageEmbedding<CpuBackend>;
+impl<B: BackendExtras> BoxSegmenter for ProtocolModel<'_, B> {
+    type Embedding = ImageEmbedding<B>;
     fn encode(&self, image: &RgbImage) -> Result<Self::Embedding> {
-        Ok(self.0.encode(image)?)
+        let emb = self.0.encode(image)?;
+        // Queued GPU work must finish inside the encode timing, not the decode's.
+        self.0.backend().sync()?;
+        Ok(emb)
     }
     fn segment(&self, emb: &Self::Embedding, b: BoxPrompt) -> Result<Mask> {
         let seg = self.0.decode(emb, &Prompts::with_box(b), false)?;
@@ -89,7 +94,16 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     );
 
     let threads = args.threads.get();
-    let mut loaded = super::model::load(&args.model, threads)?;
+    match args.backend.select(threads)? {
+        SelectedBackend::Cpu(b) => run_on(args, &plan, b),
+        SelectedBackend::Cuda(b) => run_on(args, &plan, *b),
+    }
+}
+
+/// The rest of `run` on whichever backend was selected.
+fn run_on<B: BackendExtras>(args: &EvalArgs, plan: &eval::Plan, backend: B) -> Result<()> {
+    let threads = args.threads.get();
+    let mut loaded = super::model::load(&args.model, backend)?;
     eprintln!(
         "model: {} ({}), loaded in {:.0} ms, {threads} threads",
         args.model.display(),
@@ -99,7 +113,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     if let Some(line) = runtime::bind_adapter(&mut loaded.segmenter, args.adapter.as_deref())? {
         eprintln!("{line}");
     }
-    let outcome = eval::execute(&ProtocolModel(&loaded.segmenter), &plan, |line| {
+    let outcome = eval::execute(&ProtocolModel(&loaded.segmenter), plan, |line| {
         eprintln!("{line}")
     })?;
 

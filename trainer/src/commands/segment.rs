@@ -4,8 +4,13 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use std::path::Path;
+
+use minisam_models::cuda::SelectedBackend;
+use minisam_models::image::RgbImage;
 use minisam_models::prompt::Prompts;
 
+use super::cuda::BackendExtras;
 use crate::cli::SegmentArgs;
 use crate::image_io::{self, MaskValue};
 use crate::runtime;
@@ -32,7 +37,15 @@ pub fn run(args: &SegmentArgs) -> Result<()> {
             )
         })?;
 
-    let mut loaded = super::model::load(&model_path, args.threads.get())?;
+    match args.backend.select(args.threads.get())? {
+        SelectedBackend::Cpu(b) => run_on(args, &image, &prompts, &model_path, b),
+        SelectedBackend::Cuda(b) => run_on(args, &image, &prompts, &model_path, *b),
+    }
+}
+
+/// The rest of `run` on whichever backend was selected.
+fn run_on<B: BackendExtras>(args: &SegmentArgs, image: &RgbImage, prompts: &Prompts, model_path: &Path, backend: B) -> Result<()> {
+    let mut loaded = super::model::load(model_path, backend)?;
     println!(
         "model: {} ({}), loaded in {:.0} ms",
         model_path.display(),
@@ -45,13 +58,15 @@ pub fn run(args: &SegmentArgs) -> Result<()> {
     let t0 = Instant::now();
     let emb = loaded
         .segmenter
-        .encode(&image)
+        .encode(image)
         .with_context(|| format!("encoding {}", args.image.display()))?;
+    // GPU work is queued asynchronously: wait for it, so the time is the encoder's.
+    loaded.segmenter.backend().sync()?;
     let encode_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
     let seg = loaded
         .segmenter
-        .decode(&emb, &prompts, args.multimask)
+        .decode(&emb, prompts, args.multimask)
         .context("decoding the prompt")?;
     let decode_ms = t1.elapsed().as_secs_f64() * 1e3;
 
@@ -82,13 +97,17 @@ pub fn run(args: &SegmentArgs) -> Result<()> {
         );
     }
     println!(
-        "time: encode {encode_ms:.1} ms, decode {decode_ms:.1} ms ({} threads)",
-        args.threads.get()
+        "time: encode {encode_ms:.1} ms, decode {decode_ms:.1} ms ({} backend{})",
+        loaded.segmenter.backend().name(),
+        if loaded.segmenter.backend().name() == "cpu" { format!(", {} threads", args.threads.get()) } else { String::new() }
     );
     if args.stats {
         match runtime::peak_rss_kib() {
             Some(kib) => println!("peak RSS: {:.1} MiB", kib as f64 / 1024.0),
             None => println!("peak RSS: unavailable (no /proc/self/status)"),
+        }
+        if let Some(line) = loaded.segmenter.backend().memory_line() {
+            println!("{line}");
         }
     }
     Ok(())
