@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use futures_core::Stream;
 use minisam_models::backend::Backend;
-use minisam_models::cpu::CpuBackend;
+use minisam_models::cuda::{self, SelectedBackend};
 use minisam_models::load::ModelFile;
 use minisam_models::sam::Segmenter;
 
@@ -45,6 +45,23 @@ fn after(delay: Duration, events: &Mailbox<Event>, ev: Event) {
     });
 }
 
+/// Builds the networks on `backend`, applies `--adapter`, and starts the inference thread.
+fn start_worker<B: Backend + 'static>(backend: B, file: &ModelFile, registry: &Registry, args: &Args) -> Result<(Arc<worker::Handle>, String)> {
+    let name = backend.name().to_string();
+    let mut segmenter = Segmenter::load(backend, file.store(), file.config()).with_context(|| format!("building the networks from {}", args.model.display()))?;
+    let initial = match &args.adapter {
+        None => None,
+        Some(key) => {
+            let e = registry.resolve(key).map_err(|e| anyhow::anyhow!("--adapter {key}: {}", e.message()))?;
+            registry.check_fits(&e).map_err(|e| anyhow::anyhow!("--adapter {key}: {}", e.message()))?;
+            segmenter.set_adapter(Some(&e.file)).with_context(|| format!("applying adapter {}", e.name))?;
+            tracing::info!(adapter = %e.name, adapter_sha256 = %e.sha256, "initial adapter");
+            Some(e)
+        }
+    };
+    Ok((Arc::new(worker::spawn(segmenter, initial, args.queue_depth as usize)?), name))
+}
+
 pub fn run(args: Args) -> Result<()> {
     let notifier = Arc::new(Notifier::from_env());
     let events: Mailbox<Event> = Mailbox::default();
@@ -57,32 +74,29 @@ pub fn run(args: Args) -> Result<()> {
     let file = ModelFile::open(&args.model).with_context(|| format!("cannot open model {}", args.model.display()))?;
     let model_sha256 = file.sha256_hex().to_string();
     let description = file.describe();
-    match args.backend {
-        BackendChoice::Auto | BackendChoice::Cpu => {}
-        BackendChoice::Cuda => bail!("--backend cuda: this minisamd is built with the CPU backend only"),
-    }
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    let backend = CpuBackend::new(threads).with_context(|| format!("starting {threads} CPU threads"))?;
-    let mut segmenter = Segmenter::load(backend, file.store(), file.config()).with_context(|| format!("building the networks from {}", args.model.display()))?;
-    let backend_name = segmenter.backend().name().to_string();
-    drop(file);
-    tracing::info!(model = %model_sha256, backend = %backend_name, threads, load_ms = t0.elapsed().as_millis() as u64, "model loaded: {description}");
-
+    let choice = match args.backend {
+        BackendChoice::Auto => cuda::BackendChoice::Auto,
+        BackendChoice::Cpu => cuda::BackendChoice::Cpu,
+        BackendChoice::Cuda => cuda::BackendChoice::Cuda,
+    };
+    let options = cuda::CudaOptions { vram_budget: args.vram_budget, ..cuda::CudaOptions::default() };
+    let selected = cuda::select_backend(choice, threads, options).context("bringing up the compute backend")?;
     let mut registry = Registry::new(args.adapters_dirs.clone(), model_sha256.clone());
     for bad in registry.scan() {
         tracing::warn!(path = %bad.path.display(), "skipping adapter: {}", bad.reason);
     }
-    let initial = match &args.adapter {
-        None => None,
-        Some(key) => {
-            let e = registry.resolve(key).map_err(|e| anyhow::anyhow!("--adapter {key}: {}", e.message()))?;
-            registry.check_fits(&e).map_err(|e| anyhow::anyhow!("--adapter {key}: {}", e.message()))?;
-            segmenter.set_adapter(Some(&e.file)).with_context(|| format!("applying adapter {}", e.name))?;
-            tracing::info!(adapter = %e.name, adapter_sha256 = %e.sha256, "initial adapter");
-            Some(e)
+    // The worker is generic over the backend; everything after this point is not.
+    let (worker, backend_name) = match selected {
+        SelectedBackend::Cpu(b) => start_worker(b, &file, &registry, &args)?,
+        SelectedBackend::Cuda(b) => {
+            tracing::info!("CUDA backend: {}", b.describe());
+            start_worker(*b, &file, &registry, &args)?
         }
     };
-    let worker = Arc::new(worker::spawn(segmenter, initial, args.queue_depth as usize)?);
+    drop(file);
+    tracing::info!(model = %model_sha256, backend = %backend_name, threads, load_ms = t0.elapsed().as_millis() as u64, "model loaded: {description}");
+
     let registry = Arc::new(Mutex::new(registry));
     let streams = Arc::new(Streams::default());
     let service = Segmenter1::new(
