@@ -266,9 +266,8 @@ pub fn parse_ptxas(log: &str) -> Vec<KernelResources> {
         let Some(cur) = out.last_mut() else { continue };
         if line.contains("registers") {
             cur.registers = number_before(line, " registers");
-            if line.contains("smem") {
-                cur.shared_bytes = number_before(line, " bytes smem");
-            }
+            // ptxas leaves shared memory out of the line when a kernel uses none.
+            cur.shared_bytes = if line.contains("smem") { number_before(line, " bytes smem") } else { Some(0) };
         }
         if line.contains("stack frame") {
             cur.stack_bytes = number_before(line, " bytes stack frame");
@@ -333,6 +332,8 @@ mod tests {
         assert_eq!(r[0].kernel, "gemm_tc_nf4w");
         assert_eq!((r[0].registers, r[0].shared_bytes), (Some(128), Some(19200)));
         assert_eq!((r[0].stack_bytes, r[0].spill_stores, r[0].spill_loads), (Some(16), Some(4), Some(8)));
+        let no_smem = parse_ptxas("ptxas info    : Compiling entry function 'k' for 'sm_87'\nptxas info    : Used 36 registers, 400 bytes cmem[0]\n");
+        assert_eq!((no_smem[0].registers, no_smem[0].shared_bytes), (Some(36), Some(0)));
     }
 
     /// Compiles every kernel for both deployment targets when NVRTC is loadable (CI's

@@ -88,7 +88,7 @@ pub fn compile(args: &CudaCompileArgs) -> Result<()> {
             }
         }
     }
-    if !any_report {
+    if !any_report && !args.no_report {
         println!("(NVRTC printed no ptxas resource report for the real-architecture compile; no ptxas binary is used, so register/spill figures are unavailable here)");
     }
     Ok(())
