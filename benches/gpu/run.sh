@@ -4,8 +4,9 @@
 # has nvcc and PyTorch but no Rust). Results go to $OUT: run.log (everything), summary.md, gpu.txt,
 # bench.md, peer.md (five files: the device returns at most eight).
 #
-# On the development machine, first:
-#     cargo build --release -p minisam
+# On the development machine, first (the device tool carries at most 64 MiB with the tree: build
+# without debug info, and copy MobileSAM in only if it still fits):
+#     CARGO_PROFILE_RELEASE_DEBUG=0 cargo build --release -p minisam && strip target/release/minisam
 #     bash .ci/cuda-ptx.sh                  # fills target/ptx-cache with sm_90 PTX (NVRTC 12.6)
 #     mkdir -p shared/weights && cp ../shared/weights/mobile_sam.pt shared/weights/   # optional, 39 MiB
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
