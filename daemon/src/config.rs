@@ -33,8 +33,9 @@ pub struct Args {
     pub adapter: Option<String>,
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
-    /// GPU memory the CUDA backend may use (bytes, or with KiB/MiB/GiB).
-    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    /// GPU memory the CUDA backend may use (bytes, or with KiB/MiB/GiB, or SI kB/MB/GB), parsed
+    /// as the `minisam` CLI parses it.
+    #[arg(long, default_value = "1GiB", value_parser = minisam_models::cuda::parse_bytes)]
     pub vram_budget: u64,
     /// Compute threads of the CPU backend; default: all cores.
     #[arg(long)]
@@ -55,34 +56,9 @@ pub struct Args {
     pub max_frame_pixels: u64,
 }
 
-/// `1073741824`, `1GiB`, `512MiB`, `64KiB` (also `G`/`M`/`K`, powers of 1024).
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected a number of bytes like 1GiB"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "K" | "KiB" => 1 << 10,
-        "M" | "MiB" => 1 << 20,
-        "G" | "GiB" => 1 << 30,
-        other => return Err(format!("unknown unit {other:?}; use KiB, MiB or GiB")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} overflows"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn byte_sizes_parse() {
-        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
-        assert_eq!(parse_bytes("4096"), Ok(4096));
-        assert!(parse_bytes("1TB").is_err());
-        assert!(parse_bytes("GiB").is_err());
-    }
 
     #[test]
     fn contract_flags_parse() {
@@ -96,5 +72,6 @@ mod tests {
         assert_eq!((a.queue_depth, a.deadline_ms, a.vram_budget), (8, 500, 2 << 30));
         assert_eq!(a.bus, Bus::Session);
         assert!(Args::try_parse_from(["minisamd", "--queue-depth", "0"]).is_err());
+        assert!(Args::try_parse_from(["minisamd", "--vram-budget", "lots"]).is_err());
     }
 }
