@@ -49,9 +49,14 @@ pub struct PackArgs {
     /// Output packed model file.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Keep tensors whose name contains PATTERN in fp16 instead of NF4 (repeatable).
+    /// Keep tensors whose whole name matches the glob PATTERN (`*` = any run of characters,
+    /// e.g. `mask_decoder.*`) in fp16 instead of NF4 (repeatable).
     #[arg(long = "keep-fp16", value_name = "PATTERN")]
     pub keep_fp16: Vec<String>,
+    /// Quantise every eligible tensor, dropping the architecture's default fp16 list (TinyViT
+    /// encoders stay fp16 by default: see `format::default_keep_fp16`). For size/accuracy studies.
+    #[arg(long = "all-nf4")]
+    pub all_nf4: bool,
 }
 
 #[derive(Debug, Args)]

@@ -10,7 +10,7 @@ pub mod writer;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ModelConfig;
+use crate::config::{EncoderConfig, ModelConfig};
 
 pub use reader::{PackedModel, TensorInfo};
 pub use writer::{pack, PackReport};
@@ -97,6 +97,25 @@ pub fn is_quantised_by_default(name: &str, shape: &[usize]) -> bool {
         && rows_fill_whole_blocks(shape)
         && !EMBEDDING_SUFFIXES.iter().any(|s| name.ends_with(s))
         && !name.contains(".point_embeddings.")
+}
+
+/// Patterns `minisam pack` keeps in fp16 on top of [`is_quantised_by_default`] unless told
+/// `--all-nf4`, per encoder family, from the quantisation study in `benches/RESULTS.md`.
+///
+/// TinyViT (LiteMedSAM, MobileSAM): its 5.7M-parameter encoder does not survive 4 bits. On
+/// LiteMedSAM and the whole of shared/data, every linear/conv in NF4 lost 0.027-0.079 mean Dice
+/// on four of five sets; on a 25-image subset the mean per-target |Dice change| against f32 was
+/// 0.102 with everything in NF4, 0.091 with only the decoder kept fp16, 0.074 with encoder
+/// stages 0-1 kept fp16 and 0.024 with the whole encoder kept fp16. Keeping the encoder costs
+/// 6.4 MB (7.2 -> 13.6 MB), still a third of the f32 checkpoint.
+///
+/// SAM ViT-B/L/H: no real weights can be evaluated here (only random ones), so nothing is kept
+/// beyond the dtype rule until a measurement says otherwise.
+pub fn default_keep_fp16(config: &ModelConfig) -> Vec<String> {
+    match config.encoder {
+        EncoderConfig::TinyVit(_) => vec!["image_encoder.*".to_string()],
+        EncoderConfig::Vit(_) => Vec::new(),
+    }
 }
 
 /// NF4 blocks run over the flattened tensor; a block that straddles two output channels shares

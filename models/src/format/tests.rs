@@ -227,3 +227,12 @@ fn real_lite_medsam_packs_and_reopens() {
     assert_eq!(m.get(name).unwrap().to_f32(), want);
     assert!(matches!(m.get("image_encoder.layers.1.blocks.0.attn.qkv.weight").unwrap().data, TensorData::Nf4(_)));
 }
+
+#[test]
+fn tiny_vit_encoders_stay_fp16_by_default_and_vit_encoders_do_not() {
+    let bundled = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("litemedsam-nf4.msam");
+    let lite_medsam = PackedModel::open(&bundled).expect("the bundled model is committed").config().clone();
+    assert_eq!(default_keep_fp16(&lite_medsam), vec!["image_encoder.*".to_string()]);
+    let vit_b = crate::config::ModelConfig { encoder: EncoderConfig::Vit(crate::config::VitConfig::sam_b()), ..lite_medsam };
+    assert!(default_keep_fp16(&vit_b).is_empty());
+}

@@ -39,11 +39,12 @@ pub fn run(args: &PackArgs) -> Result<()> {
         .collect::<Vec<_>>()
         .join(" + ");
     let provenance = Provenance::new(source_file, source_sha256.clone());
+    let keep_fp16 = keep_fp16_patterns(ckpt.config(), args);
     let report = format::pack(
         &ckpt,
         ckpt.config(),
         provenance,
-        &args.keep_fp16,
+        &keep_fp16,
         &args.output,
     )
     .with_context(|| format!("packing {shown} into {}", args.output.display()))?;
@@ -53,6 +54,14 @@ pub fn run(args: &PackArgs) -> Result<()> {
     );
     print!("{}", render_report(&report));
     Ok(())
+}
+
+/// The architecture's default fp16 list (unless `--all-nf4`) followed by the user's patterns;
+/// the result is what the provenance records, so a packed file says how it was made.
+fn keep_fp16_patterns(config: &minisam_models::config::ModelConfig, args: &PackArgs) -> Vec<String> {
+    let mut keep = if args.all_nf4 { Vec::new() } else { format::default_keep_fp16(config) };
+    keep.extend(args.keep_fp16.iter().filter(|p| !keep.contains(p)).cloned().collect::<Vec<_>>());
+    keep
 }
 
 /// An ONNX model by extension, or by content: a protobuf `ModelProto` starts with field 1
@@ -153,6 +162,7 @@ mod tests {
             inputs: vec![ck.clone()],
             output: dir.join("out.msam"),
             keep_fp16: vec![],
+            all_nf4: false,
         };
         let err = format!("{:#}", run(&args).unwrap_err());
         assert!(err.contains("cannot import"), "{err}");
@@ -160,10 +170,27 @@ mod tests {
         assert!(run(&PackArgs {
             inputs: vec![ck.clone()],
             output: ck,
-            keep_fp16: vec![]
+            keep_fp16: vec![],
+            all_nf4: false,
         })
         .is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tiny_vit_defaults_come_first_unless_all_nf4() {
+        let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/litemedsam-nf4.msam");
+        let config = minisam_models::format::PackedModel::open(&bundled).unwrap().config().clone();
+        let args = |keep: &[&str], all_nf4| PackArgs {
+            inputs: vec![],
+            output: PathBuf::new(),
+            keep_fp16: keep.iter().map(|s| s.to_string()).collect(),
+            all_nf4,
+        };
+        assert_eq!(keep_fp16_patterns(&config, &args(&["mask_decoder.*"], false)), ["image_encoder.*", "mask_decoder.*"]);
+        assert_eq!(keep_fp16_patterns(&config, &args(&["image_encoder.*"], false)), ["image_encoder.*"]);
+        assert_eq!(keep_fp16_patterns(&config, &args(&["mask_decoder.*"], true)), ["mask_decoder.*"]);
+        assert!(keep_fp16_patterns(&config, &args(&[], true)).is_empty());
     }
 
     fn tiny_onnx(file: &str) -> PathBuf {
@@ -181,6 +208,7 @@ mod tests {
             inputs: vec![tiny_onnx("encoder.onnx"), tiny_onnx("decoder.onnx")],
             output: dir.join("out.msam"),
             keep_fp16: vec![],
+            all_nf4: false,
         };
         let err = format!("{:#}", run(&args).unwrap_err());
         assert!(err.contains("--features onnx"), "{err}");
@@ -198,8 +226,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let pth = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny_sam/tiny_sam.pth");
         let (from_onnx, from_pth) = (dir.join("onnx.msam"), dir.join("pth.msam"));
-        run(&PackArgs { inputs: vec![tiny_onnx("encoder.onnx"), tiny_onnx("decoder.onnx")], output: from_onnx.clone(), keep_fp16: vec![] }).unwrap();
-        run(&PackArgs { inputs: vec![pth], output: from_pth.clone(), keep_fp16: vec![] }).unwrap();
+        run(&PackArgs { inputs: vec![tiny_onnx("encoder.onnx"), tiny_onnx("decoder.onnx")], output: from_onnx.clone(), keep_fp16: vec![], all_nf4: false }).unwrap();
+        run(&PackArgs { inputs: vec![pth], output: from_pth.clone(), keep_fp16: vec![], all_nf4: false }).unwrap();
         let (a, b) = (PackedModel::open(&from_onnx).unwrap(), PackedModel::open(&from_pth).unwrap());
         assert_eq!(a.config(), b.config());
         assert_eq!(a.names(), b.names());
