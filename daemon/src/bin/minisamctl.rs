@@ -130,7 +130,7 @@ async fn run(cli: Cli) -> Result<()> {
                 options.insert("adapter", OwnedVariant::try_from(zbus::Variant::from(a.as_str()))?);
             }
             let (masks, iou, frame_id, model, adapter_sha, timings) =
-                proxy.segment(OwnedFd::from(std::os::fd::OwnedFd::from(fd)), &layout, &boxes, &points, options).await.map_err(explain)?;
+                proxy.segment(OwnedFd::from(fd), &layout, &boxes, &points, options).await.map_err(explain)?;
             let bytes = memfd::read_all(&masks.into()).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
             let plane = img.width * img.height;
             if bytes.len() < plane {
