@@ -22,6 +22,7 @@
 //! front of a trainable decoder runs at forward cost and keeps no activations.
 
 mod backend_impl;
+mod lora;
 mod model;
 mod params;
 mod tape;
@@ -33,6 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::cpu::{CpuBackend, CpuTensor, CpuWeight};
 use crate::{Error, Result};
 
+pub use lora::{attach_lora, export_lora, factor_names};
 pub use model::{SamModel, TrainEncoder};
 pub use params::ParamInfo;
 use params::Registry;

@@ -3,7 +3,8 @@
 //! kernels' own backward maths is checked in f64 in `minisam_kernels`; these tests pin the
 //! wiring (which operand gets which gradient, broadcasting, layouts, parameters vs. leaves).
 //! Forward values are f32, so differences use a step of 1e-2 on smooth inputs and the tolerance
-//! is 5e-3 of `1 + |gradient|`.
+//! is 5e-3 of `1 + |gradient|`. Smooth activations only (GELU): ReLU's kink is pinned on known
+//! values.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -126,7 +127,7 @@ fn linear_through_frozen_nf4_and_trainable_weights() {
     assert_eq!(be.parameters().len(), 2, "only train.* are parameters");
     let build = |b: &TapeBackend, x: &[TapeTensor]| {
         let h = b.linear(&x[0], &frozen, Some(&frozen_bias), Activation::Gelu)?;
-        b.linear(&h, &trainable, Some(&bias), Activation::Relu)
+        b.linear(&h, &trainable, Some(&bias), Activation::Gelu)
     };
     check("linear", &be, vec![leaf(&mut rng, &[2, 3, 64])], &build);
 }
@@ -192,10 +193,24 @@ fn elementwise_and_broadcasting() {
         let h = b.activation(&h, Activation::Gelu)?;
         let h = b.scale(&h, -1.5)?;
         let t = b.tensor_from_vector(&token)?;
-        let h = b.add(&h, &t)?;
-        b.activation(&h, Activation::Relu)
+        b.add(&h, &t)
     };
     check("elementwise", &be, vec![leaf(&mut rng, &[2, 3, 4]), leaf(&mut rng, &[3, 4])], &build);
+}
+
+/// ReLU has a kink where differences are meaningless, so its wiring is pinned on known values
+/// (fused into a linear and standalone) instead.
+#[test]
+fn relu_passes_gradient_only_where_positive() {
+    let be = backend();
+    let w = be.weight(&f32_stored("train.w", &[2, 1], vec![1.0, -1.0])).unwrap();
+    let x = be.leaf(&[1, 1], &[2.0]).unwrap();
+    let y = be.linear(&x, &w, None, Activation::Relu).unwrap(); // [2, -2] -> [2, 0]
+    let z = be.activation(&y, Activation::Relu).unwrap();
+    assert_eq!(z.value().data, [2.0, 0.0]);
+    let grads = be.backward(&z, &[3.0, 5.0]).unwrap();
+    assert_eq!(grads.of(&x).unwrap(), [3.0], "only the positive unit passes its gradient");
+    assert_eq!(be.param_grad("train.w").unwrap(), [6.0, 0.0]);
 }
 
 #[test]
