@@ -31,6 +31,8 @@ pub enum Command {
     Segment(SegmentArgs),
     /// Run the box-prompt evaluation protocol on a data tree and write per-target Dice.
     Eval(EvalArgs),
+    /// Train a LoRA adapter against a packed base model on a data tree; writes the adapter file.
+    Train(TrainArgs),
     /// Run ONNX exports with tract and the weights mapped from them with our engine; compare.
     OnnxCheck(OnnxCheckArgs),
     /// Compile every CUDA kernel with NVRTC for the given architectures (no GPU needed).
@@ -74,6 +76,74 @@ pub struct OnnxCheckArgs {
     /// Fail when a relative error exceeds this.
     #[arg(long, default_value_t = 1e-3)]
     pub max_rel_err: f64,
+    #[command(flatten)]
+    pub threads: Threads,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Base model (packed .msam); the adapter is bound to its SHA-256.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Data tree `<root>/<set>/{images,masks}` (the evaluation protocol's layout).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Train on these sets only (repeatable; default: every set under --data).
+    #[arg(long = "set", value_name = "NAME")]
+    pub sets: Vec<String>,
+    /// First N images of each set.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Output adapter file.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Adapter name for the manifest (`us-hc18-r8`).
+    #[arg(long)]
+    pub name: String,
+    /// Imaging modality for the manifest (`US`, `CT`, `MR`).
+    #[arg(long)]
+    pub modality: String,
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA alpha (update scale alpha/rank); default 2 x rank.
+    #[arg(long)]
+    pub alpha: Option<f32>,
+    /// Glob over linear-layer names to adapt (repeatable; default: `*.attn.qkv`, `*.attn.proj`).
+    #[arg(long = "target", value_name = "GLOB")]
+    pub targets: Vec<String>,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f32,
+    #[arg(long = "weight-decay", default_value_t = 0.01)]
+    pub weight_decay: f32,
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    /// Examples whose gradients are accumulated per update.
+    #[arg(long, default_value_t = 4)]
+    pub accum: usize,
+    /// Stop after this many updates (trial runs).
+    #[arg(long = "max-steps")]
+    pub max_steps: Option<usize>,
+    /// Share of the images held out for validation.
+    #[arg(long = "val-fraction", default_value_t = 0.2)]
+    pub val_fraction: f64,
+    /// Epochs without a better validation Dice before stopping.
+    #[arg(long, default_value_t = 3)]
+    pub patience: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Largest move of each box side, as a fraction of the box size.
+    #[arg(long, default_value_t = 0.1)]
+    pub jitter: f64,
+    #[arg(long = "no-flips")]
+    pub no_flips: bool,
+    #[arg(long = "no-intensity")]
+    pub no_intensity: bool,
+    /// Training state file, rewritten after every update.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Continue from --checkpoint if it exists.
+    #[arg(long, requires = "checkpoint")]
+    pub resume: bool,
     #[command(flatten)]
     pub threads: Threads,
 }

@@ -15,3 +15,4 @@ pub mod image_io;
 #[cfg(feature = "onnx")]
 pub mod onnx;
 pub mod runtime;
+pub mod train;

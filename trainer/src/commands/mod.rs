@@ -7,3 +7,4 @@ pub mod model;
 pub mod onnx_check;
 pub mod pack;
 pub mod segment;
+pub mod train;
