@@ -16,9 +16,10 @@ use crate::store::{Nf4Data, SharedBytes, StoredTensor, TensorData};
 const STEP: f32 = 1e-2;
 const TOL: f64 = 5e-3;
 
+/// Fresh inputs every run; `MINISAM_TEST_SEED=<seed>` replays the run that printed it.
 fn rng() -> ChaCha8Rng {
-    let seed = rand::random();
-    eprintln!("seed {seed}");
+    let seed = std::env::var("MINISAM_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (replay with MINISAM_TEST_SEED={seed})");
     ChaCha8Rng::seed_from_u64(seed)
 }
 
@@ -174,7 +175,10 @@ fn layer_norms_with_trainable_affine() {
     let build = |b: &TapeBackend, x: &[TapeTensor]| {
         let h = b.layer_norm(&x[0], &gamma, &beta, 1e-5)?;
         let h = b.reshape(h, &[1, 3, 2, 6])?;
-        b.layer_norm_nchw(&h, &frozen_gamma, &frozen_beta, 1e-6)
+        // Over only 3 channels of already-normalised values the variance can come arbitrarily
+        // close to 0, where the curvature defeats any fixed difference step (15% of seeds
+        // failed with eps 1e-6); a large eps bounds 1/sigma at ~3 and the wiring test stays exact.
+        b.layer_norm_nchw(&h, &frozen_gamma, &frozen_beta, 0.1)
     };
     check_with_step("layer norms", &be, vec![leaf(&mut rng, &[3, 2, 6])], &build, 2e-3);
 }
