@@ -28,6 +28,8 @@ mod params;
 mod tape;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod whole_model_check;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
