@@ -263,25 +263,32 @@ pub struct CudaCompileArgs {
     pub no_report: bool,
 }
 
+/// What `cuda-check` and `cuda-bench` both run on: models, input and GPU settings.
 #[derive(Debug, Args)]
-pub struct CudaCheckArgs {
-    /// Model for the end-to-end parity check (repeatable; packed or checkpoint).
+pub struct CudaRunArgs {
+    /// Model to check or time (repeatable; packed or checkpoint).
     #[arg(long)]
     pub model: Vec<PathBuf>,
-    /// Also check a random-weight SAM ViT-B at 1024, packed to NF4 on the fly.
+    /// Also run a random-weight SAM ViT-B at 1024, packed to NF4 on the fly.
     #[arg(long = "random-vit-b")]
     pub random_vit_b: bool,
-    /// Image for the end-to-end checks (default: the bundled ultrasound sample).
+    /// Input image (default: the bundled ultrasound sample).
     #[arg(long)]
     pub image: Option<PathBuf>,
-    /// Box prompt for the end-to-end checks (default: the middle of the image).
+    /// Box prompt (default: the middle of the image).
     #[arg(long = "box", value_name = "X0,Y0,X1,Y1", value_parser = parse_box)]
     pub r#box: Option<BoxPrompt>,
-    /// bf16, f16 or f32 (tolerances follow).
+    /// bf16, f16 or f32 (the checks' tolerances follow).
     #[arg(long, default_value = "bf16")]
     pub precision: String,
     #[arg(long = "vram-budget", value_name = "BYTES", default_value = "4GiB", value_parser = parse_bytes)]
     pub vram_budget: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct CudaCheckArgs {
+    #[command(flatten)]
+    pub run: CudaRunArgs,
     /// Seed of the kernel checks' random inputs (default: from the clock, printed).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -295,21 +302,8 @@ pub struct CudaCheckArgs {
 
 #[derive(Debug, Args)]
 pub struct CudaBenchArgs {
-    /// Model to time (repeatable).
-    #[arg(long)]
-    pub model: Vec<PathBuf>,
-    /// Also time a random-weight SAM ViT-B at 1024 (NF4).
-    #[arg(long = "random-vit-b")]
-    pub random_vit_b: bool,
-    /// Input image (default: the bundled ultrasound sample).
-    #[arg(long)]
-    pub image: Option<PathBuf>,
-    #[arg(long = "box", value_name = "X0,Y0,X1,Y1", value_parser = parse_box)]
-    pub r#box: Option<BoxPrompt>,
-    #[arg(long, default_value = "bf16")]
-    pub precision: String,
-    #[arg(long = "vram-budget", value_name = "BYTES", default_value = "4GiB", value_parser = parse_bytes)]
-    pub vram_budget: u64,
+    #[command(flatten)]
+    pub run: CudaRunArgs,
     /// Timed runs (median reported) after the warm-up runs.
     #[arg(long, default_value_t = 20)]
     pub runs: usize,

@@ -17,6 +17,8 @@ use minisam_models::prompt::{BoxPrompt, Prompts};
 use minisam_models::sam::Segmenter;
 
 use crate::cli::{BackendArgs, CudaBenchArgs, CudaCheckArgs, CudaCompileArgs};
+#[cfg(test)]
+use crate::cli::CudaRunArgs;
 
 /// What the commands need from a backend beyond the trait: waiting for queued work (GPU timings
 /// are meaningless without it) and a memory line for `--stats`.
@@ -170,7 +172,7 @@ fn e2e_embedding_tolerance(precision: &str) -> f64 {
 }
 
 pub fn check(args: &CudaCheckArgs) -> Result<()> {
-    let cuda = match cuda_backend(args.vram_budget, &args.precision, true) {
+    let cuda = match cuda_backend(args.run.vram_budget, &args.run.precision, true) {
         Ok(b) => b,
         Err(e) => {
             println!("SKIP: no usable CUDA GPU ({e}); nothing checked");
@@ -192,14 +194,14 @@ pub fn check(args: &CudaCheckArgs) -> Result<()> {
         }
     }
     drop(cuda);
-    let image = read_image(&args.image)?;
-    let prompts = Prompts::with_box(default_box(&image, args.r#box));
-    let tol = e2e_embedding_tolerance(&args.precision);
-    for spec in specs(&args.model, args.random_vit_b) {
+    let image = read_image(&args.run.image)?;
+    let prompts = Prompts::with_box(default_box(&image, args.run.r#box));
+    let tol = e2e_embedding_tolerance(&args.run.precision);
+    for spec in specs(&args.run.model, args.run.random_vit_b) {
         println!("== end to end: {}", spec.label());
         let file = open_model(&spec)?;
         let cpu_seg = Segmenter::load(CpuBackend::new(0)?, file.store(), file.config())?;
-        let gpu = cuda_backend(args.vram_budget, &args.precision, false)?;
+        let gpu = cuda_backend(args.run.vram_budget, &args.run.precision, false)?;
         let gpu_seg = Segmenter::load(gpu, file.store(), file.config())?;
         let p = check::e2e_parity(&cpu_seg, &gpu_seg, &image, &prompts)?;
         let ok = p.embedding_rel_error <= tol && p.min_mask_iou >= 0.99;
@@ -226,13 +228,13 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 pub fn bench(args: &CudaBenchArgs) -> Result<()> {
-    let image = read_image(&args.image)?;
-    let prompts = Prompts::with_box(default_box(&image, args.r#box));
+    let image = read_image(&args.run.image)?;
+    let prompts = Prompts::with_box(default_box(&image, args.run.r#box));
     println!("| model | backend | encode ms | decode ms | end-to-end ms | peak VRAM MiB | runs |");
     println!("|---|---|---|---|---|---|---|");
-    for spec in specs(&args.model, args.random_vit_b) {
+    for spec in specs(&args.run.model, args.run.random_vit_b) {
         let file = open_model(&spec)?;
-        let gpu = match cuda_backend(args.vram_budget, &args.precision, false) {
+        let gpu = match cuda_backend(args.run.vram_budget, &args.run.precision, false) {
             Ok(b) => b,
             Err(e) => bail!("no usable CUDA GPU: {e}"),
         };
@@ -341,12 +343,7 @@ mod tests {
             return;
         }
         let args = CudaCheckArgs {
-            model: vec![],
-            random_vit_b: false,
-            image: None,
-            r#box: None,
-            precision: "bf16".into(),
-            vram_budget: 1 << 30,
+            run: CudaRunArgs { model: vec![], random_vit_b: false, image: None, r#box: None, precision: "bf16".into(), vram_budget: 1 << 30 },
             seed: None,
             skip_kernels: false,
             require_gpu: false,
