@@ -81,8 +81,12 @@ then ok "kas files valid"; else bad "kas files invalid"; fi
 
 echo "== minisamd-ptest's run-ptest against the build tree"
 if [ -x target/debug/minisamd ] && [ -x target/debug/minisamctl ] && command -v dbus-daemon >/dev/null; then
-    out=$(MINISAM_BINDIR=target/debug MINISAM_MODEL=models/litemedsam-nf4.msam \
-          sh yocto/meta-minisam/recipes-minisam/minisamd/files/run-ptest 2>&1) || true
+    # Output to a file and a hard bound on the whole script: a process left holding a pipe (or a
+    # daemon that never exits) must fail this check, not hang CI.
+    MINISAM_BINDIR=target/debug MINISAM_MODEL=models/litemedsam-nf4.msam \
+        timeout -k 10 240 sh yocto/meta-minisam/recipes-minisam/minisamd/files/run-ptest \
+        </dev/null >"$TMP/ptest.log" 2>&1 || true
+    out=$(cat "$TMP/ptest.log")
     echo "$out"
     if echo "$out" | grep -q '^PASS:' && ! echo "$out" | grep -q '^FAIL:'; then
         ok "run-ptest on target/debug"
