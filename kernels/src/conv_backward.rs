@@ -143,68 +143,79 @@ pub fn channel_bias_backward(dy: &[f32], batch: usize, channels: usize, spatial:
     }
 }
 
-/// `dx += ∂(conv_transpose2d)/∂x · dy` for kernel == stride == `k`.
-// dy: [batch, c_out, h*k, w*k]; weight: [c_in, c_out, k, k] (any precision); dx: [batch, c_in, h, w].
+/// The output gradient seen by kernel tap `(ky, kx)` of a stride == kernel transposed
+/// convolution, gathered contiguous: `dyk[co, y*w + x] = dy[b, co, y*k + ky, x*k + kx]`.
 #[allow(clippy::too_many_arguments)]
-pub fn conv_transpose2d_backward_input(dy: &[f32], weight: MatrixRef, batch: usize, c_in: usize, h: usize, w: usize, c_out: usize, k: usize, dx: &mut [f32]) {
-    assert_eq!(dx.len(), batch * c_in * h * w, "conv_transpose2d_backward_input: dx is not [batch, c_in, h, w]");
-    assert_eq!(dy.len(), batch * c_out * h * k * w * k, "conv_transpose2d_backward_input: dy is not [batch, c_out, h*k, w*k]");
-    let (ow, row) = (w * k, c_out * k * k);
-    if dx.is_empty() || row == 0 {
-        return;
-    }
-    dx.par_chunks_mut(h * w).enumerate().for_each(|(plane, dxp)| {
-        let (b, ci) = (plane / c_in, plane % c_in);
-        // This task's weight row, dequantised once: [c_out, k, k].
-        let mut wr = vec![0.0f32; row];
-        weight.dequantize_range(ci * row, &mut wr);
-        for co in 0..c_out {
-            let dyp = &dy[(b * c_out + co) * h * k * ow..][..h * k * ow];
-            for y in 0..h {
-                for x in 0..w {
-                    let mut acc = 0.0f32;
-                    for ky in 0..k {
-                        for kx in 0..k {
-                            acc += wr[(co * k + ky) * k + kx] * dyp[(y * k + ky) * ow + x * k + kx];
-                        }
-                    }
-                    dxp[y * w + x] += acc;
-                }
+fn gather_tap(dy: &[f32], b: usize, c_out: usize, h: usize, w: usize, k: usize, ky: usize, kx: usize, dyk: &mut [f32]) {
+    let ow = w * k;
+    dyk.par_chunks_mut(h * w).enumerate().for_each(|(co, plane)| {
+        let src = &dy[(b * c_out + co) * h * k * ow..][..h * k * ow];
+        for y in 0..h {
+            let row = &src[(y * k + ky) * ow..][..ow];
+            for (x, v) in plane[y * w..(y + 1) * w].iter_mut().enumerate() {
+                *v = row[x * k + kx];
             }
         }
     });
 }
 
-/// `dw += ∂(conv_transpose2d)/∂w · dy` (for a trainable f32 kernel).
+/// `dx += ∂(conv_transpose2d)/∂x · dy` for kernel == stride == `k`.
+///
+/// Each output pixel comes from exactly one input pixel and one tap, so per tap the input
+/// gradient is one matrix product, `dx[b] += W[:, :, ky, kx] · dyk` (`[c_in, c_out] ·
+/// [c_out, h·w]`), run on the blocked GEMM. The kernel (SAM's upscaling: at most
+/// `c_in·c_out·k² = 65536` values) is dequantised whole, once.
+// dy: [batch, c_out, h*k, w*k]; weight: [c_in, c_out, k, k] (any precision); dx: [batch, c_in, h, w].
+#[allow(clippy::too_many_arguments)]
+pub fn conv_transpose2d_backward_input(dy: &[f32], weight: MatrixRef, batch: usize, c_in: usize, h: usize, w: usize, c_out: usize, k: usize, dx: &mut [f32]) {
+    assert_eq!(dx.len(), batch * c_in * h * w, "conv_transpose2d_backward_input: dx is not [batch, c_in, h, w]");
+    assert_eq!(dy.len(), batch * c_out * h * k * w * k, "conv_transpose2d_backward_input: dy is not [batch, c_out, h*k, w*k]");
+    let (hw, taps) = (h * w, k * k);
+    if dx.is_empty() || c_out == 0 || taps == 0 {
+        return;
+    }
+    let mut kernel = vec![0.0f32; c_in * c_out * taps];
+    weight.dequantize_range(0, &mut kernel);
+    // Per tap, the [c_in, c_out] slice of the kernel.
+    let tap_matrices: Vec<Vec<f32>> = (0..taps)
+        .map(|t| (0..c_in * c_out).map(|i| kernel[i * taps + t]).collect())
+        .collect();
+    let mut dyk = vec![0.0f32; c_out * hw];
+    let mut product = vec![0.0f32; c_in * hw];
+    for b in 0..batch {
+        let dxb = &mut dx[b * c_in * hw..][..c_in * hw];
+        for (t, wt) in tap_matrices.iter().enumerate() {
+            gather_tap(dy, b, c_out, h, w, k, t / k, t % k, &mut dyk);
+            crate::gemm::matmul(wt, &dyk, 1, c_in, c_out, hw, false, &mut product);
+            dxb.par_iter_mut().zip(product.par_iter()).for_each(|(d, p)| *d += p);
+        }
+    }
+}
+
+/// `dw += ∂(conv_transpose2d)/∂w · dy` (for a trainable f32 kernel): per tap and batch item,
+/// `dW[:, :, ky, kx] += x[b] · dykᵀ` (`[c_in, h·w] · [h·w, c_out]`) on the blocked GEMM.
 // dy: [batch, c_out, h*k, w*k]; x: [batch, c_in, h, w]; dw: [c_in, c_out, k, k].
 #[allow(clippy::too_many_arguments)]
 pub fn conv_transpose2d_backward_weight(dy: &[f32], x: &[f32], batch: usize, c_in: usize, h: usize, w: usize, c_out: usize, k: usize, dw: &mut [f32]) {
     assert_eq!(x.len(), batch * c_in * h * w, "conv_transpose2d_backward_weight: x is not [batch, c_in, h, w]");
     assert_eq!(dy.len(), batch * c_out * h * k * w * k, "conv_transpose2d_backward_weight: dy is not [batch, c_out, h*k, w*k]");
     assert_eq!(dw.len(), c_in * c_out * k * k, "conv_transpose2d_backward_weight: dw is not [c_in, c_out, k, k]");
-    let ow = w * k;
+    let (hw, taps) = (h * w, k * k);
     if dw.is_empty() {
         return;
     }
-    dw.par_chunks_mut(c_out * k * k).enumerate().for_each(|(ci, dwr)| {
-        for b in 0..batch {
-            let xp = &x[(b * c_in + ci) * h * w..][..h * w];
-            for co in 0..c_out {
-                let dyp = &dy[(b * c_out + co) * h * k * ow..][..h * k * ow];
-                for ky in 0..k {
-                    for kx in 0..k {
-                        let mut acc = 0.0f32;
-                        for y in 0..h {
-                            for xx in 0..w {
-                                acc += xp[y * w + xx] * dyp[(y * k + ky) * ow + xx * k + kx];
-                            }
-                        }
-                        dwr[(co * k + ky) * k + kx] += acc;
-                    }
-                }
+    let mut dyk = vec![0.0f32; c_out * hw];
+    let mut product = vec![0.0f32; c_in * c_out];
+    for b in 0..batch {
+        let xb = &x[b * c_in * hw..][..c_in * hw];
+        for t in 0..taps {
+            gather_tap(dy, b, c_out, h, w, k, t / k, t % k, &mut dyk);
+            crate::gemm::matmul(xb, &dyk, 1, c_in, hw, c_out, true, &mut product);
+            for (i, p) in product.iter().enumerate() {
+                dw[i * taps + t] += p;
             }
         }
-    });
+    }
 }
 
 #[cfg(test)]

@@ -56,7 +56,7 @@ pub fn matmul(a: &[f32], b: &[f32], batch: usize, m: usize, k: usize, n: usize, 
 
 /// `dst = srcᵀ` by 32×32 blocks (cache friendly in both directions).
 // src is [rows, cols], dst is [cols, rows].
-fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+pub(crate) fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     const B: usize = 32;
     for r0 in (0..rows).step_by(B) {
         for c0 in (0..cols).step_by(B) {

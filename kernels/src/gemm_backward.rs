@@ -1,19 +1,17 @@
 //! Backward passes of [`crate::gemm::linear`] and [`crate::gemm::matmul`].
 //!
-//! `linear_backward_input` multiplies by the weight in whatever precision it is stored in,
-//! dequantising `TILE` rows at a time exactly as the forward does, so a frozen NF4 base weight is
+//! `linear_backward_input` multiplies by the weight in whatever precision it is stored in, on the
+//! forward's blocked GEMM, one dequantised slab of columns at a time, so a frozen NF4 base weight is
 //! never held in f32 as a whole. Every function *adds* into its gradient outputs, so a tensor used
 //! by several operations collects all its contributions.
 
 use rayon::prelude::*;
 
+use crate::gemm::transpose_into;
 use crate::weights::MatrixRef;
 
-/// Weight rows dequantised together in `linear_backward_input`.
-const TILE: usize = 16;
-/// Rows of `dy` per task: each task dequantises the whole weight once, so tasks must be large
-/// enough that this stays small next to the products.
-const ROWS_PER_TASK: usize = 64;
+/// Input columns per pass of `linear_backward_input` (a multiple of the NF4 block, 64).
+const SLAB: usize = 256;
 
 /// `dst += a · src` over equal-length slices (vectorises).
 #[inline]
@@ -24,6 +22,11 @@ fn axpy(a: f32, src: &[f32], dst: &mut [f32]) {
 }
 
 /// `dx += dy · w`: the input gradient of `y = x · wᵀ`.
+///
+/// Run on the blocked forward GEMM (`linear`), one slab of [`SLAB`] input columns at a time:
+/// the slab `w[:, k0..k0+SLAB]` is dequantised and transposed to `[SLAB, n]`, which makes
+/// `dx[:, slab] = dy · slabᵀᵀ` a forward `linear`. The weight is thus dequantised once per call
+/// (as in the forward) and never held in f32 beyond one slab.
 // dy is [m, n], w is [n, k] (any stored precision), dx is [m, k].
 pub fn linear_backward_input(dy: &[f32], m: usize, n: usize, w: MatrixRef, k: usize, dx: &mut [f32]) {
     assert_eq!(dy.len(), m * n, "linear_backward_input: dy is not [m, n]");
@@ -31,24 +34,22 @@ pub fn linear_backward_input(dy: &[f32], m: usize, n: usize, w: MatrixRef, k: us
     if m == 0 || n == 0 || k == 0 {
         return;
     }
-    dx.par_chunks_mut(ROWS_PER_TASK * k).enumerate().for_each(|(task, dx_rows)| {
-        let row0 = task * ROWS_PER_TASK;
-        let rows = dx_rows.len() / k;
-        let mut tile = vec![0.0f32; TILE * k];
-        for j0 in (0..n).step_by(TILE) {
-            let tn = TILE.min(n - j0);
-            w.dequantize_range(j0 * k, &mut tile[..tn * k]);
-            for r in 0..rows {
-                let g = &dy[(row0 + r) * n + j0..][..tn];
-                let out = &mut dx_rows[r * k..(r + 1) * k];
-                for (jj, &gj) in g.iter().enumerate() {
-                    if gj != 0.0 {
-                        axpy(gj, &tile[jj * k..(jj + 1) * k], out);
-                    }
-                }
+    let slab = SLAB.min(k);
+    let mut rows = vec![0.0f32; n * slab];
+    let mut transposed = vec![0.0f32; slab * n];
+    let mut product = vec![0.0f32; m * slab];
+    for k0 in (0..k).step_by(slab) {
+        let ks = slab.min(k - k0);
+        rows[..n * ks].par_chunks_mut(ks).enumerate().for_each(|(j, row)| w.dequantize_range(j * k + k0, row));
+        transpose_into(&rows[..n * ks], n, ks, &mut transposed[..ks * n]);
+        let out = &mut product[..m * ks];
+        crate::gemm::linear(dy, m, n, MatrixRef::F32(&transposed[..ks * n]), ks, None, crate::Activation::None, out);
+        dx.par_chunks_mut(k).zip(out.par_chunks(ks)).for_each(|(dx_row, p)| {
+            for (d, v) in dx_row[k0..k0 + ks].iter_mut().zip(p) {
+                *d += v;
             }
-        }
-    });
+        });
+    }
 }
 
 /// `dw += dyᵀ · x`: the weight gradient of `y = x · wᵀ` (for trainable f32 weights).
@@ -84,13 +85,10 @@ pub fn bias_backward(dy: &[f32], m: usize, n: usize, db: &mut [f32]) {
 // src is [rows, cols], dst is [cols, rows].
 fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut dst = vec![0.0; rows * cols];
-    for r in 0..rows {
-        for c in 0..cols {
-            dst[c * rows + r] = src[r * cols + c];
-        }
-    }
+    transpose_into(src, rows, cols, &mut dst);
     dst
 }
+
 
 /// Gradients of [`crate::gemm::matmul`]: `da += dc · bᵀ` and `db += aᵀ · dc` (with `b` read as
 /// `[n, k]` when `transpose_b`). Either output may be skipped.
@@ -187,6 +185,19 @@ mod tests {
             let mut db = vec![0.0; n];
             bias_backward(&rf, m, n, &mut db);
             assert_close("db", &db, &want_db, 1e-5);
+        }
+    }
+
+    /// Sizes past one slab and off every block multiple, against a plain f64 product.
+    #[test]
+    fn linear_backward_input_spans_slabs_and_ragged_edges() {
+        let mut rng = rng();
+        for (m, n, k) in [(37, 70, 300), (5, 3, 513), (130, 97, 256)] {
+            let (w, dy) = (random(&mut rng, n * k), random(&mut rng, m * n));
+            let want: Vec<f64> = (0..m * k).map(|i| (0..n).map(|j| dy[(i / k) * n + j] * w[j * k + i % k]).sum::<f64>() + 0.5).collect();
+            let mut dx = vec![0.5f32; m * k];
+            linear_backward_input(&to_f32(&dy), m, n, MatrixRef::F32(&to_f32(&w)), k, &mut dx);
+            assert_close("dx", &dx, &want, 1e-5);
         }
     }
 

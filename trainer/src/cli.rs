@@ -9,6 +9,7 @@ use minisam_models::cuda::{parse_bytes, BackendChoice};
 use minisam_models::prompt::{BoxPrompt, Point, PointLabel};
 
 use crate::eval::protocol::PromptKind;
+use crate::eval::split::Split;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -94,6 +95,12 @@ pub struct TrainArgs {
     /// First N images of each set.
     #[arg(long)]
     pub limit: Option<usize>,
+    #[command(flatten)]
+    pub split: SplitArgs,
+    /// With a frozen image encoder (no target under `image_encoder.`), keep each image's
+    /// embedding in DIR so later runs (and `eval --embedding-cache`) skip the encoder.
+    #[arg(long, value_name = "DIR")]
+    pub embedding_cache: Option<PathBuf>,
     /// Output adapter file.
     #[arg(short, long)]
     pub output: PathBuf,
@@ -216,6 +223,32 @@ pub struct EvalArgs {
     /// Only the first N images of each set (quick runs).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub limit: Option<u64>,
+    #[command(flatten)]
+    pub split: SplitArgs,
+    /// Keep image embeddings in DIR and reuse them (when no adapter changes the image encoder,
+    /// zero-shot and adapter runs share them); values are stored exactly, so scores do not change.
+    #[arg(long, value_name = "DIR")]
+    pub embedding_cache: Option<PathBuf>,
+}
+
+/// The train/test split of a data tree (by image name; see `eval::split`).
+#[derive(Debug, Args, Clone, Copy)]
+pub struct SplitArgs {
+    /// Which images: all of them, or one side of the train/test split.
+    #[arg(long, value_enum, default_value_t = Split::All)]
+    pub split: Split,
+    /// Share of each set's images in the test split.
+    #[arg(long, default_value_t = crate::eval::split::DEFAULT_TEST_SHARE, value_parser = parse_share)]
+    pub test_share: f64,
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not a share between 0 and 1"))
+    }
 }
 
 #[derive(Debug, Args)]

@@ -7,35 +7,66 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use minisam_models::backend::Backend;
 use minisam_models::cuda::SelectedBackend;
+use minisam_models::adapter::AdapterFile;
 use minisam_models::image::{Mask, RgbImage};
+use minisam_models::pipeline::Geometry;
 use minisam_models::prompt::{BoxPrompt, Prompts};
 use minisam_models::sam::{ImageEmbedding, Segmenter};
 
 use super::cuda::BackendExtras;
 use crate::cli::EvalArgs;
 use crate::eval::protocol::{self, JitterBoxes, PromptKind};
+use crate::eval::split::Split;
 use crate::eval::report::{self, Reference};
+use crate::embedding_cache::{Embedding, EmbeddingCache};
 use crate::eval::{self, BoxSegmenter, EvalOptions};
 use crate::runtime;
 
-/// The protocol's model step: single output (multimask off), one box per target.
-struct ProtocolModel<'a, B: Backend>(&'a Segmenter<B>);
+/// The protocol's model step: single output (multimask off), one box per target; the encoder's
+/// output optionally read from (and written to) an embedding cache.
+struct ProtocolModel<'a, B: Backend> {
+    segmenter: &'a Segmenter<B>,
+    cache: Option<EmbeddingCache>,
+}
 
 impl<B: BackendExtras> BoxSegmenter for ProtocolModel<'_, B> {
     type Embedding = ImageEmbedding<B>;
     fn encode(&self, image: &RgbImage) -> Result<Self::Embedding> {
-        let emb = self.0.encode(image)?;
-        // Queued GPU work must finish inside the encode timing, not the decode's.
-        self.0.backend().sync()?;
-        Ok(emb)
+        let s = self.segmenter;
+        let Some(cache) = &self.cache else {
+            let emb = s.encode(image)?;
+            // Queued GPU work must finish inside the encode timing, not the decode's.
+            s.backend().sync()?;
+            return Ok(emb);
+        };
+        let b = s.backend();
+        let cached = cache.get_or_encode(image, || {
+            let emb = s.encode(image)?;
+            Ok(Embedding { shape: b.shape(&emb.embedding).to_vec(), values: b.to_host(&emb.embedding)? })
+        })?;
+        let geometry = Geometry::new(image.height, image.width, s.config().image_size);
+        Ok(ImageEmbedding { embedding: b.from_host(&cached.shape, &cached.values)?, geometry })
     }
     fn segment(&self, emb: &Self::Embedding, b: BoxPrompt) -> Result<Mask> {
-        let seg = self.0.decode(emb, &Prompts::with_box(b), false)?;
+        let seg = self.segmenter.decode(emb, &Prompts::with_box(b), false)?;
         seg.masks
             .into_iter()
             .next()
             .context("the decoder returned no mask")
     }
+}
+
+/// The embedding cache for `segmenter` in `dir`: keyed by the model file's hash and, when the
+/// bound adapter changes the image encoder, by the adapter's hash too.
+fn open_cache<B: Backend>(dir: &Path, segmenter: &Segmenter<B>, adapter: Option<&AdapterFile>) -> Result<EmbeddingCache> {
+    let Some(model) = segmenter.model_sha256() else {
+        bail!("--embedding-cache needs a packed model (its entries are keyed by the model file's hash)");
+    };
+    let encoder_variant = match adapter {
+        Some(a) if a.factors().iter().any(|f| f.name.starts_with("image_encoder.")) => a.sha256_hex(),
+        _ => "",
+    };
+    EmbeddingCache::open(dir, model, encoder_variant)
 }
 
 fn jitter_file(args: &EvalArgs) -> Result<Option<PathBuf>> {
@@ -83,14 +114,18 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         prompt: args.prompt,
         jitter: jitter.as_ref(),
         limit: args.limit.map(|n| n as usize),
+        split: args.split.split,
+        test_share: args.split.test_share,
     };
     let plan = eval::plan(&opts)?;
     eprintln!(
-        "{} sets, {} images, {} targets, prompt {}",
+        "{} sets, {} images, {} targets, prompt {}, split {:?} (test share {})",
         plan.sets.len(),
         plan.images.len(),
         plan.target_count(),
-        args.prompt.name()
+        args.prompt.name(),
+        args.split.split,
+        args.split.test_share
     );
 
     let threads = args.threads.get();
@@ -113,15 +148,23 @@ fn run_on<B: BackendExtras>(args: &EvalArgs, plan: &eval::Plan, backend: B) -> R
     if let Some(line) = runtime::bind_adapter(&mut loaded.segmenter, args.adapter.as_deref())? {
         eprintln!("{line}");
     }
-    let outcome = eval::execute(&ProtocolModel(&loaded.segmenter), plan, |line| {
+    let cache = match &args.embedding_cache {
+        Some(dir) => {
+            let adapter = runtime::open_adapter(args.adapter.as_deref())?;
+            Some(open_cache(dir, &loaded.segmenter, adapter.as_ref())?)
+        }
+        None => None,
+    };
+    let model = ProtocolModel { segmenter: &loaded.segmenter, cache };
+    let outcome = eval::execute(&model, plan, |line| {
         eprintln!("{line}")
     })?;
 
     report::write_csv_file(&args.out, &outcome.rows)?;
     let summary = report::summarize(&outcome.rows);
     let family = super::model::family(loaded.segmenter.config());
-    // The reference is for the whole tree: beside a --limit run it would mislead.
-    let reference = if args.limit.is_none() {
+    // The reference is for the whole tree: beside a --limit or --split run it would mislead.
+    let reference = if args.limit.is_none() && args.split.split == Split::All {
         reference(&args.data, family, args.prompt)
     } else {
         None

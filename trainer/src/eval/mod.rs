@@ -8,6 +8,7 @@
 pub mod dice;
 pub mod protocol;
 pub mod report;
+pub mod split;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,6 +21,7 @@ use minisam_models::prompt::BoxPrompt;
 use crate::image_io;
 use protocol::{JitterBoxes, PromptKind, SetDir, Target};
 use report::Row;
+use split::Split;
 
 /// What the evaluation needs of a model: encode a frame once, segment it from a box many times.
 pub trait BoxSegmenter {
@@ -33,8 +35,12 @@ pub struct EvalOptions<'a> {
     pub prompt: PromptKind,
     /// Required for [`PromptKind::BoxJitter`].
     pub jitter: Option<&'a JitterBoxes>,
-    /// First N images of each set (quick runs); `None` = all.
+    /// First N images of each set (quick runs); `None` = all. Applied before the split.
     pub limit: Option<usize>,
+    /// Which images: all (the protocol), or one side of the train/test split.
+    pub split: Split,
+    /// Share of each set's images in the test split (see [`split`]).
+    pub test_share: f64,
 }
 
 /// One image and the prompts of its targets, in protocol order.
@@ -84,6 +90,9 @@ pub fn plan(opts: &EvalOptions) -> Result<Plan> {
         let files = protocol::list_images(set)?;
         let n = opts.limit.unwrap_or(files.len()).min(files.len());
         for file in files.into_iter().take(n) {
+            if !opts.split.keeps(&set.name, &file, opts.test_share) {
+                continue;
+            }
             let mask = image_io::read_labels(&set.mask_path(&file))?;
             let mut targets = Vec::new();
             for t in protocol::targets(&mask) {
@@ -258,6 +267,30 @@ mod tests {
     }
 
     #[test]
+    fn the_train_and_test_splits_plan_disjoint_images_that_make_up_the_tree() {
+        let root = tree("split");
+        let images = |split: Split| -> Vec<String> {
+            let opts = EvalOptions { data: &root, prompt: PromptKind::Box, jitter: None, limit: None, split, test_share: 0.5 };
+            let p = plan(&opts).map(|p| p.images.iter().map(|i| format!("{}/{}", p.sets[i.set].name, i.image)).collect());
+            // A side of the split with no target at all is an error, as for a whole tree.
+            p.unwrap_or_default()
+        };
+        let (all, train, test) = (images(Split::All), images(Split::Train), images(Split::Test));
+        assert_eq!(all.len(), 4);
+        assert!(train.iter().all(|i| !test.contains(i)), "train {train:?} and test {test:?} overlap");
+        let mut both: Vec<String> = train.iter().chain(&test).cloned().collect();
+        both.sort();
+        let mut sorted_all = all.clone();
+        sorted_all.sort();
+        assert_eq!(both, sorted_all);
+        // The sides are what the split function says, image by image.
+        for i in &test {
+            let (set, file) = i.split_once('/').unwrap();
+            assert!(split::in_test_split(set, file, 0.5));
+        }
+    }
+
+    #[test]
     fn runs_the_protocol_in_order_and_encodes_each_image_once() {
         let root = tree("run");
         let opts = EvalOptions {
@@ -265,6 +298,8 @@ mod tests {
             prompt: PromptKind::Box,
             jitter: None,
             limit: None,
+            split: Split::All,
+            test_share: split::DEFAULT_TEST_SHARE,
         };
         let p = plan(&opts).unwrap();
         let counts: Vec<usize> = p.images.iter().map(|i| i.targets.len()).collect();
@@ -337,6 +372,8 @@ mod tests {
             prompt: PromptKind::BoxJitter,
             jitter: Some(&full),
             limit: None,
+            split: Split::All,
+            test_share: split::DEFAULT_TEST_SHARE,
         };
         let p = plan(&opts).unwrap();
         assert!(p.images.iter().flat_map(|i| &i.targets).all(|(_, b)| *b
@@ -396,6 +433,8 @@ mod tests {
             prompt: PromptKind::Box,
             jitter: None,
             limit: None,
+            split: Split::All,
+            test_share: split::DEFAULT_TEST_SHARE,
         })
         .unwrap();
         let err = format!(

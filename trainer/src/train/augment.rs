@@ -9,7 +9,10 @@ use super::rng::Rng;
 
 #[derive(Clone, Copy, Debug)]
 pub struct AugmentOptions {
-    pub flips: bool,
+    /// Mirror left-right with probability 1/2.
+    pub hflip: bool,
+    /// Mirror top-bottom with probability 1/2.
+    pub vflip: bool,
     pub intensity: bool,
     /// Largest move of each box side as a fraction of the box size (0 = tight box).
     pub jitter: f64,
@@ -49,17 +52,17 @@ pub fn augment(image: &RgbImage, mask: &[u8], tight: [usize; 4], opts: AugmentOp
     let mut data = image.data.clone();
     let mut mask = mask.to_vec();
     let [mut x0, mut y0, mut x1, mut y1] = tight.map(|v| v as i64);
-    if opts.flips {
-        if rng.coin() {
-            flip(&mut data, h, w, 3, true);
-            flip(&mut mask, h, w, 1, true);
-            (x0, x1) = (w as i64 - 1 - x1, w as i64 - 1 - x0);
-        }
-        if rng.coin() {
-            flip(&mut data, h, w, 3, false);
-            flip(&mut mask, h, w, 1, false);
-            (y0, y1) = (h as i64 - 1 - y1, h as i64 - 1 - y0);
-        }
+    // Both coins are always drawn, so turning one flip off leaves the other draws unchanged.
+    let (hflip, vflip) = (rng.coin(), rng.coin());
+    if opts.hflip && hflip {
+        flip(&mut data, h, w, 3, true);
+        flip(&mut mask, h, w, 1, true);
+        (x0, x1) = (w as i64 - 1 - x1, w as i64 - 1 - x0);
+    }
+    if opts.vflip && vflip {
+        flip(&mut data, h, w, 3, false);
+        flip(&mut mask, h, w, 1, false);
+        (y0, y1) = (h as i64 - 1 - y1, h as i64 - 1 - y0);
     }
     if opts.intensity {
         let contrast = rng.uniform(0.8, 1.2);
@@ -100,7 +103,7 @@ mod tests {
         }
         let grey: Vec<u8> = mask.iter().map(|&m| 100 + 100 * m).collect();
         let image = RgbImage::from_grey(w, h, &grey).unwrap();
-        let opts = AugmentOptions { flips: true, intensity: false, jitter: 0.0 };
+        let opts = AugmentOptions { hflip: true, vflip: true, intensity: false, jitter: 0.0 };
         let mut seen = std::collections::HashSet::new();
         for seed in 0..32 {
             let a = augment(&image, &mask, [4, 1, 5, 2], opts, &mut Rng::new(seed, 0));
@@ -118,7 +121,7 @@ mod tests {
     #[test]
     fn jitter_stays_inside_the_image_and_bounded() {
         let image = RgbImage::from_grey(50, 40, &[0u8; 2000]).unwrap();
-        let opts = AugmentOptions { flips: false, intensity: true, jitter: 0.1 };
+        let opts = AugmentOptions { hflip: false, vflip: false, intensity: true, jitter: 0.1 };
         for seed in 0..100 {
             let a = augment(&image, &[0u8; 2000], [0, 10, 40, 39], opts, &mut Rng::new(seed, 1));
             let p = a.prompt;

@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 
 use super::rng::Rng;
 use crate::eval::protocol;
+use crate::eval::split::Split;
 use crate::image_io;
 
 /// One target of one image.
@@ -23,9 +24,9 @@ pub struct Example {
     pub tight: [usize; 4],
 }
 
-/// Every target under `root`, in protocol order; only the sets named in `sets` (all when
+/// Every target under `root` in the images `split` keeps, in protocol order; only the sets named in `sets` (all when
 /// empty), and the first `limit` images of each set when given.
-pub fn collect(root: &Path, sets: &[String], limit: Option<usize>) -> Result<Vec<Example>> {
+pub fn collect(root: &Path, sets: &[String], limit: Option<usize>, split: Split, test_share: f64) -> Result<Vec<Example>> {
     let all = protocol::list_sets(root)?;
     for s in sets {
         if !all.iter().any(|d| &d.name == s) {
@@ -36,7 +37,7 @@ pub fn collect(root: &Path, sets: &[String], limit: Option<usize>) -> Result<Vec
     for set in all.iter().filter(|d| sets.is_empty() || sets.contains(&d.name)) {
         let files = protocol::list_images(set)?;
         let n = limit.unwrap_or(files.len()).min(files.len());
-        for file in files.into_iter().take(n) {
+        for file in files.into_iter().take(n).filter(|f| split.keeps(&set.name, f, test_share)) {
             let mask = image_io::read_labels(&set.mask_path(&file))?;
             for t in protocol::targets(&mask) {
                 let b = t.tight_box;

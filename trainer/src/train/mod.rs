@@ -27,10 +27,13 @@ use minisam_models::adapter::{self, AdapterMeta, LinearShape, LoraFactors};
 use minisam_models::autograd::{attach_lora, export_lora, SamModel, TapeBackend};
 use minisam_models::backend::Backend;
 use minisam_models::load::ModelFile;
+use minisam_models::image::RgbImage;
 use minisam_models::pipeline::{self, Geometry};
 use minisam_models::prompt::{BoxPrompt, Prompts};
 
+use crate::embedding_cache::{Embedding, EmbeddingCache};
 use crate::eval::dice::dice;
+use crate::eval::split::Split;
 use crate::image_io;
 use augment::{augment, AugmentOptions};
 use checkpoint::TrainState;
@@ -66,9 +69,27 @@ pub struct TrainOptions {
     pub checkpoint: Option<PathBuf>,
     pub resume: bool,
     pub threads: usize,
+    /// Which images of the tree to learn from (`Train` leaves the test split for `eval`).
+    pub split: Split,
+    pub test_share: f64,
+    /// Where a frozen image encoder's outputs are kept across runs (memory only when `None`).
+    pub embedding_cache: Option<PathBuf>,
 }
 
+/// Names of the image encoder's layers start with this.
+const ENCODER_PREFIX: &str = "image_encoder.";
+
 impl TrainOptions {
+    /// The augmentation actually applied: with a frozen encoder, only what keeps the number of
+    /// distinct encoder inputs per image at two (see `run`).
+    fn effective_augment_for(&self, encoder_frozen: bool) -> AugmentOptions {
+        if encoder_frozen {
+            AugmentOptions { vflip: false, intensity: false, ..self.augment }
+        } else {
+            self.augment
+        }
+    }
+
     /// The settings a resumed run must share with the one that wrote the checkpoint.
     fn fingerprint(&self, base_sha256: &str, train_sha256: &str) -> String {
         format!(
@@ -108,7 +129,7 @@ fn init_factors(layers: &[LinearShape], rank: usize, seed: u64) -> Vec<LoraFacto
 }
 
 /// An example's image and target mask (`[h, w]` 0/1).
-fn load_example(e: &Example) -> Result<(minisam_models::image::RgbImage, Vec<u8>, Vec<u16>)> {
+fn load_example(e: &Example) -> Result<(RgbImage, Vec<u8>, Vec<u16>)> {
     let image = image_io::read_rgb(&e.image)?;
     let labels = image_io::read_labels(&e.mask)?;
     if (labels.width, labels.height) != (image.width, image.height) {
@@ -118,28 +139,41 @@ fn load_example(e: &Example) -> Result<(minisam_models::image::RgbImage, Vec<u8>
     Ok((image, mask, labels.labels))
 }
 
-/// Forward of one example: mask logits `[1, 1, L, L]` and the geometry.
-fn forward(model: &SamModel<TapeBackend>, tape: &TapeBackend, image: &minisam_models::image::RgbImage, prompt: BoxPrompt) -> Result<(minisam_models::autograd::TapeTensor, Geometry)> {
+/// Forward of one example: mask logits `[1, 1, L, L]` and the geometry. With `cache`, the
+/// (frozen) image encoder's output comes from it, computed once per distinct image.
+fn forward(model: &SamModel<TapeBackend>, tape: &TapeBackend, cache: Option<&EmbeddingCache>, image: &RgbImage, prompt: BoxPrompt) -> Result<(minisam_models::autograd::TapeTensor, Geometry)> {
     let kind = model.config.preprocess;
     let s = model.config.image_size;
     let geometry = Geometry::new(image.height, image.width, s);
-    let input = pipeline::preprocess(kind, image, &geometry)?;
     let prompts = Prompts::with_box(prompt);
     prompts.validate(image.width, image.height)?;
-    let x = tape.from_host(&[1, 3, s, s], &input)?;
-    let emb = model.encode(tape, &x)?;
+    let encode = || -> Result<_> {
+        let input = pipeline::preprocess(kind, image, &geometry)?;
+        let x = tape.from_host(&[1, 3, s, s], &input)?;
+        Ok(model.encode(tape, &x)?)
+    };
+    let emb = match cache {
+        Some(cache) => {
+            let e = cache.get_or_encode(image, || {
+                let t = encode()?;
+                Ok(Embedding { shape: tape.shape(&t).to_vec(), values: tape.to_host(&t)? })
+            })?;
+            tape.from_host(&e.shape, &e.values)?
+        }
+        None => encode()?,
+    };
     let logits = model.decode(tape, &emb, &pipeline::transform_prompts(kind, &prompts, &geometry), false)?;
     Ok((logits, geometry))
 }
 
 /// Mean protocol Dice over `examples` (tight box, single output), recording off.
-fn validate(model: &SamModel<TapeBackend>, tape: &TapeBackend, examples: &[Example]) -> Result<f64> {
+fn validate(model: &SamModel<TapeBackend>, tape: &TapeBackend, cache: Option<&EmbeddingCache>, examples: &[Example]) -> Result<f64> {
     tape.set_recording(false);
     let mut total = 0.0;
     for e in examples {
         let (image, _, labels) = load_example(e)?;
         let [x0, y0, x1, y1] = e.tight.map(|v| v as f32);
-        let (logits, geometry) = forward(model, tape, &image, BoxPrompt { x0, y0, x1, y1 })?;
+        let (logits, geometry) = forward(model, tape, cache, &image, BoxPrompt { x0, y0, x1, y1 })?;
         let plane = tape.to_host(&logits)?;
         let side = (plane.len() as f64).sqrt() as usize;
         let mask = pipeline::postprocess(model.config.preprocess, &plane, side, &geometry)?;
@@ -194,11 +228,25 @@ pub fn run(opts: &TrainOptions, log: &mut dyn Write) -> Result<TrainReport> {
         bail!("{trainable} trainable parameters exceed the budget ({MAX_TRAINABLE} and {:.0}% of the base): lower --rank or narrow --target", 100.0 * MAX_TRAINABLE_SHARE);
     }
 
-    let examples = data::collect(&opts.data, &opts.sets, opts.limit)?;
+    let examples = data::collect(&opts.data, &opts.sets, opts.limit, opts.split, opts.test_share)?;
     let (train, val) = data::split(examples, opts.val_fraction, opts.seed);
     if train.is_empty() {
         bail!("no training example left after holding out the validation split");
     }
+    // A frozen image encoder (no adapted layer in it) gives the same embedding for the same
+    // image every epoch: encode each distinct image once. Augmentations that change the encoder's
+    // input are then limited to a left-right mirror, so each image has at most two embeddings.
+    let encoder_frozen = layers.iter().all(|l| !l.name.starts_with(ENCODER_PREFIX));
+    let augment_options = opts.effective_augment_for(encoder_frozen);
+    let cache = if encoder_frozen {
+        writeln!(log, "image encoder frozen: each image encoded once (cache {}); vertical flips and intensity changes off", opts.embedding_cache.as_ref().map_or("in memory".to_string(), |d| d.display().to_string()))?;
+        Some(match &opts.embedding_cache {
+            Some(dir) => EmbeddingCache::open(dir, &base_sha256, "")?,
+            None => EmbeddingCache::in_memory(&base_sha256, ""),
+        })
+    } else {
+        None
+    };
     let train_sha256 = data::training_set_sha256(&train)?;
     writeln!(log, "{} training and {} validation targets; training set sha256 {}", train.len(), val.len(), &train_sha256[..16])?;
 
@@ -238,9 +286,9 @@ pub fn run(opts: &TrainOptions, log: &mut dyn Write) -> Result<TrainReport> {
                 let e = &train[i];
                 let (image, mask, _) = load_example(e)?;
                 let mut rng = Rng::new(opts.seed, ((state.epoch * steps_per_epoch + chunk_index) * opts.accum + k) as u64 + 1);
-                let ex = augment(&image, &mask, e.tight, opts.augment, &mut rng);
+                let ex = augment(&image, &mask, e.tight, augment_options, &mut rng);
                 tape.reset();
-                let (logits, geometry) = forward(&model, &tape, &ex.image, ex.prompt)?;
+                let (logits, geometry) = forward(&model, &tape, cache.as_ref(), &ex.image, ex.prompt)?;
                 let plane = tape.to_host(&logits)?;
                 let side = (plane.len() as f64).sqrt() as usize;
                 let target = loss::target_low_res(&ex.mask, image.height, image.width, geometry.resized, side);
@@ -279,7 +327,7 @@ pub fn run(opts: &TrainOptions, log: &mut dyn Write) -> Result<TrainReport> {
         }
         // Validate after every epoch, and once when a step budget ends one early.
         if !val.is_empty() && (finished_epoch || state.step >= total_steps) {
-            let d = validate(&model, &tape, &val)?;
+            let d = validate(&model, &tape, cache.as_ref(), &val)?;
             if state.best_val_dice.is_none_or(|b| d > b) {
                 state.best_val_dice = Some(d);
                 state.best_params = Some(snapshot(&tape)?);

@@ -54,10 +54,13 @@ fn options(dir: &Path, output: &str) -> TrainOptions {
         val_fraction: 0.34,
         patience: 3,
         seed: 5,
-        augment: AugmentOptions { flips: true, intensity: true, jitter: 0.1 },
+        augment: AugmentOptions { hflip: true, vflip: true, intensity: true, jitter: 0.1 },
         checkpoint: None,
         resume: false,
         threads: 2,
+        split: crate::eval::split::Split::All,
+        test_share: 0.5,
+        embedding_cache: None,
     }
 }
 
@@ -110,4 +113,54 @@ fn short_runs_write_valid_reproducible_resumable_adapters() {
     bad.targets = vec!["no.such.layer".into()];
     assert!(run(&bad, &mut Vec::new()).unwrap_err().to_string().contains("match none"));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Decoder-only targets leave the image encoder frozen: each distinct image is encoded once, a
+/// disk cache and the in-memory one train the same factors, and a second run reuses the disk
+/// entries instead of adding any.
+#[test]
+fn a_frozen_encoder_is_run_once_per_image_and_cached_runs_agree() {
+    let dir = std::env::temp_dir().join(format!("minisam-train-frozen-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    synthetic_tree(&dir);
+    let decoder_only = |output: &str, cache: Option<PathBuf>| {
+        let mut o = options(&dir, output);
+        o.targets = vec!["mask_decoder.*".into()];
+        o.embedding_cache = cache;
+        o
+    };
+    let count_entries = |d: &Path| walk(d).iter().filter(|p| p.extension().is_some_and(|e| e == "emb")).count();
+
+    let mut log = Vec::new();
+    run(&decoder_only("mem.msal", None), &mut log).unwrap();
+    let text = String::from_utf8_lossy(&log).to_string();
+    assert!(text.contains("image encoder frozen"), "{text}");
+    let mem = AdapterFile::open(&dir.join("mem.msal")).unwrap();
+    assert!(mem.factors().iter().all(|f| f.name.starts_with("mask_decoder.")));
+    assert!(mem.factors().iter().any(|f| f.b.iter().any(|&v| v != 0.0)), "decoder factors trained");
+
+    let cache = dir.join("cache");
+    run(&decoder_only("disk1.msal", Some(cache.clone())), &mut Vec::new()).unwrap();
+    let entries = count_entries(&cache);
+    // Three images, each as is and (possibly) mirrored: at most six distinct encoder inputs.
+    assert!((3..=6).contains(&entries), "{entries} cache entries for 3 images");
+    run(&decoder_only("disk2.msal", Some(cache.clone())), &mut Vec::new()).unwrap();
+    assert_eq!(count_entries(&cache), entries, "the second run encoded nothing new");
+    for name in ["disk1.msal", "disk2.msal"] {
+        assert_eq!(AdapterFile::open(&dir.join(name)).unwrap().factors(), mem.factors(), "{name}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
