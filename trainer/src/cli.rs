@@ -34,6 +34,8 @@ pub enum Command {
     Eval(EvalArgs),
     /// Train a LoRA adapter against a packed base model on a data tree; writes the adapter file.
     Train(TrainArgs),
+    /// Train a small ViT image encoder to reproduce a packed model's embeddings; writes a packed model.
+    Distill(DistillArgs),
     /// Run ONNX exports with tract and the weights mapped from them with our engine; compare.
     OnnxCheck(OnnxCheckArgs),
     /// Compile every CUDA kernel with NVRTC for the given architectures (no GPU needed).
@@ -57,7 +59,8 @@ pub struct PackArgs {
     #[arg(long = "keep-fp16", value_name = "PATTERN")]
     pub keep_fp16: Vec<String>,
     /// Quantise every eligible tensor, dropping the architecture's default fp16 list (TinyViT
-    /// encoders stay fp16 by default: see `format::default_keep_fp16`). For size/accuracy studies.
+    /// encoders and the decoder's attention stay fp16 by default: see
+    /// `format::default_keep_fp16`). For size/accuracy studies.
     #[arg(long = "all-nf4")]
     pub all_nf4: bool,
 }
@@ -151,6 +154,57 @@ pub struct TrainArgs {
     /// Continue from --checkpoint if it exists.
     #[arg(long, requires = "checkpoint")]
     pub resume: bool,
+    #[command(flatten)]
+    pub threads: Threads,
+}
+
+#[derive(Debug, Args)]
+pub struct DistillArgs {
+    /// Teacher: a packed model (its image encoder is what the student learns to reproduce).
+    #[arg(long)]
+    pub teacher: PathBuf,
+    /// Data tree `<root>/<set>/images` (masks are not used).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// These sets only (repeatable; default: every set).
+    #[arg(long = "set", value_name = "NAME")]
+    pub sets: Vec<String>,
+    /// First N images of each set.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[command(flatten)]
+    pub split: SplitArgs,
+    /// Student width (channels per token).
+    #[arg(long, default_value_t = 64)]
+    pub student_dim: usize,
+    /// Student blocks (the last one attends globally, the others in windows).
+    #[arg(long, default_value_t = 4)]
+    pub student_depth: usize,
+    #[arg(long, default_value_t = 2)]
+    pub student_heads: usize,
+    /// Side of the student's attention windows, in grid cells.
+    #[arg(long, default_value_t = 8)]
+    pub student_window: usize,
+    #[arg(long, default_value_t = 5)]
+    pub epochs: usize,
+    /// Stop after this many steps (trial runs).
+    #[arg(long = "max-steps")]
+    pub max_steps: Option<usize>,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f32,
+    #[arg(long = "weight-decay", default_value_t = 0.01)]
+    pub weight_decay: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Teacher embeddings kept in DIR (the teacher then runs once per image across runs).
+    #[arg(long, value_name = "DIR")]
+    pub embedding_cache: Option<PathBuf>,
+    /// Output packed model: the student encoder with the teacher's prompt encoder and decoder.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Write the loss of every step here (`step,epoch,loss`).
+    #[arg(long, value_name = "FILE")]
+    pub loss_csv: Option<PathBuf>,
     #[command(flatten)]
     pub threads: Threads,
 }

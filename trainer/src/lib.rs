@@ -10,6 +10,7 @@
 pub mod cli;
 pub mod commands;
 pub mod dicom;
+pub mod distill;
 pub mod embedding_cache;
 pub mod eval;
 pub mod image_io;

@@ -25,6 +25,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
         cli::Command::Segment(a) => commands::segment::run(a),
         cli::Command::Eval(a) => commands::eval::run(a),
         cli::Command::Train(a) => commands::train::run(a),
+        cli::Command::Distill(a) => commands::distill::run(a),
         cli::Command::OnnxCheck(a) => commands::onnx_check::run(a),
         cli::Command::CudaCompile(a) => commands::cuda::compile(a),
         cli::Command::CudaCheck(a) => commands::cuda::check(a),

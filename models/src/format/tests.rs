@@ -229,10 +229,22 @@ fn real_lite_medsam_packs_and_reopens() {
 }
 
 #[test]
-fn tiny_vit_encoders_stay_fp16_by_default_and_vit_encoders_do_not() {
+fn tiny_vit_encoders_and_every_decoder_attention_stay_fp16_by_default() {
     let bundled = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("litemedsam-nf4.msam");
     let lite_medsam = PackedModel::open(&bundled).expect("the bundled model is committed").config().clone();
-    assert_eq!(default_keep_fp16(&lite_medsam), vec!["image_encoder.*".to_string()]);
+    assert_eq!(default_keep_fp16(&lite_medsam), ["image_encoder.*", "mask_decoder.transformer.*attn*"]);
     let vit_b = crate::config::ModelConfig { encoder: EncoderConfig::Vit(crate::config::VitConfig::sam_b()), ..lite_medsam };
-    assert!(default_keep_fp16(&vit_b).is_empty());
+    assert_eq!(default_keep_fp16(&vit_b), ["mask_decoder.transformer.*attn*"]);
+    // The bundled model was packed with these defaults: its decoder attention is fp16, its MLPs NF4.
+    let m = PackedModel::open(&bundled).unwrap();
+    for (name, fp16) in [
+        ("mask_decoder.transformer.layers.0.self_attn.q_proj.weight", true),
+        ("mask_decoder.transformer.layers.1.cross_attn_image_to_token.out_proj.weight", true),
+        ("mask_decoder.transformer.final_attn_token_to_image.v_proj.weight", true),
+        ("mask_decoder.transformer.layers.0.mlp.lin1.weight", false),
+        ("mask_decoder.output_hypernetworks_mlps.0.layers.0.weight", false),
+    ] {
+        let data = &m.get(name).unwrap().data;
+        assert_eq!(matches!(data, TensorData::Nf4(_)), !fp16, "{name}");
+    }
 }

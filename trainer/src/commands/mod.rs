@@ -1,6 +1,7 @@
 //! One module per subcommand; each turns parsed arguments into a run and its printed report.
 
 pub mod cuda;
+pub mod distill;
 pub mod eval;
 pub mod inspect;
 pub mod model;

@@ -187,8 +187,9 @@ mod tests {
             keep_fp16: keep.iter().map(|s| s.to_string()).collect(),
             all_nf4,
         };
-        assert_eq!(keep_fp16_patterns(&config, &args(&["mask_decoder.*"], false)), ["image_encoder.*", "mask_decoder.*"]);
-        assert_eq!(keep_fp16_patterns(&config, &args(&["image_encoder.*"], false)), ["image_encoder.*"]);
+        let defaults = ["image_encoder.*", "mask_decoder.transformer.*attn*"];
+        assert_eq!(keep_fp16_patterns(&config, &args(&["mask_decoder.*"], false)), [defaults[0], defaults[1], "mask_decoder.*"]);
+        assert_eq!(keep_fp16_patterns(&config, &args(&["image_encoder.*"], false)), defaults);
         assert_eq!(keep_fp16_patterns(&config, &args(&["mask_decoder.*"], true)), ["mask_decoder.*"]);
         assert!(keep_fp16_patterns(&config, &args(&[], true)).is_empty());
     }

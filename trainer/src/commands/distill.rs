@@ -1,0 +1,41 @@
+//! `minisam distill`: turns `DistillArgs` into `distill::DistillOptions`, runs it (progress on
+//! stderr) and prints the summary.
+
+use anyhow::Result;
+
+use crate::cli::DistillArgs;
+use crate::distill::{self, DistillOptions, StudentSpec};
+
+pub fn run(args: &DistillArgs) -> Result<()> {
+    let opts = DistillOptions {
+        teacher: args.teacher.clone(),
+        data: args.data.clone(),
+        sets: args.sets.clone(),
+        limit: args.limit,
+        split: args.split.split,
+        test_share: args.split.test_share,
+        student: StudentSpec { embed_dim: args.student_dim, depth: args.student_depth, num_heads: args.student_heads, window_size: args.student_window },
+        epochs: args.epochs,
+        max_steps: args.max_steps,
+        lr: args.lr,
+        weight_decay: args.weight_decay,
+        seed: args.seed,
+        embedding_cache: args.embedding_cache.clone(),
+        output: args.output.clone(),
+        loss_csv: args.loss_csv.clone(),
+        threads: args.threads.get(),
+    };
+    let r = distill::run(&opts, &mut std::io::stderr())?;
+    println!(
+        "wrote {}: student encoder {} parameters ({:.1}% of the teacher's {}), {} steps at {:.2} s/step, loss {:.4} (first epoch) -> {:.4} (last)",
+        opts.output.display(),
+        r.student_params,
+        100.0 * r.student_params as f64 / r.teacher_encoder_params.max(1) as f64,
+        r.teacher_encoder_params,
+        r.steps,
+        r.mean_step_s,
+        r.first_epoch_loss,
+        r.last_epoch_loss
+    );
+    Ok(())
+}

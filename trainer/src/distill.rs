@@ -1,0 +1,357 @@
+//! `minisam distill`: a small ViT image encoder (the student) trained to reproduce a packed
+//! model's image embeddings (the teacher), on our own engine and tape.
+//!
+//! - The teacher is any packed model our engine runs (NF4 ViT-H, LiteMedSAM, ...). Its embeddings
+//!   go through the embedding cache (`crate::embedding_cache`), so it runs once per image, ever.
+//! - The student is a SAM ViT encoder (patch embedding, windowed blocks with decomposed relative
+//!   position bias, the last block global, the neck) sized by [`StudentSpec`], with the patch
+//!   size chosen so its grid equals the teacher's embedding grid; it starts from seeded random
+//!   weights (`minisam_models::import::synth`) and every one of its tensors is a dense f32
+//!   parameter on the tape.
+//! - Loss: MSE between student and teacher embedding, normalised by the teacher embedding's mean
+//!   square (`Σ(s−t)² / Σt²`), so 1.0 means "no better than zeros" whatever the teacher's scale.
+//!   The student learns the teacher's scale too, because its output feeds the teacher's decoder.
+//!   (A mask KL through the frozen decoder is not implemented.)
+//! - Output: a packed model = student encoder + the teacher's prompt encoder and mask decoder, with
+//!   the teacher's preprocessing; `eval` scores it like any model. The loss per step goes to an
+//!   optional CSV (the loss curve).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use minisam_models::autograd::{SamModel, TapeBackend};
+use minisam_models::backend::Backend;
+use minisam_models::config::{EncoderConfig, ModelConfig, VitConfig};
+use minisam_models::format::{self, Provenance};
+use minisam_models::image::RgbImage;
+use minisam_models::import::synth;
+use minisam_models::load::ModelFile;
+use minisam_models::pipeline::{self, Geometry};
+use minisam_models::sam::Segmenter;
+use minisam_models::store::{MemoryStore, WeightStore};
+
+use crate::embedding_cache::{Embedding, EmbeddingCache};
+use crate::eval::split::Split;
+use crate::image_io;
+use crate::train::optim::AdamW;
+use crate::train::rng::Rng;
+
+const ENCODER_PREFIX: &str = "image_encoder.";
+
+/// Size of the student ViT (the patch size follows from the teacher's geometry).
+#[derive(Clone, Copy, Debug)]
+pub struct StudentSpec {
+    pub embed_dim: usize,
+    pub depth: usize,
+    pub num_heads: usize,
+    pub window_size: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct DistillOptions {
+    pub teacher: PathBuf,
+    pub data: PathBuf,
+    pub sets: Vec<String>,
+    pub limit: Option<usize>,
+    pub split: Split,
+    pub test_share: f64,
+    pub student: StudentSpec,
+    pub epochs: usize,
+    pub max_steps: Option<usize>,
+    pub lr: f32,
+    pub weight_decay: f32,
+    pub seed: u64,
+    pub embedding_cache: Option<PathBuf>,
+    pub output: PathBuf,
+    pub loss_csv: Option<PathBuf>,
+    pub threads: usize,
+}
+
+#[derive(Debug)]
+pub struct DistillReport {
+    pub student_params: usize,
+    pub teacher_encoder_params: usize,
+    pub steps: usize,
+    pub first_epoch_loss: f64,
+    pub last_epoch_loss: f64,
+    pub mean_step_s: f64,
+}
+
+/// The student's configuration: the teacher's, with a ViT encoder of `spec` whose grid matches.
+pub fn student_config(teacher: &ModelConfig, spec: StudentSpec) -> Result<ModelConfig> {
+    let (s, e) = (teacher.image_size, teacher.embedding_size);
+    if e == 0 || s % e != 0 {
+        bail!("teacher input {s} is not a whole number of embedding cells ({e})");
+    }
+    if spec.depth == 0 || spec.num_heads == 0 || spec.embed_dim % spec.num_heads != 0 {
+        bail!("student: depth and heads must be at least 1 and the width a multiple of the heads ({spec:?})");
+    }
+    let vit = VitConfig {
+        patch_size: s / e,
+        embed_dim: spec.embed_dim,
+        depth: spec.depth,
+        num_heads: spec.num_heads,
+        mlp_ratio: 4,
+        window_size: spec.window_size,
+        // One global block at the end gives every cell the whole image's context.
+        global_attn_indexes: vec![spec.depth - 1],
+        out_chans: teacher.prompt_embed_dim,
+    };
+    Ok(ModelConfig { encoder: EncoderConfig::Vit(vit), ..teacher.clone() })
+}
+
+/// The student's starting weights: seeded random encoder tensors plus the teacher's prompt
+/// encoder and mask decoder (f32).
+fn student_store(teacher: &dyn WeightStore, config: &ModelConfig, seed: u64) -> Result<MemoryStore> {
+    let EncoderConfig::Vit(vit) = &config.encoder else { bail!("the student is a ViT") };
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
+        synth::random_sam_vit(vit, config.image_size, seed).into_iter().filter(|(n, _, _)| n.starts_with(ENCODER_PREFIX)).collect();
+    for name in teacher.names().into_iter().filter(|n| !n.starts_with(ENCODER_PREFIX)) {
+        let t = teacher.get(&name)?;
+        tensors.push((name, t.shape.clone(), t.to_f32()));
+    }
+    Ok(MemoryStore::new(tensors))
+}
+
+/// `Σ(s−t)² / Σt²` and its gradient with respect to `s`.
+pub fn relative_mse(student: &[f32], teacher: &[f32]) -> (f64, Vec<f32>) {
+    let energy: f64 = teacher.iter().map(|&t| (t as f64).powi(2)).sum::<f64>().max(1e-12);
+    let loss = student.iter().zip(teacher).map(|(&s, &t)| ((s - t) as f64).powi(2)).sum::<f64>() / energy;
+    let grad = student.iter().zip(teacher).map(|(&s, &t)| (2.0 * (s - t) as f64 / energy) as f32).collect();
+    (loss, grad)
+}
+
+/// The images to learn from: every image of the selected sets on the chosen side of the split
+/// (no labels needed: the teacher is the target).
+fn collect_images(opts: &DistillOptions) -> Result<Vec<PathBuf>> {
+    let all = crate::eval::protocol::list_sets(&opts.data)?;
+    let mut out = Vec::new();
+    for set in all.iter().filter(|d| opts.sets.is_empty() || opts.sets.contains(&d.name)) {
+        let files = crate::eval::protocol::list_images(set)?;
+        let n = opts.limit.unwrap_or(files.len()).min(files.len());
+        out.extend(files.into_iter().take(n).filter(|f| opts.split.keeps(&set.name, f, opts.test_share)).map(|f| set.image_path(&f)));
+    }
+    if out.is_empty() {
+        bail!("no image to distil on under {}", opts.data.display());
+    }
+    Ok(out)
+}
+
+pub fn run(opts: &DistillOptions, log: &mut dyn Write) -> Result<DistillReport> {
+    if opts.epochs == 0 {
+        bail!("--epochs must be at least 1");
+    }
+    let file = ModelFile::open(&opts.teacher).with_context(|| format!("opening teacher {}", opts.teacher.display()))?;
+    let teacher_config = file.config().clone();
+    let teacher = Segmenter::load_with_identity(minisam_models::cpu::CpuBackend::new(opts.threads)?, file.store(), &teacher_config, Some(file.sha256_hex()))?;
+    let cache = match &opts.embedding_cache {
+        Some(dir) => EmbeddingCache::open(dir, file.sha256_hex(), "")?,
+        None => EmbeddingCache::in_memory(file.sha256_hex(), ""),
+    };
+    let teacher_embedding = |image: &RgbImage| -> Result<Embedding> {
+        cache.get_or_encode(image, || {
+            let e = teacher.encode(image)?;
+            let b = teacher.backend();
+            Ok(Embedding { shape: b.shape(&e.embedding).to_vec(), values: b.to_host(&e.embedding)? })
+        })
+    };
+
+    let config = student_config(&teacher_config, opts.student)?;
+    let store = student_store(file.store(), &config, opts.seed)?;
+    let tape = TapeBackend::new(opts.threads, Box::new(|name: &str| name.starts_with(ENCODER_PREFIX)))?;
+    let student = SamModel::load(&tape, &store, &config)?;
+    let student_params: usize = tape.parameters().iter().map(|p| p.numel()).sum();
+    let names = file.store().names();
+    let teacher_encoder_params = names
+        .iter()
+        .filter(|n| n.starts_with(ENCODER_PREFIX))
+        .map(|n| file.store().get(n).map(|t| t.numel()))
+        .sum::<minisam_models::Result<usize>>()?;
+    writeln!(log, "student ViT {:?}: {student_params} parameters (teacher encoder {teacher_encoder_params})", opts.student)?;
+
+    let images = collect_images(opts)?;
+    writeln!(log, "{} images; teacher embeddings from the cache ({})", images.len(), opts.embedding_cache.as_ref().map_or("in memory".into(), |d| d.display().to_string()))?;
+    let mut csv = match &opts.loss_csv {
+        Some(p) => {
+            let mut f = std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?);
+            writeln!(f, "step,epoch,loss")?;
+            Some(f)
+        }
+        None => None,
+    };
+
+    let s = config.image_size;
+    let mut optimizer = AdamW::new(opts.lr, opts.weight_decay);
+    let total = opts.max_steps.unwrap_or(usize::MAX).min(images.len() * opts.epochs);
+    let (mut step, mut epoch_losses, mut step_times) = (0usize, Vec::new(), Vec::new());
+    'epochs: for epoch in 0..opts.epochs {
+        let mut order: Vec<usize> = (0..images.len()).collect();
+        Rng::new(opts.seed, 0xd157 + epoch as u64).shuffle(&mut order);
+        let mut sum = 0.0;
+        let mut count = 0;
+        for &i in &order {
+            if step >= total {
+                break;
+            }
+            let t0 = Instant::now();
+            let image = image_io::read_rgb(&images[i])?;
+            let target = teacher_embedding(&image)?;
+            let geometry = Geometry::new(image.height, image.width, s);
+            let input = pipeline::preprocess(config.preprocess, &image, &geometry)?;
+            tape.reset();
+            tape.zero_grads();
+            let x = tape.from_host(&[1, 3, s, s], &input)?;
+            let out = student.encode(&tape, &x)?;
+            let values = tape.to_host(&out)?;
+            if tape.shape(&out) != target.shape.as_slice() {
+                bail!("student embedding {:?} but teacher {:?}", tape.shape(&out), target.shape);
+            }
+            let (loss, grad) = relative_mse(&values, &target.values);
+            tape.backward(&out, &grad)?;
+            tape.reset();
+            optimizer.step(&tape, opts.lr);
+            step += 1;
+            sum += loss;
+            count += 1;
+            step_times.push(t0.elapsed().as_secs_f64());
+            if let Some(f) = csv.as_mut() {
+                writeln!(f, "{step},{},{loss:.6}", epoch + 1)?;
+            }
+            writeln!(log, "step {step}/{total} epoch {} loss {loss:.4} {:.1} s/step", epoch + 1, step_times.last().copied().unwrap_or(0.0))?;
+        }
+        if count > 0 {
+            let mean = sum / count as f64;
+            writeln!(log, "epoch {}: mean loss {mean:.4}", epoch + 1)?;
+            epoch_losses.push(mean);
+        }
+        if step >= total {
+            break 'epochs;
+        }
+    }
+    if let Some(mut f) = csv {
+        f.flush()?;
+    }
+
+    // Every tensor of the student, trained where it was a parameter (parameters keep the stored
+    // names; a reshaped one keeps the stored shape), packed like any model.
+    let trained_values: std::collections::HashMap<String, Vec<f32>> =
+        tape.parameters().into_iter().map(|p| Ok((p.name.clone(), tape.param_values(&p.name)?))).collect::<Result<_>>()?;
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for name in store.names() {
+        let t = store.get(&name)?;
+        let values = match trained_values.get(&name) {
+            Some(v) if v.len() == t.numel() => v.clone(),
+            Some(v) => bail!("parameter {name} has {} values, the stored tensor {}", v.len(), t.numel()),
+            None => t.to_f32(),
+        };
+        tensors.push((name, t.shape.clone(), values));
+    }
+    let trained = MemoryStore::new(tensors);
+    let provenance = Provenance::new(format!("distilled from {}", opts.teacher.display()), file.sha256_hex());
+    let report = format::pack(&trained, &config, provenance, &format::default_keep_fp16(&config), &opts.output)?;
+    writeln!(log, "wrote {} ({} bytes)", opts.output.display(), report.file_bytes)?;
+    let mean_step_s = step_times.iter().sum::<f64>() / step_times.len().max(1) as f64;
+    Ok(DistillReport {
+        student_params,
+        teacher_encoder_params,
+        steps: step,
+        first_epoch_loss: epoch_losses.first().copied().unwrap_or(f64::NAN),
+        last_epoch_loss: epoch_losses.last().copied().unwrap_or(f64::NAN),
+        mean_step_s,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image_io::{write_mask, MaskValue};
+    use minisam_models::image::Mask;
+    use std::path::Path;
+
+    #[test]
+    fn relative_mse_gradient_matches_finite_differences() {
+        let s = [0.5f32, -1.0, 2.0, 0.25];
+        let t = [1.0f32, -0.5, 1.5, 0.0];
+        let (loss, grad) = relative_mse(&s, &t);
+        assert!((loss - (0.25 + 0.25 + 0.25 + 0.0625) / (1.0 + 0.25 + 2.25)).abs() < 1e-9);
+        for i in 0..4 {
+            let h = 1e-3f32;
+            let (mut up, mut down) = (s, s);
+            up[i] += h;
+            down[i] -= h;
+            let fd = (relative_mse(&up, &t).0 - relative_mse(&down, &t).0) / (2.0 * h as f64);
+            assert!((fd - grad[i] as f64).abs() < 1e-4, "element {i}: fd {fd}, analytic {}", grad[i]);
+        }
+        assert_eq!(relative_mse(&t, &t).0, 0.0);
+    }
+
+    /// The committed tiny SAM as teacher, a smaller ViT as student, three synthetic images: the
+    /// loss falls, and the output is a packed model our engine loads and segments with.
+    #[test]
+    fn a_tiny_student_learns_from_the_tiny_sam_and_packs() {
+        let dir = std::env::temp_dir().join(format!("minisam-distill-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["images", "masks"] {
+            std::fs::create_dir_all(dir.join("set").join(sub)).unwrap();
+        }
+        for i in 0..3usize {
+            let (w, h) = (48usize, 40usize);
+            let grey: Vec<u8> = (0..w * h).map(|p| ((p % w) * (3 + i) + (p / w) * (7 - i)) as u8).collect();
+            let f = std::fs::File::create(dir.join("set/images").join(format!("{i}.png"))).unwrap();
+            let mut enc = png::Encoder::new(f, w as u32, h as u32);
+            enc.set_color(png::ColorType::Grayscale);
+            enc.set_depth(png::BitDepth::Eight);
+            enc.write_header().unwrap().write_image_data(&grey).unwrap();
+            write_mask(&dir.join("set/masks").join(format!("{i}.png")), &Mask { width: w, height: h, data: vec![0; w * h] }, MaskValue::One).unwrap();
+        }
+        // The tiny SAM teacher, packed (the teacher must be a packed model, as in production).
+        let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny_sam/tiny_sam.pth");
+        let ck = minisam_models::load::ModelFile::open(&tiny).unwrap();
+        let teacher = dir.join("teacher.msam");
+        format::pack(ck.store(), ck.config(), Provenance::new("tiny_sam.pth", ck.sha256_hex()), &[], &teacher).unwrap();
+
+        let opts = DistillOptions {
+            teacher: teacher.clone(),
+            data: dir.clone(),
+            sets: vec![],
+            limit: None,
+            split: Split::All,
+            test_share: 0.5,
+            student: StudentSpec { embed_dim: 32, depth: 2, num_heads: 2, window_size: 4 },
+            epochs: 6,
+            max_steps: None,
+            lr: 3e-3,
+            weight_decay: 0.0,
+            seed: 1,
+            embedding_cache: Some(dir.join("cache")),
+            output: dir.join("student.msam"),
+            loss_csv: Some(dir.join("loss.csv")),
+            threads: 2,
+        };
+        let mut log = Vec::new();
+        let report = run(&opts, &mut log).unwrap();
+        let text = String::from_utf8_lossy(&log);
+        assert_eq!(report.steps, 18, "{text}");
+        assert!(report.student_params < report.teacher_encoder_params, "{report:?}");
+        assert!(report.last_epoch_loss < 0.8 * report.first_epoch_loss, "the loss did not fall: {report:?}\n{text}");
+        let curve = std::fs::read_to_string(dir.join("loss.csv")).unwrap();
+        assert_eq!(curve.lines().count(), 19, "{curve}");
+
+        let student = minisam_models::load::ModelFile::open(&opts.output).unwrap();
+        assert!(matches!(student.config().encoder, EncoderConfig::Vit(ref v) if v.embed_dim == 32));
+        let seg = Segmenter::load(minisam_models::cpu::CpuBackend::new(1).unwrap(), student.store(), student.config()).unwrap();
+        let image = crate::image_io::read_rgb(&dir.join("set/images/0.png")).unwrap();
+        let emb = seg.encode(&image).unwrap();
+        // The packed student (its linears now NF4) still carries what was learnt.
+        let t = minisam_models::load::ModelFile::open(&teacher).unwrap();
+        let teacher_seg = Segmenter::load(minisam_models::cpu::CpuBackend::new(1).unwrap(), t.store(), t.config()).unwrap();
+        let b = seg.backend();
+        let (packed_loss, _) = relative_mse(&b.to_host(&emb.embedding).unwrap(), &b.to_host(&teacher_seg.encode(&image).unwrap().embedding).unwrap());
+        assert!(packed_loss < 0.9 * report.first_epoch_loss, "packed student loss {packed_loss}, {report:?}");
+        let prompts = minisam_models::prompt::Prompts::with_box(minisam_models::prompt::BoxPrompt { x0: 5.0, y0: 5.0, x1: 30.0, y1: 30.0 });
+        assert_eq!(seg.decode(&emb, &prompts, false).unwrap().masks.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
