@@ -1,11 +1,12 @@
 //! Backward passes of [`crate::conv::conv2d`] (dense, grouped and depthwise) and
 //! [`crate::conv::conv_transpose2d`].
 //!
-//! The input gradient of a convolution scatters every output gradient back through the kernel
-//! taps that produced it. Work is split over input planes (one `(batch, channel)` per task), so
-//! each task owns the plane it writes and no atomics are needed. A frozen NF4/fp16 kernel is
-//! dequantised in tiles of [`CO_TILE`] output channels, never as a whole. All functions add into
-//! their outputs.
+//! Dense convolutions (`groups == 1`: patch embeddings, necks, TinyViT's pointwise convs) run on
+//! the blocked GEMM through bounded im2col/col2im chunks (module `dense`). Grouped and depthwise
+//! ones, whose products are small, scatter every output gradient back through the kernel taps
+//! that produced it, split over input planes (one `(batch, channel)` per task) so each task owns
+//! the plane it writes and no atomics are needed; their kernel is dequantised in tiles of
+//! [`CO_TILE`] output channels. All functions add into their outputs.
 
 use rayon::prelude::*;
 
@@ -53,6 +54,9 @@ impl ConvShape {
 // dx: [batch, c_in, h, w].
 pub fn conv2d_backward_input(dy: &[f32], weight: MatrixRef, s: ConvShape, dx: &mut [f32]) {
     s.check("conv2d_backward_input", dx.len(), dy.len(), s.c_out * s.c_in / s.groups * s.kh * s.kw);
+    if s.groups == 1 && !dx.is_empty() && !dy.is_empty() {
+        return dense::backward_input(dy, weight, s, dx);
+    }
     let (oh, ow) = s.out_hw();
     let (cin_g, cout_g) = (s.c_in / s.groups, s.c_out / s.groups);
     let taps = s.kh * s.kw;
@@ -102,6 +106,9 @@ pub fn conv2d_backward_input(dy: &[f32], weight: MatrixRef, s: ConvShape, dx: &m
 // dy: [batch, c_out, oh, ow]; x: [batch, c_in, h, w]; dw: [c_out, c_in/groups, kh, kw].
 pub fn conv2d_backward_weight(dy: &[f32], x: &[f32], s: ConvShape, dw: &mut [f32]) {
     s.check("conv2d_backward_weight", x.len(), dy.len(), dw.len());
+    if s.groups == 1 && !dw.is_empty() && !dy.is_empty() {
+        return dense::backward_weight(dy, x, s, dw);
+    }
     let (oh, ow) = s.out_hw();
     let (cin_g, cout_g) = (s.c_in / s.groups, s.c_out / s.groups);
     let taps = s.kh * s.kw;
@@ -131,6 +138,96 @@ pub fn conv2d_backward_weight(dy: &[f32], x: &[f32], s: ConvShape, dw: &mut [f32
             }
         }
     });
+}
+
+/// Dense (`groups == 1`) convolutions on the blocked GEMM, through column matrices of
+/// [`POSITIONS`] output positions at a time (im2col / col2im), so the column buffer stays
+/// bounded (`c_in·kh·kw × POSITIONS` floats) whatever the image size.
+mod dense {
+    use rayon::prelude::*;
+
+    use super::ConvShape;
+    use crate::gemm::{matmul, transpose_into};
+    use crate::weights::MatrixRef;
+
+    /// Output positions per column matrix.
+    const POSITIONS: usize = 512;
+
+    /// `dyc[co, p] = dy[b, co, p0 + p]` for the `pc` positions of this chunk.
+    fn gather_dy(dy: &[f32], s: ConvShape, b: usize, p0: usize, pc: usize, dyc: &mut [f32]) {
+        let (oh, ow) = s.out_hw();
+        dyc.par_chunks_mut(pc).enumerate().for_each(|(co, row)| {
+            row.copy_from_slice(&dy[(b * s.c_out + co) * oh * ow + p0..][..pc]);
+        });
+    }
+
+    /// `dx += ∂(conv2d)/∂x · dy`: per chunk, `dcol = Wᵀ · dyc` (`[K, c_out] · [c_out, pc]`, K =
+    /// `c_in·kh·kw`), then each column scattered back to the input pixels it was read from. The
+    /// kernel is dequantised whole, once (SAM's largest, the ViT-H patch embedding, is 3.9 MB in f32).
+    pub(super) fn backward_input(dy: &[f32], weight: MatrixRef, s: ConvShape, dx: &mut [f32]) {
+        let (oh, ow) = s.out_hw();
+        let (taps, positions) = (s.kh * s.kw, oh * ow);
+        let k = s.c_in * taps;
+        let mut w = vec![0.0f32; s.c_out * k];
+        weight.dequantize_range(0, &mut w);
+        let mut wt = vec![0.0f32; k * s.c_out];
+        transpose_into(&w, s.c_out, k, &mut wt);
+        let chunk = POSITIONS.min(positions);
+        let (mut dyc, mut dcol) = (vec![0.0f32; s.c_out * chunk], vec![0.0f32; k * chunk]);
+        for b in 0..s.batch {
+            let dxb = &mut dx[b * s.c_in * s.h * s.w..][..s.c_in * s.h * s.w];
+            for p0 in (0..positions).step_by(chunk) {
+                let pc = chunk.min(positions - p0);
+                gather_dy(dy, s, b, p0, pc, &mut dyc[..s.c_out * pc]);
+                matmul(&wt, &dyc[..s.c_out * pc], 1, k, s.c_out, pc, false, &mut dcol[..k * pc]);
+                let dcol = &dcol[..k * pc];
+                // col2im: each task owns one input channel's plane.
+                dxb.par_chunks_mut(s.h * s.w).enumerate().for_each(|(ci, plane)| {
+                    for t in 0..taps {
+                        let (ky, kx) = (t / s.kw, t % s.kw);
+                        let row = &dcol[(ci * taps + t) * pc..][..pc];
+                        for (i, &v) in row.iter().enumerate() {
+                            let (oy, ox) = ((p0 + i) / ow, (p0 + i) % ow);
+                            if let (Some(iy), Some(ix)) = (s.source(oy, ky, s.h), s.source(ox, kx, s.w)) {
+                                plane[iy * s.w + ix] += v;
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    /// `dw += ∂(conv2d)/∂w · dy`: per chunk, `dW += dyc · colᵀ` (`[c_out, pc] · [pc, K]`) with
+    /// `col` the chunk's im2col of `x` (zero where the tap falls in the padding).
+    pub(super) fn backward_weight(dy: &[f32], x: &[f32], s: ConvShape, dw: &mut [f32]) {
+        let (oh, ow) = s.out_hw();
+        let (taps, positions) = (s.kh * s.kw, oh * ow);
+        let k = s.c_in * taps;
+        let chunk = POSITIONS.min(positions);
+        let (mut dyc, mut col, mut product) = (vec![0.0f32; s.c_out * chunk], vec![0.0f32; k * chunk], vec![0.0f32; s.c_out * k]);
+        for b in 0..s.batch {
+            let xb = &x[b * s.c_in * s.h * s.w..][..s.c_in * s.h * s.w];
+            for p0 in (0..positions).step_by(chunk) {
+                let pc = chunk.min(positions - p0);
+                gather_dy(dy, s, b, p0, pc, &mut dyc[..s.c_out * pc]);
+                col[..k * pc].par_chunks_mut(pc).enumerate().for_each(|(r, row)| {
+                    let (ci, t) = (r / taps, r % taps);
+                    let (ky, kx) = (t / s.kw, t % s.kw);
+                    let plane = &xb[ci * s.h * s.w..][..s.h * s.w];
+                    for (i, v) in row.iter_mut().enumerate() {
+                        let (oy, ox) = ((p0 + i) / ow, (p0 + i) % ow);
+                        *v = match (s.source(oy, ky, s.h), s.source(ox, kx, s.w)) {
+                            (Some(iy), Some(ix)) => plane[iy * s.w + ix],
+                            _ => 0.0,
+                        };
+                    }
+                });
+                matmul(&dyc[..s.c_out * pc], &col[..k * pc], 1, s.c_out, pc, k, true, &mut product);
+                dw.par_iter_mut().zip(product.par_iter()).for_each(|(d, p)| *d += p);
+            }
+        }
+    }
 }
 
 /// `db[c] += Σ_{batch, pixels} dy[., c, .]`: the bias gradient of any NCHW op with a per-channel bias.
@@ -280,6 +377,45 @@ mod tests {
             let mut db = vec![0.0; c_out];
             channel_bias_backward(&rf, s.batch, c_out, oh * ow, &mut db);
             assert_close(&format!("db {s:?}"), &db, &want_db, 1e-5);
+        }
+    }
+
+    /// Past one im2col chunk (more output positions than `dense::POSITIONS`), with stride and
+    /// padding: the dense GEMM path against a plain f64 adjoint of `conv_ref`.
+    #[test]
+    fn dense_conv_backward_spans_column_chunks() {
+        let mut rng = rng();
+        for (h, w, k, stride, padding) in [(30, 29, 3, 1, 1), (41, 37, 4, 4, 0), (26, 25, 3, 2, 1)] {
+            let s = ConvShape { batch: 2, c_in: 3, h, w, c_out: 5, kh: k, kw: k, stride, padding, groups: 1 };
+            let (oh, ow) = s.out_hw();
+            let (x, wt, r) = (random(&mut rng, 2 * 3 * h * w), random(&mut rng, 5 * 3 * k * k), random(&mut rng, 2 * 5 * oh * ow));
+            let (mut want_dx, mut want_dw) = (vec![0.0f64; x.len()], vec![0.0f64; wt.len()]);
+            for b in 0..2 {
+                for co in 0..5 {
+                    for ci in 0..3 {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                for oy in 0..oh {
+                                    for ox in 0..ow {
+                                        let (Some(iy), Some(ix)) = (s.source(oy, ky, h), s.source(ox, kx, w)) else { continue };
+                                        let g = r[((b * 5 + co) * oh + oy) * ow + ox];
+                                        let wi = ((co * 3 + ci) * k + ky) * k + kx;
+                                        let xi = ((b * 3 + ci) * h + iy) * w + ix;
+                                        want_dx[xi] += g * wt[wi];
+                                        want_dw[wi] += g * x[xi];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let mut dx = vec![0.0; x.len()];
+            conv2d_backward_input(&to_f32(&r), MatrixRef::F32(&to_f32(&wt)), s, &mut dx);
+            assert_close(&format!("dx {s:?}"), &dx, &want_dx, 1e-5);
+            let mut dw = vec![0.0; wt.len()];
+            conv2d_backward_weight(&to_f32(&r), &to_f32(&x), s, &mut dw);
+            assert_close(&format!("dw {s:?}"), &dw, &want_dw, 1e-5);
         }
     }
 

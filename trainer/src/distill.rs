@@ -39,6 +39,7 @@ use crate::train::optim::AdamW;
 use crate::train::rng::Rng;
 
 const ENCODER_PREFIX: &str = "image_encoder.";
+const NECK_OUTPUT_NORM: [&str; 2] = ["image_encoder.neck.3.weight", "image_encoder.neck.3.bias"];
 
 /// Size of the student ViT (the patch size follows from the teacher's geometry).
 #[derive(Clone, Copy, Debug)]
@@ -108,6 +109,18 @@ fn student_store(teacher: &dyn WeightStore, config: &ModelConfig, seed: u64) -> 
     let EncoderConfig::Vit(vit) = &config.encoder else { bail!("the student is a ViT") };
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
         synth::random_sam_vit(vit, config.image_size, seed).into_iter().filter(|(n, _, _)| n.starts_with(ENCODER_PREFIX)).collect();
+    // The student starts with the teacher's output normalisation (the neck's last LayerNorm2d,
+    // named alike in SAM ViT and TinyViT): its embeddings then have the teacher's per-channel
+    // scale and offset from step one, instead of a random init's ~100x larger error.
+    for (name, shape, values) in tensors.iter_mut() {
+        if NECK_OUTPUT_NORM.contains(&name.as_str()) {
+            if let Ok(t) = teacher.get(name) {
+                if &t.shape == shape {
+                    *values = t.to_f32();
+                }
+            }
+        }
+    }
     for name in teacher.names().into_iter().filter(|n| !n.starts_with(ENCODER_PREFIX)) {
         let t = teacher.get(&name)?;
         tensors.push((name, t.shape.clone(), t.to_f32()));
