@@ -50,56 +50,99 @@ fn pack_a(tile: &[f32], rows: usize, k: usize, row_stride: usize, col_stride: us
     }
 }
 
-/// C = A · B for one tile of output channels; overwrites C. Picks the widest instruction set the
-/// CPU has: the same source compiled for AVX2 runs about twice as fast as the SSE2 baseline.
-// a_packed: pack_a layout of A [rows, k]; b: B [k, ncols] with element (kk, j) at b[kk * ldb + j];
-// c: C [rows, ncols] with element (r, j) at c[r * ldc + j].
-#[allow(clippy::too_many_arguments)]
-fn gemm_packed(a_packed: &[f32], rows: usize, k: usize, b: &[f32], ldb: usize, ncols: usize, c: &mut [f32], ldc: usize) {
+/// Width of the micro-tile this CPU runs: AVX2 doubles it (8 ymm accumulators).
+fn micro_width() -> usize {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, the only requirement of `gemm_avx2`.
-            unsafe { gemm_avx2(a_packed, rows, k, b, ldb, ncols, c, ldc) };
+            return 16;
+        }
+    }
+    8
+}
+
+/// B `[k, ncols]` copied once into the micro-kernel's read order: for each block of NC columns
+/// and KC reduction steps, `[NC/W][KC][W]` micro-panels (zero past the edges). Packed before the
+/// tasks over output-channel tiles start, it is shared by all of them instead of each task
+/// copying the same panels again.
+struct PackedB {
+    data: Vec<f32>,
+    k: usize,
+    ncols: usize,
+    width: usize,
+}
+
+impl PackedB {
+    fn block_len(width: usize) -> usize {
+        KC * NC.div_ceil(width) * width
+    }
+
+    /// Packs `b` (element (kk, j) at `b[kk * ldb + j]`) for this CPU's micro-tile width.
+    fn new(b: &[f32], ldb: usize, k: usize, ncols: usize) -> Self {
+        let width = micro_width();
+        let kblocks = k.div_ceil(KC);
+        let block = Self::block_len(width);
+        let mut data = vec![0.0f32; ncols.div_ceil(NC) * kblocks * block];
+        data.par_chunks_mut(block).enumerate().for_each(|(index, dst)| {
+            let (j_block, k0) = ((index / kblocks) * NC, (index % kblocks) * KC);
+            let (block_cols, depth) = (NC.min(ncols - j_block), KC.min(k - k0));
+            for t in 0..block_cols.div_ceil(width) {
+                let j0 = j_block + t * width;
+                let live = width.min(j_block + block_cols - j0);
+                let panel = &mut dst[t * KC * width..(t * KC + depth) * width];
+                for (kk, d) in panel.chunks_exact_mut(width).enumerate() {
+                    d[..live].copy_from_slice(&b[(k0 + kk) * ldb + j0..][..live]);
+                }
+            }
+        });
+        Self { data, k, ncols, width }
+    }
+
+    /// The panels of column block `j_block / NC` and reduction block `k0 / KC`.
+    fn block(&self, j_block: usize, k0: usize) -> &[f32] {
+        let index = (j_block / NC) * self.k.div_ceil(KC) + k0 / KC;
+        let len = Self::block_len(self.width);
+        &self.data[index * len..(index + 1) * len]
+    }
+}
+
+/// C = A · B for one tile of output channels, B already packed (see [`PackedB`]); overwrites C
+/// `[rows, b.ncols]`. Picks the widest instruction set the CPU has: the same source compiled for
+/// AVX2 runs about twice as fast as the SSE2 baseline.
+// a_packed: pack_a layout of A [rows, k]; c: element (r, j) at c[r * ldc + j].
+fn gemm_prepacked(a_packed: &[f32], rows: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if b.width == 16 {
+            // SAFETY: `width == 16` only where the CPU has AVX2 (`micro_width`).
+            unsafe { gemm_avx2(a_packed, rows, b, c, ldc) };
             return;
         }
     }
-    gemm_body::<8>(a_packed, rows, k, b, ldb, ncols, c, ldc);
+    gemm_body::<8>(a_packed, rows, b, c, ldc);
 }
 
 /// `gemm_body` compiled with AVX2 enabled (16-wide micro-tiles: 8 ymm accumulators).
-// Shapes as `gemm_packed`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_avx2(a_packed: &[f32], rows: usize, k: usize, b: &[f32], ldb: usize, ncols: usize, c: &mut [f32], ldc: usize) {
-    gemm_body::<16>(a_packed, rows, k, b, ldb, ncols, c, ldc);
+unsafe fn gemm_avx2(a_packed: &[f32], rows: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
+    gemm_body::<16>(a_packed, rows, b, c, ldc);
 }
 
-/// Blocked GEMM: for each block of NC columns and KC reduction steps, B is copied into
-/// `[NC/W][KC][W]` micro-panels (contiguous for the micro-kernel), then every MR x W tile of C is
-/// accumulated in registers.
-// Shapes as `gemm_packed`; W: micro-tile width.
+/// Blocked GEMM: for each block of NC columns and KC reduction steps, every MR x W tile of C is
+/// accumulated in registers from the packed A panel and the packed B micro-panel.
+// W: micro-tile width (equal to b.width).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn gemm_body<const W: usize>(a_packed: &[f32], rows: usize, k: usize, b: &[f32], ldb: usize, ncols: usize, c: &mut [f32], ldc: usize) {
+fn gemm_body<const W: usize>(a_packed: &[f32], rows: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
+    debug_assert_eq!(b.width, W);
+    let (k, ncols) = (b.k, b.ncols);
     let panels = rows.div_ceil(MR);
-    let mut b_pack = vec![0.0f32; KC * NC.div_ceil(W) * W];
     for j_block in (0..ncols).step_by(NC) {
         let block_cols = NC.min(ncols - j_block);
         let micro_tiles = block_cols.div_ceil(W);
         for k0 in (0..k).step_by(KC) {
             let depth = KC.min(k - k0);
-            for t in 0..micro_tiles {
-                let j0 = j_block + t * W;
-                let width = W.min(j_block + block_cols - j0);
-                let dst = &mut b_pack[t * KC * W..(t * KC + depth) * W];
-                for (kk, d) in dst.chunks_exact_mut(W).enumerate() {
-                    let src = &b[(k0 + kk) * ldb + j0..][..width];
-                    d[..width].copy_from_slice(src);
-                    d[width..].fill(0.0);
-                }
-            }
+            let b_pack = b.block(j_block, k0);
             for p in 0..panels {
                 let panel = &a_packed[(p * k + k0) * MR..(p * k + k0 + depth) * MR];
                 let live_rows = MR.min(rows - p * MR);
@@ -214,11 +257,12 @@ fn conv_group_gemm(
     for p0 in (0..n).step_by(block_cols.max(1)) {
         let ncols = block_cols.min(n - p0);
         let (b, ldb): (&[f32], usize) = if direct {
-            (x, n)
+            (&x[p0..], n)
         } else {
             im2col(x, c_in_g, g, p0, ncols, &mut cols[..k * ncols]);
             (&cols[..k * ncols], ncols)
         };
+        let b = PackedB::new(b, ldb, k, ncols);
         out.par_chunks_mut(tile * n).enumerate().for_each(|(t, c)| {
             let rows = c.len() / n;
             let row0 = t * tile;
@@ -227,7 +271,7 @@ fn conv_group_gemm(
             let mut packed = Vec::new();
             pack_a(&a, rows, k, k, 1, &mut packed);
             drop(a);
-            gemm_packed(&packed, rows, k, &b[if direct { p0 } else { 0 }..], ldb, ncols, &mut c[p0..], n);
+            gemm_prepacked(&packed, rows, &b, &mut c[p0..], n);
             epilogue(c, n, p0, p0 + ncols, bias.map(|b| &b[row0..row0 + rows]), act);
         });
     }
@@ -384,7 +428,7 @@ pub fn conv_transpose2d(
     let weight_row = c_out * kk; // one input channel's weights
     let channels_per_task = (32 / kk).max(1);
     for b in 0..batch {
-        let xb = &x[b * c_in * n..(b + 1) * c_in * n];
+        let xb = PackedB::new(&x[b * c_in * n..(b + 1) * c_in * n], n, c_in, n);
         let ob = &mut out[b * c_out * out_plane..(b + 1) * c_out * out_plane];
         ob.par_chunks_mut(channels_per_task * out_plane).enumerate().for_each(|(t, dst)| {
             let co0 = t * channels_per_task;
@@ -399,7 +443,7 @@ pub fn conv_transpose2d(
             pack_a(&a, rows, c_in, 1, rows, &mut packed);
             drop(a);
             let mut y = vec![0.0f32; rows * n];
-            gemm_packed(&packed, rows, c_in, xb, n, n, &mut y, n);
+            gemm_prepacked(&packed, rows, &xb, &mut y, n);
             for c in 0..channels {
                 let bias_c = bias.map_or(0.0, |v| v[co0 + c]);
                 let plane = &mut dst[c * out_plane..(c + 1) * out_plane];
