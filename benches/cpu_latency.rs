@@ -90,8 +90,9 @@ fn open_and_measure(model: &str, weights: &'static str, path: &Path, threads: us
     measure(model, weights, path, file.store(), file.config(), threads, runs)
 }
 
+/// Packs as `minisam pack` does by default (the architecture's default fp16 list included).
 fn pack_to(store: &dyn WeightStore, config: &ModelConfig, source: &str, out: &Path) {
-    format::pack(store, config, Provenance::new(source, "random weights"), &[], out).expect("pack");
+    format::pack(store, config, Provenance::new(source, "random weights"), &format::default_keep_fp16(config), out).expect("pack");
 }
 
 /// Runs benches/peer_torch.py when torch and segment-anything import; returns its table lines.
@@ -118,7 +119,7 @@ fn main() {
     std::fs::create_dir_all(&tmp).expect("temp dir");
     let mut rows = Vec::new();
 
-    rows.push(open_and_measure("LiteMedSAM@256", "NF4 (bundled)", &root.join("models/litemedsam-nf4.msam"), threads, runs));
+    rows.push(open_and_measure("LiteMedSAM@256", "packed (bundled)", &root.join("models/litemedsam-nf4.msam"), threads, runs));
     let lite = shared.join("lite_medsam.pth");
     if lite.is_file() {
         rows.push(open_and_measure("LiteMedSAM@256", "f32 checkpoint", &lite, threads, runs));
@@ -130,7 +131,7 @@ fn main() {
         let ckpt = Checkpoint::open(&mobile).expect("MobileSAM checkpoint");
         let packed = tmp.join("mobilesam-nf4.msam");
         pack_to(&ckpt, ckpt.config(), "mobile_sam.pt", &packed);
-        rows.push(open_and_measure("MobileSAM@1024", "NF4", &packed, threads, runs));
+        rows.push(open_and_measure("MobileSAM@1024", "packed (pack default)", &packed, threads, runs));
         rows.push(measure("MobileSAM@1024", "f32 checkpoint", &mobile, &ckpt, ckpt.config(), threads, runs));
     } else {
         println!("(no {}: MobileSAM rows skipped)", mobile.display());
@@ -139,7 +140,7 @@ fn main() {
     let packed = tmp.join("vit-b-random-nf4.msam");
     pack_to(&vit_b, vit_b.config(), "random ViT-B", &packed);
     drop(vit_b);
-    rows.push(open_and_measure("SAM ViT-B@1024 (random)", "NF4", &packed, threads, runs.min(3)));
+    rows.push(open_and_measure("SAM ViT-B@1024 (random)", "packed (pack default)", &packed, threads, runs.min(3)));
     let _ = std::fs::remove_dir_all(&tmp);
 
     println!("\nQLoRA-MiniSAM CPU backend, {threads} threads, median of {runs} encodes / {} decodes", runs * 4);
