@@ -27,7 +27,9 @@ use minisam_models::adapter::{self, AdapterMeta, LinearShape, LoraFactors};
 use minisam_models::autograd::{attach_lora, export_lora, SamModel, TapeBackend};
 use minisam_models::backend::Backend;
 use minisam_models::load::ModelFile;
+use minisam_models::cpu::CpuBackend;
 use minisam_models::image::RgbImage;
+use minisam_models::sam::Segmenter;
 use minisam_models::pipeline::{self, Geometry};
 use minisam_models::prompt::{BoxPrompt, Prompts};
 
@@ -139,41 +141,54 @@ fn load_example(e: &Example) -> Result<(RgbImage, Vec<u8>, Vec<u16>)> {
     Ok((image, mask, labels.labels))
 }
 
-/// Forward of one example: mask logits `[1, 1, L, L]` and the geometry. With `cache`, the
-/// (frozen) image encoder's output comes from it, computed once per distinct image.
-fn forward(model: &SamModel<TapeBackend>, tape: &TapeBackend, cache: Option<&EmbeddingCache>, image: &RgbImage, prompt: BoxPrompt) -> Result<(minisam_models::autograd::TapeTensor, Geometry)> {
+/// A frozen image encoder: the inference engine (activations in its load-time arena, not on the
+/// tape) behind the embedding cache, so each distinct image is encoded once.
+struct FrozenEncoder {
+    segmenter: Segmenter<CpuBackend>,
+    cache: EmbeddingCache,
+}
+
+impl FrozenEncoder {
+    fn embedding(&self, image: &RgbImage) -> Result<Embedding> {
+        self.cache.get_or_encode(image, || {
+            let e = self.segmenter.encode(image)?;
+            let b = self.segmenter.backend();
+            Ok(Embedding { shape: b.shape(&e.embedding).to_vec(), values: b.to_host(&e.embedding)? })
+        })
+    }
+}
+
+/// Forward of one example: mask logits `[1, 1, L, L]` and the geometry. With `frozen`, the image
+/// encoder's output comes from it instead of the tape.
+fn forward(model: &SamModel<TapeBackend>, tape: &TapeBackend, frozen: Option<&FrozenEncoder>, image: &RgbImage, prompt: BoxPrompt) -> Result<(minisam_models::autograd::TapeTensor, Geometry)> {
     let kind = model.config.preprocess;
     let s = model.config.image_size;
     let geometry = Geometry::new(image.height, image.width, s);
     let prompts = Prompts::with_box(prompt);
     prompts.validate(image.width, image.height)?;
-    let encode = || -> Result<_> {
-        let input = pipeline::preprocess(kind, image, &geometry)?;
-        let x = tape.from_host(&[1, 3, s, s], &input)?;
-        Ok(model.encode(tape, &x)?)
-    };
-    let emb = match cache {
-        Some(cache) => {
-            let e = cache.get_or_encode(image, || {
-                let t = encode()?;
-                Ok(Embedding { shape: tape.shape(&t).to_vec(), values: tape.to_host(&t)? })
-            })?;
+    let emb = match frozen {
+        Some(f) => {
+            let e = f.embedding(image)?;
             tape.from_host(&e.shape, &e.values)?
         }
-        None => encode()?,
+        None => {
+            let input = pipeline::preprocess(kind, image, &geometry)?;
+            let x = tape.from_host(&[1, 3, s, s], &input)?;
+            model.encode(tape, &x)?
+        }
     };
     let logits = model.decode(tape, &emb, &pipeline::transform_prompts(kind, &prompts, &geometry), false)?;
     Ok((logits, geometry))
 }
 
 /// Mean protocol Dice over `examples` (tight box, single output), recording off.
-fn validate(model: &SamModel<TapeBackend>, tape: &TapeBackend, cache: Option<&EmbeddingCache>, examples: &[Example]) -> Result<f64> {
+fn validate(model: &SamModel<TapeBackend>, tape: &TapeBackend, frozen: Option<&FrozenEncoder>, examples: &[Example]) -> Result<f64> {
     tape.set_recording(false);
     let mut total = 0.0;
     for e in examples {
         let (image, _, labels) = load_example(e)?;
         let [x0, y0, x1, y1] = e.tight.map(|v| v as f32);
-        let (logits, geometry) = forward(model, tape, cache, &image, BoxPrompt { x0, y0, x1, y1 })?;
+        let (logits, geometry) = forward(model, tape, frozen, &image, BoxPrompt { x0, y0, x1, y1 })?;
         let plane = tape.to_host(&logits)?;
         let side = (plane.len() as f64).sqrt() as usize;
         let mask = pipeline::postprocess(model.config.preprocess, &plane, side, &geometry)?;
@@ -238,12 +253,14 @@ pub fn run(opts: &TrainOptions, log: &mut dyn Write) -> Result<TrainReport> {
     // input are then limited to a left-right mirror, so each image has at most two embeddings.
     let encoder_frozen = layers.iter().all(|l| !l.name.starts_with(ENCODER_PREFIX));
     let augment_options = opts.effective_augment_for(encoder_frozen);
-    let cache = if encoder_frozen {
+    let frozen = if encoder_frozen {
         writeln!(log, "image encoder frozen: each image encoded once (cache {}); vertical flips and intensity changes off", opts.embedding_cache.as_ref().map_or("in memory".to_string(), |d| d.display().to_string()))?;
-        Some(match &opts.embedding_cache {
+        let cache = match &opts.embedding_cache {
             Some(dir) => EmbeddingCache::open(dir, &base_sha256, "")?,
             None => EmbeddingCache::in_memory(&base_sha256, ""),
-        })
+        };
+        let segmenter = Segmenter::load_with_identity(CpuBackend::new(opts.threads)?, file.store(), file.config(), Some(&base_sha256))?;
+        Some(FrozenEncoder { segmenter, cache })
     } else {
         None
     };
@@ -288,7 +305,7 @@ pub fn run(opts: &TrainOptions, log: &mut dyn Write) -> Result<TrainReport> {
                 let mut rng = Rng::new(opts.seed, ((state.epoch * steps_per_epoch + chunk_index) * opts.accum + k) as u64 + 1);
                 let ex = augment(&image, &mask, e.tight, augment_options, &mut rng);
                 tape.reset();
-                let (logits, geometry) = forward(&model, &tape, cache.as_ref(), &ex.image, ex.prompt)?;
+                let (logits, geometry) = forward(&model, &tape, frozen.as_ref(), &ex.image, ex.prompt)?;
                 let plane = tape.to_host(&logits)?;
                 let side = (plane.len() as f64).sqrt() as usize;
                 let target = loss::target_low_res(&ex.mask, image.height, image.width, geometry.resized, side);
@@ -327,7 +344,7 @@ pub fn run(opts: &TrainOptions, log: &mut dyn Write) -> Result<TrainReport> {
         }
         // Validate after every epoch, and once when a step budget ends one early.
         if !val.is_empty() && (finished_epoch || state.step >= total_steps) {
-            let d = validate(&model, &tape, cache.as_ref(), &val)?;
+            let d = validate(&model, &tape, frozen.as_ref(), &val)?;
             if state.best_val_dice.is_none_or(|b| d > b) {
                 state.best_val_dice = Some(d);
                 state.best_params = Some(snapshot(&tape)?);
