@@ -89,17 +89,8 @@ pub struct TrainArgs {
     /// Base model (packed .msam); the adapter is bound to its SHA-256.
     #[arg(long)]
     pub model: PathBuf,
-    /// Data tree `<root>/<set>/{images,masks}` (the evaluation protocol's layout).
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Train on these sets only (repeatable; default: every set under --data).
-    #[arg(long = "set", value_name = "NAME")]
-    pub sets: Vec<String>,
-    /// First N images of each set.
-    #[arg(long)]
-    pub limit: Option<usize>,
     #[command(flatten)]
-    pub split: SplitArgs,
+    pub data: DataArgs,
     /// With a frozen image encoder (no target under `image_encoder.`), keep each image's
     /// embedding in DIR so later runs (and `eval --embedding-cache`) skip the encoder.
     #[arg(long, value_name = "DIR")]
@@ -163,17 +154,9 @@ pub struct DistillArgs {
     /// Teacher: a packed model (its image encoder is what the student learns to reproduce).
     #[arg(long)]
     pub teacher: PathBuf,
-    /// Data tree `<root>/<set>/images` (masks are not used).
-    #[arg(long)]
-    pub data: PathBuf,
-    /// These sets only (repeatable; default: every set).
-    #[arg(long = "set", value_name = "NAME")]
-    pub sets: Vec<String>,
-    /// First N images of each set.
-    #[arg(long)]
-    pub limit: Option<usize>,
+    /// The images (their masks are not used).
     #[command(flatten)]
-    pub split: SplitArgs,
+    pub data: DataArgs,
     /// Student width (channels per token).
     #[arg(long, default_value_t = 64)]
     pub student_dim: usize,
@@ -283,6 +266,34 @@ pub struct EvalArgs {
     /// zero-shot and adapter runs share them); values are stored exactly, so scores do not change.
     #[arg(long, value_name = "DIR")]
     pub embedding_cache: Option<PathBuf>,
+}
+
+/// The images of a data tree a training command reads (`selection::Selection`).
+#[derive(Debug, Args, Clone)]
+pub struct DataArgs {
+    /// Data tree `<root>/<set>/{images,masks}` (the evaluation protocol's layout).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// These sets only (repeatable; default: every set under --data).
+    #[arg(long = "set", value_name = "NAME")]
+    pub sets: Vec<String>,
+    /// First N images of each set.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[command(flatten)]
+    pub split: SplitArgs,
+}
+
+impl DataArgs {
+    pub fn selection(&self) -> crate::selection::Selection {
+        crate::selection::Selection {
+            root: self.data.clone(),
+            sets: self.sets.clone(),
+            limit: self.limit,
+            split: self.split.split,
+            test_share: self.split.test_share,
+        }
+    }
 }
 
 /// The train/test split of a data tree (by image name; see `eval::split`).

@@ -33,7 +33,7 @@ use minisam_models::sam::Segmenter;
 use minisam_models::store::{MemoryStore, WeightStore};
 
 use crate::embedding_cache::{Embedding, EmbeddingCache};
-use crate::eval::split::Split;
+use crate::selection::Selection;
 use crate::image_io;
 use crate::train::optim::AdamW;
 use crate::train::rng::Rng;
@@ -53,11 +53,8 @@ pub struct StudentSpec {
 #[derive(Clone, Debug)]
 pub struct DistillOptions {
     pub teacher: PathBuf,
-    pub data: PathBuf,
-    pub sets: Vec<String>,
-    pub limit: Option<usize>,
-    pub split: Split,
-    pub test_share: f64,
+    /// The images to distil on (no labels needed: the teacher is the target).
+    pub data: Selection,
     pub student: StudentSpec,
     pub epochs: usize,
     pub max_steps: Option<usize>,
@@ -136,22 +133,6 @@ pub fn relative_mse(student: &[f32], teacher: &[f32]) -> (f64, Vec<f32>) {
     (loss, grad)
 }
 
-/// The images to learn from: every image of the selected sets on the chosen side of the split
-/// (no labels needed: the teacher is the target).
-fn collect_images(opts: &DistillOptions) -> Result<Vec<PathBuf>> {
-    let all = crate::eval::protocol::list_sets(&opts.data)?;
-    let mut out = Vec::new();
-    for set in all.iter().filter(|d| opts.sets.is_empty() || opts.sets.contains(&d.name)) {
-        let files = crate::eval::protocol::list_images(set)?;
-        let n = opts.limit.unwrap_or(files.len()).min(files.len());
-        out.extend(files.into_iter().take(n).filter(|f| opts.split.keeps(&set.name, f, opts.test_share)).map(|f| set.image_path(&f)));
-    }
-    if out.is_empty() {
-        bail!("no image to distil on under {}", opts.data.display());
-    }
-    Ok(out)
-}
-
 pub fn run(opts: &DistillOptions, log: &mut dyn Write) -> Result<DistillReport> {
     if opts.epochs == 0 {
         bail!("--epochs must be at least 1");
@@ -184,7 +165,10 @@ pub fn run(opts: &DistillOptions, log: &mut dyn Write) -> Result<DistillReport> 
         .sum::<minisam_models::Result<usize>>()?;
     writeln!(log, "student ViT {:?}: {student_params} parameters (teacher encoder {teacher_encoder_params})", opts.student)?;
 
-    let images = collect_images(opts)?;
+    let images: Vec<PathBuf> = opts.data.images()?.into_iter().map(|(set, file)| set.image_path(&file)).collect();
+    if images.is_empty() {
+        bail!("no image to distil on under {}", opts.data.root().display());
+    }
     writeln!(log, "{} images; teacher embeddings from the cache ({})", images.len(), opts.embedding_cache.as_ref().map_or("in memory".into(), |d| d.display().to_string()))?;
     let mut csv = match &opts.loss_csv {
         Some(p) => {
@@ -327,11 +311,7 @@ mod tests {
 
         let opts = DistillOptions {
             teacher: teacher.clone(),
-            data: dir.clone(),
-            sets: vec![],
-            limit: None,
-            split: Split::All,
-            test_share: 0.5,
+            data: Selection { root: dir.clone(), sets: vec![], limit: None, split: crate::eval::split::Split::All, test_share: 0.5 },
             student: StudentSpec { embed_dim: 32, depth: 2, num_heads: 2, window_size: 4 },
             epochs: 6,
             max_steps: None,

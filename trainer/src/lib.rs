@@ -17,4 +17,5 @@ pub mod image_io;
 #[cfg(feature = "onnx")]
 pub mod onnx;
 pub mod runtime;
+pub mod selection;
 pub mod train;

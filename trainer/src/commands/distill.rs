@@ -9,11 +9,7 @@ use crate::distill::{self, DistillOptions, StudentSpec};
 pub fn run(args: &DistillArgs) -> Result<()> {
     let opts = DistillOptions {
         teacher: args.teacher.clone(),
-        data: args.data.clone(),
-        sets: args.sets.clone(),
-        limit: args.limit,
-        split: args.split.split,
-        test_share: args.split.test_share,
+        data: args.data.selection(),
         student: StudentSpec { embed_dim: args.student_dim, depth: args.student_depth, num_heads: args.student_heads, window_size: args.student_window },
         epochs: args.epochs,
         max_steps: args.max_steps,

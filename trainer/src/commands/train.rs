@@ -10,9 +10,7 @@ use crate::train::{self, augment::AugmentOptions, TrainOptions};
 pub fn options(args: &TrainArgs) -> TrainOptions {
     TrainOptions {
         model: args.model.clone(),
-        data: args.data.clone(),
-        sets: args.sets.clone(),
-        limit: args.limit,
+        data: args.data.selection(),
         output: args.output.clone(),
         name: args.name.clone(),
         modality: args.modality.clone(),
@@ -28,8 +26,6 @@ pub fn options(args: &TrainArgs) -> TrainOptions {
         patience: args.patience,
         seed: args.seed,
         augment: AugmentOptions { hflip: !args.no_flips, vflip: !args.no_flips, intensity: !args.no_intensity, jitter: args.jitter },
-        split: args.split.split,
-        test_share: args.split.test_share,
         embedding_cache: args.embedding_cache.clone(),
         checkpoint: args.checkpoint.clone(),
         resume: args.resume,

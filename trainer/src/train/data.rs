@@ -2,14 +2,14 @@
 //! target (label > 0 with at least 16 pixels, as `crate::eval::protocol` defines), a validation
 //! split by image (all targets of an image on the same side) and a hash naming the training set.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use sha2::{Digest, Sha256};
 
 use super::rng::Rng;
 use crate::eval::protocol;
-use crate::eval::split::Split;
+use crate::selection::Selection;
 use crate::image_io;
 
 /// One target of one image.
@@ -24,29 +24,18 @@ pub struct Example {
     pub tight: [usize; 4],
 }
 
-/// Every target under `root` in the images `split` keeps, in protocol order; only the sets named in `sets` (all when
-/// empty), and the first `limit` images of each set when given.
-pub fn collect(root: &Path, sets: &[String], limit: Option<usize>, split: Split, test_share: f64) -> Result<Vec<Example>> {
-    let all = protocol::list_sets(root)?;
-    for s in sets {
-        if !all.iter().any(|d| &d.name == s) {
-            bail!("no set {s} under {} (sets: {})", root.display(), all.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", "));
-        }
-    }
+/// Every target of the selected images, in protocol order.
+pub fn collect(selection: &Selection) -> Result<Vec<Example>> {
     let mut out = Vec::new();
-    for set in all.iter().filter(|d| sets.is_empty() || sets.contains(&d.name)) {
-        let files = protocol::list_images(set)?;
-        let n = limit.unwrap_or(files.len()).min(files.len());
-        for file in files.into_iter().take(n).filter(|f| split.keeps(&set.name, f, test_share)) {
-            let mask = image_io::read_labels(&set.mask_path(&file))?;
-            for t in protocol::targets(&mask) {
-                let b = t.tight_box;
-                out.push(Example { set: set.name.clone(), image: set.image_path(&file), mask: set.mask_path(&file), file: file.clone(), label: t.label, tight: [b.x0, b.y0, b.x1, b.y1] });
-            }
+    for (set, file) in selection.images()? {
+        let mask = image_io::read_labels(&set.mask_path(&file))?;
+        for t in protocol::targets(&mask) {
+            let b = t.tight_box;
+            out.push(Example { set: set.name.clone(), image: set.image_path(&file), mask: set.mask_path(&file), file: file.clone(), label: t.label, tight: [b.x0, b.y0, b.x1, b.y1] });
         }
     }
     if out.is_empty() {
-        bail!("no training target under {}", root.display());
+        bail!("no training target under {}", selection.root().display());
     }
     Ok(out)
 }

@@ -35,7 +35,7 @@ use minisam_models::prompt::{BoxPrompt, Prompts};
 
 use crate::embedding_cache::{Embedding, EmbeddingCache};
 use crate::eval::dice::dice;
-use crate::eval::split::Split;
+use crate::selection::Selection;
 use crate::image_io;
 use augment::{augment, AugmentOptions};
 use checkpoint::TrainState;
@@ -50,9 +50,8 @@ pub const MAX_TRAINABLE_SHARE: f64 = 0.05;
 #[derive(Clone, Debug)]
 pub struct TrainOptions {
     pub model: PathBuf,
-    pub data: PathBuf,
-    pub sets: Vec<String>,
-    pub limit: Option<usize>,
+    /// The images to learn from (`Split::Train` leaves the test split for `eval`).
+    pub data: Selection,
     pub output: PathBuf,
     pub name: String,
     pub modality: String,
@@ -71,9 +70,6 @@ pub struct TrainOptions {
     pub checkpoint: Option<PathBuf>,
     pub resume: bool,
     pub threads: usize,
-    /// Which images of the tree to learn from (`Train` leaves the test split for `eval`).
-    pub split: Split,
-    pub test_share: f64,
     /// Where a frozen image encoder's outputs are kept across runs (memory only when `None`).
     pub embedding_cache: Option<PathBuf>,
 }
@@ -243,7 +239,7 @@ pub fn run(opts: &TrainOptions, log: &mut dyn Write) -> Result<TrainReport> {
         bail!("{trainable} trainable parameters exceed the budget ({MAX_TRAINABLE} and {:.0}% of the base): lower --rank or narrow --target", 100.0 * MAX_TRAINABLE_SHARE);
     }
 
-    let examples = data::collect(&opts.data, &opts.sets, opts.limit, opts.split, opts.test_share)?;
+    let examples = data::collect(&opts.data)?;
     let (train, val) = data::split(examples, opts.val_fraction, opts.seed);
     if train.is_empty() {
         bail!("no training example left after holding out the validation split");

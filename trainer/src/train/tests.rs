@@ -37,9 +37,7 @@ fn synthetic_tree(dir: &Path) {
 fn options(dir: &Path, output: &str) -> TrainOptions {
     TrainOptions {
         model: tiny_sam(),
-        data: dir.to_path_buf(),
-        sets: vec![],
-        limit: None,
+        data: crate::selection::Selection { root: dir.to_path_buf(), sets: vec![], limit: None, split: crate::eval::split::Split::All, test_share: 0.5 },
         output: dir.join(output),
         name: "tiny-test".into(),
         modality: "US".into(),
@@ -58,8 +56,6 @@ fn options(dir: &Path, output: &str) -> TrainOptions {
         checkpoint: None,
         resume: false,
         threads: 2,
-        split: crate::eval::split::Split::All,
-        test_share: 0.5,
         embedding_cache: None,
     }
 }
