@@ -25,14 +25,13 @@ use minisam_models::autograd::{SamModel, TapeBackend};
 use minisam_models::backend::Backend;
 use minisam_models::config::{EncoderConfig, ModelConfig, VitConfig};
 use minisam_models::format::{self, Provenance};
-use minisam_models::image::RgbImage;
 use minisam_models::import::synth;
 use minisam_models::load::ModelFile;
 use minisam_models::pipeline::{self, Geometry};
 use minisam_models::sam::Segmenter;
 use minisam_models::store::{MemoryStore, WeightStore};
 
-use crate::embedding_cache::{Embedding, EmbeddingCache};
+use crate::embedding_cache::EmbeddingCache;
 use crate::selection::Selection;
 use crate::image_io;
 use crate::train::optim::AdamW;
@@ -144,13 +143,6 @@ pub fn run(opts: &DistillOptions, log: &mut dyn Write) -> Result<DistillReport> 
         Some(dir) => EmbeddingCache::open(dir, file.sha256_hex(), "")?,
         None => EmbeddingCache::in_memory(file.sha256_hex(), ""),
     };
-    let teacher_embedding = |image: &RgbImage| -> Result<Embedding> {
-        cache.get_or_encode(image, || {
-            let e = teacher.encode(image)?;
-            let b = teacher.backend();
-            Ok(Embedding { shape: b.shape(&e.embedding).to_vec(), values: b.to_host(&e.embedding)? })
-        })
-    };
 
     let config = student_config(&teacher_config, opts.student)?;
     let store = student_store(file.store(), &config, opts.seed)?;
@@ -194,7 +186,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn Write) -> Result<DistillReport> 
             }
             let t0 = Instant::now();
             let image = image_io::read_rgb(&images[i])?;
-            let target = teacher_embedding(&image)?;
+            let target = cache.embedding(&teacher, &image)?;
             let geometry = Geometry::new(image.height, image.width, s);
             let input = pipeline::preprocess(config.preprocess, &image, &geometry)?;
             tape.reset();

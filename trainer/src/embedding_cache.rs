@@ -18,7 +18,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use minisam_models::backend::Backend;
 use minisam_models::image::RgbImage;
+use minisam_models::sam::Segmenter;
 use sha2::{Digest, Sha256};
 
 const MAGIC: &[u8; 8] = b"MSEMBED1";
@@ -96,6 +98,17 @@ impl EmbeddingCache {
         let embedding = encode()?;
         write_entry(&path, &embedding).with_context(|| format!("writing embedding cache entry {}", path.display()))?;
         Ok(embedding)
+    }
+}
+
+impl EmbeddingCache {
+    /// The embedding of `image` from the cache, or `segmenter`'s encoder output stored for next time.
+    pub fn embedding<B: Backend>(&self, segmenter: &Segmenter<B>, image: &RgbImage) -> Result<Embedding> {
+        self.get_or_encode(image, || {
+            let e = segmenter.encode(image)?;
+            let b = segmenter.backend();
+            Ok(Embedding { shape: b.shape(&e.embedding).to_vec(), values: b.to_host(&e.embedding)? })
+        })
     }
 }
 

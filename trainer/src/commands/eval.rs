@@ -18,7 +18,7 @@ use crate::cli::EvalArgs;
 use crate::eval::protocol::{self, JitterBoxes, PromptKind};
 use crate::eval::split::Split;
 use crate::eval::report::{self, Reference};
-use crate::embedding_cache::{Embedding, EmbeddingCache};
+use crate::embedding_cache::EmbeddingCache;
 use crate::eval::{self, BoxSegmenter, EvalOptions};
 use crate::runtime;
 
@@ -40,10 +40,7 @@ impl<B: BackendExtras> BoxSegmenter for ProtocolModel<'_, B> {
             return Ok(emb);
         };
         let b = s.backend();
-        let cached = cache.get_or_encode(image, || {
-            let emb = s.encode(image)?;
-            Ok(Embedding { shape: b.shape(&emb.embedding).to_vec(), values: b.to_host(&emb.embedding)? })
-        })?;
+        let cached = cache.embedding(s, image)?;
         let geometry = Geometry::new(image.height, image.width, s.config().image_size);
         Ok(ImageEmbedding { embedding: b.from_host(&cached.shape, &cached.values)?, geometry })
     }

@@ -33,7 +33,7 @@ use minisam_models::sam::Segmenter;
 use minisam_models::pipeline::{self, Geometry};
 use minisam_models::prompt::{BoxPrompt, Prompts};
 
-use crate::embedding_cache::{Embedding, EmbeddingCache};
+use crate::embedding_cache::EmbeddingCache;
 use crate::eval::dice::dice;
 use crate::selection::Selection;
 use crate::image_io;
@@ -144,16 +144,6 @@ struct FrozenEncoder {
     cache: EmbeddingCache,
 }
 
-impl FrozenEncoder {
-    fn embedding(&self, image: &RgbImage) -> Result<Embedding> {
-        self.cache.get_or_encode(image, || {
-            let e = self.segmenter.encode(image)?;
-            let b = self.segmenter.backend();
-            Ok(Embedding { shape: b.shape(&e.embedding).to_vec(), values: b.to_host(&e.embedding)? })
-        })
-    }
-}
-
 /// Forward of one example: mask logits `[1, 1, L, L]` and the geometry. With `frozen`, the image
 /// encoder's output comes from it instead of the tape.
 fn forward(model: &SamModel<TapeBackend>, tape: &TapeBackend, frozen: Option<&FrozenEncoder>, image: &RgbImage, prompt: BoxPrompt) -> Result<(minisam_models::autograd::TapeTensor, Geometry)> {
@@ -164,7 +154,7 @@ fn forward(model: &SamModel<TapeBackend>, tape: &TapeBackend, frozen: Option<&Fr
     prompts.validate(image.width, image.height)?;
     let emb = match frozen {
         Some(f) => {
-            let e = f.embedding(image)?;
+            let e = f.cache.embedding(&f.segmenter, image)?;
             tape.from_host(&e.shape, &e.values)?
         }
         None => {
