@@ -42,6 +42,15 @@ impl Geometry {
         let resize = |v: usize| ((v as f64 * scale + 0.5) as usize).clamp(1, input_size);
         Self { original: (height, width), resized: (resize(height), resize(width)), input_size }
     }
+
+    /// `(rows, cols)` of a `low_res × low_res` logit plane (which covers the whole square input)
+    /// that lie over the resized image rather than its padding: the resized size scaled by
+    /// `low_res / S`, a partly covered cell counted in. Equal to `resized` when the plane is the
+    /// input's size (LiteMedSAM, 256); a quarter of it for SAM and MobileSAM (1024 → 256).
+    pub fn low_res_region(&self, low_res: usize) -> (usize, usize) {
+        let scale = |v: usize| (v * low_res).div_ceil(self.input_size.max(1)).clamp(1, low_res);
+        (scale(self.resized.0), scale(self.resized.1))
+    }
 }
 
 /// The encoder input: `[3, S, S]` f32, channel-major, already normalised and padded.
@@ -168,6 +177,16 @@ mod tests {
         assert_eq!(Geometry::new(540, 800, 256).resized, (173, 256));
         assert_eq!(Geometry::new(512, 512, 1024).resized, (1024, 1024));
         assert_eq!(Geometry::new(240, 196, 256).resized, (256, 209));
+    }
+
+    #[test]
+    fn low_res_region_scales_the_resized_image_into_the_logit_plane() {
+        assert_eq!(Geometry::new(540, 800, 256).low_res_region(256), (173, 256));
+        // SAM at 1024: 768x1024 resized, a 256 plane → 192x256; 691 rows cover 172.75 cells → 173.
+        assert_eq!(Geometry::new(600, 800, 1024).low_res_region(256), (192, 256));
+        assert_eq!(Geometry::new(540, 800, 1024).resized, (691, 1024));
+        assert_eq!(Geometry::new(540, 800, 1024).low_res_region(256), (173, 256));
+        assert_eq!(Geometry::new(1, 4000, 1024).low_res_region(256), (1, 256));
     }
 
     #[test]

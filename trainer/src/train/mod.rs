@@ -294,8 +294,9 @@ pub fn run(opts: &TrainOptions, log: &mut dyn Write) -> Result<TrainReport> {
                 let (logits, geometry) = forward(&model, &tape, frozen.as_ref(), &ex.image, ex.prompt)?;
                 let plane = tape.to_host(&logits)?;
                 let side = (plane.len() as f64).sqrt() as usize;
-                let target = loss::target_low_res(&ex.mask, image.height, image.width, geometry.resized, side);
-                let (l, mut grad) = loss::bce_dice(&plane, &target, side, geometry.resized);
+                let region = geometry.low_res_region(side);
+                let target = loss::target_low_res(&ex.mask, image.height, image.width, region, side);
+                let (l, mut grad) = loss::bce_dice(&plane, &target, side, region);
                 grad.iter_mut().for_each(|g| *g /= chunk.len() as f32);
                 tape.backward(&logits, &grad)?;
                 tape.reset();
