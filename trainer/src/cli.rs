@@ -177,6 +177,14 @@ pub struct DistillArgs {
     pub lr: f32,
     #[arg(long = "weight-decay", default_value_t = 0.01)]
     pub weight_decay: f32,
+    /// Weight of a mask term added to the embedding MSE: the binary KL of the student's masks
+    /// from the teacher's, both through the teacher's frozen decoder with the same random boxes.
+    /// 0 (the default) leaves it out.
+    #[arg(long = "mask-kl", value_name = "WEIGHT", default_value_t = 0.0)]
+    pub mask_kl: f64,
+    /// Random boxes per image for the mask term.
+    #[arg(long = "mask-kl-boxes", default_value_t = 2)]
+    pub mask_kl_boxes: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Teacher embeddings kept in DIR (the teacher then runs once per image across runs).
@@ -185,7 +193,7 @@ pub struct DistillArgs {
     /// Output packed model: the student encoder with the teacher's prompt encoder and decoder.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Write the loss of every step here (`step,epoch,loss`).
+    /// Write the loss of every step here (`step,epoch,loss,embedding_mse,mask_kl`).
     #[arg(long, value_name = "FILE")]
     pub loss_csv: Option<PathBuf>,
     #[command(flatten)]

@@ -15,6 +15,8 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         max_steps: args.max_steps,
         lr: args.lr,
         weight_decay: args.weight_decay,
+        mask_kl_weight: args.mask_kl,
+        mask_kl_boxes: args.mask_kl_boxes,
         seed: args.seed,
         embedding_cache: args.embedding_cache.clone(),
         output: args.output.clone(),
@@ -33,5 +35,8 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         r.first_epoch_loss,
         r.last_epoch_loss
     );
+    if opts.mask_kl_weight > 0.0 {
+        println!("mask KL to the teacher: {:.4} (first epoch) -> {:.4} (last)", r.first_epoch_mask_kl, r.last_epoch_mask_kl);
+    }
     Ok(())
 }
