@@ -142,10 +142,21 @@ pub trait Backend: Send + Sync {
     fn attention(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, scale: f32, bias: AttentionBias<'_, Self>) -> Result<Self::Tensor>;
     /// Bilinear resize of NCHW to `[.., out_h, out_w]`, `align_corners=False` (PyTorch semantics).
     fn resize_bilinear(&self, x: &Self::Tensor, out_h: usize, out_w: usize) -> Result<Self::Tensor>;
+
+    /// One frame of a fixed computation: uploads `input` (`shape`) and returns `f` of it. Every
+    /// call with the same `key` and shape must mean the same computation on the same weights (a
+    /// caller takes a new key whenever they change, e.g. an adapter swap): a backend may then
+    /// record the work once and replay it (the CUDA backend's graphs). The result is the
+    /// caller's to keep, like any other tensor. The default simply runs `f`.
+    fn run_frame(&self, key: u64, shape: &[usize], input: &[f32], f: &dyn Fn(&Self, &Self::Tensor) -> Result<Self::Tensor>) -> Result<Self::Tensor> {
+        let _ = key;
+        let x = self.from_host(shape, input)?;
+        f(self, &x)
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cpu::{CpuBackend, CpuTensor, CpuWeight};
     use crate::store::{SharedBytes, TensorData};
@@ -153,8 +164,15 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     /// The CPU backend with every operation but `linear_lora` delegated, so the trait's default
-    /// `linear_lora` (what a backend without a fused kernel runs) is the one under test.
-    struct DefaultLora(CpuBackend);
+    /// `linear_lora` (what a backend without a fused kernel runs) is the one under test. It
+    /// also logs the key of every `run_frame` (then runs the trait's default).
+    pub(crate) struct DefaultLora(CpuBackend, pub(crate) std::sync::Mutex<Vec<u64>>);
+
+    impl DefaultLora {
+        pub(crate) fn new(threads: usize) -> Self {
+            Self(CpuBackend::new(threads).unwrap(), Default::default())
+        }
+    }
 
     impl Backend for DefaultLora {
         type Tensor = CpuTensor;
@@ -238,6 +256,11 @@ mod tests {
         fn resize_bilinear(&self, x: &CpuTensor, out_h: usize, out_w: usize) -> Result<CpuTensor> {
             self.0.resize_bilinear(x, out_h, out_w)
         }
+        fn run_frame(&self, key: u64, shape: &[usize], input: &[f32], f: &dyn Fn(&Self, &CpuTensor) -> Result<CpuTensor>) -> Result<CpuTensor> {
+            self.1.lock().unwrap().push(key);
+            let x = self.from_host(shape, input)?;
+            f(self, &x)
+        }
     }
 
     fn f32_tensor(name: &str, shape: &[usize], values: &[f32]) -> StoredTensor {
@@ -286,7 +309,7 @@ mod tests {
     fn linear_lora_matches_f64_reference_and_default_equals_fused() {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let cpu = CpuBackend::new(2).unwrap();
-        let default = DefaultLora(CpuBackend::new(2).unwrap());
+        let default = DefaultLora::new(2);
         // Odd sizes on purpose: no dimension is a multiple of a kernel tile.
         for &(lead, k, n, r) in &[(&[3usize, 5][..], 37usize, 29usize, 4usize), (&[1][..], 64, 192, 8), (&[2, 2, 3][..], 13, 7, 1)] {
             let m: usize = lead.iter().product();
@@ -342,7 +365,7 @@ mod tests {
         // A transposed by mistake: a shape error, never a panic or a silent wrong answer.
         let lora = Lora { a: cpu.weight(&f32_tensor("a", &[k, r], &[0.1; 12])).unwrap(), b: cpu.weight(&f32_tensor("b", &[n, r], &[0.1; 10])).unwrap(), rank: r, scale: 1.0 };
         assert!(matches!(cpu.linear_lora(&x, &w, None, Activation::None, Some(&lora)), Err(crate::Error::Shape(_))));
-        let default = DefaultLora(CpuBackend::new(1).unwrap());
+        let default = DefaultLora::new(1);
         let lora: Lora<DefaultLora> = Lora { a: lora.a, b: lora.b, rank: lora.rank, scale: lora.scale };
         assert!(default.linear_lora(&x, &w, None, Activation::None, Some(&lora)).is_err());
     }

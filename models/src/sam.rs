@@ -80,6 +80,16 @@ pub struct Segmenter<B: Backend> {
     linears: Vec<LinearShape>,
     /// SHA-256 of the bound adapter's file.
     adapter_sha256: Option<String>,
+    /// Names the encoder computation for `Backend::run_frame`: fresh for every segmenter and
+    /// after every change to its layers, since a replayed frame uses the weights it was
+    /// recorded with.
+    frame_key: u64,
+}
+
+/// A key no other segmenter or layer state has had in this process.
+fn fresh_frame_key() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl<B: Backend> Segmenter<B> {
@@ -106,6 +116,7 @@ impl<B: Backend> Segmenter<B> {
             model_sha256: model_sha256.map(str::to_string),
             linears: Vec::new(),
             adapter_sha256: None,
+            frame_key: fresh_frame_key(),
         };
         let mut linears = Vec::new();
         segmenter.linears_mut(&mut |l| linears.push(LinearShape { name: l.name.clone(), in_features: l.in_features, out_features: l.out_features }));
@@ -125,8 +136,10 @@ impl<B: Backend> Segmenter<B> {
     }
 
     /// Visits every linear layer (the order of [`Segmenter::linear_shapes`]); the trainer and the
-    /// adapter binding go through here.
+    /// adapter binding go through here. Any visit may change weights, so it retires the frame
+    /// key (a recorded encoder frame is not replayed with other weights).
     pub fn linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear<B>)) {
+        self.frame_key = fresh_frame_key();
         self.encoder.linears_mut(f);
         self.mask_decoder.linears_mut(f);
     }
@@ -199,8 +212,7 @@ impl<B: Backend> Segmenter<B> {
     /// reference's own input through here to separate preprocessing from network error).
     pub fn encode_preprocessed(&self, input: &[f32], geometry: Geometry) -> Result<ImageEmbedding<B>> {
         let s = self.config.image_size;
-        let x = self.backend.from_host(&[1, 3, s, s], input)?;
-        let embedding = self.encoder.forward(&self.backend, &x)?;
+        let embedding = self.backend.run_frame(self.frame_key, &[1, 3, s, s], input, &|b, x| self.encoder.forward(b, x))?;
         Ok(ImageEmbedding { embedding, geometry })
     }
 
@@ -247,6 +259,31 @@ mod tests {
     fn tiny_sam_checkpoint() -> Checkpoint {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny_sam/tiny_sam.pth");
         Checkpoint::open(&path).expect("committed tiny SAM fixture")
+    }
+
+    /// `run_frame` keys: one per segmenter, kept across frames, new after any layer change
+    /// (a backend that replays recorded frames must not replay one with old weights).
+    #[test]
+    fn frame_keys_are_fresh_per_segmenter_and_after_layer_changes() {
+        use crate::backend::tests::DefaultLora;
+        let ckpt = tiny_sam_checkpoint();
+        let mut a = Segmenter::load(DefaultLora::new(1), &ckpt, ckpt.config()).unwrap();
+        let b = Segmenter::load(DefaultLora::new(1), &ckpt, ckpt.config()).unwrap();
+        let image = test_image();
+        let keys = |s: &Segmenter<DefaultLora>| s.backend().1.lock().unwrap().clone();
+        a.encode(&image).unwrap();
+        a.encode(&image).unwrap();
+        b.encode(&image).unwrap();
+        let (ka, kb) = (keys(&a), keys(&b));
+        assert_eq!(ka.len(), 2);
+        assert_eq!(ka[0], ka[1], "same segmenter, same weights: same key");
+        assert_ne!(ka[0], kb[0], "two segmenters never share a key");
+        a.set_adapter(None).unwrap();
+        a.encode(&image).unwrap();
+        a.linears_mut(&mut |_| {});
+        a.encode(&image).unwrap();
+        let ka = keys(&a);
+        assert!(ka[2] != ka[0] && ka[3] != ka[2] && ka[3] != kb[0], "{ka:?}");
     }
 
     fn test_image() -> RgbImage {

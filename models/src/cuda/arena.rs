@@ -22,6 +22,9 @@ pub struct FreeList {
     free: BTreeMap<usize, usize>,
     in_use: usize,
     peak: usize,
+    /// While a CUDA graph is being captured: the lowest start and highest end of every block
+    /// allocated since (see [`FreeList::record_span`]).
+    span: Option<(usize, usize)>,
 }
 
 impl FreeList {
@@ -31,7 +34,7 @@ impl FreeList {
         if capacity > 0 {
             free.insert(0, capacity);
         }
-        Self { capacity, free, in_use: 0, peak: 0 }
+        Self { capacity, free, in_use: 0, peak: 0, span: None }
     }
 
     /// The offset of a fresh block of at least `bytes` (rounded up to [`ALIGN`]), or `None` when
@@ -45,7 +48,45 @@ impl FreeList {
         }
         self.in_use += size;
         self.peak = self.peak.max(self.in_use);
+        if let Some((lo, hi)) = self.span.as_mut() {
+            *lo = (*lo).min(at);
+            *hi = (*hi).max(at + size);
+        }
         Some((at, size))
+    }
+
+    /// Starts (`true`) or stops and returns (`false`) the span `[lo, hi)` covering every block
+    /// allocated in between. A captured CUDA graph replays its kernels on exactly the addresses
+    /// they were captured with, so the span its launches touched must stay out of other hands
+    /// for as long as the graph may replay ([`FreeList::claim_free`]).
+    pub fn record_span(&mut self, on: bool) -> Option<(usize, usize)> {
+        let taken = self.span.take().filter(|(lo, hi)| lo < hi);
+        if on {
+            self.span = Some((usize::MAX, 0));
+        }
+        taken
+    }
+
+    /// Takes every free byte of `[start, end)` out of the free list and returns the pieces
+    /// (each to be given back with [`FreeList::free`]). Blocks live inside the range are left
+    /// to their owners.
+    pub fn claim_free(&mut self, start: usize, end: usize) -> Vec<(usize, usize)> {
+        let overlapping: Vec<(usize, usize)> = self.free.iter().map(|(&at, &len)| (at, len)).filter(|&(at, len)| at < end && at + len > start).collect();
+        let mut claimed = Vec::with_capacity(overlapping.len());
+        for (at, len) in overlapping {
+            self.free.remove(&at);
+            let (lo, hi) = (at.max(start), (at + len).min(end));
+            if at < lo {
+                self.free.insert(at, lo - at);
+            }
+            if hi < at + len {
+                self.free.insert(hi, at + len - hi);
+            }
+            claimed.push((lo, hi - lo));
+            self.in_use += hi - lo;
+        }
+        self.peak = self.peak.max(self.in_use);
+        claimed
     }
 
     /// Returns a block made by [`FreeList::alloc`], merging it with free neighbours.
@@ -132,6 +173,43 @@ mod tests {
         assert_eq!(list.in_use(), 0);
         assert_eq!(list.largest_free(), 1 << 20, "free ranges must merge back into one");
         assert!(list.peak() > 0);
+    }
+
+    #[test]
+    fn cuda_arena_claimed_span_is_never_handed_out_until_given_back() {
+        let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
+        let mut list = FreeList::new(1 << 20);
+        let before = list.alloc(3 * ALIGN).unwrap();
+        // A "capture": blocks come and go, one (the output) stays live.
+        assert_eq!(list.record_span(true), None);
+        let mut scratch: Vec<(usize, usize)> = (0..20).filter_map(|_| list.alloc(rng.gen_range(1..20_000))).collect();
+        let output = scratch.swap_remove(7);
+        for (o, s) in scratch.drain(..) {
+            list.free(o, s);
+        }
+        let (lo, hi) = list.record_span(false).expect("blocks were allocated");
+        assert!(lo <= output.0 && output.0 + output.1 <= hi && lo >= before.0 + before.1);
+        assert_eq!(list.record_span(false), None, "recording is off");
+        let claimed = list.claim_free(lo, hi);
+        assert_eq!(claimed.iter().map(|c| c.1).sum::<usize>() + output.1, hi - lo, "all of the span but the live output");
+        for _ in 0..500 {
+            if let Some((o, s)) = list.alloc(rng.gen_range(1..30_000)) {
+                assert!(o + s <= lo || o >= hi, "block ({o}, {s}) inside the claimed span [{lo}, {hi})");
+            }
+        }
+        assert_eq!(list.alloc(list.capacity()), None);
+        // Everything back: the list merges into one range again.
+        let mut list2 = FreeList::new(1 << 16);
+        let a = list2.alloc(ALIGN).unwrap();
+        list2.record_span(true);
+        let b = list2.alloc(10 * ALIGN).unwrap();
+        list2.free(b.0, b.1);
+        let (lo, hi) = list2.record_span(false).unwrap();
+        let pieces = list2.claim_free(lo, hi);
+        assert_eq!(pieces, vec![(ALIGN, 10 * ALIGN)]);
+        assert_eq!(list2.in_use(), 11 * ALIGN);
+        pieces.into_iter().chain([a]).for_each(|(o, s)| list2.free(o, s));
+        assert_eq!((list2.in_use(), list2.largest_free()), (0, 1 << 16));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use cudarc::driver::LaunchConfig;
 
 use super::compile::MmaPrecision;
 use super::device::{grid_for, Arg, Block, CudaOptions, Device, DeviceParam, VramReport};
+use super::graph::FrameGraphs;
 use super::params::*;
 use crate::backend::{Activation, AttentionBias, Backend, Conv2dSpec, Lora};
 use crate::store::{StoredTensor, TensorData};
@@ -26,11 +27,14 @@ pub struct CudaTensor {
 }
 
 impl CudaTensor {
-    fn ptr(&self) -> u64 {
+    pub(super) fn ptr(&self) -> u64 {
         self.block.ptr()
     }
-    fn numel(&self) -> usize {
+    pub(super) fn numel(&self) -> usize {
         self.shape.iter().product()
+    }
+    pub(super) fn shape(&self) -> &[usize] {
+        &self.shape
     }
 }
 
@@ -52,6 +56,7 @@ pub struct CudaVector {
 /// fall-back-to-CPU policy.
 pub struct CudaBackend {
     dev: Device,
+    graphs: FrameGraphs,
 }
 
 fn act_code(a: Activation) -> i64 {
@@ -88,7 +93,8 @@ impl CudaBackend {
     /// Opens the GPU and loads the kernels. Errors (no driver, no device, too old a GPU, NVRTC
     /// missing with nothing cached, a kernel that fails to compile) are returned, never panicked.
     pub fn new(options: CudaOptions) -> Result<Self> {
-        Ok(Self { dev: Device::open(options)? })
+        let graphs = FrameGraphs::new(options.graphs);
+        Ok(Self { dev: Device::open(options)?, graphs })
     }
 
     /// One line for logs: device, architecture, precision, where the kernels came from.
@@ -108,6 +114,19 @@ impl CudaBackend {
         self.dev.report()
     }
 
+    /// Whether encoder frames replay a CUDA graph, and if not, why.
+    pub fn graph_status(&self) -> String {
+        self.graphs.status()
+    }
+
+    pub(super) fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    pub(super) fn graphs(&self) -> &FrameGraphs {
+        &self.graphs
+    }
+
     pub fn precision(&self) -> MmaPrecision {
         self.dev.options.precision
     }
@@ -117,7 +136,7 @@ impl CudaBackend {
         self.dev.sync()
     }
 
-    fn tensor(&self, shape: Vec<usize>) -> Result<CudaTensor> {
+    pub(super) fn tensor(&self, shape: Vec<usize>) -> Result<CudaTensor> {
         // The kernels index inside tensors with 32-bit integers.
         let numel: usize = shape.iter().product();
         if numel > i32::MAX as usize {
@@ -741,6 +760,10 @@ impl Backend for CudaBackend {
             self.dev.launch_args("resize_bilinear", &self.dev.kernels.resize_bilinear, grid_for(n), &args)?;
         }
         Ok(out)
+    }
+
+    fn run_frame(&self, key: u64, shape: &[usize], input: &[f32], f: &dyn Fn(&Self, &CudaTensor) -> Result<CudaTensor>) -> Result<CudaTensor> {
+        self.run_frame_graphed(key, shape, input, f)
     }
 }
 

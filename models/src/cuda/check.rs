@@ -374,6 +374,41 @@ pub fn e2e_parity(cpu: &Segmenter<CpuBackend>, cuda: &Segmenter<CudaBackend>, im
     Ok(E2eParity { embedding_rel_error: rel_error(&hg, &hc), min_mask_iou: min_iou, low_res_rel_error: rel_error(&sg.low_res_logits, &sc.low_res_logits) })
 }
 
+/// The largest embedding relative error between frames encoded by `graphed` (a backend with
+/// CUDA graphs on) and by `eager` (off), over `images` twice in turn: the first frame captures,
+/// every later one replays with a new input, so a replay that missed its input, or wrote over a
+/// kept result, shows. NaN (never passing) if any frame differs in size or is not finite.
+pub fn graph_replay(graphed: &Segmenter<CudaBackend>, eager: &Segmenter<CudaBackend>, images: &[RgbImage]) -> Result<f64> {
+    let mut kept = Vec::new();
+    let mut worst = 0.0f64;
+    for image in images.iter().chain(images) {
+        let g = graphed.encode(image)?;
+        let e = eager.encode(image)?;
+        let err = rel_error(&graphed.backend().to_host(&g.embedding)?, &eager.backend().to_host(&e.embedding)?);
+        if err.is_nan() || err > worst {
+            worst = err;
+        }
+        kept.push((g, e));
+    }
+    // Every kept result must still be the one its frame produced.
+    for (g, e) in &kept {
+        let err = rel_error(&graphed.backend().to_host(&g.embedding)?, &eager.backend().to_host(&e.embedding)?);
+        if err.is_nan() || err > worst {
+            worst = err;
+        }
+    }
+    Ok(worst)
+}
+
+/// `image` mirrored left to right (a second, different frame of the same size).
+pub fn mirrored(image: &RgbImage) -> RgbImage {
+    let mut data = Vec::with_capacity(image.data.len());
+    for row in image.data.chunks_exact(image.width * 3) {
+        data.extend(row.chunks_exact(3).rev().flatten());
+    }
+    RgbImage { width: image.width, height: image.height, data }
+}
+
 /// Options for the checks' CUDA backend: the caller's, with poisoning on.
 pub fn check_options(mut o: CudaOptions) -> CudaOptions {
     o.poison = true;
@@ -396,6 +431,12 @@ mod tests {
         assert!((rel_error(&[1.0, 2.0], &[1.0, 2.0])).abs() < 1e-12);
         let r = CheckResult { name: "x".into(), rel_error: f64::NAN, tolerance: 1.0, error: None };
         assert!(!r.passed());
+    }
+
+    #[test]
+    fn cuda_check_mirrored_image_reverses_pixels_not_channels() {
+        let img = RgbImage { width: 2, height: 2, data: vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] };
+        assert_eq!(mirrored(&img).data, vec![4, 5, 6, 1, 2, 3, 10, 11, 12, 7, 8, 9]);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::result as drv;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
 use super::arena::Arena;
@@ -29,11 +29,14 @@ pub struct CudaOptions {
     /// Fill every fresh activation with NaN before the kernel that writes it (checks use this to
     /// catch unwritten elements).
     pub poison: bool,
+    /// Capture the image encoder's launches as a CUDA graph on the first frame and replay it on
+    /// later frames (`Backend::run_frame`); off, every frame launches kernel by kernel.
+    pub graphs: bool,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        Self { device: 0, vram_budget: 1 << 30, weight_reserve: 64 << 20, precision: MmaPrecision::Bf16, poison: false }
+        Self { device: 0, vram_budget: 1 << 30, weight_reserve: 64 << 20, precision: MmaPrecision::Bf16, poison: false, graphs: true }
     }
 }
 
@@ -196,7 +199,9 @@ impl Device {
             )));
         }
         let arch = (major * 10 + minor) as u32;
-        let stream = ctx.default_stream();
+        // A stream of our own rather than the legacy default stream, which cannot be captured
+        // into a CUDA graph.
+        let stream = ctx.new_stream().map_err(|e| driver_err("stream creation", e))?;
         let mut cached_modules = 0;
         let mut modules = std::collections::HashMap::new();
         for src in compile::SOURCES {
@@ -274,9 +279,26 @@ impl Device {
         }
     }
 
+    /// Starts capturing this thread's launches on the stream into a graph (nothing runs until
+    /// the graph is launched). Thread-local mode: another thread's unrelated CUDA calls neither
+    /// join the graph nor break the capture.
+    pub fn begin_capture(&self) -> Result<()> {
+        self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(|e| driver_err("beginning a graph capture", e))
+    }
+
+    /// Ends the capture begun by [`Device::begin_capture`] (also after a failed launch, to leave
+    /// capture mode) and instantiates the graph.
+    pub fn end_capture(&self) -> Result<CudaGraph> {
+        match self.stream.end_capture(sys::CUgraphInstantiate_flags(0)) {
+            Ok(Some(g)) => Ok(g),
+            Ok(None) => Err(Error::Backend("CUDA graph capture recorded nothing".into())),
+            Err(e) => Err(driver_err("ending a graph capture", e)),
+        }
+    }
+
     /// The arena, reserved on first use with all of the budget not taken by parameters, less
     /// the weight reserve.
-    fn arena(&self) -> Result<Arc<ArenaBacking>> {
+    pub fn arena(&self) -> Result<Arc<ArenaBacking>> {
         let mut slot = self.arena.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(a) = slot.as_ref() {
             return Ok(a.clone());

@@ -6,21 +6,24 @@
 //! - `compile`: sources, NVRTC, PTX cache, ptxas resource report;
 //! - `device`: context, stream, kernel handles, VRAM budget, parameter uploads, activation arena;
 //! - `arena`: the arena's free list;
+//! - `graph`: CUDA graphs for the encoder's steady-state frame;
 //! - `params`: `#[repr(C)]` kernel parameter records;
 //! - `backend`: the [`crate::backend::Backend`] implementation;
 //! - `select`: `auto | cpu | cuda`;
 //! - `check`: per-kernel and end-to-end parity against the CPU backend (needs a GPU).
 //!
 //! Status: every kernel compiles for sm_87 and sm_90 in CI (`.ci/cuda-ptx.sh`); numerical parity
-//! and timings need a GPU (`benches/gpu/run.sh`) and have not been measured yet. Not done: CUDA
-//! graphs for the steady-state frame (each operation is its own launch on one stream), async
-//! copies / double-buffered GEMM tiles, tensor cores in attention (it is f32 on the CUDA cores).
+//! and timings need a GPU (`benches/gpu/run.sh`) and have not been measured yet, nor has the
+//! encoder's CUDA graph run (`cuda-check` compares replayed frames with eager ones). The decoder runs
+//! kernel by kernel (its prompts are uploaded and its IoU read back inside the frame). Not done:
+//! async copies / double-buffered GEMM tiles, tensor cores in attention (f32 on the CUDA cores).
 
 pub mod arena;
 pub mod backend;
 pub mod check;
 pub mod compile;
 pub mod device;
+pub mod graph;
 pub mod params;
 pub mod select;
 

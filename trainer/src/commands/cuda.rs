@@ -157,7 +157,11 @@ fn default_box(image: &RgbImage, b: Option<BoxPrompt>) -> BoxPrompt {
 }
 
 fn cuda_backend(args_budget: u64, precision: &str, poison: bool) -> Result<CudaBackend> {
-    let opts = CudaOptions { vram_budget: args_budget, precision: MmaPrecision::parse(precision)?, poison, ..CudaOptions::default() };
+    cuda_backend_with(args_budget, precision, poison, true)
+}
+
+fn cuda_backend_with(args_budget: u64, precision: &str, poison: bool, graphs: bool) -> Result<CudaBackend> {
+    let opts = CudaOptions { vram_budget: args_budget, precision: MmaPrecision::parse(precision)?, poison, graphs, ..CudaOptions::default() };
     CudaBackend::new(opts).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
@@ -214,6 +218,14 @@ pub fn check(args: &CudaCheckArgs) -> Result<()> {
             p.min_mask_iou,
             gpu_seg.backend().vram_report()
         );
+        // The encoder's CUDA graph: frames of different images replayed from it must equal the
+        // same frames run kernel by kernel (same kernels, so to rounding: 1e-6).
+        let eager_seg = Segmenter::load(cuda_backend_with(args.run.vram_budget, &args.run.precision, false, false)?, file.store(), file.config())?;
+        let worst = check::graph_replay(&gpu_seg, &eager_seg, &[image.clone(), check::mirrored(&image)])?;
+        let status = gpu_seg.backend().graph_status();
+        let ok = worst <= 1e-6 && status.contains("captured");
+        failures += !ok as usize;
+        println!("{} graph replay vs eager: max embedding rel err {worst:.2e} over 4 frames (tol 1e-6); {status}", if ok { "ok  " } else { "FAIL" });
     }
     if failures > 0 {
         bail!("{failures} CUDA check(s) failed");
@@ -232,13 +244,14 @@ pub fn bench(args: &CudaBenchArgs) -> Result<()> {
     let prompts = Prompts::with_box(default_box(&image, args.run.r#box));
     println!("| model | backend | encode ms | decode ms | end-to-end ms | peak VRAM MiB | runs |");
     println!("|---|---|---|---|---|---|---|");
-    for spec in specs(&args.run.model, args.run.random_vit_b) {
-        let file = open_model(&spec)?;
-        let gpu = match cuda_backend(args.run.vram_budget, &args.run.precision, false) {
+    // Each model twice: encoder frames replayed from a CUDA graph, and launched kernel by kernel.
+    for (spec, graphs) in specs(&args.run.model, args.run.random_vit_b).iter().flat_map(|s| [(s, true), (s, false)]) {
+        let file = open_model(spec)?;
+        let gpu = match cuda_backend_with(args.run.vram_budget, &args.run.precision, false, graphs) {
             Ok(b) => b,
             Err(e) => bail!("no usable CUDA GPU: {e}"),
         };
-        let label = format!("cuda {}", gpu.precision().name());
+        let label = format!("cuda {}{}", gpu.precision().name(), if graphs { " graph" } else { " eager" });
         let seg = Segmenter::load(gpu, file.store(), file.config())?;
         let (mut enc, mut dec, mut e2e) = (Vec::new(), Vec::new(), Vec::new());
         for run in 0..args.warmup + args.runs {
