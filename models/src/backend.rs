@@ -56,6 +56,10 @@ pub struct Lora<B: Backend + ?Sized> {
     pub scale: f32,
 }
 
+/// The computation of one frame for [`Backend::run_frame`]: the backend and the uploaded input in,
+/// the result out.
+pub type FrameFn<'a, B> = &'a dyn Fn(&B, &<B as Backend>::Tensor) -> Result<<B as Backend>::Tensor>;
+
 /// The operations the SAM-family networks need. Each returns a new tensor; a backend is free to
 /// recycle buffers from an arena behind this API.
 pub trait Backend: Send + Sync {
@@ -148,7 +152,7 @@ pub trait Backend: Send + Sync {
     /// caller takes a new key whenever they change, e.g. an adapter swap): a backend may then
     /// record the work once and replay it (the CUDA backend's graphs). The result is the
     /// caller's to keep, like any other tensor. The default simply runs `f`.
-    fn run_frame(&self, key: u64, shape: &[usize], input: &[f32], f: &dyn Fn(&Self, &Self::Tensor) -> Result<Self::Tensor>) -> Result<Self::Tensor> {
+    fn run_frame(&self, key: u64, shape: &[usize], input: &[f32], f: FrameFn<'_, Self>) -> Result<Self::Tensor> {
         let _ = key;
         let x = self.from_host(shape, input)?;
         f(self, &x)
@@ -256,7 +260,7 @@ pub(crate) mod tests {
         fn resize_bilinear(&self, x: &CpuTensor, out_h: usize, out_w: usize) -> Result<CpuTensor> {
             self.0.resize_bilinear(x, out_h, out_w)
         }
-        fn run_frame(&self, key: u64, shape: &[usize], input: &[f32], f: &dyn Fn(&Self, &CpuTensor) -> Result<CpuTensor>) -> Result<CpuTensor> {
+        fn run_frame(&self, key: u64, shape: &[usize], input: &[f32], f: FrameFn<'_, Self>) -> Result<CpuTensor> {
             self.1.lock().unwrap().push(key);
             let x = self.from_host(shape, input)?;
             f(self, &x)

@@ -16,7 +16,7 @@ use super::compile::MmaPrecision;
 use super::device::{grid_for, Arg, Block, CudaOptions, Device, DeviceParam, VramReport};
 use super::graph::FrameGraphs;
 use super::params::*;
-use crate::backend::{Activation, AttentionBias, Backend, Conv2dSpec, Lora};
+use crate::backend::{Activation, AttentionBias, Backend, Conv2dSpec, FrameFn, Lora};
 use crate::store::{StoredTensor, TensorData};
 use crate::{Error, Result};
 
@@ -762,7 +762,7 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn run_frame(&self, key: u64, shape: &[usize], input: &[f32], f: &dyn Fn(&Self, &CudaTensor) -> Result<CudaTensor>) -> Result<CudaTensor> {
+    fn run_frame(&self, key: u64, shape: &[usize], input: &[f32], f: FrameFn<'_, Self>) -> Result<CudaTensor> {
         self.run_frame_graphed(key, shape, input, f)
     }
 }

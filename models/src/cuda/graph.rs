@@ -20,6 +20,7 @@ use cudarc::driver::CudaGraph;
 
 use super::backend::{CudaBackend, CudaTensor};
 use super::device::{driver_err, ArenaBacking};
+use crate::backend::FrameFn;
 use crate::{Error, Result};
 
 /// A captured graph; access is serialised by [`FrameGraphs`]'s mutex.
@@ -89,11 +90,9 @@ impl FrameGraphs {
     }
 }
 
-type FrameFn<'a> = &'a dyn Fn(&CudaBackend, &CudaTensor) -> Result<CudaTensor>;
-
 impl CudaBackend {
     /// `Backend::run_frame` on the GPU (see the module docs).
-    pub(super) fn run_frame_graphed(&self, key: u64, shape: &[usize], input: &[f32], f: FrameFn<'_>) -> Result<CudaTensor> {
+    pub(super) fn run_frame_graphed(&self, key: u64, shape: &[usize], input: &[f32], f: FrameFn<'_, CudaBackend>) -> Result<CudaTensor> {
         let graphs = self.graphs();
         if !graphs.enabled {
             return self.run_eager(shape, input, f);
@@ -126,14 +125,14 @@ impl CudaBackend {
         }
     }
 
-    fn run_eager(&self, shape: &[usize], input: &[f32], f: FrameFn<'_>) -> Result<CudaTensor> {
+    fn run_eager(&self, shape: &[usize], input: &[f32], f: FrameFn<'_, CudaBackend>) -> Result<CudaTensor> {
         let x = crate::backend::Backend::from_host(self, shape, input)?;
         f(self, &x)
     }
 
     /// Records `f` on a graph-owned input block. Nothing runs: the launches are recorded with
     /// their arguments, the arena's bookkeeping happens on the host as in any frame.
-    fn capture(&self, key: u64, shape: &[usize], f: FrameFn<'_>) -> Result<FrameGraph> {
+    fn capture(&self, key: u64, shape: &[usize], f: FrameFn<'_, CudaBackend>) -> Result<FrameGraph> {
         let dev = self.device();
         let input = self.tensor(shape.to_vec())?;
         let backing = dev.arena()?;
