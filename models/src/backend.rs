@@ -72,6 +72,12 @@ pub trait Backend: Send + Sync {
 
     /// Short name for logs: "cpu", "cuda".
     fn name(&self) -> &'static str;
+    /// Names this backend's numerics where they differ from the CPU reference's, `""` for the
+    /// reference itself (and anything computing exactly like it). Results made under different
+    /// numerics are not interchangeable: the trainer's embedding cache keys its entries on this.
+    fn numerics(&self) -> String {
+        String::new()
+    }
 
     // ---- parameters (load time) ----
     /// A matrix `[N, K]` or conv kernel `[C_out, C_in/groups, kh, kw]` (or transposed-conv kernel

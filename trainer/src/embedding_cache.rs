@@ -2,8 +2,10 @@
 //! training epochs, validation, and the zero-shot and adapter evaluations of the same images.
 //!
 //! An entry is addressed by content: SHA-256 over the model file's hash, the hash of whatever
-//! changes the encoder beyond the base (an adapter with image-encoder layers; empty otherwise) and
-//! the image's size and pixels. A flipped training image is a different image and gets its own
+//! changes the encoder beyond the base (an adapter with image-encoder layers; empty otherwise),
+//! the backend's numerics when they are not the CPU reference's (`Backend::numerics`: a GPU's
+//! bf16 embeddings never stand in for the CPU's, nor the other way round) and the image's size and
+//! pixels. A flipped training image is a different image and gets its own
 //! entry. Values are stored in f32, exactly as the encoder produced them, so an evaluation that
 //! reads the cache scores bit for bit what an uncached one would.
 //!
@@ -65,18 +67,32 @@ impl EmbeddingCache {
         Self { store: Store::Memory(RefCell::new(HashMap::new())), identity: identity(model_sha256, encoder_variant) }
     }
 
-    fn key(&self, image: &RgbImage) -> String {
+    fn key(&self, image: &RgbImage, numerics: &str) -> String {
         let mut h = Sha256::new();
         h.update(&self.identity);
+        // Nothing added for the reference numerics, so entries made before backends were told
+        // apart keep their keys.
+        if !numerics.is_empty() {
+            h.update(b"numerics:");
+            h.update((numerics.len() as u64).to_le_bytes());
+            h.update(numerics.as_bytes());
+        }
         h.update((image.width as u64).to_le_bytes());
         h.update((image.height as u64).to_le_bytes());
         h.update(&image.data);
         format!("{:x}", h.finalize())
     }
 
-    /// The embedding of `image` from the cache, or `encode(image)` stored for next time.
+    /// The embedding of `image` from the cache, or `encode(image)` stored for next time, for an
+    /// encoder computing with the CPU reference's numerics.
     pub fn get_or_encode(&self, image: &RgbImage, encode: impl FnOnce() -> Result<Embedding>) -> Result<Embedding> {
-        let key = self.key(image);
+        self.get_or_encode_as(image, "", encode)
+    }
+
+    /// [`EmbeddingCache::get_or_encode`] for an encoder computing with `numerics`
+    /// (`Backend::numerics`).
+    pub fn get_or_encode_as(&self, image: &RgbImage, numerics: &str, encode: impl FnOnce() -> Result<Embedding>) -> Result<Embedding> {
+        let key = self.key(image, numerics);
         let dir = match &self.store {
             Store::Dir(dir) => dir,
             Store::Memory(map) => {
@@ -104,7 +120,7 @@ impl EmbeddingCache {
 impl EmbeddingCache {
     /// The embedding of `image` from the cache, or `segmenter`'s encoder output stored for next time.
     pub fn embedding<B: Backend>(&self, segmenter: &Segmenter<B>, image: &RgbImage) -> Result<Embedding> {
-        self.get_or_encode(image, || {
+        self.get_or_encode_as(image, &segmenter.backend().numerics(), || {
             let e = segmenter.encode(image)?;
             let b = segmenter.backend();
             Ok(Embedding { shape: b.shape(&e.embedding).to_vec(), values: b.to_host(&e.embedding)? })
@@ -187,7 +203,7 @@ mod tests {
     }
 
     fn entry_path(dir: &Path, cache: &EmbeddingCache, image: &RgbImage) -> PathBuf {
-        let key = cache.key(image);
+        let key = cache.key(image, "");
         dir.join(&key[..2]).join(format!("{}.emb", &key[2..]))
     }
 
@@ -215,6 +231,12 @@ mod tests {
         EmbeddingCache::open(&dir, "bb", "").unwrap().get_or_encode(&image(0), encode).unwrap();
         EmbeddingCache::open(&dir, "aa", "adapter").unwrap().get_or_encode(&image(0), encode).unwrap();
         assert_eq!(calls.get(), 4);
+        // Other numerics (a GPU's) are other entries; the reference's are the plain ones.
+        cache.get_or_encode_as(&image(0), "cuda-bf16", encode).unwrap();
+        cache.get_or_encode_as(&image(0), "cuda-bf16", encode).unwrap();
+        assert_eq!(calls.get(), 5);
+        cache.get_or_encode_as(&image(0), "", encode).unwrap();
+        assert_eq!(calls.get(), 5);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

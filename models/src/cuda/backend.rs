@@ -55,8 +55,9 @@ pub struct CudaVector {
 /// The CUDA backend. Build with [`CudaBackend::new`]; see `crate::cuda::select_backend` for the
 /// fall-back-to-CPU policy.
 pub struct CudaBackend {
-    dev: Device,
+    /// Declared first so it is dropped first: a graph goes before the device memory it uses.
     graphs: FrameGraphs,
+    dev: Device,
 }
 
 fn act_code(a: Activation) -> i64 {
@@ -94,7 +95,7 @@ impl CudaBackend {
     /// missing with nothing cached, a kernel that fails to compile) are returned, never panicked.
     pub fn new(options: CudaOptions) -> Result<Self> {
         let graphs = FrameGraphs::new(options.graphs);
-        Ok(Self { dev: Device::open(options)?, graphs })
+        Ok(Self { graphs, dev: Device::open(options)? })
     }
 
     /// One line for logs: device, architecture, precision, where the kernels came from.
@@ -297,6 +298,9 @@ impl Backend for CudaBackend {
 
     fn name(&self) -> &'static str {
         "cuda"
+    }
+    fn numerics(&self) -> String {
+        format!("cuda-{}", self.precision().name())
     }
 
     fn weight(&self, t: &StoredTensor) -> Result<CudaWeight> {
