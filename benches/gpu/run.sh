@@ -8,17 +8,23 @@
 # without debug info, and copy MobileSAM in only if it still fits):
 #     CARGO_PROFILE_RELEASE_DEBUG=0 cargo build --release -p minisam && strip target/release/minisam
 #     bash .ci/cuda-ptx.sh                  # fills target/ptx-cache with sm_90 PTX (NVRTC 12.6)
+#     mkdir -p shared && cp -r ../shared/data shared/     # 25 MiB: Dice parity and GPU training steps
+#     mkdir -p target/gpu-ref && ./target/release/minisam eval --model models/litemedsam-nf4.msam --data ../shared/data \
+#         --backend cpu --out target/gpu-ref/eval-cpu.csv  # the CPU side of the parity, made here
 #     mkdir -p shared/weights && cp ../shared/weights/mobile_sam.pt shared/weights/   # optional, 39 MiB
+#                                          # (MobileSAM and the data do not both fit the 64 MiB carry)
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #         --implementation cp --platform manylinux2014_x86_64 -d .whl segment-anything==1.0
 # then one device call:
 #     run(command="bash benches/gpu/run.sh", timeout_s=540,
-#         carry=["target/release/minisam", "target/ptx-cache", ".whl"])
+#         carry=["target/release/minisam", "target/ptx-cache", ".whl", "target/gpu-ref"])
 # (shared/ inside the checkout travels by itself; ../shared does not, see the device README.)
 #
 # Budget: about 6 minutes on an H200 (kernel checks in 3 precisions, end-to-end parity on
-# LiteMedSAM, MobileSAM and a random ViT-B with their CPU references on 16 cores, benchmarks,
-# PyTorch peer). Each step has its own timeout so one hang cannot eat the lease.
+# LiteMedSAM, MobileSAM and a random ViT-B with their CPU references on 16 cores, graph replay,
+# benchmarks, PyTorch peer), plus about 1 minute for the Dice parity and GPU training steps with the
+# CPU reference CSV carried (3 without it). Each step has its own timeout so one hang cannot eat
+# the lease.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-$PWD/target/gpu-out}"
@@ -72,6 +78,24 @@ step check-kernels-bf16 120 "$BIN" cuda-check --require-gpu --precision bf16
 step check-kernels-f16 120 "$BIN" cuda-check --require-gpu --precision f16
 step check-kernels-f32 120 "$BIN" cuda-check --require-gpu --precision f32
 step check-e2e-bf16 300 "$BIN" cuda-check --require-gpu --skip-kernels --precision bf16 "${MODELS[@]}" --random-vit-b
+
+# Protocol Dice on the data (when carried as shared/data, 25 MiB): the CUDA backend against the
+# CPU reference, every set within 0.002. The CPU side is target/gpu-ref/eval-cpu.csv when made
+# beforehand on the development machine (saves the device ~2 minutes), else computed here.
+if [ -d shared/data ]; then
+    CPU_CSV=target/gpu-ref/eval-cpu.csv
+    if [ ! -s "$CPU_CSV" ]; then
+        CPU_CSV=/tmp/eval-cpu.csv
+        step eval-cpu 240 "$BIN" eval --model models/litemedsam-nf4.msam --data shared/data --backend cpu --out "$CPU_CSV"
+    fi
+    step eval-cuda 120 "$BIN" eval --model models/litemedsam-nf4.msam --data shared/data --backend cuda --out /tmp/eval-cuda.csv
+    step dice-parity 10 python3 benches/gpu/dice_parity.py "$CPU_CSV" /tmp/eval-cuda.csv 0.002
+    # A decoder adapter trained against the frozen encoder on the GPU (a few steps: the path works).
+    step train-frozen-cuda 120 "$BIN" train --model models/litemedsam-nf4.msam --data shared/data --set us-hc18 \
+        --split train --target 'mask_decoder.*' --max-steps 6 --backend cuda --name gpu-check --modality US -o /tmp/gpu.lora
+else
+    summary "| dice-parity | SKIPPED: no shared/data in the checkout (cp -r ../shared/data shared/) |"
+fi
 
 # Latency and peak VRAM (LiteMedSAM@256, MobileSAM@1024, random ViT-B@1024, NF4 weights).
 step bench 300 "$BIN" cuda-bench "${MODELS[@]}" --random-vit-b --runs 20 --warmup 3

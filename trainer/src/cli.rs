@@ -147,6 +147,9 @@ pub struct TrainArgs {
     pub resume: bool,
     #[command(flatten)]
     pub threads: Threads,
+    /// Where a frozen image encoder runs (decoder-only targets); the adapter trains on the CPU.
+    #[command(flatten)]
+    pub backend: BackendArgs,
 }
 
 #[derive(Debug, Args)]
@@ -198,6 +201,9 @@ pub struct DistillArgs {
     pub loss_csv: Option<PathBuf>,
     #[command(flatten)]
     pub threads: Threads,
+    /// Where the teacher runs; the student trains on the CPU.
+    #[command(flatten)]
+    pub backend: BackendArgs,
 }
 
 #[derive(Debug, Args)]

@@ -34,10 +34,10 @@ use minisam_models::format::{self, Provenance};
 use minisam_models::import::synth;
 use minisam_models::load::ModelFile;
 use minisam_models::pipeline::{self, Geometry, InputPrompts};
-use minisam_models::sam::Segmenter;
 use minisam_models::store::{MemoryStore, WeightStore};
 
 use crate::embedding_cache::{Embedding, EmbeddingCache};
+use crate::frozen::{FrozenBackend, FrozenModel};
 use crate::selection::Selection;
 use crate::image_io;
 use crate::train::loss::binary_kl;
@@ -75,6 +75,8 @@ pub struct DistillOptions {
     pub output: PathBuf,
     pub loss_csv: Option<PathBuf>,
     pub threads: usize,
+    /// Where the teacher runs (the student trains on the CPU tape).
+    pub backend: FrozenBackend,
 }
 
 #[derive(Debug)]
@@ -208,7 +210,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn Write) -> Result<DistillReport> 
     }
     let file = ModelFile::open(&opts.teacher).with_context(|| format!("opening teacher {}", opts.teacher.display()))?;
     let teacher_config = file.config().clone();
-    let teacher = Segmenter::load_with_identity(minisam_models::cpu::CpuBackend::new(opts.threads)?, file.store(), &teacher_config, Some(file.sha256_hex()))?;
+    let teacher = FrozenModel::load(&file, &opts.backend, opts.threads)?;
     let cache = match &opts.embedding_cache {
         Some(dir) => EmbeddingCache::open(dir, file.sha256_hex(), "")?,
         None => EmbeddingCache::in_memory(file.sha256_hex(), ""),
@@ -226,6 +228,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn Write) -> Result<DistillReport> 
         .map(|n| file.store().get(n).map(|t| t.numel()))
         .sum::<minisam_models::Result<usize>>()?;
     writeln!(log, "student ViT {:?}: {student_params} parameters (teacher encoder {teacher_encoder_params})", opts.student)?;
+    writeln!(log, "teacher on {}", teacher.describe())?;
 
     let images: Vec<PathBuf> = opts.data.images()?.into_iter().map(|(set, file)| set.image_path(&file)).collect();
     if images.is_empty() {
@@ -255,7 +258,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn Write) -> Result<DistillReport> 
             }
             let t0 = Instant::now();
             let image = image_io::read_rgb(&images[i])?;
-            let target = cache.embedding(&teacher, &image)?;
+            let target = teacher.embedding(&cache, &image)?;
             let geometry = Geometry::new(image.height, image.width, s);
             let input = pipeline::preprocess(config.preprocess, &image, &geometry)?;
             tape.reset();
@@ -339,6 +342,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn Write) -> Result<DistillReport> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use minisam_models::sam::Segmenter;
     use crate::image_io::{write_mask, MaskValue};
     use minisam_models::image::Mask;
     use std::path::Path;
@@ -401,6 +405,7 @@ mod tests {
             output: dir.join("student.msam"),
             loss_csv: Some(dir.join("loss.csv")),
             threads: 2,
+            backend: FrozenBackend::cpu(),
         };
         (dir, opts)
     }

@@ -13,6 +13,7 @@ pub mod dicom;
 pub mod distill;
 pub mod embedding_cache;
 pub mod eval;
+pub mod frozen;
 pub mod image_io;
 #[cfg(feature = "onnx")]
 pub mod onnx;

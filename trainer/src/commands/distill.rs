@@ -5,6 +5,7 @@ use anyhow::Result;
 
 use crate::cli::DistillArgs;
 use crate::distill::{self, DistillOptions, StudentSpec};
+use crate::frozen::FrozenBackend;
 
 pub fn run(args: &DistillArgs) -> Result<()> {
     let opts = DistillOptions {
@@ -22,6 +23,7 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         output: args.output.clone(),
         loss_csv: args.loss_csv.clone(),
         threads: args.threads.get(),
+        backend: FrozenBackend { choice: args.backend.backend, cuda: args.backend.cuda_options()? },
     };
     let r = distill::run(&opts, &mut std::io::stderr())?;
     println!(

@@ -4,11 +4,12 @@
 use anyhow::Result;
 
 use crate::cli::TrainArgs;
+use crate::frozen::FrozenBackend;
 use crate::train::{self, augment::AugmentOptions, TrainOptions};
 
 /// The options of a run from its arguments.
-pub fn options(args: &TrainArgs) -> TrainOptions {
-    TrainOptions {
+pub fn options(args: &TrainArgs) -> Result<TrainOptions> {
+    Ok(TrainOptions {
         model: args.model.clone(),
         data: args.data.selection(),
         output: args.output.clone(),
@@ -30,11 +31,12 @@ pub fn options(args: &TrainArgs) -> TrainOptions {
         checkpoint: args.checkpoint.clone(),
         resume: args.resume,
         threads: args.threads.get(),
-    }
+        backend: FrozenBackend { choice: args.backend.backend, cuda: args.backend.cuda_options()? },
+    })
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let opts = options(args);
+    let opts = options(args)?;
     let report = train::run(&opts, &mut std::io::stderr())?;
     println!(
         "wrote {} (sha256 {}): {} trainable parameters ({:.2}% of {}), {} steps at {:.1} s/step, val Dice {}",

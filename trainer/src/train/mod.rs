@@ -27,13 +27,12 @@ use minisam_models::adapter::{self, AdapterMeta, LinearShape, LoraFactors};
 use minisam_models::autograd::{attach_lora, export_lora, SamModel, TapeBackend};
 use minisam_models::backend::Backend;
 use minisam_models::load::ModelFile;
-use minisam_models::cpu::CpuBackend;
 use minisam_models::image::RgbImage;
-use minisam_models::sam::Segmenter;
 use minisam_models::pipeline::{self, Geometry};
 use minisam_models::prompt::{BoxPrompt, Prompts};
 
 use crate::embedding_cache::EmbeddingCache;
+use crate::frozen::{FrozenBackend, FrozenModel};
 use crate::eval::dice::dice;
 use crate::selection::Selection;
 use crate::image_io;
@@ -72,6 +71,8 @@ pub struct TrainOptions {
     pub threads: usize,
     /// Where a frozen image encoder's outputs are kept across runs (memory only when `None`).
     pub embedding_cache: Option<PathBuf>,
+    /// Where a frozen image encoder runs (the trainable part always trains on the CPU tape).
+    pub backend: FrozenBackend,
 }
 
 /// Names of the image encoder's layers start with this.
@@ -140,7 +141,7 @@ fn load_example(e: &Example) -> Result<(RgbImage, Vec<u8>, Vec<u16>)> {
 /// A frozen image encoder: the inference engine (activations in its load-time arena, not on the
 /// tape) behind the embedding cache, so each distinct image is encoded once.
 struct FrozenEncoder {
-    segmenter: Segmenter<CpuBackend>,
+    model: FrozenModel,
     cache: EmbeddingCache,
 }
 
@@ -154,7 +155,7 @@ fn forward(model: &SamModel<TapeBackend>, tape: &TapeBackend, frozen: Option<&Fr
     prompts.validate(image.width, image.height)?;
     let emb = match frozen {
         Some(f) => {
-            let e = f.cache.embedding(&f.segmenter, image)?;
+            let e = f.model.embedding(&f.cache, image)?;
             tape.from_host(&e.shape, &e.values)?
         }
         None => {
@@ -245,8 +246,9 @@ pub fn run(opts: &TrainOptions, log: &mut dyn Write) -> Result<TrainReport> {
             Some(dir) => EmbeddingCache::open(dir, &base_sha256, "")?,
             None => EmbeddingCache::in_memory(&base_sha256, ""),
         };
-        let segmenter = Segmenter::load_with_identity(CpuBackend::new(opts.threads)?, file.store(), file.config(), Some(&base_sha256))?;
-        Some(FrozenEncoder { segmenter, cache })
+        let model = FrozenModel::load(&file, &opts.backend, opts.threads)?;
+        writeln!(log, "frozen encoder on {}", model.describe())?;
+        Some(FrozenEncoder { model, cache })
     } else {
         None
     };

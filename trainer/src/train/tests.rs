@@ -57,6 +57,7 @@ fn options(dir: &Path, output: &str) -> TrainOptions {
         resume: false,
         threads: 2,
         embedding_cache: None,
+        backend: crate::frozen::FrozenBackend::cpu(),
     }
 }
 
@@ -159,4 +160,36 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// `--backend cuda` for the frozen encoder: on a GPU the run trains (encoder on the GPU, decoder
+/// LoRA on the CPU tape) and says where the encoder ran; without one it stops with the reason,
+/// naming the flag, instead of training somewhere else.
+#[test]
+fn a_frozen_encoder_on_cuda_trains_there_or_the_run_says_why_not() {
+    use minisam_models::cuda::{BackendChoice, CudaBackend, CudaOptions};
+    let dir = std::env::temp_dir().join(format!("minisam-train-cuda-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    synthetic_tree(&dir);
+    let mut o = options(&dir, "cuda.msal");
+    o.targets = vec!["mask_decoder.*".into()];
+    o.backend = crate::frozen::FrozenBackend { choice: BackendChoice::Cuda, cuda: CudaOptions::default() };
+    let gpu = CudaBackend::new(CudaOptions::default()).map_err(|e| e.to_string());
+    let mut log = Vec::new();
+    match (run(&o, &mut log), gpu) {
+        (Ok(report), Ok(_)) => {
+            let text = String::from_utf8_lossy(&log);
+            assert!(text.contains("frozen encoder on CUDA"), "{text}");
+            assert_eq!(report.steps, 2);
+            assert!(AdapterFile::open(&o.output).is_ok());
+        }
+        (Err(e), Err(why)) => {
+            eprintln!("SKIP (training on a GPU not tested): no usable CUDA GPU here ({why})");
+            assert!(format!("{e:#}").contains("--backend cuda"), "{e:#}");
+            assert!(!o.output.exists(), "nothing written");
+        }
+        (Ok(_), Err(why)) => panic!("--backend cuda trained although no GPU is usable ({why})"),
+        (Err(e), Ok(_)) => panic!("a GPU is usable but training with the encoder on it failed: {e:#}"),
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,0 +1,63 @@
+//! A packed model that only runs inference inside a training job: the frozen image encoder of a
+//! decoder-only `train`, the teacher of `distill`. It runs on the backend the user chose
+//! (`--backend auto|cpu|cuda`), so on a GPU machine the expensive part (a ViT-B/H encoder at
+//! 1024) runs on the GPU while the small trainable part trains on the tape; its embeddings go
+//! through the embedding cache, keyed by that backend's numerics.
+
+use anyhow::{anyhow, Result};
+use minisam_models::cpu::CpuBackend;
+use minisam_models::cuda::{self, BackendChoice, CudaBackend, CudaOptions, SelectedBackend};
+use minisam_models::image::RgbImage;
+use minisam_models::load::ModelFile;
+use minisam_models::sam::Segmenter;
+
+use crate::embedding_cache::{Embedding, EmbeddingCache};
+
+/// Where a frozen model runs: the CLI's `--backend` and, for CUDA, its options.
+#[derive(Clone, Debug, Default)]
+pub struct FrozenBackend {
+    pub choice: BackendChoice,
+    pub cuda: CudaOptions,
+}
+
+impl FrozenBackend {
+    /// The CPU reference, as tests and CPU-only runs want it.
+    pub fn cpu() -> Self {
+        Self { choice: BackendChoice::Cpu, cuda: CudaOptions::default() }
+    }
+}
+
+/// An inference segmenter on whichever backend was selected.
+pub enum FrozenModel {
+    Cpu(Segmenter<CpuBackend>),
+    Cuda(Box<Segmenter<CudaBackend>>),
+}
+
+impl FrozenModel {
+    /// Loads `file` (identified by its hash, for adapters and caches) on `backend`; `auto` falls
+    /// back to the CPU with one line on stderr, as everywhere.
+    pub fn load(file: &ModelFile, backend: &FrozenBackend, threads: usize) -> Result<Self> {
+        let selected = cuda::select_backend(backend.choice, threads, backend.cuda.clone()).map_err(|e| anyhow!("{e}"))?;
+        let (store, config, sha) = (file.store(), file.config(), Some(file.sha256_hex()));
+        Ok(match selected {
+            SelectedBackend::Cpu(b) => Self::Cpu(Segmenter::load_with_identity(b, store, config, sha)?),
+            SelectedBackend::Cuda(b) => Self::Cuda(Box::new(Segmenter::load_with_identity(*b, store, config, sha)?)),
+        })
+    }
+
+    /// The image embedding of `image`, from `cache` or encoded (and stored) now.
+    pub fn embedding(&self, cache: &EmbeddingCache, image: &RgbImage) -> Result<Embedding> {
+        match self {
+            Self::Cpu(s) => cache.embedding(s, image),
+            Self::Cuda(s) => cache.embedding(s.as_ref(), image),
+        }
+    }
+
+    /// For logs: the backend and, on a GPU, its device line.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Cpu(_) => "cpu".into(),
+            Self::Cuda(s) => s.backend().describe(),
+        }
+    }
+}
