@@ -15,7 +15,9 @@ use anyhow::{Context, Result};
 use futures_core::Stream;
 use minisam_models::backend::Backend;
 use minisam_models::cuda::{self, SelectedBackend};
+use minisam_models::image::RgbImage;
 use minisam_models::load::ModelFile;
+use minisam_models::prompt::{BoxPrompt, Prompts};
 use minisam_models::sam::Segmenter;
 
 use crate::adapters::Registry;
@@ -45,8 +47,27 @@ fn after(delay: Duration, events: &Mailbox<Event>, ev: Event) {
     });
 }
 
-/// Builds the networks on `backend`, applies `--adapter`, and starts the inference thread.
-fn start_worker<B: Backend + 'static>(backend: B, file: &ModelFile, registry: &Registry, args: &Args) -> Result<(Arc<worker::Handle>, String)> {
+/// One synthetic frame through encoder and decoder (three masks, the largest decode) before the
+/// bus name is taken: a frame that cannot run (an activation arena too small for the VRAM budget,
+/// a backend fault) stops start-up here with the reason, instead of failing the first client. On
+/// a GPU it also records the encoder's CUDA graph; on any backend it faults the mapped weights in.
+fn warm_up<B: Backend>(segmenter: &Segmenter<B>) -> Result<Duration> {
+    let s = segmenter.config().image_size;
+    // A ramp, not a constant: min-max normalisation (LiteMedSAM) needs a range.
+    let grey: Vec<u8> = (0..s * s).map(|i| ((i % s + i / s) % 256) as u8).collect();
+    let image = RgbImage::from_grey(s, s, &grey)?;
+    let quarter = s as f32 / 4.0;
+    let prompts = Prompts::with_box(BoxPrompt { x0: quarter, y0: quarter, x1: 3.0 * quarter, y1: 3.0 * quarter });
+    let t0 = Instant::now();
+    let embedding = segmenter.encode(&image)?;
+    segmenter.decode(&embedding, &prompts, true)?;
+    Ok(t0.elapsed())
+}
+
+/// Builds the networks on `backend`, applies `--adapter`, runs the warm-up frame (logging
+/// `memory(backend)` after it when the backend has something to say), and starts the inference
+/// thread.
+fn start_worker<B: Backend + 'static>(backend: B, file: &ModelFile, registry: &Registry, args: &Args, memory: fn(&B) -> Option<String>) -> Result<(Arc<worker::Handle>, String)> {
     let name = backend.name().to_string();
     let mut segmenter = Segmenter::load(backend, file.store(), file.config()).with_context(|| format!("building the networks from {}", args.model.display()))?;
     let initial = match &args.adapter {
@@ -59,6 +80,11 @@ fn start_worker<B: Backend + 'static>(backend: B, file: &ModelFile, registry: &R
             Some(e)
         }
     };
+    let took = warm_up(&segmenter).context("the warm-up frame failed, so no client frame could run either")?;
+    match memory(segmenter.backend()) {
+        Some(line) => tracing::info!(warm_up_ms = took.as_millis() as u64, "warm-up frame done; {line}"),
+        None => tracing::info!(warm_up_ms = took.as_millis() as u64, "warm-up frame done"),
+    }
     Ok((Arc::new(worker::spawn(segmenter, initial, args.queue_depth as usize)?), name))
 }
 
@@ -88,10 +114,10 @@ pub fn run(args: Args) -> Result<()> {
     }
     // The worker is generic over the backend; everything after this point is not.
     let (worker, backend_name) = match selected {
-        SelectedBackend::Cpu(b) => start_worker(b, &file, &registry, &args)?,
+        SelectedBackend::Cpu(b) => start_worker(b, &file, &registry, &args, |_| None)?,
         SelectedBackend::Cuda(b) => {
             tracing::info!("CUDA backend: {}", b.describe());
-            start_worker(*b, &file, &registry, &args)?
+            start_worker(*b, &file, &registry, &args, |b| Some(format!("{}; {}", b.vram_report(), b.graph_status())))?
         }
     };
     drop(file);
