@@ -29,14 +29,14 @@ pub fn gelu(x: f32) -> f32 {
     let t = 1.0 / (1.0 + 0.5 * z);
     let mut p = 0.170_872_77_f32;
     p = p * t - 0.822_152_23;
-    p = p * t + 1.488_515_87;
-    p = p * t - 1.135_203_98;
+    p = p * t + 1.488_515_9;
+    p = p * t - 1.135_204;
     p = p * t + 0.278_868_07;
     p = p * t - 0.186_288_06;
     p = p * t + 0.096_784_18;
     p = p * t + 0.374_091_96;
-    p = p * t + 1.000_023_68;
-    p = p * t - 1.265_512_23;
+    p = p * t + 1.000_023_7;
+    p = p * t - 1.265_512_2;
     let erfc_abs = t * exp_nonpositive(p - z * z);
     // erfc(-x/√2) is erfc(z) for x < 0 and 2 - erfc(z) for x ≥ 0; written so no `1 + erf`
     // cancellation happens on either side.

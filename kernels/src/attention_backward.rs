@@ -66,7 +66,7 @@ pub fn attention_backward(
             (kh, kw)
         }
     };
-    let (want_table, mut drel_h, mut drel_w) = match bias_grad {
+    let (want_table, drel_h, drel_w) = match bias_grad {
         BiasGrad::None => (None, None, None),
         BiasGrad::Table(t) => {
             assert!(matches!(bias, Bias::Table { .. }) && t.len() % (nq * nk).max(1) == 0, "attention_backward: table gradient without a table bias of its shape");
@@ -82,11 +82,11 @@ pub fn attention_backward(
     }
     let wants_table = want_table.is_some();
     // Per batch-head, its rows of every gradient (rel-pos grads may be absent: empty chunks).
-    let rel_h_chunks: Vec<Option<&mut [f32]>> = match drel_h.as_deref_mut() {
+    let rel_h_chunks: Vec<Option<&mut [f32]>> = match drel_h {
         Some(g) => g.chunks_mut(nq * kh).map(Some).collect(),
         None => (0..bh).map(|_| None).collect(),
     };
-    let rel_w_chunks: Vec<Option<&mut [f32]>> = match drel_w.as_deref_mut() {
+    let rel_w_chunks: Vec<Option<&mut [f32]>> = match drel_w {
         Some(g) => g.chunks_mut(nq * kw).map(Some).collect(),
         None => (0..bh).map(|_| None).collect(),
     };

@@ -419,6 +419,7 @@ mod tests {
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // the layer's geometry, spelled out as in the kernel
     fn conv_transpose_ref(x: &[f64], wt: &[f64], batch: usize, c_in: usize, h: usize, w: usize, c_out: usize, k: usize) -> Vec<f64> {
         let (oh, ow) = (h * k, w * k);
         let mut y = vec![0.0; batch * c_out * oh * ow];

@@ -9,6 +9,7 @@ use rayon::prelude::*;
 /// Gradient of one normalised group of `dim` values read with `stride` (1 for rows, the spatial
 /// size for channels). Adds into `dx`; returns `x̂` for the caller's `dγ`.
 // x, dy: [dim] at stride; dx: [dim] at stride; gamma: [dim].
+#[allow(clippy::too_many_arguments)] // one group's view into the shared buffers; a struct would only rename them
 fn group_backward(x: &[f32], dy: &[f32], gamma: &[f32], eps: f32, dim: usize, stride: usize, at: usize, dx: &mut [f32], xhat: &mut [f64]) {
     let get = |v: &[f32], c: usize| v[at + c * stride] as f64;
     let mean = (0..dim).map(|c| get(x, c)).sum::<f64>() / dim as f64;

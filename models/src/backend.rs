@@ -90,6 +90,7 @@ pub trait Backend: Send + Sync {
     fn vector_shape<'a>(&self, v: &'a Self::Vector) -> &'a [usize];
 
     // ---- tensors ----
+    #[allow(clippy::wrong_self_convention)] // "from the host", made by this backend
     fn from_host(&self, shape: &[usize], data: &[f32]) -> Result<Self::Tensor>;
     fn to_host(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     fn shape<'a>(&self, t: &'a Self::Tensor) -> &'a [usize];

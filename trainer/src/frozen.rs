@@ -29,7 +29,7 @@ impl FrozenBackend {
 
 /// An inference segmenter on whichever backend was selected.
 pub enum FrozenModel {
-    Cpu(Segmenter<CpuBackend>),
+    Cpu(Box<Segmenter<CpuBackend>>),
     Cuda(Box<Segmenter<CudaBackend>>),
 }
 
@@ -40,7 +40,7 @@ impl FrozenModel {
         let selected = cuda::select_backend(backend.choice, threads, backend.cuda.clone()).map_err(|e| anyhow!("{e}"))?;
         let (store, config, sha) = (file.store(), file.config(), Some(file.sha256_hex()));
         Ok(match selected {
-            SelectedBackend::Cpu(b) => Self::Cpu(Segmenter::load_with_identity(b, store, config, sha)?),
+            SelectedBackend::Cpu(b) => Self::Cpu(Box::new(Segmenter::load_with_identity(b, store, config, sha)?)),
             SelectedBackend::Cuda(b) => Self::Cuda(Box::new(Segmenter::load_with_identity(*b, store, config, sha)?)),
         })
     }
@@ -48,7 +48,7 @@ impl FrozenModel {
     /// The image embedding of `image`, from `cache` or encoded (and stored) now.
     pub fn embedding(&self, cache: &EmbeddingCache, image: &RgbImage) -> Result<Embedding> {
         match self {
-            Self::Cpu(s) => cache.embedding(s, image),
+            Self::Cpu(s) => cache.embedding(s.as_ref(), image),
             Self::Cuda(s) => cache.embedding(s.as_ref(), image),
         }
     }

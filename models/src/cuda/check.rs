@@ -69,7 +69,8 @@ fn stored(name: &str, shape: &[usize], values: &[f32], kind: &str) -> StoredTens
     StoredTensor { name: name.into(), shape: shape.to_vec(), data }
 }
 
-/// One operation with its host inputs, runnable on any backend.
+/// One operation with its host inputs, runnable on any backend (a few dozen, built once per check).
+#[allow(clippy::large_enum_variant)]
 enum Case {
     Linear { x: (Vec<usize>, Vec<f32>), w: StoredTensor, bias: Option<Vec<f32>>, act: Activation },
     LinearLora { x: (Vec<usize>, Vec<f32>), w: StoredTensor, bias: Vec<f32>, a: StoredTensor, b: StoredTensor, rank: usize, scale: f32, act: Activation },

@@ -254,7 +254,7 @@ pub fn parse_ptxas(log: &str) -> Vec<KernelResources> {
     let mut out: Vec<KernelResources> = Vec::new();
     let number_before = |line: &str, unit: &str| -> Option<u32> {
         let at = line.find(unit)?;
-        line[..at].split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).last()?.parse().ok()
+        line[..at].split(|c: char| !c.is_ascii_digit()).rfind(|s| !s.is_empty())?.parse().ok()
     };
     for line in log.lines() {
         if let Some(at) = line.find("entry function '") {

@@ -234,6 +234,10 @@ impl JitterBoxes {
     pub fn len(&self) -> usize {
         self.boxes.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.boxes.is_empty()
+    }
 }
 
 /// `<data>/../reference/boxes-jitter.json`, where the shared tree keeps it, if it exists.
