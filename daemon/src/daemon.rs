@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use futures_core::Stream;
 use minisam_models::backend::Backend;
-use minisam_models::cuda::{self, SelectedBackend};
+use minisam_models::cpu::CpuBackend;
+use minisam_models::cuda::{self, CudaBackend, SelectedBackend};
 use minisam_models::image::RgbImage;
 use minisam_models::load::ModelFile;
 use minisam_models::prompt::{BoxPrompt, Prompts};
@@ -64,10 +65,37 @@ fn warm_up<B: Backend>(segmenter: &Segmenter<B>) -> Result<Duration> {
     Ok(t0.elapsed())
 }
 
-/// Builds the networks on `backend`, applies `--adapter`, runs the warm-up frame (logging
-/// `memory(backend)` after it when the backend has something to say), and starts the inference
+/// What start-up needs from a backend beyond `Backend`.
+trait Serving: Backend {
+    /// After the first warm-up frame, with no tensor alive: give back memory that frame showed
+    /// to be unneeded, keeping `keep` bytes for what the worker holds across frames. `Some(line)`
+    /// when something changed (the warm-up then runs again, on the new memory).
+    fn settle(&self, _keep: u64) -> minisam_models::Result<Option<String>> {
+        Ok(None)
+    }
+    /// What the backend holds, for the log.
+    fn memory_line(&self) -> Option<String> {
+        None
+    }
+}
+
+impl Serving for CpuBackend {}
+
+impl Serving for CudaBackend {
+    fn settle(&self, keep: u64) -> minisam_models::Result<Option<String>> {
+        let (before, after) = self.fit_arena(keep)?;
+        const MIB: f64 = 1024.0 * 1024.0;
+        Ok((after < before).then(|| format!("activation arena sized to the warm-up frame: {:.1} -> {:.1} MiB", before as f64 / MIB, after as f64 / MIB)))
+    }
+    fn memory_line(&self) -> Option<String> {
+        Some(format!("{}; {}", self.vram_report(), self.graph_status()))
+    }
+}
+
+/// Builds the networks on `backend`, applies `--adapter`, runs the warm-up frame (then lets the
+/// backend settle its memory and, if it did, warms up again on it), and starts the inference
 /// thread.
-fn start_worker<B: Backend + 'static>(backend: B, file: &ModelFile, registry: &Registry, args: &Args, memory: fn(&B) -> Option<String>) -> Result<(Arc<worker::Handle>, String)> {
+fn start_worker<B: Serving + 'static>(backend: B, file: &ModelFile, registry: &Registry, args: &Args) -> Result<(Arc<worker::Handle>, String)> {
     let name = backend.name().to_string();
     let mut segmenter = Segmenter::load(backend, file.store(), file.config()).with_context(|| format!("building the networks from {}", args.model.display()))?;
     let initial = match &args.adapter {
@@ -80,8 +108,19 @@ fn start_worker<B: Backend + 'static>(backend: B, file: &ModelFile, registry: &R
             Some(e)
         }
     };
-    let took = warm_up(&segmenter).context("the warm-up frame failed, so no client frame could run either")?;
-    match memory(segmenter.backend()) {
+    let mut took = warm_up(&segmenter).context("the warm-up frame failed, so no client frame could run either")?;
+    let config = file.config();
+    let embedding_bytes = (config.prompt_embed_dim * config.embedding_size * config.embedding_size * 4) as u64;
+    match segmenter.backend().settle(worker::CACHE_SLOTS as u64 * embedding_bytes) {
+        Ok(None) => {}
+        Ok(Some(line)) => {
+            tracing::info!("{line}");
+            took = warm_up(&segmenter).context("the warm-up frame failed after the backend resized its memory")?;
+        }
+        // Nothing is lost: the backend still has (or re-creates) memory for frames.
+        Err(e) => tracing::warn!("keeping the backend's start-up memory: {e}"),
+    }
+    match segmenter.backend().memory_line() {
         Some(line) => tracing::info!(warm_up_ms = took.as_millis() as u64, "warm-up frame done; {line}"),
         None => tracing::info!(warm_up_ms = took.as_millis() as u64, "warm-up frame done"),
     }
@@ -114,10 +153,10 @@ pub fn run(args: Args) -> Result<()> {
     }
     // The worker is generic over the backend; everything after this point is not.
     let (worker, backend_name) = match selected {
-        SelectedBackend::Cpu(b) => start_worker(b, &file, &registry, &args, |_| None)?,
+        SelectedBackend::Cpu(b) => start_worker(b, &file, &registry, &args)?,
         SelectedBackend::Cuda(b) => {
             tracing::info!("CUDA backend: {}", b.describe());
-            start_worker(*b, &file, &registry, &args, |b| Some(format!("{}; {}", b.vram_report(), b.graph_status())))?
+            start_worker(*b, &file, &registry, &args)?
         }
     };
     drop(file);

@@ -115,6 +115,22 @@ impl CudaBackend {
         self.dev.report()
     }
 
+    /// Sizes the activation arena to what the frames so far needed: their high-water mark, a
+    /// quarter more for allocation orders a later frame may bring, 16 MiB, and `keep` bytes the
+    /// caller holds across frames (cached embeddings). Call with no tensor alive; the encoder's
+    /// graph is dropped and captured again by the next frame. Returns the arena's bytes before
+    /// and after; the budget never grows, so the result is at most the old size.
+    pub fn fit_arena(&self, keep: u64) -> Result<(u64, u64)> {
+        let before = self.dev.report();
+        let want = before.arena_peak + before.arena_peak / 4 + (16 << 20) + keep;
+        if want >= before.arena {
+            return Ok((before.arena, before.arena));
+        }
+        self.graphs.release();
+        let after = self.dev.resize_arena(want)?;
+        Ok((before.arena, after))
+    }
+
     /// Whether encoder frames replay a CUDA graph, and if not, why.
     pub fn graph_status(&self) -> String {
         self.graphs.status()

@@ -297,24 +297,54 @@ impl Device {
     }
 
     /// The arena, reserved on first use with all of the budget not taken by parameters, less
-    /// the weight reserve.
+    /// the weight reserve (until [`Device::resize_arena`] sizes it to what frames need).
     pub fn arena(&self) -> Result<Arc<ArenaBacking>> {
         let mut slot = self.arena.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(a) = slot.as_ref() {
             return Ok(a.clone());
         }
+        let backing = self.create_arena(None)?;
+        *slot = Some(backing.clone());
+        Ok(backing)
+    }
+
+    /// Replaces the activation arena with one of `bytes` (never more than the budget allows):
+    /// once a warm-up frame has shown what a frame needs, the rest of the budget goes back to
+    /// the GPU (on a Jetson, to the rest of the system). Refused while any block lives in the old
+    /// arena (a tensor, a CUDA graph's span, a cached embedding). Returns the new size.
+    pub fn resize_arena(&self, bytes: u64) -> Result<u64> {
+        let mut slot = self.arena.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = slot.as_ref() {
+            if Arc::strong_count(old) > 1 || old.arena.lock().in_use() > 0 {
+                return Err(Error::Backend("the activation arena cannot be resized while tensors live in it".into()));
+            }
+        }
+        // No queued kernel may still use the old memory when it is freed.
+        self.sync()?;
+        *slot = None;
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner()).arena_bytes = 0;
+        let backing = self.create_arena(Some(bytes))?;
+        let size = backing.arena.lock().capacity() as u64;
+        *slot = Some(backing);
+        Ok(size)
+    }
+
+    /// Allocates an arena of the budget left after parameters and the weight reserve, or of
+    /// `limit` bytes when that is smaller, and enters it in the ledger.
+    fn create_arena(&self, limit: Option<u64>) -> Result<Arc<ArenaBacking>> {
         let mut l = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
         let budget = self.options.vram_budget;
-        let want = budget.saturating_sub(l.params).saturating_sub(self.options.weight_reserve);
-        if want < (16 << 20) {
+        let available = budget.saturating_sub(l.params).saturating_sub(self.options.weight_reserve);
+        if available < (16 << 20) {
             return Err(Error::Backend(format!(
                 "VRAM budget of {:.1} MiB leaves {:.1} MiB for activations after {:.1} MiB of parameters and a {:.1} MiB reserve; raise --vram-budget",
                 budget as f64 / MIB,
-                want as f64 / MIB,
+                available as f64 / MIB,
                 l.params as f64 / MIB,
                 self.options.weight_reserve as f64 / MIB
             )));
         }
+        let want = limit.map_or(available, |b| b.min(available));
         self.bind()?;
         let (free, _total) = self.ctx.mem_get_info().map_err(|e| driver_err("memory info", e))?;
         if (free as u64) < want {
@@ -328,9 +358,7 @@ impl Device {
         let slice = self.stream.alloc_zeros::<u8>(want as usize).map_err(|e| driver_err(&format!("allocating the {:.1} MiB activation arena", want as f64 / MIB), e))?;
         let base = raw_ptr(&slice, &self.stream);
         l.arena_bytes = want;
-        let backing = Arc::new(ArenaBacking { _slice: slice, arena: Arena::new(base, want as usize) });
-        *slot = Some(backing.clone());
-        Ok(backing)
+        Ok(Arc::new(ArenaBacking { _slice: slice, arena: Arena::new(base, want as usize) }))
     }
 
     /// A block of `floats` f32 from the arena (NaN-filled when poisoning).

@@ -77,6 +77,15 @@ impl FrameGraphs {
         self.slot.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Drops the captured graph (and gives its arena span back); the next frame captures anew.
+    /// A failed capture's verdict stays.
+    pub fn release(&self) {
+        let mut slot = self.lock();
+        if matches!(*slot, Slot::Ready(_)) {
+            *slot = Slot::Empty;
+        }
+    }
+
     /// For logs and checks: whether frames replay a graph, and if not, why.
     pub fn status(&self) -> String {
         if !self.enabled {

@@ -303,8 +303,8 @@ mod tests {
         let embedding = b.from_host(&[1, c, e, e], &embedding).unwrap();
 
         let (sparse, dense) = prompt_encoder.embed(&b, points, boxes, None).unwrap();
-        let pe = prompt_encoder.dense_positional_encoding();
-        let (masks, iou) = decoder.forward(&b, &embedding, pe, &sparse, &dense, multimask).unwrap();
+        let pe = prompt_encoder.dense_positional_encoding(&b).unwrap();
+        let (masks, iou) = decoder.forward(&b, &embedding, &pe, &sparse, &dense, multimask).unwrap();
         (b.shape(&masks).to_vec(), b.to_host(&masks).unwrap(), iou)
     }
 

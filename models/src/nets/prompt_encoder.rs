@@ -239,8 +239,10 @@ pub struct PromptEncoder<B: Backend> {
     /// `no_mask_embed.weight` `[embed_dim]`, broadcast over the grid when no mask is given.
     no_mask_embed: Vec<f32>,
     mask_downscaling: MaskDownscaling<B>,
-    /// `get_dense_pe()` `[1, embed_dim, E, E]`, computed once.
-    dense_pe: B::Tensor,
+    /// `get_dense_pe()` `[1, embed_dim, E, E]`, computed once. Kept as a parameter, not an
+    /// activation: a backend's activation memory then holds nothing between frames (the CUDA
+    /// backend resizes its arena after a warm-up frame).
+    dense_pe: B::Vector,
     embedding_size: usize,
 }
 
@@ -249,7 +251,7 @@ impl<B: Backend> PromptEncoder<B> {
     pub fn load(b: &B, store: &dyn WeightStore, cfg: &ModelConfig) -> Result<Self> {
         let (dim, grid) = (cfg.prompt_embed_dim, cfg.embedding_size);
         let sparse = SparseEmbedder::load(store, dim, cfg.image_size)?;
-        let dense_pe = b.from_host(&[1, dim, grid, grid], &sparse.pe.dense_grid(grid, grid))?;
+        let dense_pe = b.vector_from_host(&[1, dim, grid, grid], &sparse.pe.dense_grid(grid, grid))?;
         Ok(Self {
             no_mask_embed: load_embedding(store, &format!("{PREFIX}.no_mask_embed.weight"), dim)?,
             mask_downscaling: MaskDownscaling::load(b, store, cfg.mask_in_chans, dim)?,
@@ -260,9 +262,9 @@ impl<B: Backend> PromptEncoder<B> {
     }
 
     /// The positional encoding of the image embedding grid, `[1, embed_dim, E, E]`
-    /// (SAM's `get_dense_pe`).
-    pub fn dense_positional_encoding(&self) -> &B::Tensor {
-        &self.dense_pe
+    /// (SAM's `get_dense_pe`), as a tensor for one decode.
+    pub fn dense_positional_encoding(&self, b: &B) -> Result<B::Tensor> {
+        b.tensor_from_vector(&self.dense_pe)
     }
 
     /// The host-side sparse embedder (exposed for tests and for callers that batch prompts).

@@ -226,6 +226,22 @@ pub fn check(args: &CudaCheckArgs) -> Result<()> {
         let ok = worst <= 1e-6 && status.contains("captured");
         failures += !ok as usize;
         println!("{} graph replay vs eager: max embedding rel err {worst:.2e} over 4 frames (tol 1e-6); {status}", if ok { "ok  " } else { "FAIL" });
+        // The arena sized to what those frames needed (as minisamd does after its warm-up), then
+        // the same frame again on the smaller arena, its graph captured anew.
+        let (before, after) = gpu_seg.backend().fit_arena(0)?;
+        let p = check::e2e_parity(&cpu_seg, &gpu_seg, &image, &prompts)?;
+        let ok = p.embedding_rel_error <= tol && p.min_mask_iou >= 0.99 && after <= before;
+        failures += !ok as usize;
+        println!(
+            "{} arena fitted {:.1} -> {:.1} MiB, then embedding rel err {:.2e}, min mask IoU {:.4}; {}; {}",
+            if ok { "ok  " } else { "FAIL" },
+            before as f64 / (1024.0 * 1024.0),
+            after as f64 / (1024.0 * 1024.0),
+            p.embedding_rel_error,
+            p.min_mask_iou,
+            gpu_seg.backend().vram_report(),
+            gpu_seg.backend().graph_status()
+        );
     }
     if failures > 0 {
         bail!("{failures} CUDA check(s) failed");
