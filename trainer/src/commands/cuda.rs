@@ -17,6 +17,7 @@ use minisam_models::prompt::{BoxPrompt, Prompts};
 use minisam_models::sam::Segmenter;
 
 use crate::cli::{BackendArgs, CudaBenchArgs, CudaCheckArgs, CudaCompileArgs};
+use crate::frozen::FrozenBackend;
 #[cfg(test)]
 use crate::cli::CudaRunArgs;
 
@@ -45,6 +46,11 @@ impl BackendExtras for CudaBackend {
 impl BackendArgs {
     pub fn cuda_options(&self) -> Result<CudaOptions> {
         Ok(CudaOptions { vram_budget: self.vram_budget, precision: MmaPrecision::parse(&self.cuda_precision)?, ..CudaOptions::default() })
+    }
+
+    /// Where a training job's frozen model (encoder or teacher) runs.
+    pub fn frozen(&self) -> Result<FrozenBackend> {
+        Ok(FrozenBackend { choice: self.backend, cuda: self.cuda_options()? })
     }
 
     /// The backend asked for (`auto` falls back to the CPU with one line on stderr).

@@ -5,7 +5,6 @@ use anyhow::Result;
 
 use crate::cli::DistillArgs;
 use crate::distill::{self, DistillOptions, StudentSpec};
-use crate::frozen::FrozenBackend;
 
 pub fn run(args: &DistillArgs) -> Result<()> {
     let opts = DistillOptions {
@@ -23,7 +22,7 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         output: args.output.clone(),
         loss_csv: args.loss_csv.clone(),
         threads: args.threads.get(),
-        backend: FrozenBackend { choice: args.backend.backend, cuda: args.backend.cuda_options()? },
+        backend: args.backend.frozen()?,
     };
     let r = distill::run(&opts, &mut std::io::stderr())?;
     println!(

@@ -4,7 +4,6 @@
 use anyhow::Result;
 
 use crate::cli::TrainArgs;
-use crate::frozen::FrozenBackend;
 use crate::train::{self, augment::AugmentOptions, TrainOptions};
 
 /// The options of a run from its arguments.
@@ -31,7 +30,7 @@ pub fn options(args: &TrainArgs) -> Result<TrainOptions> {
         checkpoint: args.checkpoint.clone(),
         resume: args.resume,
         threads: args.threads.get(),
-        backend: FrozenBackend { choice: args.backend.backend, cuda: args.backend.cuda_options()? },
+        backend: args.backend.frozen()?,
     })
 }
 
