@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use minisam_models::adapter::AdapterFile;
 
-use crate::error::{Error, Result};
+use crate::error::{quoted, Error, Result};
 
 /// Extension of installed adapters (the format's own, see models/FORMAT.md).
 pub const EXTENSION: &str = "lora";
@@ -85,49 +85,16 @@ impl Registry {
         &self.model_sha256
     }
 
-    /// Rereads every directory. Earlier directories win on a name clash (the writable one
-    /// overrides packaged defaults). Leftover install temp files in the writable directory (an
-    /// install killed half-way) are removed.
+    /// Rereads every directory and replaces the list (see [`scan_dirs`]).
     pub fn scan(&mut self) -> Vec<Rejected> {
-        let mut rejected = Vec::new();
-        let mut found: Vec<Arc<AdapterEntry>> = Vec::new();
-        for (i, dir) in self.dirs.iter().enumerate() {
-            let listing = match fs::read_dir(dir) {
-                Ok(l) => l,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    rejected.push(Rejected { path: dir.clone(), reason: format!("cannot list: {e}") });
-                    continue;
-                }
-            };
-            let mut paths: Vec<PathBuf> = listing.filter_map(|e| e.ok().map(|e| e.path())).collect();
-            paths.sort();
-            for path in paths {
-                let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                if file_name.starts_with(TEMP_PREFIX) {
-                    if i == 0 {
-                        let _ = fs::remove_file(&path);
-                    }
-                    continue;
-                }
-                if file_name.starts_with('.') || !path.is_file() {
-                    continue;
-                }
-                match AdapterFile::open(&path) {
-                    Ok(file) => {
-                        let entry = AdapterEntry::from_file(path, file);
-                        if found.iter().any(|e| e.name == entry.name) {
-                            continue;
-                        }
-                        found.push(Arc::new(entry));
-                    }
-                    Err(e) => rejected.push(Rejected { path, reason: e.to_string() }),
-                }
-            }
-        }
-        found.sort_by(|a, b| a.name.cmp(&b.name));
-        self.entries = found;
+        let (entries, rejected) = scan_dirs(&self.dirs);
+        self.entries = entries;
         rejected
+    }
+
+    /// Replaces the list with the result of a [`scan_dirs`] made without holding the registry.
+    pub fn replace(&mut self, entries: Vec<Arc<AdapterEntry>>) {
+        self.entries = entries;
     }
 
     /// The adapter called `key`, else the best adapter for modality `key` (case-insensitive;
@@ -148,44 +115,139 @@ impl Registry {
         }
         best.cloned().ok_or_else(|| {
             let known: Vec<&str> = self.entries.iter().map(|e| e.name.as_str()).collect();
-            Error::UnknownAdapter(format!("no adapter named {key:?} and none for modality {key:?} fits the loaded model; installed: {known:?}"))
+            let key = quoted(key);
+            Error::UnknownAdapter(format!("no adapter named {key} and none for modality {key} fits the loaded model; installed: {known:?}"))
         })
     }
 
     /// Refuses adapters trained against another base model before the engine sees them.
     pub fn check_fits(&self, entry: &AdapterEntry) -> Result<()> {
-        if entry.fits(&self.model_sha256) {
-            Ok(())
-        } else {
-            Err(Error::AdapterRejected(format!(
-                "adapter {:?} was trained for base model {}, the loaded model is {}",
-                entry.name, entry.base_model_sha256, self.model_sha256
-            )))
-        }
+        check_fits(entry, &self.model_sha256)
     }
 
+    /// What an install needs, to run without holding the registry (validation and the fsyncs
+    /// take long enough that other bus calls must not wait on them).
+    pub fn install_target(&self) -> Result<InstallTarget> {
+        let dir = self.dirs.first().ok_or_else(|| Error::Internal("no adapters directory configured".into()))?.clone();
+        Ok(InstallTarget { dir, model_sha256: self.model_sha256.clone() })
+    }
+
+    /// Adds (or replaces, by name) an entry written by [`InstallTarget::install`].
+    pub fn insert(&mut self, entry: AdapterEntry) -> Arc<AdapterEntry> {
+        let entry = Arc::new(entry);
+        self.entries.retain(|e| e.name != entry.name);
+        self.entries.push(entry.clone());
+        self.entries.sort_by(|a, b| a.name.cmp(&b.name));
+        entry
+    }
+
+    /// Validates and writes `bytes` (see [`InstallTarget::install`]), then lists the result.
+    pub fn install(&mut self, bytes: Vec<u8>) -> Result<Arc<AdapterEntry>> {
+        let entry = self.install_target()?.install(bytes)?;
+        Ok(self.insert(entry))
+    }
+}
+
+/// Where installs go and which base model they must fit.
+pub struct InstallTarget {
+    dir: PathBuf,
+    model_sha256: String,
+}
+
+impl InstallTarget {
     /// Validates `bytes` completely and, if they form an adapter for the loaded model, writes
     /// them crash-safely into the writable directory as `<name>.lora`: a temp file written and
     /// fsynced, renamed over the final name, then the directory fsynced. A crash at any point
     /// leaves either the old file or the new one, never a part of one (temp files are hidden
     /// and removed by the next scan).
-    pub fn install(&mut self, bytes: Vec<u8>) -> Result<Arc<AdapterEntry>> {
+    pub fn install(&self, bytes: Vec<u8>) -> Result<AdapterEntry> {
         let file = AdapterFile::from_bytes(bytes).map_err(|e| Error::AdapterRejected(e.to_string()))?;
         let name = file.manifest().name.clone();
         if !safe_file_stem(&name) {
             return Err(Error::AdapterRejected(format!("adapter name {name:?} cannot be a file name")));
         }
-        let dir = self.dirs.first().ok_or_else(|| Error::Internal("no adapters directory configured".into()))?.clone();
-        let final_path = dir.join(format!("{name}.{EXTENSION}"));
+        let final_path = self.dir.join(format!("{name}.{EXTENSION}"));
         let entry = AdapterEntry::from_file(final_path.clone(), file);
-        self.check_fits(&entry)?;
-        let bytes = entry.file.bytes();
-        write_atomically(&dir, &final_path, bytes).map_err(|e| Error::Internal(format!("installing into {}: {e}", dir.display())))?;
-        let entry = Arc::new(entry);
-        self.entries.retain(|e| e.name != entry.name);
-        self.entries.push(entry.clone());
-        self.entries.sort_by(|a, b| a.name.cmp(&b.name));
+        check_fits(&entry, &self.model_sha256)?;
+        write_atomically(&self.dir, &final_path, entry.file.bytes())
+            .map_err(|e| Error::Internal(format!("installing into {}: {e}", self.dir.display())))?;
         Ok(entry)
+    }
+}
+
+/// Reads every directory. Earlier directories win on a name clash (the writable one overrides
+/// packaged defaults). Leftover install temp files in the writable directory (an install killed
+/// half-way) are removed. Symbolic links are not followed (an adapter directory is a list of
+/// files the daemon owns or was packaged with; a link could point it at any readable file) and
+/// files larger than [`MAX_ADAPTER_BYTES`] are refused before they are read.
+pub fn scan_dirs(dirs: &[PathBuf]) -> (Vec<Arc<AdapterEntry>>, Vec<Rejected>) {
+    let mut rejected = Vec::new();
+    let mut found: Vec<Arc<AdapterEntry>> = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let listing = match fs::read_dir(dir) {
+            Ok(l) => l,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                rejected.push(Rejected { path: dir.clone(), reason: format!("cannot list: {e}") });
+                continue;
+            }
+        };
+        let mut paths: Vec<PathBuf> = listing.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for path in paths {
+            let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if file_name.starts_with(TEMP_PREFIX) {
+                if i == 0 {
+                    let _ = fs::remove_file(&path);
+                }
+                continue;
+            }
+            if file_name.starts_with('.') {
+                continue;
+            }
+            // lstat: the link itself, not what it points at.
+            let meta = match fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                Err(e) => {
+                    rejected.push(Rejected { path, reason: format!("cannot stat: {e}") });
+                    continue;
+                }
+            };
+            if meta.file_type().is_symlink() {
+                rejected.push(Rejected { path, reason: "a symbolic link; adapter directories hold the files themselves".into() });
+                continue;
+            }
+            if !meta.is_file() {
+                continue;
+            }
+            if meta.len() > MAX_ADAPTER_BYTES {
+                rejected.push(Rejected { path, reason: format!("{} bytes; adapters are at most {MAX_ADAPTER_BYTES} bytes", meta.len()) });
+                continue;
+            }
+            match AdapterFile::open(&path) {
+                Ok(file) => {
+                    let entry = AdapterEntry::from_file(path, file);
+                    if found.iter().any(|e| e.name == entry.name) {
+                        continue;
+                    }
+                    found.push(Arc::new(entry));
+                }
+                Err(e) => rejected.push(Rejected { path, reason: e.to_string() }),
+            }
+        }
+    }
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    (found, rejected)
+}
+
+fn check_fits(entry: &AdapterEntry, model_sha256: &str) -> Result<()> {
+    if entry.fits(model_sha256) {
+        Ok(())
+    } else {
+        Err(Error::AdapterRejected(format!(
+            "adapter {:?} was trained for base model {}, the loaded model is {model_sha256}",
+            entry.name, entry.base_model_sha256
+        )))
     }
 }
 

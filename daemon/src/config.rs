@@ -43,9 +43,10 @@ pub struct Args {
     /// Requests that may wait for the worker; more are refused with Busy.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub queue_depth: u32,
-    /// Per-request deadline in milliseconds (queue wait + encoder).
-    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub deadline_ms: u64,
+    /// Per-request deadline in milliseconds (queue wait + encoder). Default: derived at start
+    /// from the warm-up frame (`worker::auto_deadline`), so it fits the machine the daemon runs on.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub deadline_ms: Option<u64>,
     #[arg(long, value_enum, default_value_t = Bus::System)]
     pub bus: Bus,
     /// Bus address to connect to instead of the system or session bus (tests, containers).
@@ -54,6 +55,24 @@ pub struct Args {
     /// Largest frame accepted, in pixels (width × height).
     #[arg(long, default_value_t = 4096 * 4096)]
     pub max_frame_pixels: u64,
+    /// Largest frame buffer accepted (stride × height), in bytes or with a unit: a 4096 x 4096
+    /// rgb8 frame is 48 MiB.
+    #[arg(long, default_value = "64MiB", value_parser = minisam_models::cuda::parse_bytes)]
+    pub max_frame_bytes: u64,
+    /// Open streams one Unix user may hold, over all of that user's connections.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_streams_per_user: u32,
+    /// Ring memory one Unix user's open streams may pin (bytes or with a unit).
+    #[arg(long, default_value = "128MiB", value_parser = minisam_models::cuda::parse_bytes)]
+    pub max_stream_bytes_per_user: u64,
+    /// Ring memory all open streams together may pin: rings live in the daemon's memory cgroup
+    /// (the unit's MemoryMax=2G), beside the model.
+    #[arg(long, default_value = "512MiB", value_parser = minisam_models::cuda::parse_bytes)]
+    pub max_stream_bytes: u64,
+    /// Where the active adapter is persisted across restarts; default: the first path of
+    /// $STATE_DIRECTORY (systemd's StateDirectory=), else nowhere.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
 }
 
 #[cfg(test)]
@@ -69,7 +88,10 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(a.adapters_dirs, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
-        assert_eq!((a.queue_depth, a.deadline_ms, a.vram_budget), (8, 500, 2 << 30));
+        assert_eq!((a.queue_depth, a.deadline_ms, a.vram_budget), (8, Some(500), 2 << 30));
+        let d = Args::try_parse_from(["minisamd"]).unwrap();
+        assert_eq!(d.deadline_ms, None, "the deadline defaults to one measured at start");
+        assert_eq!((d.max_frame_bytes, d.max_streams_per_user, d.max_stream_bytes_per_user), (64 << 20, 8, 128 << 20));
         assert_eq!(a.bus, Bus::Session);
         assert!(Args::try_parse_from(["minisamd", "--queue-depth", "0"]).is_err());
         assert!(Args::try_parse_from(["minisamd", "--vram-budget", "lots"]).is_err());

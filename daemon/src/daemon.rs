@@ -21,23 +21,71 @@ use minisam_models::load::ModelFile;
 use minisam_models::prompt::{BoxPrompt, Prompts};
 use minisam_models::sam::Segmenter;
 
-use crate::adapters::Registry;
+use crate::adapters::{self, AdapterEntry, Registry};
+use crate::callers::Callers;
 use crate::config::{Args, BackendChoice, Bus};
 use crate::notify::Notifier;
 use crate::reply::Mailbox;
-use crate::service::{Limits, ModelInfo, Segmenter1, Streams, BUS_NAME, OBJECT_PATH};
+use crate::service::{Limits, ModelInfo, Segmenter1, StreamLimits, Streams, BUS_NAME, OBJECT_PATH};
 use crate::signals::{self, Event};
+use crate::state::{start_choice, StartChoice, StateFile};
+use crate::watchdog::BusProbe;
 use crate::{watchdog, worker};
 
 /// How long in-flight replies get to leave the socket after the worker drained.
 const FLUSH_GRACE: Duration = Duration::from_millis(200);
 
+/// Rereads the adapter directories. The files are read and validated without holding the
+/// registry, which bus methods lock: a rescan of large adapters must not hold up their calls.
 fn rescan(registry: &Mutex<Registry>) -> usize {
-    let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
-    for bad in r.scan() {
+    let dirs = registry.lock().unwrap_or_else(|p| p.into_inner()).dirs().to_vec();
+    let (entries, rejected) = adapters::scan_dirs(&dirs);
+    for bad in rejected {
         tracing::warn!(path = %bad.path.display(), "skipping adapter: {}", bad.reason);
     }
-    r.entries().len()
+    let n = entries.len();
+    registry.lock().unwrap_or_else(|p| p.into_inner()).replace(entries);
+    n
+}
+
+/// The adapter to activate at start: the persisted one (`crate::state`) unless `--adapter`
+/// changed since it was written, else `--adapter`, else the base model. Says in the journal
+/// what it restored, and why it did not when it could not.
+fn initial_adapter(registry: &Registry, flag: Option<&str>, state: Option<&StateFile>) -> Result<Option<Arc<AdapterEntry>>> {
+    let from_flag = || -> Result<Option<Arc<AdapterEntry>>> {
+        let Some(key) = flag else { return Ok(None) };
+        let e = registry.resolve(key).map_err(|e| anyhow::anyhow!("--adapter {key}: {}", e.message()))?;
+        registry.check_fits(&e).map_err(|e| anyhow::anyhow!("--adapter {key}: {}", e.message()))?;
+        Ok(Some(e))
+    };
+    let Some(state) = state else {
+        tracing::info!("no state directory (--state-dir or systemd's StateDirectory=): the active adapter will not survive a restart");
+        return from_flag();
+    };
+    let persisted = state.load().unwrap_or_else(|e| {
+        tracing::warn!("ignoring the persisted adapter choice: {e}");
+        None
+    });
+    match start_choice(flag, persisted) {
+        StartChoice::Flag => from_flag(),
+        StartChoice::Restore(p) if p.sha256.is_empty() => {
+            tracing::info!(path = %state.path().display(), "restored from the state file: the base model (no adapter) is active");
+            Ok(None)
+        }
+        StartChoice::Restore(p) => match registry.entries().iter().find(|e| e.sha256 == p.sha256 && e.fits(registry.model_sha256())) {
+            Some(e) => {
+                tracing::info!(adapter = %e.name, adapter_sha256 = %e.sha256, path = %state.path().display(), "restored the active adapter from the state file");
+                Ok(Some(e.clone()))
+            }
+            None => {
+                tracing::warn!(
+                    adapter = %p.name, adapter_sha256 = %p.sha256,
+                    "the persisted active adapter is no longer installed (or no longer fits the model); using --adapter or the base model"
+                );
+                from_flag()
+            }
+        },
+    }
 }
 
 fn after(delay: Duration, events: &Mailbox<Event>, ev: Event) {
@@ -92,22 +140,17 @@ impl Serving for CudaBackend {
     }
 }
 
-/// Builds the networks on `backend`, applies `--adapter`, runs the warm-up frame (then lets the
-/// backend settle its memory and, if it did, warms up again on it), and starts the inference
-/// thread.
-fn start_worker<B: Serving + 'static>(backend: B, file: &ModelFile, registry: &Registry, args: &Args) -> Result<(Arc<worker::Handle>, String)> {
+/// Builds the networks on `backend`, applies the initial adapter (`initial_adapter`), runs the
+/// warm-up frame (then lets the backend settle its memory and, if it did, warms up again on it),
+/// and starts the inference thread. Also returns how long the last warm-up frame took.
+fn start_worker<B: Serving + 'static>(backend: B, file: &ModelFile, registry: &Registry, args: &Args, state: Option<StateFile>) -> Result<(Arc<worker::Handle>, String, Duration)> {
     let name = backend.name().to_string();
     let mut segmenter = Segmenter::load(backend, file.store(), file.config()).with_context(|| format!("building the networks from {}", args.model.display()))?;
-    let initial = match &args.adapter {
-        None => None,
-        Some(key) => {
-            let e = registry.resolve(key).map_err(|e| anyhow::anyhow!("--adapter {key}: {}", e.message()))?;
-            registry.check_fits(&e).map_err(|e| anyhow::anyhow!("--adapter {key}: {}", e.message()))?;
-            segmenter.set_adapter(Some(&e.file)).with_context(|| format!("applying adapter {}", e.name))?;
-            tracing::info!(adapter = %e.name, adapter_sha256 = %e.sha256, "initial adapter");
-            Some(e)
-        }
-    };
+    let initial = initial_adapter(registry, args.adapter.as_deref(), state.as_ref())?;
+    if let Some(e) = &initial {
+        segmenter.set_adapter(Some(&e.file)).with_context(|| format!("applying adapter {}", e.name))?;
+        tracing::info!(adapter = %e.name, adapter_sha256 = %e.sha256, "initial adapter");
+    }
     let mut took = warm_up(&segmenter).context("the warm-up frame failed, so no client frame could run either")?;
     let config = file.config();
     let embedding_bytes = (config.prompt_embed_dim * config.embedding_size * config.embedding_size * 4) as u64;
@@ -124,7 +167,8 @@ fn start_worker<B: Serving + 'static>(backend: B, file: &ModelFile, registry: &R
         Some(line) => tracing::info!(warm_up_ms = took.as_millis() as u64, "warm-up frame done; {line}"),
         None => tracing::info!(warm_up_ms = took.as_millis() as u64, "warm-up frame done"),
     }
-    Ok((Arc::new(worker::spawn(segmenter, initial, args.queue_depth as usize)?), name))
+    let persist = state.map(|file| worker::Persist { file, adapter_flag: args.adapter.clone() });
+    Ok((Arc::new(worker::spawn(segmenter, initial, args.queue_depth as usize, persist)?), name, took))
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -151,12 +195,21 @@ pub fn run(args: Args) -> Result<()> {
     for bad in registry.scan() {
         tracing::warn!(path = %bad.path.display(), "skipping adapter: {}", bad.reason);
     }
+    let state = StateFile::locate(args.state_dir.as_deref());
     // The worker is generic over the backend; everything after this point is not.
-    let (worker, backend_name) = match selected {
-        SelectedBackend::Cpu(b) => start_worker(b, &file, &registry, &args)?,
+    let (worker, backend_name, warm_up_took) = match selected {
+        SelectedBackend::Cpu(b) => start_worker(b, &file, &registry, &args, state)?,
         SelectedBackend::Cuda(b) => {
             tracing::info!("CUDA backend: {}", b.describe());
-            start_worker(*b, &file, &registry, &args)?
+            start_worker(*b, &file, &registry, &args, state)?
+        }
+    };
+    let deadline = match args.deadline_ms {
+        Some(ms) => Duration::from_millis(ms),
+        None => {
+            let d = worker::auto_deadline(warm_up_took);
+            tracing::info!(deadline_ms = d.as_millis() as u64, "request deadline {} ms: 4x the warm-up frame's {} ms, at least 1 s (--deadline-ms sets it)", d.as_millis(), warm_up_took.as_millis());
+            d
         }
     };
     drop(file);
@@ -164,12 +217,23 @@ pub fn run(args: Args) -> Result<()> {
 
     let registry = Arc::new(Mutex::new(registry));
     let streams = Arc::new(Streams::default());
+    let callers = Arc::new(Callers::default());
     let service = Segmenter1::new(
         worker.clone(),
         registry.clone(),
         streams.clone(),
+        callers.clone(),
         ModelInfo { path: args.model.display().to_string(), description, sha256: model_sha256.clone(), backend: backend_name.clone() },
-        Limits { max_frame_pixels: args.max_frame_pixels, deadline: Duration::from_millis(args.deadline_ms) },
+        Limits {
+            max_frame_pixels: args.max_frame_pixels,
+            max_frame_bytes: args.max_frame_bytes,
+            deadline,
+            streams: StreamLimits {
+                per_user: args.max_streams_per_user as usize,
+                bytes_per_user: args.max_stream_bytes_per_user,
+                total_bytes: args.max_stream_bytes,
+            },
+        },
     );
     if let Err(e) = signals::spawn_dir_watch(&args.adapters_dirs, events.clone()) {
         tracing::warn!("cannot watch the adapter directories ({e}); SIGHUP rescans them");
@@ -192,7 +256,9 @@ pub fn run(args: Args) -> Result<()> {
 
         let stop_watchdog = Arc::new(AtomicBool::new(false));
         if let Some(interval) = watchdog::interval_from_env() {
-            watchdog::spawn(notifier.clone(), worker.shared.clone(), interval, stop_watchdog.clone()).context("starting the watchdog thread")?;
+            let probe = Arc::new(BusProbe::default());
+            probe.clone().spawn(conn.clone(), interval / 4, stop_watchdog.clone()).context("starting the bus probe thread")?;
+            watchdog::spawn(notifier.clone(), worker.shared.clone(), probe, interval, stop_watchdog.clone()).context("starting the watchdog thread")?;
         }
         let status = format!("serving on {BUS_NAME} ({backend_name}, model {})", &model_sha256[..12]);
         notifier.ready(&status);
@@ -208,6 +274,7 @@ pub fn run(args: Args) -> Result<()> {
                     Poll::Ready(Some(sig)) => {
                         if let Ok(a) = sig.args() {
                             if a.name().as_str().starts_with(':') && a.new_owner().is_none() {
+                                callers.forget(a.name().as_str());
                                 let n = streams.forget_client(a.name().as_str());
                                 if n > 0 {
                                     tracing::info!("client {} left; closed its {n} stream(s)", a.name());

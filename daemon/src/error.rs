@@ -56,3 +56,38 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `s` cut to at most `max` bytes on a character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A string a client sent, quoted for an error message: at most 64 bytes of it, so no error
+/// grows with what a client sends (a 16 MiB option name must not become a 16 MiB message).
+pub fn quoted(s: &str) -> String {
+    const SHOWN: usize = 64;
+    if s.len() <= SHOWN {
+        format!("{s:?}")
+    } else {
+        format!("{:?}… ({} bytes)", truncate(s, SHOWN), s.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_input_is_bounded() {
+        assert_eq!(quoted("gray9"), "\"gray9\"");
+        let q = quoted(&"é".repeat(1 << 20));
+        assert!(q.len() < 100 && q.ends_with("(2097152 bytes)"), "{q}");
+    }
+}

@@ -3,7 +3,7 @@
 
 use minisam_models::image::{RgbImage, MAX_IMAGE_SIDE};
 
-use crate::error::{Error, Result};
+use crate::error::{quoted, Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PixelFormat {
@@ -22,7 +22,7 @@ impl PixelFormat {
             "gray8" => Ok(Self::Gray8),
             "gray16" => Ok(Self::Gray16),
             "rgb8" => Ok(Self::Rgb8),
-            other => Err(Error::InvalidFrame(format!("pixel format {other:?} is not one of gray8, gray16, rgb8"))),
+            other => Err(Error::InvalidFrame(format!("pixel format {} is not one of gray8, gray16, rgb8", quoted(other)))),
         }
     }
 
@@ -77,6 +77,20 @@ impl Layout {
             )));
         }
         Ok(Self { width: w, height: h, stride, format })
+    }
+
+    /// Refuses a layout whose buffer (`stride × height`) is larger than `max_bytes`: the pixel
+    /// bound alone lets a huge stride describe terabytes (a sparse memfd with stride 2³² would be
+    /// mapped whole).
+    pub fn check_bytes(self, max_bytes: u64) -> Result<Self> {
+        let bytes = self.stride as u64 * self.height as u64;
+        if bytes > max_bytes {
+            return Err(Error::InvalidFrame(format!(
+                "frame buffer of {bytes} bytes (stride {} x height {}) exceeds --max-frame-bytes {max_bytes}",
+                self.stride, self.height
+            )));
+        }
+        Ok(self)
     }
 
     /// Bytes a buffer must hold: `stride × height`.
@@ -155,6 +169,9 @@ mod tests {
         assert!(Layout::new(0, 4, 4, "gray8", 100).is_err());
         assert!(Layout::new(4, 4, 4, "bgr8", 100).is_err());
         assert!(Layout::new(u32::MAX, u32::MAX, u32::MAX, "rgb8", u64::MAX).is_err());
+        let huge_stride = Layout::new(64, 64, u32::MAX, "gray8", 100_000).unwrap();
+        assert!(matches!(huge_stride.check_bytes(64 << 20), Err(Error::InvalidFrame(m)) if m.contains("--max-frame-bytes")));
+        assert!(Layout::new(64, 64, 80, "gray8", 100_000).unwrap().check_bytes(64 << 20).is_ok());
     }
 
     #[test]

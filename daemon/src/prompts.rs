@@ -32,6 +32,14 @@ impl PromptSet {
     pub fn from_wire(boxes: &[WireBox], points: &[WirePoint], frame: Option<(usize, usize)>) -> Result<Self> {
         let mut set = PromptSet::default();
         for &(x0, y0, x1, y1) in boxes {
+            // A box with no area (a click read as a box, a drag of zero length) gives the
+            // decoder nothing to segment; refuse it whether or not the frame size is known.
+            // `!(a < b)` also refuses NaN, which validation below names again in words.
+            if !(x0 < x1 && y0 < y1) && [x0, y0, x1, y1].iter().all(|v| v.is_finite()) {
+                return Err(Error::InvalidPrompt(format!(
+                    "box ({x0}, {y0}, {x1}, {y1}) has no area or is inverted: x1 must exceed x0 and y1 must exceed y0"
+                )));
+            }
             set.boxes
                 .push(BoxPrompt { x0: coord(x0), y0: coord(y0), x1: coord(x1), y1: coord(y1) })
                 .map_err(|_| Error::InvalidPrompt(format!("{} boxes given; at most {MAX_BOXES} per request", boxes.len())))?;
@@ -79,5 +87,8 @@ mod tests {
         assert!(bad(&[], &[(1.0, 1.0, 2)]), "bad label");
         assert!(bad(&[], &[(11.0, 1.0, 1)]), "outside");
         assert!(bad(&[], &[]), "no prompt");
+        assert!(bad(&[(3.0, 1.0, 3.0, 5.0)], &[]), "zero width");
+        assert!(bad(&[(1.0, 4.0, 5.0, 4.0)], &[]), "zero height");
+        assert!(matches!(PromptSet::from_wire(&[(3.0, 3.0, 3.0, 3.0)], &[], None), Err(Error::InvalidPrompt(m)) if m.contains("no area")), "refused without a frame size too");
     }
 }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd as StdOwnedFd;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,8 @@ use zbus::object_server::SignalEmitter;
 use zbus::{interface, OwnedFd, OwnedVariant};
 
 use crate::adapters::{AdapterEntry, Registry, MAX_ADAPTER_BYTES};
-use crate::error::{Error, Result};
+use crate::callers::Callers;
+use crate::error::{quoted, Error, Result};
 use crate::frame::Layout;
 use crate::prompts::{PromptSet, WireBox, WirePoint};
 use crate::reply;
@@ -27,9 +28,11 @@ pub const BUS_NAME: &str = "org.minisam.Segmenter1";
 pub const OBJECT_PATH: &str = "/org/minisam/Segmenter1";
 pub const INTERFACE: &str = "org.minisam.Segmenter1";
 
-/// Streams one client may hold open, and in total: each pins a ring of frames in memory.
-pub const MAX_STREAMS_PER_CLIENT: usize = 4;
+/// Streams open at once over all users: each is a memfd, a mapping and a record.
 pub const MAX_STREAMS: usize = 64;
+/// How long `InstallAdapter` waits for a pipe or socket to deliver the whole file. A file or
+/// memfd is read at once; a stream that has not ended by then has a writer that stays open.
+pub const INSTALL_READ_DEADLINE: Duration = Duration::from_secs(10);
 
 /// `(width, height, stride, format)`; format is `gray8`, `gray16` (little-endian) or `rgb8`.
 pub type WireLayout = (u32, u32, u32, String);
@@ -54,7 +57,59 @@ pub struct ModelInfo {
 
 pub struct Limits {
     pub max_frame_pixels: u64,
+    /// stride × height, so a huge stride cannot make a small frame map terabytes.
+    pub max_frame_bytes: u64,
     pub deadline: Duration,
+    pub streams: StreamLimits,
+}
+
+/// Streams pin ring memory in the daemon, so they are limited per Unix user (over all of that
+/// user's connections) in count and bytes, and in total bytes; each refusal names the limit.
+pub struct StreamLimits {
+    pub per_user: usize,
+    pub bytes_per_user: u64,
+    pub total_bytes: u64,
+}
+
+impl StreamLimits {
+    /// Whether user `uid` may open one more ring of `bytes` next to the `open` ones.
+    pub fn admit(&self, open: &HashMap<u32, Arc<Ring>>, uid: u32, bytes: u64) -> Result<()> {
+        const MIB: f64 = 1024.0 * 1024.0;
+        let (mut user_count, mut user_bytes, mut total) = (0usize, 0u64, 0u64);
+        for r in open.values() {
+            total += r.bytes();
+            if r.uid == uid {
+                user_count += 1;
+                user_bytes += r.bytes();
+            }
+        }
+        if open.len() >= MAX_STREAMS {
+            return Err(Error::Busy(format!("{} streams are open on this daemon, the most it keeps; retry after some close", open.len())));
+        }
+        if user_count >= self.per_user {
+            return Err(Error::Busy(format!(
+                "user {uid} has {user_count} open streams over all its connections; at most {} per user (--max-streams-per-user)",
+                self.per_user
+            )));
+        }
+        if user_bytes + bytes > self.bytes_per_user {
+            return Err(Error::Busy(format!(
+                "this ring needs {:.1} MiB and user {uid}'s open streams hold {:.1} MiB; at most {:.1} MiB per user (--max-stream-bytes-per-user)",
+                bytes as f64 / MIB,
+                user_bytes as f64 / MIB,
+                self.bytes_per_user as f64 / MIB
+            )));
+        }
+        if total + bytes > self.total_bytes {
+            return Err(Error::Busy(format!(
+                "this ring needs {:.1} MiB and open streams hold {:.1} MiB; at most {:.1} MiB in all (--max-stream-bytes)",
+                bytes as f64 / MIB,
+                total as f64 / MIB,
+                self.total_bytes as f64 / MIB
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Open streams by id; shared with the main loop, which drops those of clients that leave.
@@ -76,10 +131,33 @@ pub struct Segmenter1 {
     worker: Arc<worker::Handle>,
     registry: Arc<Mutex<Registry>>,
     streams: Arc<Streams>,
+    callers: Arc<Callers>,
     next_stream: AtomicU32,
+    /// Set while an `InstallAdapter` reads and validates off the bus thread: one at a time, so
+    /// installs cannot pile up threads or memory.
+    installing: AtomicBool,
     model: ModelInfo,
     limits: Limits,
-    last_error: Mutex<String>,
+}
+
+/// Clears `installing` when the install ends, however it ends.
+struct InstallSlot<'a>(&'a AtomicBool);
+
+impl Drop for InstallSlot<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Runs blocking work (reading a client's fd, validating and fsyncing an adapter) on a thread of
+/// its own and awaits it: the bus thread keeps answering other calls meanwhile.
+async fn off_the_bus_thread<T: Send + 'static>(name: &str, work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    let (tx, rx) = reply::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || tx.send(work()))
+        .map_err(|e| Error::Internal(format!("starting a thread for {name}: {e}")))?;
+    rx.await.ok_or_else(|| Error::Internal(format!("{name} stopped without an answer")))?
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -95,24 +173,30 @@ struct Options {
 }
 
 impl Segmenter1 {
-    pub fn new(worker: Arc<worker::Handle>, registry: Arc<Mutex<Registry>>, streams: Arc<Streams>, model: ModelInfo, limits: Limits) -> Self {
+    pub fn new(worker: Arc<worker::Handle>, registry: Arc<Mutex<Registry>>, streams: Arc<Streams>, callers: Arc<Callers>, model: ModelInfo, limits: Limits) -> Self {
         Segmenter1 {
             worker,
             registry,
             streams,
+            callers,
             next_stream: AtomicU32::new(1),
+            installing: AtomicBool::new(false),
             model,
             limits,
-            last_error: Mutex::new(String::new()),
         }
     }
 
-    /// Records the error of a failed call for `LastError` and the journal.
-    fn record<T>(&self, method: &str, r: Result<T>) -> Result<T> {
+    /// Records the error of a failed call in the journal and as the `LastError` of the caller's
+    /// Unix user (no other user sees it).
+    async fn record<T>(&self, method: &str, conn: &zbus::Connection, hdr: &Header<'_>, r: Result<T>) -> Result<T> {
         if let Err(e) = &r {
             let line = format!("{}: {}", e.short_name(), e.message());
-            tracing::warn!(method, error = e.short_name(), "{line}");
-            *lock(&self.last_error) = line;
+            let client = sender(hdr);
+            tracing::warn!(method, error = e.short_name(), client = %client, "{}", crate::error::truncate(&line, crate::callers::MAX_ERROR_BYTES));
+            match self.callers.uid(conn, &client).await {
+                Ok(uid) => self.callers.record_error(uid, &line),
+                Err(e) => tracing::warn!("cannot attribute the error to a user: {}", e.message()),
+            }
         }
         r
     }
@@ -120,7 +204,7 @@ impl Segmenter1 {
     fn options(&self, options: &HashMap<String, OwnedVariant>) -> Result<Options> {
         let mut o = Options { multimask: false, adapter: AdapterChoice::Default, deadline: self.limits.deadline };
         for (key, value) in options {
-            let wrong = |ty: &str| Error::InvalidPrompt(format!("option {key:?} must be of type {ty}"));
+            let wrong = |ty: &str| Error::InvalidPrompt(format!("option {} must be of type {ty}", quoted(key)));
             match key.as_str() {
                 "multimask" => o.multimask = bool::try_from(value).map_err(|_| wrong("b"))?,
                 "adapter" => {
@@ -139,16 +223,16 @@ impl Segmenter1 {
                     let ms = u32::try_from(value).map_err(|_| wrong("u"))?;
                     o.deadline = o.deadline.min(Duration::from_millis(u64::from(ms)));
                 }
-                other => return Err(Error::InvalidPrompt(format!("unknown option {other:?}; known: multimask, adapter, deadline_ms"))),
+                other => return Err(Error::InvalidPrompt(format!("unknown option {}; known: multimask, adapter, deadline_ms", quoted(other)))),
             }
         }
         Ok(o)
     }
 
-    async fn run(&self, source: FrameSource, prompts: PromptSet, o: Options) -> Result<SegmentOutput> {
+    async fn run(&self, client: String, source: FrameSource, prompts: PromptSet, o: Options) -> Result<SegmentOutput> {
         let now = Instant::now();
         let (tx, rx) = reply::channel();
-        let request = Request { source, prompts, multimask: o.multimask, adapter: o.adapter, deadline: now + o.deadline, enqueued: now };
+        let request = Request { client, source, prompts, multimask: o.multimask, adapter: o.adapter, deadline: now + o.deadline, enqueued: now };
         self.worker.submit(SegmentJob { request, reply: tx })?;
         tracing::debug!("request queued");
         let out = rx.await.ok_or_else(|| Error::Internal("the inference worker stopped before answering".into()))??;
@@ -211,6 +295,7 @@ impl Segmenter1 {
     /// one width*height u8 plane per mask (0 or 255), the predicted IoU of each mask, the
     /// frame id for Reprompt, the model and adapter SHA-256 and timings in microseconds.
     #[zbus(out_args("masks", "iou", "frame_id", "model_sha256", "adapter_sha256", "timings_us"))]
+    #[allow(clippy::too_many_arguments)]
     async fn segment(
         &self,
         frame: OwnedFd,
@@ -218,19 +303,21 @@ impl Segmenter1 {
         boxes: Vec<WireBox>,
         points: Vec<WirePoint>,
         options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<(OwnedFd, Vec<f64>, u64, String, String, HashMap<String, u64>)> {
         let result = async {
             let (w, h, stride, format) = layout;
-            let layout = Layout::new(w, h, stride, &format, self.limits.max_frame_pixels)?;
+            let layout = Layout::new(w, h, stride, &format, self.limits.max_frame_pixels)?.check_bytes(self.limits.max_frame_bytes)?;
             let prompts = PromptSet::from_wire(&boxes, &points, Some((layout.width, layout.height)))?;
             let o = self.options(&options)?;
             let fd: StdOwnedFd = frame.into();
             let map = crate::memfd::map_sealed_frame(&fd, layout.byte_len())?;
-            let out = self.run(FrameSource::Sealed { map, layout }, prompts, o).await?;
+            let out = self.run(sender(&hdr), FrameSource::Sealed { map, layout }, prompts, o).await?;
             self.segment_reply(out)
         }
         .await;
-        self.record("Segment", result)
+        self.record("Segment", conn, &hdr, result).await
     }
 
     /// Reprompt: new prompts on a frame answered before (by its frame_id) while its image
@@ -242,15 +329,17 @@ impl Segmenter1 {
         boxes: Vec<WireBox>,
         points: Vec<WirePoint>,
         options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<(OwnedFd, Vec<f64>, u64, String, String, HashMap<String, u64>)> {
         let result = async {
             let prompts = PromptSet::from_wire(&boxes, &points, None)?;
             let o = self.options(&options)?;
-            let out = self.run(FrameSource::Cached(frame_id), prompts, o).await?;
+            let out = self.run(sender(&hdr), FrameSource::Cached(frame_id), prompts, o).await?;
             self.segment_reply(out)
         }
         .await;
-        self.record("Reprompt", result)
+        self.record("Reprompt", conn, &hdr, result).await
     }
 
     /// OpenStream: creates a ring memfd of `slots` frame slots (stride = width * bytes per
@@ -259,23 +348,33 @@ impl Segmenter1 {
     /// stream id, the ring, the bytes per frame slot, the offset of mask slot 0 and the bytes
     /// per mask slot.
     #[zbus(out_args("stream", "ring", "frame_slot_bytes", "masks_offset", "mask_slot_bytes"))]
-    async fn open_stream(&self, slots: u32, width: u32, height: u32, format: String, #[zbus(header)] hdr: Header<'_>) -> Result<(u32, OwnedFd, u64, u64, u64)> {
+    #[allow(clippy::too_many_arguments)]
+    async fn open_stream(
+        &self,
+        slots: u32,
+        width: u32,
+        height: u32,
+        format: String,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<(u32, OwnedFd, u64, u64, u64)> {
         let owner = sender(&hdr);
-        let result = (|| {
+        let result = async {
             let bpp = crate::frame::PixelFormat::parse(&format)?.bytes_per_pixel() as u32;
             let stride = width.checked_mul(bpp).ok_or_else(|| Error::InvalidFrame("width too large".into()))?;
-            let layout = Layout::new(width, height, stride, &format, self.limits.max_frame_pixels)?;
+            let layout = Layout::new(width, height, stride, &format, self.limits.max_frame_pixels)?.check_bytes(self.limits.max_frame_bytes)?;
+            Ring::check_slots(slots as usize)?;
+            let uid = self.callers.uid(conn, &owner).await?;
             let mut streams = lock(&self.streams.0);
-            if streams.len() >= MAX_STREAMS || streams.values().filter(|r| r.owner == owner).count() >= MAX_STREAMS_PER_CLIENT {
-                return Err(Error::Busy(format!("too many open streams (at most {MAX_STREAMS_PER_CLIENT} per client)")));
-            }
+            self.limits.streams.admit(&streams, uid, Ring::len_for(slots as usize, &layout))?;
             let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
-            let (ring, fd) = Ring::create(id, owner.clone(), slots as usize, layout)?;
+            let (ring, fd) = Ring::create(id, owner.clone(), uid, slots as usize, layout)?;
             let reply = (id, OwnedFd::from(fd), ring.frame_slot_len() as u64, ring.mask_offset(0) as u64, Ring::mask_slot_len(&layout) as u64);
             streams.insert(id, Arc::new(ring));
             Ok(reply)
-        })();
-        self.record("OpenStream", result)
+        }
+        .await;
+        self.record("OpenStream", conn, &hdr, result).await
     }
 
     /// SegmentSlot: segments the frame the client wrote into `slot` of `stream`; `seq` is the
@@ -292,6 +391,7 @@ impl Segmenter1 {
         points: Vec<WirePoint>,
         options: HashMap<String, OwnedVariant>,
         #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<(u32, Vec<f64>, u64, String, String, HashMap<String, u64>)> {
         let owner = sender(&hdr);
         let result = async {
@@ -299,21 +399,21 @@ impl Segmenter1 {
             let slot = ring.check_slot(slot)?;
             let prompts = PromptSet::from_wire(&boxes, &points, Some((ring.layout.width, ring.layout.height)))?;
             let o = self.options(&options)?;
-            let out = self.run(FrameSource::Slot { ring, slot, seq }, prompts, o).await?;
+            let out = self.run(owner.clone(), FrameSource::Slot { ring, slot, seq }, prompts, o).await?;
             let timings = Self::timings(&out);
             Ok((out.n_masks as u32, out.iou, out.frame_id, self.model.sha256.clone(), out.adapter_sha256, timings))
         }
         .await;
-        self.record("SegmentSlot", result)
+        self.record("SegmentSlot", conn, &hdr, result).await
     }
 
     /// CloseStream: frees the ring once no request uses it.
-    async fn close_stream(&self, stream: u32, #[zbus(header)] hdr: Header<'_>) -> Result<()> {
+    async fn close_stream(&self, stream: u32, #[zbus(header)] hdr: Header<'_>, #[zbus(connection)] conn: &zbus::Connection) -> Result<()> {
         let owner = sender(&hdr);
         let result = self.ring(stream, &owner).map(|_| {
             lock(&self.streams.0).remove(&stream);
         });
-        self.record("CloseStream", result)
+        self.record("CloseStream", conn, &hdr, result).await
     }
 
     /// ListAdapters: (name, modality, sha256, path, fits the loaded model, is the default).
@@ -333,7 +433,13 @@ impl Segmenter1 {
     /// ActivateAdapter: makes an adapter (by name, else the best for a modality; `none` for the
     /// base model) the default, between two frames; returns its name and SHA-256.
     #[zbus(out_args("name", "sha256"))]
-    async fn activate_adapter(&self, name_or_modality: String, #[zbus(signal_emitter)] emitter: SignalEmitter<'_>) -> Result<(String, String)> {
+    async fn activate_adapter(
+        &self,
+        name_or_modality: String,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<(String, String)> {
         let result = async {
             let entry = match name_or_modality.as_str() {
                 "" | "none" => None,
@@ -350,17 +456,37 @@ impl Segmenter1 {
         if let Ok((name, sha)) = &result {
             self.announce(&emitter, name, sha).await;
         }
-        self.record("ActivateAdapter", result)
+        self.record("ActivateAdapter", conn, &hdr, result).await
     }
 
-    /// InstallAdapter: reads an adapter file from `file` (any readable fd), validates it fully
+    /// InstallAdapter: reads an adapter file from `file` (a file or memfd, read whole from
+    /// offset 0; or a pipe or socket whose writer closes within 10 s), validates it fully
     /// against the loaded model, stores it crash-safely in the writable adapters directory and,
-    /// if `activate`, makes it the default. A rejected file changes nothing.
+    /// if `activate`, makes it the default. A rejected file changes nothing. One install runs at
+    /// a time (another gets Busy), off the bus thread.
     #[zbus(out_args("name", "sha256"))]
-    async fn install_adapter(&self, file: OwnedFd, activate: bool, #[zbus(signal_emitter)] emitter: SignalEmitter<'_>) -> Result<(String, String)> {
+    async fn install_adapter(
+        &self,
+        file: OwnedFd,
+        activate: bool,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<(String, String)> {
         let result = async {
-            let bytes = read_bounded(file.into(), MAX_ADAPTER_BYTES)?;
-            let entry = lock(&self.registry).install(bytes)?;
+            if self.installing.swap(true, Ordering::AcqRel) {
+                return Err(Error::Busy("another adapter install is in progress; retry when it has finished".into()));
+            }
+            let _slot = InstallSlot(&self.installing);
+            let target = lock(&self.registry).install_target()?;
+            let fd: StdOwnedFd = file.into();
+            let entry = off_the_bus_thread("minisam-install", move || {
+                let bytes = crate::fd_read::read_all_bounded(fd, MAX_ADAPTER_BYTES, INSTALL_READ_DEADLINE)
+                    .map_err(|e| Error::AdapterRejected(format!("cannot read the adapter fd: {e}")))?;
+                target.install(bytes)
+            })
+            .await?;
+            let entry = lock(&self.registry).insert(entry);
             tracing::info!(adapter = %entry.name, adapter_sha256 = %entry.sha256, path = %entry.path.display(), "adapter installed");
             if activate {
                 self.control(|reply| worker::Control::SetDefault { adapter: Some(entry.clone()), reply }).await?;
@@ -369,17 +495,22 @@ impl Segmenter1 {
             Ok((entry.name.clone(), entry.sha256.clone()))
         }
         .await;
-        self.record("InstallAdapter", result)
+        self.record("InstallAdapter", conn, &hdr, result).await
     }
 
     /// RollbackAdapter: returns to the default adapter before the last change.
     #[zbus(out_args("name", "sha256"))]
-    async fn rollback_adapter(&self, #[zbus(signal_emitter)] emitter: SignalEmitter<'_>) -> Result<(String, String)> {
+    async fn rollback_adapter(
+        &self,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<(String, String)> {
         let result = self.control(|reply| worker::Control::Rollback { reply }).await;
         if let Ok((name, sha)) = &result {
             self.announce(&emitter, name, sha).await;
         }
-        self.record("RollbackAdapter", result)
+        self.record("RollbackAdapter", conn, &hdr, result).await
     }
 
     /// The model file served and its description (kind, architecture, SHA-256 prefix).
@@ -412,29 +543,20 @@ impl Segmenter1 {
         self.worker.shared.frames_served.load(Ordering::Relaxed)
     }
 
-    /// The last error returned to any client, as "Name: message"; empty if none yet.
+    /// The last error returned to a client of the caller's Unix user, as "Name: message" (at
+    /// most 512 bytes); empty if none yet. Other users' errors are never shown.
     #[zbus(property(emits_changed_signal = "false"))]
-    fn last_error(&self) -> String {
-        lock(&self.last_error).clone()
+    async fn last_error(&self, #[zbus(header)] hdr: Option<Header<'_>>, #[zbus(connection)] conn: &zbus::Connection) -> String {
+        let Some(hdr) = hdr else { return String::new() };
+        match self.callers.uid(conn, &sender(&hdr)).await {
+            Ok(uid) => self.callers.last_error(uid),
+            Err(_) => String::new(),
+        }
     }
 
     /// AdapterChanged: the default adapter is now `name` (empty: base model) with `sha256`.
     #[zbus(signal)]
     async fn adapter_changed(emitter: &SignalEmitter<'_>, name: &str, sha256: &str) -> zbus::Result<()>;
-}
-
-/// Reads at most `limit` bytes from `fd` (refusing larger files).
-fn read_bounded(fd: StdOwnedFd, limit: u64) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    std::fs::File::from(fd)
-        .take(limit + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| Error::AdapterRejected(format!("cannot read the adapter fd: {e}")))?;
-    if bytes.len() as u64 > limit {
-        return Err(Error::AdapterRejected(format!("adapter file is larger than {limit} bytes")));
-    }
-    Ok(bytes)
 }
 
 /// Resident set size from /proc/self/statm (pages × page size); 0 if unreadable.

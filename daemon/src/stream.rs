@@ -36,6 +36,8 @@ pub struct Ring {
     pub id: u32,
     /// Unique bus name of the client that opened it; only it may use or close it.
     pub owner: String,
+    /// The Unix user behind `owner`: stream limits are per user (`service::StreamLimits`).
+    pub uid: u32,
     pub layout: Layout,
     pub slots: usize,
     map: MmapRaw,
@@ -48,13 +50,29 @@ unsafe impl Sync for Ring {}
 
 impl Ring {
     /// Creates the memfd and its mapping; returns the ring and the fd to hand to the client.
-    pub fn create(id: u32, owner: String, slots: usize, layout: Layout) -> Result<(Ring, OwnedFd)> {
+    pub fn create(id: u32, owner: String, uid: u32, slots: usize, layout: Layout) -> Result<(Ring, OwnedFd)> {
+        Self::check_slots(slots)?;
+        let len = Self::len_for(slots, &layout) as usize;
+        let (fd, map) = crate::memfd::ring("minisam-ring", len)?;
+        Ok((Ring { id, owner, uid, layout, slots, map }, fd))
+    }
+
+    pub fn check_slots(slots: usize) -> Result<()> {
         if slots == 0 || slots > MAX_SLOTS {
             return Err(Error::InvalidFrame(format!("{slots} slots requested; 1..={MAX_SLOTS}")));
         }
-        let len = slots * (layout.byte_len() + Self::mask_slot_len(&layout));
-        let (fd, map) = crate::memfd::ring("minisam-ring", len)?;
-        Ok((Ring { id, owner, layout, slots, map }, fd))
+        Ok(())
+    }
+
+    /// Bytes of a ring of `slots` slots for `layout`: what it pins in memory, known before it
+    /// is created so limits can refuse it first.
+    pub fn len_for(slots: usize, layout: &Layout) -> u64 {
+        slots as u64 * (layout.byte_len() as u64 + Self::mask_slot_len(layout) as u64)
+    }
+
+    /// Bytes this ring pins.
+    pub fn bytes(&self) -> u64 {
+        Self::len_for(self.slots, &self.layout)
     }
 
     pub fn frame_slot_len(&self) -> usize {

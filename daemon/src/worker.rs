@@ -8,13 +8,18 @@
 //! - Deadlines: a job that waited past its deadline is answered `DeadlineExceeded` without
 //!   running; one whose encoder ran past it is answered the same before decoding.
 //! - Embedding cache: the last `CACHE_SLOTS` encoded frames are kept with the adapter they were
-//!   encoded under; re-prompting one (`Reprompt`, or the same stream slot and sequence number)
-//!   runs only the prompt encoder and mask decoder.
+//!   encoded under and the client (unique bus name) that sent them; re-prompting one
+//!   (`Reprompt`, or the same stream slot and sequence number) runs only the prompt encoder and
+//!   mask decoder. Frame ids are unpredictable (a keyed hash of a counter) and a cached frame
+//!   answers only its own client: another client cannot guess an id and read masks of a frame
+//!   it never sent. A frame whose encoder finished past the deadline stays cached, and the
+//!   error names its id, so the work is not lost.
 //! - Steady state: the RGB conversion buffer and the prompt lists are reused; the engine's own
 //!   activation pool makes a second same-sized frame allocate no activations.
 //! - Liveness: the thread bumps a heartbeat between phases and while idle; the watchdog pings
 //!   systemd only while it moves (see `crate::watchdog`).
 
+use std::hash::BuildHasher;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError, TrySendError};
@@ -33,6 +38,7 @@ use crate::error::{Error, Result};
 use crate::frame::{self, Layout};
 use crate::prompts::PromptSet;
 use crate::reply;
+use crate::state::{ActiveAdapter, StateFile};
 use crate::stream::Ring;
 
 /// Encoded frames kept for re-prompting. A LiteMedSAM embedding is 4 MiB, a ViT one 4 MiB too
@@ -40,6 +46,15 @@ use crate::stream::Ring;
 pub const CACHE_SLOTS: usize = 8;
 /// How often an idle worker wakes to beat and look at controls.
 const TICK: Duration = Duration::from_millis(100);
+
+/// The deadline when `--deadline-ms` is not given, from the time the warm-up frame (encoder and
+/// a three-mask decode, on an idle machine) took: a cart whose other software keeps the cores
+/// busy takes at least twice as long per frame, and one frame may be queued ahead of this one,
+/// so 4x; never under one second, so scheduling noise on a fast GPU does not fail frames (a
+/// client that wants less sets the `deadline_ms` option).
+pub fn auto_deadline(warm_up: Duration) -> Duration {
+    (warm_up * 4).max(Duration::from_secs(1))
+}
 
 /// Liveness and counters the rest of the daemon reads.
 #[derive(Default)]
@@ -91,6 +106,8 @@ pub enum AdapterChoice {
 }
 
 pub struct Request {
+    /// Unique bus name of the caller: cached frames answer only the client that sent them.
+    pub client: String,
     pub source: FrameSource,
     pub prompts: PromptSet,
     pub multimask: bool,
@@ -203,6 +220,8 @@ impl Handle {
 
 struct CacheEntry<B: Backend> {
     frame_id: u64,
+    /// Unique bus name of the client that sent the frame.
+    owner: String,
     /// `(ring id, slot, seq)` for frames that came through a stream.
     stream_key: Option<(u32, usize, u64)>,
     adapter_sha256: String,
@@ -219,13 +238,23 @@ struct Worker<B: Backend> {
     rgb: RgbImage,
     prompts: Prompts,
     clock: u64,
-    next_frame_id: u64,
+    frames_encoded: u64,
+    /// Keys the frame-id hash; random per process, so ids cannot be predicted from earlier ones.
+    frame_id_key: std::collections::hash_map::RandomState,
+    persist: Option<Persist>,
     shared: Arc<Shared>,
+}
+
+/// Where the default adapter is written after each change, and the `--adapter` flag to record
+/// with it (see `crate::state`).
+pub struct Persist {
+    pub file: StateFile,
+    pub adapter_flag: Option<String>,
 }
 
 /// Starts the worker thread. `adapter` must already be set on `segmenter` (startup applies
 /// `--adapter` before the service announces readiness).
-pub fn spawn<B: Backend + 'static>(segmenter: Segmenter<B>, adapter: Option<Arc<AdapterEntry>>, queue_depth: usize) -> Result<Handle> {
+pub fn spawn<B: Backend + 'static>(segmenter: Segmenter<B>, adapter: Option<Arc<AdapterEntry>>, queue_depth: usize, persist: Option<Persist>) -> Result<Handle> {
     let (jobs_tx, jobs_rx) = mpsc::sync_channel(queue_depth.max(1));
     let (ctl_tx, ctl_rx) = mpsc::channel();
     let shared = Arc::new(Shared::default());
@@ -239,7 +268,9 @@ pub fn spawn<B: Backend + 'static>(segmenter: Segmenter<B>, adapter: Option<Arc<
         rgb: RgbImage { width: 0, height: 0, data: Vec::new() },
         prompts: Prompts::default(),
         clock: 0,
-        next_frame_id: 1,
+        frames_encoded: 0,
+        frame_id_key: std::collections::hash_map::RandomState::new(),
+        persist,
         shared: shared.clone(),
     };
     let thread = std::thread::Builder::new()
@@ -310,6 +341,9 @@ impl<B: Backend> Worker<B> {
                     adapter
                 });
                 self.shared.publish(&self.default_adapter);
+                if result.is_ok() {
+                    self.persist();
+                }
                 reply.send(result);
             }
             Control::Rollback { reply } => {
@@ -322,8 +356,26 @@ impl<B: Backend> Worker<B> {
                     }),
                 };
                 self.shared.publish(&self.default_adapter);
+                if result.is_ok() {
+                    self.persist();
+                }
                 reply.send(result);
             }
+        }
+    }
+
+    /// Writes the default adapter to the state file, so a restart (crash, watchdog, OOM) serves
+    /// the same one. A failed write is logged; the swap itself stands.
+    fn persist(&self) {
+        let Some(p) = &self.persist else { return };
+        let a = &self.default_adapter;
+        let state = ActiveAdapter {
+            name: a.as_ref().map(|e| e.name.clone()).unwrap_or_default(),
+            sha256: sha_of(a).to_string(),
+            adapter_flag: p.adapter_flag.clone(),
+        };
+        if let Err(e) = p.file.store(&state) {
+            tracing::error!(path = %p.file.path().display(), "cannot persist the active adapter ({e}); a restart will not restore it");
         }
     }
 
@@ -338,6 +390,13 @@ impl<B: Backend> Worker<B> {
             .map_err(|e| Error::AdapterRejected(e.to_string()))?;
         self.loaded_adapter = want.clone();
         Ok(())
+    }
+
+    /// A keyed hash (SipHash with a random per-process key) of a counter: unique in practice,
+    /// never 0, and unpredictable from the ids a client has seen.
+    fn next_frame_id(&mut self) -> u64 {
+        self.frames_encoded += 1;
+        self.frame_id_key.hash_one(self.frames_encoded).max(1)
     }
 
     fn tick(&mut self) -> u64 {
@@ -362,8 +421,9 @@ impl<B: Backend> Worker<B> {
         let now = self.tick();
         let (index, reused, ring_out) = match job.source {
             FrameSource::Cached(id) => {
-                let i = self.cache.iter().position(|e| e.frame_id == id).ok_or_else(|| {
-                    Error::InvalidFrame(format!("frame {id} is no longer cached; send the frame again"))
+                // Another client's frame answers exactly like an evicted one: no oracle for ids.
+                let i = self.cache.iter().position(|e| e.frame_id == id && e.owner == job.client).ok_or_else(|| {
+                    Error::InvalidFrame(format!("frame {id} is not cached for this client; send the frame again"))
                 })?;
                 if self.cache[i].adapter_sha256 != adapter_sha256 {
                     return Err(Error::InvalidFrame(format!(
@@ -377,7 +437,7 @@ impl<B: Backend> Worker<B> {
                 frame::to_rgb(&map, &layout, &mut self.rgb)?;
                 drop(map);
                 t.convert_us = micros(c0.elapsed());
-                (self.encode(None, &adapter_sha256, &mut t)?, false, None)
+                (self.encode(None, &job.client, &adapter_sha256, &mut t)?, false, None)
             }
             FrameSource::Slot { ring, slot, seq } => {
                 let key = (ring.id, slot, seq);
@@ -387,7 +447,7 @@ impl<B: Backend> Worker<B> {
                         let c0 = Instant::now();
                         frame::to_rgb(ring.frame(slot), &ring.layout, &mut self.rgb)?;
                         t.convert_us = micros(c0.elapsed());
-                        (self.encode(Some(key), &adapter_sha256, &mut t)?, false, Some((ring, slot)))
+                        (self.encode(Some(key), &job.client, &adapter_sha256, &mut t)?, false, Some((ring, slot)))
                     }
                 }
             }
@@ -395,7 +455,14 @@ impl<B: Backend> Worker<B> {
         self.cache[index].last_used = now;
         self.shared.beat();
         if Instant::now() > job.deadline {
-            return Err(Error::DeadlineExceeded(format!("encoding took {} ms, past the deadline", t.encode_us / 1000)));
+            // The embedding stays cached: a client that can still use the frame re-prompts it
+            // (decoder only) instead of paying for the encoder again.
+            let again = if ring_out.is_some() { "the same slot and seq re-use it" } else { "Reprompt it to decode" };
+            return Err(Error::DeadlineExceeded(format!(
+                "encoding took {} ms, past the deadline; the embedding is kept as frame_id={} ({again})",
+                t.encode_us / 1000,
+                self.cache[index].frame_id
+            )));
         }
 
         let d0 = Instant::now();
@@ -441,14 +508,13 @@ impl<B: Backend> Worker<B> {
 
     /// Encodes `self.rgb` into a cache entry (evicting the least recently used) and returns its
     /// index.
-    fn encode(&mut self, stream_key: Option<(u32, usize, u64)>, adapter_sha256: &str, t: &mut Timings) -> Result<usize> {
+    fn encode(&mut self, stream_key: Option<(u32, usize, u64)>, owner: &str, adapter_sha256: &str, t: &mut Timings) -> Result<usize> {
         self.shared.beat();
         let e0 = Instant::now();
         let embedding = self.segmenter.encode(&self.rgb).map_err(|e| engine_error(e, Error::InvalidFrame))?;
         t.encode_us = micros(e0.elapsed());
-        let frame_id = self.next_frame_id;
-        self.next_frame_id += 1;
-        let entry = CacheEntry { frame_id, stream_key, adapter_sha256: adapter_sha256.to_string(), embedding, last_used: self.clock };
+        let frame_id = self.next_frame_id();
+        let entry = CacheEntry { frame_id, owner: owner.to_string(), stream_key, adapter_sha256: adapter_sha256.to_string(), embedding, last_used: self.clock };
         // A slot's older frame is dead once a newer sequence number arrives for it.
         if let Some((ring, slot, _)) = stream_key {
             self.cache.retain(|e| !matches!(e.stream_key, Some((r, s, _)) if r == ring && s == slot));
