@@ -454,7 +454,8 @@ impl<B: Backend> Worker<B> {
         };
         self.cache[index].last_used = now;
         self.shared.beat();
-        if Instant::now() > job.deadline {
+        // The deadline covers queue wait and encoder; a re-used embedding ran no encoder.
+        if !reused && Instant::now() > job.deadline {
             // The embedding stays cached: a client that can still use the frame re-prompts it
             // (decoder only) instead of paying for the encoder again.
             let again = if ring_out.is_some() { "the same slot and seq re-use it" } else { "Reprompt it to decode" };

@@ -284,15 +284,7 @@ mod adapters {
     use super::*;
     use minisam_models::adapter::{encode_adapter, synth, AdapterFile};
 
-    /// A random adapter for the tiny SAM with a chosen name and modality.
-    pub fn make(base: &minisam_models::sam::Segmenter<minisam_models::cpu::CpuBackend>, sha: &str, name: &str, modality: &str, seed: u64) -> AdapterFile {
-        let targets = minisam_models::adapter::default_targets();
-        let factors = synth::random_factors(base.linear_shapes(), &targets, 4, seed).unwrap();
-        let mut meta = synth::test_meta(&targets, sha, 4, 8.0, seed);
-        meta.name = name.into();
-        meta.modality = modality.into();
-        encode_adapter(&meta, &factors).unwrap()
-    }
+    use common::make_adapter as make;
 
     #[test]
     fn adapters_install_activate_roll_back_and_swap_under_load_without_failures() {

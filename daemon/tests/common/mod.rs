@@ -48,8 +48,46 @@ pub struct Bus {
 impl Bus {
     /// `None` (after printing why) when dbus-daemon is not installed.
     pub fn start() -> Option<Bus> {
+        Self::spawn(&["--session"])
+    }
+
+    /// A bus that any Unix user may connect to (a session bus admits only its owner), for
+    /// tests that need clients of two users. The config file lives as long as the test process.
+    pub fn start_multi_user() -> Option<Bus> {
+        let dir = std::env::temp_dir().join(format!("minisamd-bus-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("bus.conf");
+        std::fs::write(
+            &config,
+            format!(
+                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+"#,
+                dir.join("bus.sock").display()
+            ),
+        )
+        .unwrap();
+        // The socket must be reachable by the other user.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        Self::spawn(&[&format!("--config-file={}", config.display())])
+    }
+
+    fn spawn(args: &[&str]) -> Option<Bus> {
         let spawned = Command::new("dbus-daemon")
-            .args(["--session", "--nofork", "--print-address"])
+            .args(args)
+            .args(["--nofork", "--print-address"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -194,4 +232,15 @@ pub fn reference_masks(s: &Segmenter<CpuBackend>, w: usize, h: usize, grey: &[u8
 /// 0/255 planes from the daemon as 0/1 planes.
 pub fn planes(bytes: &[u8], w: usize, h: usize) -> Vec<Vec<u8>> {
     bytes.chunks_exact(w * h).map(|p| p.iter().map(|&v| u8::from(v != 0)).collect()).collect()
+}
+
+/// A random adapter for the tiny SAM with a chosen name and modality.
+pub fn make_adapter(base: &Segmenter<CpuBackend>, sha: &str, name: &str, modality: &str, seed: u64) -> minisam_models::adapter::AdapterFile {
+    use minisam_models::adapter::{encode_adapter, synth};
+    let targets = minisam_models::adapter::default_targets();
+    let factors = synth::random_factors(base.linear_shapes(), &targets, 4, seed).unwrap();
+    let mut meta = synth::test_meta(&targets, sha, 4, 8.0, seed);
+    meta.name = name.into();
+    meta.modality = modality.into();
+    encode_adapter(&meta, &factors).unwrap()
 }
