@@ -278,3 +278,26 @@ fn write_atomically(dir: &Path, final_path: &Path, bytes: &[u8]) -> std::io::Res
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scans_follow_no_links_and_read_no_oversized_file() {
+        let dir = std::env::temp_dir().join(format!("minisamd-scan-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("passwd.lora")).unwrap();
+        // Sparse: a size above the limit costs no disk, and must be refused before any read.
+        File::create(dir.join("huge.lora")).unwrap().set_len(MAX_ADAPTER_BYTES + 1).unwrap();
+        fs::write(dir.join("junk.lora"), b"not an adapter").unwrap();
+        let (entries, rejected) = scan_dirs(std::slice::from_ref(&dir));
+        assert!(entries.is_empty());
+        let reason = |name: &str| rejected.iter().find(|r| r.path.ends_with(name)).map(|r| r.reason.clone()).unwrap_or_default();
+        assert!(reason("passwd.lora").contains("symbolic link"), "{}", reason("passwd.lora"));
+        assert!(reason("huge.lora").contains("at most"), "{}", reason("huge.lora"));
+        assert!(!reason("junk.lora").is_empty());
+        fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -25,6 +25,7 @@ use crate::adapters::{self, AdapterEntry, Registry};
 use crate::callers::Callers;
 use crate::config::{Args, BackendChoice, Bus};
 use crate::notify::Notifier;
+use crate::read_only::ReadOnlyProperties;
 use crate::reply::Mailbox;
 use crate::service::{Limits, ModelInfo, Segmenter1, StreamLimits, Streams, BUS_NAME, OBJECT_PATH};
 use crate::signals::{self, Event};
@@ -247,7 +248,7 @@ pub fn run(args: Args) -> Result<()> {
         };
         let conn = builder
             .name(BUS_NAME)
-            .serve_at(OBJECT_PATH, service)
+            .serve_at(OBJECT_PATH, ReadOnlyProperties(service))
             .build()
             .await
             .with_context(|| format!("connecting to the {:?} bus and owning {BUS_NAME}", args.bus))?;

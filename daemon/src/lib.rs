@@ -16,6 +16,7 @@ pub mod error;
 pub mod frame;
 pub mod memfd;
 pub mod prompts;
+pub mod read_only;
 pub mod reply;
 pub mod service;
 pub mod stream;

@@ -145,6 +145,11 @@ fn errors_are_bounded_and_kept_per_user() {
     assert_eq!(name, "InvalidPrompt");
     assert!(message.len() < 300 && message.contains("16777216 bytes"), "{} bytes: {}", message.len(), &message[..message.len().min(200)]);
     let last = zbus::block_on(p.last_error()).unwrap();
+    // Writing a property is refused as the specification names it.
+    let props = zbus::block_on(zbus::fdo::PropertiesProxy::builder(&conn).destination(minisamd::service::BUS_NAME).path(minisamd::service::OBJECT_PATH).build()).unwrap();
+    let iface = zbus::names::InterfaceName::try_from(minisamd::service::INTERFACE).unwrap();
+    let set = zbus::block_on(props.set(iface, "LastError", &zbus::Variant::from("forged")));
+    assert!(matches!(&set, Err(zbus::fdo::Error::PropertyReadOnly(_))), "{set:?}");
     assert!(last.starts_with("InvalidPrompt: unknown option") && last.len() <= 512, "{last}");
 
     // Another Unix user on the same bus sees none of it (minisamctl status as nobody).

@@ -20,6 +20,7 @@ or the tools it prints "SKIP: <reason>" and exits 0.
 import argparse
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -186,9 +187,16 @@ def real_daemon_probes(addr, r, tmp, minisamd, minisamctl, model):
     uid = subprocess.run(["id", "-u", "minisam"], capture_output=True, text=True).stdout.strip()
     os.chown(adapters, int(uid), int(uid))
     log = open(os.path.join(tmp, "minisamd.log"), "w")
+    # A notify socket the daemon (user minisam) can write to, and a short watchdog interval: the
+    # daemon's watchdog pings only while its Peer.Ping to itself goes through this policy.
+    notify_path = os.path.join(tmp, "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    os.chmod(notify_path, 0o777)
+    env = dict(os.environ, NOTIFY_SOCKET=notify_path, WATCHDOG_USEC="400000")
     daemon = subprocess.Popen(as_user("minisam", [minisamd, "--bus-address", addr, "--backend", "cpu",
                                                   "--model", model, "--adapters-dir", adapters]),
-                              stdout=log, stderr=subprocess.STDOUT)
+                              stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         owned = False
         for _ in range(120):
@@ -215,7 +223,17 @@ def real_daemon_probes(addr, r, tmp, minisamd, minisamctl, model):
         for user, args, want in probes:
             got = ctl(addr, user, minisamctl, *args)
             r.check(got == want, f"{user}: minisamctl {' '.join(args)} {want}", got)
+        notify.settimeout(0.2)
+        pings, t_end = 0, time.time() + 3
+        while time.time() < t_end:
+            try:
+                pings += notify.recv(4096) == b"WATCHDOG=1"
+            except socket.timeout:
+                pass
+        r.check(pings >= 3, "real minisamd's watchdog pings under the policy (its bus probe gets through)",
+                f"{pings} WATCHDOG=1 in 3 s with WATCHDOG_USEC=400000\n" + open(log.name).read()[-1500:])
     finally:
+        notify.close()
         daemon.terminate()
         try:
             daemon.wait(timeout=20)
@@ -275,6 +293,8 @@ def inner(tmp, jeepney, policy, real=None):
                         (IFACE, "Segment"), (IFACE, "ListAdapters"),
                         (props, "Set", get + ("variant:string:x",))],
             "root": [(IFACE, "Segment"), (IFACE, "InstallAdapter"), (IFACE, "ActivateAdapter")],
+            # The daemon's watchdog probe pings its own name through the bus.
+            "minisam": [("org.freedesktop.DBus.Peer", "Ping")],
         }
         denied = {
             "msclient": [(IFACE, "InstallAdapter"), (IFACE, "ActivateAdapter"), (IFACE, "RollbackAdapter"),
@@ -283,6 +303,7 @@ def inner(tmp, jeepney, policy, real=None):
                            ("org.freedesktop.DBus.Introspectable", "Introspect"),
                            ("org.freedesktop.DBus.Peer", "Ping")],
             "msadmin": [("org.example.NotOurs", "Anything")],
+            "minisam": [(IFACE, "Segment"), (IFACE, "InstallAdapter")],
         }
         for want, table in (("allowed", allowed), ("denied", denied)):
             for user, probes in table.items():
