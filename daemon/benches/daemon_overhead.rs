@@ -1,7 +1,10 @@
 //! What the daemon costs beyond compute, on the committed tiny SAM fixture (small enough that the
 //! overhead is visible): for each request, the client's round trip minus the encoder+decoder time
 //! the daemon reports, so the figure is D-Bus + memfd + queue + conversion overhead. Also the
-//! re-prompt round trip (decoder only) and streaming throughput over a ring.
+//! re-prompt round trip (decoder only) and streaming throughput over a ring. The "transport"
+//! rows subtract everything the daemon measured itself (`total_us`: queue, conversion, compute,
+//! mask memfd): what is left is D-Bus through the bus daemon, fd passing, the frame's seal check
+//! and mapping, and the client's own memfd work.
 //!
 //! `cargo bench -p minisamd --bench daemon_overhead [-- FRAMES]` (default 40 frames per row).
 
@@ -46,6 +49,7 @@ fn main() {
     }
 
     let (mut total, mut overhead, mut re_total, mut re_overhead) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut transport, mut re_transport) = (Vec::new(), Vec::new());
     for i in 0..frames + 3 {
         let t = Instant::now();
         let fd = OwnedFd::from(minisamd::memfd::sealed_frame_from(&grey).unwrap());
@@ -62,8 +66,10 @@ fn main() {
         let ms = |k: &str| timings[k] as f64 / 1e3;
         total.push(rt);
         overhead.push(rt - ms("encode_us") - ms("decode_us"));
+        transport.push(rt - ms("total_us"));
         re_total.push(re_rt);
         re_overhead.push(re_rt - re["decode_us"] as f64 / 1e3);
+        re_transport.push(re_rt - re["total_us"] as f64 / 1e3);
     }
 
     let (stream, ring, frame_slot, ..) = zbus::block_on(p.open_stream(2, W as u32, H as u32, "gray8")).unwrap();
@@ -89,6 +95,8 @@ fn main() {
     row("Segment overhead beyond compute", &mut overhead);
     row("Reprompt round trip (decoder only)", &mut re_total);
     row("Reprompt overhead beyond decode", &mut re_overhead);
+    row("Segment transport (round trip - total_us)", &mut transport);
+    row("Reprompt transport (round trip - total_us)", &mut re_transport);
     row("SegmentSlot overhead beyond compute (ring)", &mut slot_overhead);
     println!("\nstreaming over a 2-slot ring: {fps:.1} frames/s (sequential client, encode every frame)");
 }
