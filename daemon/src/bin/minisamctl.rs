@@ -49,6 +49,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Waits until minisamd owns its bus name (it does after its warm-up frame, seconds after
+    /// start), e.g. `minisamd ... & minisamctl --session wait && minisamctl --session segment ...`.
+    Wait {
+        /// Give up after this many seconds (exit status 1).
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -97,6 +104,24 @@ fn explain(e: zbus::Error) -> anyhow::Error {
     }
 }
 
+/// Polls `NameHasOwner` every 100 ms: simpler than a `NameOwnerChanged` subscription, and a
+/// daemon that owned the name before we asked is seen at once.
+async fn wait_for_daemon(conn: &zbus::Connection, timeout: std::time::Duration) -> Result<()> {
+    let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+    let name = zbus::names::BusName::try_from(minisamd::service::BUS_NAME)?;
+    let t0 = std::time::Instant::now();
+    loop {
+        if dbus.name_has_owner(name.clone()).await? {
+            return Ok(());
+        }
+        if t0.elapsed() >= timeout {
+            bail!("{} has no owner after {} s: is minisamd running on this bus? (its log says why it did not start)", minisamd::service::BUS_NAME, timeout.as_secs());
+        }
+        // No async timer in our dependencies; a blocking 100 ms sleep is fine in this one-task CLI.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 async fn connect(cli: &Cli) -> Result<zbus::Connection> {
     let builder = match (&cli.bus_address, cli.session) {
         (Some(a), _) => zbus::connection::Builder::address(a.as_str()),
@@ -119,8 +144,12 @@ async fn run(cli: Cli) -> Result<()> {
         return Ok(());
     }
     let conn = connect(&cli).await?;
+    if let Command::Wait { timeout } = cli.command {
+        return wait_for_daemon(&conn, std::time::Duration::from_secs(timeout)).await;
+    }
     let proxy = Segmenter1Proxy::new(&conn).await?;
     match cli.command {
+        Command::Wait { .. } => unreachable!("handled above"),
         Command::Segment { image, boxes, points, output, adapter } => {
             let img = minisam::image_io::read_rgb(&image)?;
             let fd = memfd::sealed_frame_from(&img.data).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
