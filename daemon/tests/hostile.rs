@@ -66,7 +66,7 @@ fn an_install_from_a_pipe_that_never_closes_stalls_nothing() {
     let install = std::thread::spawn(move || {
         zbus::block_on(async {
             let conn = zbus::connection::Builder::address(address.as_str()).build().await?;
-            Segmenter1Proxy::new(&conn).await?.install_adapter(OwnedFd::from(StdFd::from(reader)), false).await
+            Segmenter1Proxy::new(&conn).await?.install_adapter(OwnedFd::from(reader), false).await
         })
     });
     std::thread::sleep(Duration::from_millis(300));

@@ -86,7 +86,7 @@ fn good_client(bus: &Bus, index: usize, stop: &AtomicBool, tally: &Tally) {
         let slot = (round % 2) as usize;
         map[slot * frame_slot as usize..][..W * H].copy_from_slice(&grey);
         let counted = ok_or_busy(zbus::block_on(p.segment_slot(stream, slot as u32, round, &[BOX], &[], HashMap::new())).map(|_| ()));
-        if index == 0 && round % 4 == 0 {
+        if index == 0 && round.is_multiple_of(4) {
             let key = ["us-load", "none"][(round / 4 % 2) as usize];
             zbus::block_on(p.activate_adapter(key)).expect("an adapter swap under load");
         }
@@ -144,7 +144,7 @@ fn hostile_client(bus: &Bus, stop: &AtomicBool, hostile_calls: &AtomicU64) {
                 std::thread::spawn(move || {
                     let _ = zbus::block_on(async {
                         let conn = zbus::connection::Builder::address(address.as_str()).build().await?;
-                        Segmenter1Proxy::new(&conn).await?.install_adapter(OwnedFd::from(StdFd::from(reader)), false).await
+                        Segmenter1Proxy::new(&conn).await?.install_adapter(OwnedFd::from(reader), false).await
                     });
                 });
             }
