@@ -176,12 +176,13 @@ pub(crate) mod tests {
 
     /// The CPU backend with every operation but `linear_lora` delegated, so the trait's default
     /// `linear_lora` (what a backend without a fused kernel runs) is the one under test. It
-    /// also logs the key of every `run_frame` (then runs the trait's default).
-    pub(crate) struct DefaultLora(CpuBackend, pub(crate) std::sync::Mutex<Vec<u64>>);
+    /// also logs the key of every `run_frame` (then runs the trait's default) and counts the
+    /// activation tensors made from host data (`from_host`).
+    pub(crate) struct DefaultLora(CpuBackend, pub(crate) std::sync::Mutex<Vec<u64>>, pub(crate) std::sync::atomic::AtomicUsize);
 
     impl DefaultLora {
         pub(crate) fn new(threads: usize) -> Self {
-            Self(CpuBackend::new(threads).unwrap(), Default::default())
+            Self(CpuBackend::new(threads).unwrap(), Default::default(), Default::default())
         }
     }
 
@@ -205,6 +206,7 @@ pub(crate) mod tests {
             self.0.vector_shape(v)
         }
         fn from_host(&self, shape: &[usize], data: &[f32]) -> Result<CpuTensor> {
+            self.2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.0.from_host(shape, data)
         }
         fn to_host(&self, t: &CpuTensor) -> Result<Vec<f32>> {

@@ -261,6 +261,20 @@ mod tests {
         Checkpoint::open(&path).expect("committed tiny SAM fixture")
     }
 
+    /// Loading makes parameters only, never an activation tensor: on CUDA activations come from
+    /// an arena that is sized before the model and cut to a frame's needs, so a load-time
+    /// activation (SAM ViT's relative-position tables were one) could not fit ViT-L/H at any
+    /// budget. The tiny SAM has global attention with relative positions, like ViT-B/L/H.
+    #[test]
+    fn loading_a_model_makes_no_activation_tensor() {
+        use crate::backend::tests::DefaultLora;
+        let ckpt = tiny_sam_checkpoint();
+        let s = Segmenter::load(DefaultLora::new(1), &ckpt, ckpt.config()).unwrap();
+        assert_eq!(s.backend().2.load(std::sync::atomic::Ordering::Relaxed), 0, "from_host during load");
+        s.encode(&test_image()).unwrap();
+        assert!(s.backend().2.load(std::sync::atomic::Ordering::Relaxed) > 0, "a frame uploads its input: the counter works");
+    }
+
     /// `run_frame` keys: one per segmenter, kept across frames, new after any layer change
     /// (a backend that replays recorded frames must not replay one with old weights).
     #[test]

@@ -283,8 +283,11 @@ impl<B: Backend> RelPosAttention<B> {
 /// One axis of the decomposed relative position embedding, already gathered by offset:
 /// `gathered[i, j, :] = rel_pos_resized[i − j + size − 1, :]` (the reference's `get_rel_pos`).
 struct RelPosTable<B: Backend> {
-    /// `[size, size, head_dim]` as a tensor, because it is an operand of [`Backend::matmul`].
-    gathered: B::Tensor,
+    /// `[size, size, head_dim]`, a parameter like any weight: made at load, it must not come from
+    /// the activation arena (on CUDA the arena is sized before the model and cut to a frame's
+    /// high-water mark, so a load-time activation would pin or overflow it). Each use takes a
+    /// tensor view of it for [`Backend::matmul`].
+    gathered: B::Vector,
     size: usize,
 }
 
@@ -298,7 +301,7 @@ impl<B: Backend> RelPosTable<B> {
             ref other => return Err(Error::Shape(format!("tensor {name}: expected [L, {head_dim}] with L > 0, found {other:?}"))),
         };
         let gathered = gather_rel_pos(size, size, &stored.to_f32(), rows, head_dim);
-        Ok(Self { gathered: b.from_host(&[size, size, head_dim], &gathered)?, size })
+        Ok(Self { gathered: b.vector_from_host(&[size, size, head_dim], &gathered)?, size })
     }
 
     /// `q: [BH, h, w, D]` → `rel_h: [BH, h·w, h]`, `rel_h[n, y·w+x, k] = Σ_c q[n, y, x, c] · R[y, k, c]`
@@ -306,7 +309,7 @@ impl<B: Backend> RelPosTable<B> {
     fn row_bias(&self, b: &B, q: &B::Tensor) -> Result<B::Tensor> {
         let (bh, h, w, d) = nhwc_dims(b, q)?;
         let by_row = b.reshape(b.permute(q, &[1, 0, 2, 3])?, &[h, bh * w, d])?;
-        let product = b.matmul(&by_row, &self.gathered, true)?; // [h, BH·w, h]
+        let product = b.matmul(&by_row, &b.tensor_from_vector(&self.gathered)?, true)?; // [h, BH·w, h]
         let split = b.reshape(product, &[h, bh, w, h])?;
         b.reshape(b.permute(&split, &[1, 0, 2, 3])?, &[bh, h * w, h])
     }
@@ -316,7 +319,7 @@ impl<B: Backend> RelPosTable<B> {
     fn column_bias(&self, b: &B, q: &B::Tensor) -> Result<B::Tensor> {
         let (bh, h, w, d) = nhwc_dims(b, q)?;
         let by_column = b.reshape(b.permute(q, &[2, 0, 1, 3])?, &[w, bh * h, d])?;
-        let product = b.matmul(&by_column, &self.gathered, true)?; // [w, BH·h, w]
+        let product = b.matmul(&by_column, &b.tensor_from_vector(&self.gathered)?, true)?; // [w, BH·h, w]
         let split = b.reshape(product, &[w, bh, h, w])?;
         b.reshape(b.permute(&split, &[1, 2, 0, 3])?, &[bh, h * w, w])
     }
@@ -470,8 +473,8 @@ mod tests {
         let (bh, h, w, d) = (2, 3, 4, 5);
         let q = random_host(bh * h * w * d, 1);
         let (rh, rw) = (random_host(h * h * d, 2), random_host(w * w * d, 3));
-        let row_table = RelPosTable::<CpuBackend> { gathered: b.from_host(&[h, h, d], &rh).unwrap(), size: h };
-        let column_table = RelPosTable::<CpuBackend> { gathered: b.from_host(&[w, w, d], &rw).unwrap(), size: w };
+        let row_table = RelPosTable::<CpuBackend> { gathered: b.vector_from_host(&[h, h, d], &rh).unwrap(), size: h };
+        let column_table = RelPosTable::<CpuBackend> { gathered: b.vector_from_host(&[w, w, d], &rw).unwrap(), size: w };
         let q_grid = b.from_host(&[bh, h, w, d], &q).unwrap();
         let rel_h = row_table.row_bias(&b, &q_grid).unwrap();
         let rel_w = column_table.column_bias(&b, &q_grid).unwrap();
