@@ -373,6 +373,14 @@ pub struct CudaCompileArgs {
     /// Skip the second, real-architecture compile that yields ptxas's register/spill report.
     #[arg(long = "no-report")]
     pub no_report: bool,
+    /// Fail when a kernel has a stack frame or spills (local-memory traffic the design does not
+    /// intend), except the kernels named by --known-local-memory.
+    #[arg(long = "deny-local-memory")]
+    pub deny_local_memory: bool,
+    /// A kernel known to use local memory today (repeatable), reported but not failed. A listed
+    /// kernel that has become clean fails the check too, so the list can only shrink.
+    #[arg(long = "known-local-memory", value_name = "KERNEL")]
+    pub known_local_memory: Vec<String>,
 }
 
 /// What `cuda-check` and `cuda-bench` both run on: models, input and GPU settings.

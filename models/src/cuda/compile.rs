@@ -248,19 +248,40 @@ pub fn compile_all(arch: u32, precision: MmaPrecision, report: bool) -> Result<V
     Ok(reports)
 }
 
-/// Parses ptxas `-v` lines: "Compiling entry function 'X'", "Used N registers", "N bytes stack
-/// frame, N bytes spill stores, N bytes spill loads", "N bytes smem".
+/// Parses ptxas `-v` lines: "Compiling entry function 'X'", "Function properties for X" followed
+/// by "N bytes stack frame, N bytes spill stores, N bytes spill loads", and "Used N registers, ..
+/// N bytes smem". The frame line belongs to the function its "Function properties for" line
+/// names, which is not always the entry being compiled: ptxas reports every non-inlined device
+/// function an entry calls right after it, and attributing those lines to the entry would
+/// overwrite its own frame (a GEMM's 320 B stack read as 0 B).
 pub fn parse_ptxas(log: &str) -> Vec<KernelResources> {
     let mut out: Vec<KernelResources> = Vec::new();
     let number_before = |line: &str, unit: &str| -> Option<u32> {
         let at = line.find(unit)?;
         line[..at].split(|c: char| !c.is_ascii_digit()).rfind(|s| !s.is_empty())?.parse().ok()
     };
+    // The function the next frame line describes: the index of an entry in `out`, or None for a
+    // device function (whose figures are part of its callers' cumulative stack, not reported).
+    let mut props_for: Option<usize> = None;
     for line in log.lines() {
         if let Some(at) = line.find("entry function '") {
             let rest = &line[at + "entry function '".len()..];
             let name = rest.split('\'').next().unwrap_or("").to_string();
             out.push(KernelResources { kernel: name, ..Default::default() });
+            props_for = None;
+            continue;
+        }
+        if let Some(at) = line.find("Function properties for ") {
+            let name = line[at + "Function properties for ".len()..].trim();
+            props_for = out.iter().rposition(|k| k.kernel == name);
+            continue;
+        }
+        if line.contains("stack frame") {
+            if let Some(k) = props_for.take().and_then(|i| out.get_mut(i)) {
+                k.stack_bytes = number_before(line, " bytes stack frame");
+                k.spill_stores = number_before(line, " bytes spill stores");
+                k.spill_loads = number_before(line, " bytes spill loads");
+            }
             continue;
         }
         let Some(cur) = out.last_mut() else { continue };
@@ -269,13 +290,19 @@ pub fn parse_ptxas(log: &str) -> Vec<KernelResources> {
             // ptxas leaves shared memory out of the line when a kernel uses none.
             cur.shared_bytes = if line.contains("smem") { number_before(line, " bytes smem") } else { Some(0) };
         }
-        if line.contains("stack frame") {
-            cur.stack_bytes = number_before(line, " bytes stack frame");
-            cur.spill_stores = number_before(line, " bytes spill stores");
-            cur.spill_loads = number_before(line, " bytes spill loads");
-        }
     }
     out
+}
+
+impl KernelResources {
+    /// Why this kernel would run slower than its design: local-memory traffic from spills, or a
+    /// stack frame (e.g. a parameter struct copied to local memory because its address escaped).
+    /// `None` when clean or when ptxas did not report.
+    pub fn local_memory_problem(&self) -> Option<String> {
+        let (stack, stores, loads) = (self.stack_bytes?, self.spill_stores.unwrap_or(0), self.spill_loads.unwrap_or(0));
+        (stack > 0 || stores > 0 || loads > 0)
+            .then(|| format!("{}: {stack} B stack frame, {stores} B spill stores, {loads} B spill loads", self.kernel))
+    }
 }
 
 #[cfg(test)]
@@ -334,6 +361,30 @@ mod tests {
         assert_eq!((r[0].stack_bytes, r[0].spill_stores, r[0].spill_loads), (Some(16), Some(4), Some(8)));
         let no_smem = parse_ptxas("ptxas info    : Compiling entry function 'k' for 'sm_87'\nptxas info    : Used 36 registers, 400 bytes cmem[0]\n");
         assert_eq!((no_smem[0].registers, no_smem[0].shared_bytes), (Some(36), Some(0)));
+        assert_eq!(no_smem[0].local_memory_problem(), None, "no frame line: nothing reported, nothing claimed");
+    }
+
+    /// ptxas's real order (NVRTC 12.6): an entry's own frame line, then one for every non-inlined
+    /// device function it calls. The callee's 0 B must not overwrite the entry's 320 B.
+    #[test]
+    fn cuda_ptxas_frame_lines_belong_to_the_function_they_name() {
+        let log = "ptxas info    : 0 bytes gmem\n\
+                   ptxas info    : Compiling entry function 'gemm_tc_nf4w' for 'sm_90'\n\
+                   ptxas info    : Function properties for gemm_tc_nf4w\n\
+                   ptxas         .     320 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+                   ptxas info    : Used 168 registers, used 1 barriers, 320 bytes cumulative stack size, 19456 bytes smem\n\
+                   ptxas info    : Function properties for _Z8epilogueRK10GemmParamsxxxf\n\
+                   ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+                   ptxas info    : Compiling entry function 'scale_act' for 'sm_90'\n\
+                   ptxas info    : Function properties for scale_act\n\
+                   ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+                   ptxas info    : Used 30 registers, 380 bytes cmem[0]\n";
+        let r = parse_ptxas(log);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].kernel.as_str(), r[0].stack_bytes, r[0].registers), ("gemm_tc_nf4w", Some(320), Some(168)));
+        assert!(r[0].local_memory_problem().unwrap().contains("320 B stack frame"));
+        assert_eq!((r[1].kernel.as_str(), r[1].stack_bytes), ("scale_act", Some(0)));
+        assert_eq!(r[1].local_memory_problem(), None);
     }
 
     /// Compiles every kernel for both deployment targets when NVRTC is loadable (CI's

@@ -73,6 +73,8 @@ pub fn compile(args: &CudaCompileArgs) -> Result<()> {
         None => println!("PTX cache: none (set MINISAM_PTX_CACHE or XDG_CACHE_HOME)"),
     }
     let mut any_report = false;
+    let mut unexpected: Vec<String> = Vec::new();
+    let mut known_seen: Vec<&str> = Vec::new();
     for arch in &args.arch {
         let arch = compile::parse_arch(arch)?;
         let reports = compile::compile_all(arch, precision, !args.no_report).with_context(|| format!("compiling for sm_{arch}"))?;
@@ -90,6 +92,12 @@ pub fn compile(args: &CudaCompileArgs) -> Result<()> {
                     f(k.spill_stores),
                     f(k.spill_loads)
                 );
+                if let Some(problem) = k.local_memory_problem() {
+                    match args.known_local_memory.iter().find(|n| **n == k.kernel) {
+                        Some(known) => known_seen.push(known),
+                        None => unexpected.push(format!("sm_{arch} {problem}")),
+                    }
+                }
             }
             for line in r.log.lines().filter(|l| l.contains("warning")) {
                 println!("    {line}");
@@ -98,6 +106,26 @@ pub fn compile(args: &CudaCompileArgs) -> Result<()> {
     }
     if !any_report && !args.no_report {
         println!("(NVRTC printed no ptxas resource report for the real-architecture compile; no ptxas binary is used, so register/spill figures are unavailable here)");
+    }
+    if args.deny_local_memory {
+        if !any_report {
+            bail!("--deny-local-memory needs ptxas's report, and none was produced");
+        }
+        let now_clean: Vec<&String> = args.known_local_memory.iter().filter(|n| !known_seen.contains(&n.as_str())).collect();
+        if !unexpected.is_empty() || !now_clean.is_empty() {
+            let mut msg = String::new();
+            for u in &unexpected {
+                msg.push_str(&format!("\n  local memory in a kernel that must have none: {u}"));
+            }
+            for c in &now_clean {
+                msg.push_str(&format!("\n  {c} is listed as using local memory but is clean (or gone) now: remove it from --known-local-memory"));
+            }
+            bail!("kernel resource check failed:{msg}");
+        }
+        let mut known: Vec<&str> = known_seen.clone();
+        known.sort_unstable();
+        known.dedup();
+        println!("local memory: none outside the known kernels ({})", if known.is_empty() { "none".to_string() } else { known.join(", ") });
     }
     Ok(())
 }
