@@ -103,6 +103,23 @@ pub fn nvrtc_available() -> bool {
     std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
 }
 
+/// The loaded NVRTC's version as `"MAJOR.MINOR"`, `None` when it cannot be loaded. Part of the
+/// PTX cache key: another NVRTC may emit another PTX ISA version for the same source (one a
+/// given driver cannot load), so PTX cached by one must never be served for another.
+pub fn nvrtc_version() -> Option<String> {
+    if !nvrtc_available() {
+        return None;
+    }
+    std::panic::catch_unwind(|| {
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: two plain out-parameters; the library is loaded (checked above).
+        let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+        (r == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS).then(|| format!("{major}.{minor}"))
+    })
+    .ok()
+    .flatten()
+}
+
 /// CUDA headers for NVRTC, if the environment names them (`MINISAM_CUDA_INCLUDE`, else
 /// `$CUDA_HOME/include`). The kernels include nothing today; the path is passed so that they may.
 fn include_dir() -> Option<PathBuf> {
@@ -165,11 +182,14 @@ pub fn cache_dir() -> Option<PathBuf> {
     Some(base.join("minisam").join("ptx"))
 }
 
-/// The cache file of one compile: keyed by the source text, the architecture and the options,
-/// so an edited kernel or a changed flag can never load stale PTX.
-fn cache_file(dir: &Path, src: &KernelSource, opts: &[String]) -> PathBuf {
+/// The cache file of one compile: keyed by the source text, the architecture, the options and
+/// the NVRTC version, so an edited kernel, a changed flag or another compiler can never load
+/// stale PTX.
+fn cache_file(dir: &Path, src: &KernelSource, opts: &[String], nvrtc: &str) -> PathBuf {
     let mut h = Sha256::new();
     h.update(src.source.as_bytes());
+    h.update([0u8]);
+    h.update(nvrtc.as_bytes());
     // The include path names a directory of this machine, not an input: a cache filled by CI
     // must hit on the device (the kernels include no headers).
     for o in opts.iter().filter(|o| !o.starts_with("--include-path=")) {
@@ -186,9 +206,11 @@ fn cache_file(dir: &Path, src: &KernelSource, opts: &[String]) -> PathBuf {
 /// the compile next time. Returns the PTX and whether it came from the cache.
 pub fn ptx_for(src: &KernelSource, arch: u32, precision: MmaPrecision) -> Result<(String, bool)> {
     let opts = options(arch, precision, false, include_dir().as_deref());
+    // Without NVRTC nothing can be compiled, but PTX cached by a known version may still serve.
+    let nvrtc = nvrtc_version().unwrap_or_else(|| "absent".into());
     let dir = cache_dir();
     if let Some(dir) = &dir {
-        if let Ok(ptx) = std::fs::read_to_string(cache_file(dir, src, &opts)) {
+        if let Ok(ptx) = std::fs::read_to_string(cache_file(dir, src, &opts, &nvrtc)) {
             if ptx.contains(".entry") {
                 return Ok((ptx, true));
             }
@@ -196,7 +218,7 @@ pub fn ptx_for(src: &KernelSource, arch: u32, precision: MmaPrecision) -> Result
     }
     let compiled = nvrtc_compile(src, &opts)?;
     if let Some(dir) = &dir {
-        let path = cache_file(dir, src, &opts);
+        let path = cache_file(dir, src, &opts, &nvrtc);
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let written = std::fs::create_dir_all(dir)
             .and_then(|()| std::fs::write(&tmp, &compiled.ptx))
@@ -340,12 +362,13 @@ mod tests {
         let o87 = options(87, MmaPrecision::Bf16, false, None);
         let o90 = options(90, MmaPrecision::Bf16, false, None);
         let f16 = options(87, MmaPrecision::F16, false, None);
-        let base = cache_file(dir, &a, &o87);
-        assert_ne!(base, cache_file(dir, &b, &o87));
-        assert_ne!(base, cache_file(dir, &a, &o90));
-        assert_ne!(base, cache_file(dir, &a, &f16));
-        assert_eq!(base, cache_file(dir, &a, &o87));
-        assert_eq!(base, cache_file(dir, &a, &options(87, MmaPrecision::Bf16, false, Some(Path::new("/opt/cuda/include")))));
+        let base = cache_file(dir, &a, &o87, "12.6");
+        assert_ne!(base, cache_file(dir, &b, &o87, "12.6"));
+        assert_ne!(base, cache_file(dir, &a, &o90, "12.6"));
+        assert_ne!(base, cache_file(dir, &a, &f16, "12.6"));
+        assert_ne!(base, cache_file(dir, &a, &o87, "12.8"), "another NVRTC: another cache entry");
+        assert_eq!(base, cache_file(dir, &a, &o87, "12.6"));
+        assert_eq!(base, cache_file(dir, &a, &options(87, MmaPrecision::Bf16, false, Some(Path::new("/opt/cuda/include"))), "12.6"));
     }
 
     #[test]

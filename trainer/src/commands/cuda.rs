@@ -68,6 +68,7 @@ pub fn compile(args: &CudaCompileArgs) -> Result<()> {
     if !compile::nvrtc_available() {
         bail!("NVRTC (libnvrtc.so.12) cannot be loaded: pip install nvidia-cuda-nvrtc-cu12 and put its lib/ on LD_LIBRARY_PATH (see .ci/cuda-ptx.sh)");
     }
+    println!("NVRTC {}", compile::nvrtc_version().unwrap_or_else(|| "version unknown".into()));
     match compile::cache_dir() {
         Some(d) => println!("PTX cache: {}", d.display()),
         None => println!("PTX cache: none (set MINISAM_PTX_CACHE or XDG_CACHE_HOME)"),
