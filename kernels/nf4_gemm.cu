@@ -242,7 +242,9 @@ __device__ __noinline__ void epilogue(const GemmParams& p, i64 z, i64 m, i64 n, 
 __device__ __forceinline__ unsigned pack2(float lo, float hi) {
     unsigned r;
 #ifdef MINISAM_MMA_F16
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    // .satfinite: an activation above 65504 becomes ±65504, not ±inf (which would turn the
+    // whole accumulator, and every later layer, into inf/NaN). bf16 has f32's range.
+    asm("cvt.rn.satfinite.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
 #else
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
 #endif
