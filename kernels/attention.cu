@@ -127,7 +127,9 @@ __device__ void attention_body(const AttnParams& p) {
         __syncthreads();
     }
     if (live) {
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        // A row whose scores were all -inf has l == 0: its output is NaN, as on the CPU reference
+        // (kernels/src/attention.rs) and in PyTorch, so both backends give the same answer.
+        const float inv = l > 0.0f ? 1.0f / l : __int_as_float(0x7fc00000);
 #pragma unroll
         for (int c = 0; c < DP; ++c)
             if (c < d) p.out[(bh * p.nq + i) * d + c] = acc[c] * inv;

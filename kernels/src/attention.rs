@@ -393,6 +393,23 @@ mod tests {
         }
     }
 
+    /// The contract the CUDA kernel (kernels/attention.cu) mirrors: a query row whose scores are
+    /// all -inf gives NaN (as PyTorch), the other rows are unaffected.
+    #[test]
+    fn a_row_of_minus_infinity_scores_gives_nan_and_leaves_the_others() {
+        let mut rng = rng();
+        let (nq, nk, d) = (3, 70, 16);
+        let q = random(&mut rng, nq * d, 1.0);
+        let k = random(&mut rng, nk * d, 1.0);
+        let v = random(&mut rng, nk * d, 1.0);
+        let mut table = vec![0.0f32; nq * nk];
+        table[nk..2 * nk].fill(f32::NEG_INFINITY);
+        let mut out = vec![0.0f32; nq * d];
+        attention(&q, &k, &v, 1, nq, nk, d, 0.5, Bias::Table { table: &table, heads: 1 }, &mut out);
+        assert!(out[d..2 * d].iter().all(|x| x.is_nan()), "the masked row");
+        assert!(out[..d].iter().chain(&out[2 * d..]).all(|x| x.is_finite()), "the other rows");
+    }
+
     #[test]
     fn empty_inputs_are_a_no_op() {
         let mut out: Vec<f32> = vec![];
