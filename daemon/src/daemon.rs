@@ -202,7 +202,17 @@ pub fn run(args: Args) -> Result<()> {
         SelectedBackend::Cpu(b) => start_worker(b, &file, &registry, &args, state)?,
         SelectedBackend::Cuda(b) => {
             tracing::info!("CUDA backend: {}", b.describe());
-            start_worker(*b, &file, &registry, &args, state)?
+            match start_worker(*b, &file, &registry, &args, state.clone()) {
+                Ok(started) => started,
+                // `auto` promises a working daemon: a model or frame that does not fit the VRAM
+                // budget (or any other CUDA fault at start) means the CPU, said once.
+                Err(e) if args.backend == BackendChoice::Auto => {
+                    tracing::warn!("the CUDA backend cannot serve this model ({e:#}); --backend auto falls back to the CPU");
+                    let cpu = CpuBackend::new(threads).context("bringing up the CPU backend after the CUDA one failed")?;
+                    start_worker(cpu, &file, &registry, &args, state)?
+                }
+                Err(e) => return Err(e),
+            }
         }
     };
     let deadline = match args.deadline_ms {
