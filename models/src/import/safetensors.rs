@@ -5,12 +5,14 @@
 //! the `safetensors` crate, the format's reference implementation; we only convert the
 //! floating dtypes F32 / F16 / BF16 to f32.
 
+#[cfg(feature = "checkpoint-import")]
 use ::safetensors::{Dtype, SafeTensors};
 
 use crate::{Error, Result};
 
 use super::fold::TensorMap;
 
+#[cfg(feature = "checkpoint-import")]
 fn bad(msg: impl Into<String>) -> Error {
     Error::Import(format!("safetensors: {}", msg.into()))
 }
@@ -20,7 +22,19 @@ pub fn looks_like(bytes: &[u8]) -> bool {
     bytes.len() >= 9 && bytes[8] == b'{'
 }
 
+/// Without the `checkpoint-import` feature no safetensors file is read or written.
+#[cfg(not(feature = "checkpoint-import"))]
+pub fn read(_bytes: &[u8]) -> Result<TensorMap> {
+    Err(Error::Import("this build reads packed models only (minisam-models without its `checkpoint-import` feature); pack the checkpoint with `minisam pack CKPT -o FILE.msam`".into()))
+}
+
+#[cfg(not(feature = "checkpoint-import"))]
+pub fn write(_path: &std::path::Path, _tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
+    Err(Error::Import("this build reads packed models only (minisam-models without its `checkpoint-import` feature); pack the checkpoint with `minisam pack CKPT -o FILE.msam`".into()))
+}
+
 /// Every floating tensor in the file, converted to f32.
+#[cfg(feature = "checkpoint-import")]
 pub fn read(bytes: &[u8]) -> Result<TensorMap> {
     let file = SafeTensors::deserialize(bytes)
         .map_err(|e| bad(format!("{e} (truncated or not a safetensors file: re-download or re-export it)")))?;
@@ -40,6 +54,7 @@ pub fn read(bytes: &[u8]) -> Result<TensorMap> {
 
 /// Writes f32 tensors as a safetensors file (through the crate's serializer, so what we write
 /// is what every other reader expects).
+#[cfg(feature = "checkpoint-import")]
 pub fn write(path: &std::path::Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
     let mut bytes = Vec::with_capacity(tensors.len());
     for (name, shape, values) in tensors {
@@ -59,7 +74,7 @@ pub fn write(path: &std::path::Path, tensors: &[(String, Vec<usize>, Vec<f32>)])
     std::fs::write(path, out).map_err(|source| Error::Io { path: path.display().to_string(), source })
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "checkpoint-import"))]
 mod tests {
     use super::*;
 

@@ -12,8 +12,10 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+#[cfg(feature = "checkpoint-import")]
 use std::io::{Cursor, Read};
 
+#[cfg(feature = "checkpoint-import")]
 use ::zip::{CompressionMethod, ZipArchive};
 
 use crate::{Error, Result};
@@ -24,6 +26,7 @@ const LOCAL_SIG: u32 = 0x0403_4b50;
 /// Entry data is aligned like torch's writer does, so a reader may map it in place.
 const DATA_ALIGN: usize = 64;
 
+#[cfg(feature = "checkpoint-import")]
 fn bad(msg: impl Into<String>) -> Error {
     Error::Import(format!("zip: {}", msg.into()))
 }
@@ -31,6 +34,7 @@ fn bad(msg: impl Into<String>) -> Error {
 /// Name → contents of every file entry: a slice of `bytes` for stored entries, an owned buffer
 /// for deflated ones. Any structural damage (truncation, offsets or sizes past the end, a bad
 /// CRC in a deflated entry, encryption, an unsupported compression method) is an error.
+#[cfg(feature = "checkpoint-import")]
 pub fn entries(bytes: &[u8]) -> Result<BTreeMap<String, Cow<'_, [u8]>>> {
     let mut archive = ZipArchive::new(Cursor::new(bytes))
         .map_err(|e| bad(format!("{e} (not a zip, or truncated: re-download or re-save the checkpoint)")))?;
@@ -72,6 +76,12 @@ pub fn entries(bytes: &[u8]) -> Result<BTreeMap<String, Cow<'_, [u8]>>> {
         out.insert(name, data);
     }
     Ok(out)
+}
+
+/// Without the `checkpoint-import` feature no archive is parsed.
+#[cfg(not(feature = "checkpoint-import"))]
+pub fn entries(_bytes: &[u8]) -> Result<BTreeMap<String, Cow<'_, [u8]>>> {
+    Err(Error::Import("this build reads packed models only (minisam-models without its `checkpoint-import` feature); pack the checkpoint with `minisam pack CKPT -o FILE.msam`".into()))
 }
 
 /// Builds a stored zip in memory, data of each entry 64-byte aligned (as torch's writer does).
@@ -149,7 +159,7 @@ impl ZipWriter {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "checkpoint-import"))]
 mod tests {
     use super::*;
 
