@@ -35,28 +35,75 @@ pub struct Window {
 
 /// Named CT windows (Hounsfield units), for `--window NAME`.
 pub const PRESETS: &[(&str, Window)] = &[
-    ("abdomen", Window { centre: 40.0, width: 400.0 }),
-    ("lung", Window { centre: -600.0, width: 1500.0 }),
-    ("brain", Window { centre: 40.0, width: 80.0 }),
-    ("bone", Window { centre: 400.0, width: 1800.0 }),
-    ("mediastinum", Window { centre: 50.0, width: 350.0 }),
-    ("liver", Window { centre: 60.0, width: 160.0 }),
+    (
+        "abdomen",
+        Window {
+            centre: 40.0,
+            width: 400.0,
+        },
+    ),
+    (
+        "lung",
+        Window {
+            centre: -600.0,
+            width: 1500.0,
+        },
+    ),
+    (
+        "brain",
+        Window {
+            centre: 40.0,
+            width: 80.0,
+        },
+    ),
+    (
+        "bone",
+        Window {
+            centre: 400.0,
+            width: 1800.0,
+        },
+    ),
+    (
+        "mediastinum",
+        Window {
+            centre: 50.0,
+            width: 350.0,
+        },
+    ),
+    (
+        "liver",
+        Window {
+            centre: 60.0,
+            width: 160.0,
+        },
+    ),
 ];
 
 impl std::str::FromStr for Window {
     type Err = String;
     /// `C,W` (numbers, width > 0) or a preset name.
     fn from_str(s: &str) -> std::result::Result<Window, String> {
-        if let Some((_, w)) = PRESETS.iter().find(|(n, _)| n.eq_ignore_ascii_case(s.trim())) {
+        if let Some((_, w)) = PRESETS
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(s.trim()))
+        {
             return Ok(*w);
         }
         let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
-        let help = || format!("expected CENTRE,WIDTH (e.g. 40,400) or one of {}", names.join(", "));
+        let help = || {
+            format!(
+                "expected CENTRE,WIDTH (e.g. 40,400) or one of {}",
+                names.join(", ")
+            )
+        };
         let (c, w) = s.split_once(',').ok_or_else(help)?;
         let centre: f64 = c.trim().parse().map_err(|_| help())?;
         let width: f64 = w.trim().parse().map_err(|_| help())?;
         if !centre.is_finite() || !width.is_finite() || width < 1.0 {
-            return Err(format!("window width must be at least 1 and both numbers finite; {}", help()));
+            return Err(format!(
+                "window width must be at least 1 and both numbers finite; {}",
+                help()
+            ));
         }
         Ok(Window { centre, width })
     }
@@ -107,9 +154,19 @@ impl File {
             .map_err(|e| {
                 anyhow!("not a readable DICOM file ({e}); check that it is complete, or convert the file to explicit VR little endian (e.g. `gdcmconv --raw`)")
             })?;
-        let uid = obj.meta().transfer_syntax().trim_end_matches('\0').to_string();
-        let name = TransferSyntaxRegistry.get(&uid).map(|t| t.name().to_string()).unwrap_or_else(|| "unknown".into());
-        Ok(File { obj, ts: format!("transfer syntax {name} ({uid})") })
+        let uid = obj
+            .meta()
+            .transfer_syntax()
+            .trim_end_matches('\0')
+            .to_string();
+        let name = TransferSyntaxRegistry
+            .get(&uid)
+            .map(|t| t.name().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        Ok(File {
+            obj,
+            ts: format!("transfer syntax {name} ({uid})"),
+        })
     }
 
     fn fail(&self, why: impl std::fmt::Display) -> anyhow::Error {
@@ -117,15 +174,23 @@ impl File {
     }
 
     fn text(&self, tag: dicom_object::Tag) -> Option<String> {
-        self.obj.get(tag).and_then(|e| e.to_str().ok()).map(|s| s.trim_matches(|c: char| c == '\0' || c.is_whitespace()).to_string())
+        self.obj.get(tag).and_then(|e| e.to_str().ok()).map(|s| {
+            s.trim_matches(|c: char| c == '\0' || c.is_whitespace())
+                .to_string()
+        })
     }
 
     fn float(&self, tag: dicom_object::Tag) -> Option<f64> {
-        self.obj.get(tag).and_then(|e| e.to_multi_float64().ok()).and_then(|v| v.first().copied())
+        self.obj
+            .get(tag)
+            .and_then(|e| e.to_multi_float64().ok())
+            .and_then(|v| v.first().copied())
     }
 
     fn samples(&self, frame: u32) -> Result<Samples> {
-        let photometric = self.text(tags::PHOTOMETRIC_INTERPRETATION).unwrap_or_default();
+        let photometric = self
+            .text(tags::PHOTOMETRIC_INTERPRETATION)
+            .unwrap_or_default();
         if self.obj.get(tags::MODALITY_LUT_SEQUENCE).is_some() {
             bail!(self.fail("a Modality LUT Sequence (non-linear) is not supported; export the image with Rescale Slope/Intercept instead"));
         }
@@ -139,29 +204,42 @@ impl File {
         }
         // dicom-rs 0.10's RLE decoder indexes past a truncated segment and panics; a corrupt
         // file must be an error here, not a crash of `eval` halfway through a data set.
-        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.obj.decode_pixel_data()))
-            .map_err(|_| self.fail("the decoder failed on corrupt or truncated pixel data; re-export the file"))?
-            .map_err(|e| self.fail(format!("cannot decode the pixel data: {e}")))?;
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.obj.decode_pixel_data()
+        }))
+        .map_err(|_| {
+            self.fail("the decoder failed on corrupt or truncated pixel data; re-export the file")
+        })?
+        .map_err(|e| self.fail(format!("cannot decode the pixel data: {e}")))?;
         let (w, h) = (decoded.columns() as usize, decoded.rows() as usize);
         if w == 0 || h == 0 || w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE {
-            bail!(self.fail(format!("image size {w}x{h} is outside the supported 1..={MAX_IMAGE_SIDE} pixels per side")));
+            bail!(self.fail(format!(
+                "image size {w}x{h} is outside the supported 1..={MAX_IMAGE_SIDE} pixels per side"
+            )));
         }
         let frames = decoded.number_of_frames();
         if frame >= frames {
-            bail!(self.fail(format!("frame {frame} asked for, the file has {frames} (0..={})", frames.saturating_sub(1))));
+            bail!(self.fail(format!(
+                "frame {frame} asked for, the file has {frames} (0..={})",
+                frames.saturating_sub(1)
+            )));
         }
         let spp = decoded.samples_per_pixel() as usize;
         let alloc = decoded.bits_allocated();
         let stored = decoded.bits_stored();
         if !matches!(alloc, 8 | 16 | 32) || stored == 0 || stored > alloc {
-            bail!(self.fail(format!("{alloc}-bit samples ({stored} stored) are not supported (8, 16 or 32)")));
+            bail!(self.fail(format!(
+                "{alloc}-bit samples ({stored} stored) are not supported (8, 16 or 32)"
+            )));
         }
         let signed = decoded.pixel_representation() == dicom_pixeldata::PixelRepresentation::Signed;
         // The decoder reports RGB for every 3-sample encapsulated image, but only the JPEG and
         // JPEG 2000 codecs really convert colour; RLE and native data stay as the file says.
         let ts_uid = uid.to_string();
         let codec_made_rgb = ts_uid.starts_with("1.2.840.10008.1.2.4.");
-        let native_422 = photometric == "YBR_FULL_422" && !ts_uid.starts_with("1.2.840.10008.1.2.4.") && ts_uid != RLE;
+        let native_422 = photometric == "YBR_FULL_422"
+            && !ts_uid.starts_with("1.2.840.10008.1.2.4.")
+            && ts_uid != RLE;
         let bytes_per = usize::from(alloc / 8);
         let n = w * h;
         // Samples per frame in the decoded buffer: YBR_FULL_422 stores 2 chroma per 2 pixels.
@@ -169,14 +247,24 @@ impl File {
         let frame_bytes = frame_samples * bytes_per;
         let data = decoded.data();
         let start = frame as usize * frame_bytes;
-        let raw = data
-            .get(start..start + frame_bytes)
-            .ok_or_else(|| self.fail(format!("pixel data holds {} bytes, frame {frame} needs bytes {start}..{}", data.len(), start + frame_bytes)))?;
+        let raw = data.get(start..start + frame_bytes).ok_or_else(|| {
+            self.fail(format!(
+                "pixel data holds {} bytes, frame {frame} needs bytes {start}..{}",
+                data.len(),
+                start + frame_bytes
+            ))
+        })?;
         // Decoded buffers are in native byte order (dicom-pixeldata's contract).
         let mut values: Vec<i64> = match bytes_per {
             1 => raw.iter().map(|&b| i64::from(b)).collect(),
-            2 => raw.chunks_exact(2).map(|c| i64::from(u16::from_ne_bytes([c[0], c[1]]))).collect(),
-            _ => raw.chunks_exact(4).map(|c| i64::from(u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))).collect(),
+            2 => raw
+                .chunks_exact(2)
+                .map(|c| i64::from(u16::from_ne_bytes([c[0], c[1]])))
+                .collect(),
+            _ => raw
+                .chunks_exact(4)
+                .map(|c| i64::from(u32::from_ne_bytes([c[0], c[1], c[2], c[3]])))
+                .collect(),
         };
         // Keep Bits Stored, sign-extended for signed data (high bits may hold overlays).
         let mask = (1i64 << stored) - 1;
@@ -189,7 +277,9 @@ impl File {
         // Planar configuration 1 (`PixelFirst` in dicom-rs: RRR…GGG…BBB…) to interleaved;
         // codecs already hand out interleaved samples and say so.
         if spp == 3 && decoded.planar_configuration() == PlanarConfiguration::PixelFirst {
-            values = (0..n).flat_map(|i| [values[i], values[n + i], values[2 * n + i]]).collect();
+            values = (0..n)
+                .flat_map(|i| [values[i], values[n + i], values[2 * n + i]])
+                .collect();
         }
         let mut bits = stored;
         let channels = match (photometric.as_str(), spp) {
@@ -213,32 +303,76 @@ impl File {
             }
             (p, s) => bail!(self.fail(format!("photometric interpretation {p:?} with {s} samples per pixel is not supported; convert the image to RGB or MONOCHROME2"))),
         };
-        Ok(Samples { width: w, height: h, channels, values, bits, photometric, frames })
+        Ok(Samples {
+            width: w,
+            height: h,
+            channels,
+            values,
+            bits,
+            photometric,
+            frames,
+        })
     }
 
     /// PALETTE COLOR: each stored index looked up in the red, green and blue tables.
     fn palette(&self, index: &[i64]) -> Result<(Vec<i64>, u16)> {
         let mut tables = Vec::new();
         for (desc, data) in [
-            (tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR, tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA),
-            (tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR, tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA),
-            (tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR, tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA),
+            (
+                tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+                tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            ),
+            (
+                tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+                tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            ),
+            (
+                tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+                tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            ),
         ] {
-            let missing = || self.fail("PALETTE COLOR image without its lookup tables (segmented palettes are not supported)");
-            let d: Vec<i64> = self.obj.get(desc).and_then(|e| e.to_multi_int::<i64>().ok()).ok_or_else(missing)?;
-            let [entries, first, bits] = d[..] else { bail!(missing()) };
+            let missing = || {
+                self.fail("PALETTE COLOR image without its lookup tables (segmented palettes are not supported)")
+            };
+            let d: Vec<i64> = self
+                .obj
+                .get(desc)
+                .and_then(|e| e.to_multi_int::<i64>().ok())
+                .ok_or_else(missing)?;
+            let [entries, first, bits] = d[..] else {
+                bail!(missing())
+            };
             // A descriptor's count of 0 means 65536 entries; the first-mapped value may have
             // been read as signed.
-            let entries = if entries == 0 { 65536 } else { entries as usize };
+            let entries = if entries == 0 {
+                65536
+            } else {
+                entries as usize
+            };
             let first = first & 0xffff;
             let e = self.obj.get(data).ok_or_else(missing)?;
             let table: Vec<i64> = match bits {
-                8 => e.to_bytes().map_err(|_| missing())?.iter().map(|&b| i64::from(b)).collect(),
-                16 => e.to_multi_int::<u16>().map_err(|_| missing())?.into_iter().map(i64::from).collect(),
-                b => bail!(self.fail(format!("palette entries of {b} bits are not supported (8 or 16)"))),
+                8 => e
+                    .to_bytes()
+                    .map_err(|_| missing())?
+                    .iter()
+                    .map(|&b| i64::from(b))
+                    .collect(),
+                16 => e
+                    .to_multi_int::<u16>()
+                    .map_err(|_| missing())?
+                    .into_iter()
+                    .map(i64::from)
+                    .collect(),
+                b => bail!(self.fail(format!(
+                    "palette entries of {b} bits are not supported (8 or 16)"
+                ))),
             };
             if table.len() < entries {
-                bail!(self.fail(format!("palette has {} entries, its descriptor says {entries}", table.len())));
+                bail!(self.fail(format!(
+                    "palette has {} entries, its descriptor says {entries}",
+                    table.len()
+                )));
             }
             tables.push((table, entries, first, bits as u16));
         }
@@ -296,21 +430,37 @@ pub fn read(bytes: &[u8], opts: &DicomOptions) -> Result<RgbImage> {
     let s = f.samples(opts.frame)?;
     let (w, h) = (s.width, s.height);
     if s.channels == 3 {
+        if opts.window.is_some() {
+            bail!(f.fail(format!(
+                "--window applies to grey images; this one is {} (colour), leave --window out",
+                s.photometric
+            )));
+        }
         let shift = s.bits.saturating_sub(8);
-        let data = s.values.iter().map(|&v| (v >> shift).clamp(0, 255) as u8).collect();
+        let data = s
+            .values
+            .iter()
+            .map(|&v| (v >> shift).clamp(0, 255) as u8)
+            .collect();
         return RgbImage::new(w, h, data).map_err(|e| anyhow!("{e}"));
     }
     let slope = f.float(tags::RESCALE_SLOPE).unwrap_or(1.0);
     let intercept = f.float(tags::RESCALE_INTERCEPT).unwrap_or(0.0);
     if !slope.is_finite() || !intercept.is_finite() || slope == 0.0 {
-        bail!(f.fail(format!("rescale slope {slope} / intercept {intercept} are not usable")));
+        bail!(f.fail(format!(
+            "rescale slope {slope} / intercept {intercept} are not usable"
+        )));
     }
     let modality = f.text(tags::MODALITY).unwrap_or_default();
     let file_window = match (f.float(tags::WINDOW_CENTER), f.float(tags::WINDOW_WIDTH)) {
-        (Some(centre), Some(width)) if matches!(modality.as_str(), "CT" | "MR") && width >= 1.0 => Some(Window { centre, width }),
+        (Some(centre), Some(width)) if matches!(modality.as_str(), "CT" | "MR") && width >= 1.0 => {
+            Some(Window { centre, width })
+        }
         _ => None,
     };
-    let sigmoid = f.text(tags::VOILUT_FUNCTION).is_some_and(|s| s == "SIGMOID");
+    let sigmoid = f
+        .text(tags::VOILUT_FUNCTION)
+        .is_some_and(|s| s == "SIGMOID");
     let identity = slope == 1.0 && intercept == 0.0;
     let grey: Vec<u8> = match opts.window.or(file_window) {
         Some(win) => s
@@ -321,10 +471,21 @@ pub fn read(bytes: &[u8], opts: &DicomOptions) -> Result<RgbImage> {
                 window_to_u8(x, win, sigmoid && opts.window.is_none())
             })
             .collect(),
-        None if s.bits <= 8 && identity && s.values.iter().all(|&v| (0..=255).contains(&v)) => s.values.iter().map(|&v| v as u8).collect(),
-        None => crate::image_io::min_max_f64_to_u8(&s.values.iter().map(|&v| v as f64 * slope + intercept).collect::<Vec<_>>()),
+        None if s.bits <= 8 && identity && s.values.iter().all(|&v| (0..=255).contains(&v)) => {
+            s.values.iter().map(|&v| v as u8).collect()
+        }
+        None => crate::image_io::min_max_f64_to_u8(
+            &s.values
+                .iter()
+                .map(|&v| v as f64 * slope + intercept)
+                .collect::<Vec<_>>(),
+        ),
     };
-    let grey = if s.photometric == "MONOCHROME1" { grey.into_iter().map(|g| 255 - g).collect() } else { grey };
+    let grey = if s.photometric == "MONOCHROME1" {
+        grey.into_iter().map(|g| 255 - g).collect()
+    } else {
+        grey
+    };
     RgbImage::from_grey(w, h, &grey).map_err(|e| anyhow!("{e}"))
 }
 
@@ -381,10 +542,24 @@ pub(crate) mod tests {
         };
         // File meta: group length, SOP class/instance and transfer syntax.
         let mut meta = Vec::new();
-        el(&mut meta, true, 0x0002, 0x0002, b"UI", b"1.2.840.10008.5.1.4.1.1.7\0");
+        el(
+            &mut meta,
+            true,
+            0x0002,
+            0x0002,
+            b"UI",
+            b"1.2.840.10008.5.1.4.1.1.7\0",
+        );
         el(&mut meta, true, 0x0002, 0x0003, b"UI", b"1.2.3.4\0");
         el(&mut meta, true, 0x0002, 0x0010, b"UI", ts.as_bytes());
-        el(&mut out, true, 0x0002, 0x0000, b"UL", &(meta.len() as u32).to_le_bytes());
+        el(
+            &mut out,
+            true,
+            0x0002,
+            0x0000,
+            b"UL",
+            &(meta.len() as u32).to_le_bytes(),
+        );
         out.extend(meta);
         el(&mut out, explicit, 0x0008, 0x0060, b"CS", b"CT");
         // (0008,1140) SQ of undefined length with one undefined-length item.
@@ -418,8 +593,22 @@ pub(crate) mod tests {
             b"US",
             &16u16.to_le_bytes(),
         );
-        el(&mut out, explicit, 0x0028, 0x0101, b"US", &16u16.to_le_bytes());
-        el(&mut out, explicit, 0x0028, 0x0102, b"US", &15u16.to_le_bytes());
+        el(
+            &mut out,
+            explicit,
+            0x0028,
+            0x0101,
+            b"US",
+            &16u16.to_le_bytes(),
+        );
+        el(
+            &mut out,
+            explicit,
+            0x0028,
+            0x0102,
+            b"US",
+            &15u16.to_le_bytes(),
+        );
         el(
             &mut out,
             explicit,
@@ -436,7 +625,11 @@ pub(crate) mod tests {
     #[test]
     fn reads_explicit_and_implicit_16_bit_with_min_max_scaling() {
         for explicit in [true, false] {
-            let img = read(&file(explicit, 3, 1, &[100, 150, 200], false), &DicomOptions::default()).unwrap();
+            let img = read(
+                &file(explicit, 3, 1, &[100, 150, 200], false),
+                &DicomOptions::default(),
+            )
+            .unwrap();
             assert_eq!((img.width, img.height), (3, 1));
             assert_eq!(
                 img.data,
@@ -447,7 +640,9 @@ pub(crate) mod tests {
         // Signed: -100, 0, 100 -> 0, 127.5 -> 128, 255.
         let s = [(-100i16) as u16, 0, 100];
         assert_eq!(
-            read(&file(true, 3, 1, &s, true), &DicomOptions::default()).unwrap().data[..4],
+            read(&file(true, 3, 1, &s, true), &DicomOptions::default())
+                .unwrap()
+                .data[..4],
             [0, 0, 0, 128]
         );
     }
@@ -465,17 +660,39 @@ pub(crate) mod tests {
             .unwrap();
         jpeg[at + 18] = b'4'; // 1.2.840.10008.1.2.4: a prefix, no transfer syntax of its own
         let err = format!("{:#}", read(&jpeg, &o).unwrap_err());
-        assert!(err.contains("1.2.840.10008.1.2.4") && err.contains("convert the file"), "{err}");
+        assert!(
+            err.contains("1.2.840.10008.1.2.4") && err.contains("convert the file"),
+            "{err}"
+        );
         let big = file(true, 3, 2, &[1, 2, 3], false);
-        assert!(read(&big, &o).is_err(), "pixel data shorter than rows x cols");
-        let err = format!("{:#}", read(&f, &DicomOptions { frame: 1, window: None }).unwrap_err());
+        assert!(
+            read(&big, &o).is_err(),
+            "pixel data shorter than rows x cols"
+        );
+        let err = format!(
+            "{:#}",
+            read(
+                &f,
+                &DicomOptions {
+                    frame: 1,
+                    window: None
+                }
+            )
+            .unwrap_err()
+        );
         assert!(err.contains("frame 1") && err.contains("has 1"), "{err}");
     }
 
     #[test]
     fn windows_parse_and_apply() {
         let w: Window = "40,400".parse().unwrap();
-        assert_eq!(w, Window { centre: 40.0, width: 400.0 });
+        assert_eq!(
+            w,
+            Window {
+                centre: 40.0,
+                width: 400.0
+            }
+        );
         assert_eq!("Lung".parse::<Window>().unwrap().centre, -600.0);
         for bad in ["", "40", "40,0", "a,b", "abdomenx", "nan,4"] {
             assert!(bad.parse::<Window>().is_err(), "{bad}");
@@ -484,7 +701,14 @@ pub(crate) mod tests {
         assert_eq!(window_to_u8(1000.0, w, false), 255);
         assert_eq!(window_to_u8(39.5, w, false), 128);
         // A window overrides min-max on a CT slice: 100..200 inside 40±200.
-        let img = read(&file(true, 3, 1, &[100, 150, 200], false), &DicomOptions { frame: 0, window: Some(w) }).unwrap();
+        let img = read(
+            &file(true, 3, 1, &[100, 150, 200], false),
+            &DicomOptions {
+                frame: 0,
+                window: Some(w),
+            },
+        )
+        .unwrap();
         assert_eq!(img.data[0], window_to_u8(100.0, w, false));
     }
 }

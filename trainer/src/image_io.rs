@@ -92,7 +92,9 @@ pub fn read_rgb_with(path: &Path, opts: &DicomOptions) -> Result<RgbImage> {
     let image = if crate::dicom::looks_like(&bytes) {
         crate::dicom::read(&bytes, opts)
     } else if opts.frame != 0 || opts.window.is_some() {
-        Err(anyhow!("--frame and --window apply to DICOM files only; this is a still image"))
+        Err(anyhow!(
+            "--frame and --window apply to DICOM files only; this is a still image"
+        ))
     } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
         read_rgb_from(&bytes[..])
     } else {
@@ -104,9 +106,14 @@ pub fn read_rgb_with(path: &Path, opts: &DicomOptions) -> Result<RgbImage> {
 /// JPEG, TIFF or BMP through the `image` crate, with the protocol's conversion rules.
 pub fn read_still(bytes: &[u8]) -> Result<RgbImage> {
     use image::ImageFormat;
-    let unknown = || anyhow!("unrecognised image format: PNG, JPEG, TIFF, BMP and DICOM files are read; convert the image to PNG");
+    let unknown = || {
+        anyhow!("unrecognised image format: PNG, JPEG, TIFF, BMP and DICOM files are read; convert the image to PNG")
+    };
     let format = image::guess_format(bytes).map_err(|_| unknown())?;
-    if !matches!(format, ImageFormat::Jpeg | ImageFormat::Tiff | ImageFormat::Bmp) {
+    if !matches!(
+        format,
+        ImageFormat::Jpeg | ImageFormat::Tiff | ImageFormat::Bmp
+    ) {
         return Err(unknown());
     }
     let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
@@ -132,7 +139,11 @@ pub fn read_still(bytes: &[u8]) -> Result<RgbImage> {
         (2, true) => min_max_to_u8(&img.to_luma16().into_raw()),
         (2, false) => min_max_to_u8(&img.to_rgb16().into_raw()),
         (_, g) => {
-            let f = if g { img.to_luma32f().into_raw() } else { img.to_rgb32f().into_raw() };
+            let f = if g {
+                img.to_luma32f().into_raw()
+            } else {
+                img.to_rgb32f().into_raw()
+            };
             if f.iter().any(|v| !v.is_finite()) {
                 bail!("{format:?} image holds NaN or infinite samples");
             }
@@ -211,7 +222,9 @@ pub fn min_max_to_u8(v: &[u16]) -> Vec<u8> {
 pub fn min_max_f64_to_u8(v: &[f64]) -> Vec<u8> {
     let (lo, hi) = v
         .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        });
     if v.is_empty() || hi <= lo {
         return vec![0; v.len()];
     }
@@ -309,7 +322,10 @@ pub fn write_mask_to<W: Write>(w: W, mask: &Mask, value: MaskValue) -> Result<()
 /// Writes an image as an 8-bit RGB PNG (`minisam convert`): exactly the engine's input.
 pub fn write_rgb(path: &Path, img: &RgbImage) -> Result<()> {
     let f = File::create(path).with_context(|| {
-        format!("cannot create {}: check the directory and its permissions", path.display())
+        format!(
+            "cannot create {}: check the directory and its permissions",
+            path.display()
+        )
     })?;
     let mut enc = png::Encoder::new(BufWriter::new(f), img.width as u32, img.height as u32);
     enc.set_color(png::ColorType::Rgb);
@@ -539,29 +555,56 @@ mod tests {
         // 16-bit grey TIFF: min-max, half to even, like 16-bit PNG.
         let g16 = ImageBuffer::from_raw(3, 1, vec![100u16, 150, 200]).unwrap();
         let tiff = encoded(DynamicImage::ImageLuma16(g16), ImageFormat::Tiff);
-        assert_eq!(read_still(&tiff).unwrap().data, vec![0, 0, 0, 128, 128, 128, 255, 255, 255]);
+        assert_eq!(
+            read_still(&tiff).unwrap().data,
+            vec![0, 0, 0, 128, 128, 128, 255, 255, 255]
+        );
         // 8-bit RGB BMP and TIFF: as stored.
         let rgb: Vec<u8> = (0..2 * 3 * 3).map(|i| (i * 13) as u8).collect();
         for format in [ImageFormat::Bmp, ImageFormat::Tiff] {
             let img = DynamicImage::ImageRgb8(ImageBuffer::from_raw(2, 3, rgb.clone()).unwrap());
             let got = read_still(&encoded(img, format)).unwrap();
-            assert_eq!((got.width, got.height, &got.data), (2, 3, &rgb), "{format:?}");
+            assert_eq!(
+                (got.width, got.height, &got.data),
+                (2, 3, &rgb),
+                "{format:?}"
+            );
         }
         // 8-bit grey JPEG: lossy, but close.
-        let grey: Vec<u8> = (0..16 * 16).map(|i| (i % 16 * 8 + i / 16 * 4) as u8).collect();
-        let jpeg = encoded(DynamicImage::ImageLuma8(ImageBuffer::from_raw(16, 16, grey.clone()).unwrap()), ImageFormat::Jpeg);
+        let grey: Vec<u8> = (0..16 * 16)
+            .map(|i| (i % 16 * 8 + i / 16 * 4) as u8)
+            .collect();
+        let jpeg = encoded(
+            DynamicImage::ImageLuma8(ImageBuffer::from_raw(16, 16, grey.clone()).unwrap()),
+            ImageFormat::Jpeg,
+        );
         let got = read_still(&jpeg).unwrap();
-        let worst = got.data.iter().step_by(3).zip(&grey).map(|(&a, &b)| a.abs_diff(b)).max().unwrap();
+        let worst = got
+            .data
+            .iter()
+            .step_by(3)
+            .zip(&grey)
+            .map(|(&a, &b)| a.abs_diff(b))
+            .max()
+            .unwrap();
         assert!(worst <= 8, "JPEG differs by {worst}");
         // Unknown, truncated and non-still inputs are errors that say what is read.
         let err = format!("{:#}", read_still(b"GIF89a....").unwrap_err());
         assert!(err.contains("PNG, JPEG, TIFF, BMP and DICOM"), "{err}");
         assert!(read_still(&tiff[..tiff.len() / 2]).is_err());
         assert!(read_still(&jpeg[..jpeg.len() / 2]).is_err());
-        let p = std::env::temp_dir().join(format!("minisam-test-{}-still.tiff", std::process::id()));
+        let p =
+            std::env::temp_dir().join(format!("minisam-test-{}-still.tiff", std::process::id()));
         std::fs::write(&p, &tiff).unwrap();
-        assert_eq!(read_rgb(&p).unwrap().data[3], 128, "TIFF is recognised by content");
-        let opts = DicomOptions { frame: 1, window: None };
+        assert_eq!(
+            read_rgb(&p).unwrap().data[3],
+            128,
+            "TIFF is recognised by content"
+        );
+        let opts = DicomOptions {
+            frame: 1,
+            window: None,
+        };
         assert!(format!("{:#}", read_rgb_with(&p, &opts).unwrap_err()).contains("DICOM files only"));
         std::fs::remove_file(&p).unwrap();
     }

@@ -15,15 +15,33 @@ fn corpus() -> Option<PathBuf> {
 }
 
 fn i32s(path: &Path) -> Vec<i64> {
-    std::fs::read(path).unwrap().chunks_exact(4).map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect()
+    std::fs::read(path)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+        .collect()
 }
 
 /// (max |a - b|, PSNR in dB for the given peak; infinite when equal).
 fn compare(a: &[i64], b: &[i64], peak: f64) -> (i64, f64) {
     assert_eq!(a.len(), b.len(), "sample counts differ");
-    let max = a.iter().zip(b).map(|(x, y)| (x - y).abs()).max().unwrap_or(0);
-    let mse = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len() as f64;
-    let psnr = if mse == 0.0 { f64::INFINITY } else { 10.0 * (peak * peak / mse).log10() };
+    let max = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .max()
+        .unwrap_or(0);
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
+    let psnr = if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (peak * peak / mse).log10()
+    };
     (max, psnr)
 }
 
@@ -33,15 +51,25 @@ fn corpus_decodes_like_pydicom() {
         println!("SKIP: no DICOM corpus at trainer/tests/data/dicom (run its generate.py)");
         return;
     };
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
     let mut failures = Vec::new();
-    println!("{:<26} {:<44} {:<14} {:>8} {:>8} {:>9}", "file", "transfer syntax", "photometric", "maxdiff", "PSNR", "u8 diff");
+    println!(
+        "{:<26} {:<44} {:<14} {:>8} {:>8} {:>9}",
+        "file", "transfer syntax", "photometric", "maxdiff", "PSNR", "u8 diff"
+    );
     for e in manifest.as_array().unwrap() {
         let file = e["file"].as_str().unwrap();
         let bytes = std::fs::read(dir.join(file)).unwrap();
         let frame = e["frame"].as_u64().unwrap() as u32;
-        let opts = DicomOptions { frame, window: None };
-        let (ts, pi) = (e["name"].as_str().unwrap(), e["photometric"].as_str().unwrap());
+        let opts = DicomOptions {
+            frame,
+            window: None,
+        };
+        let (ts, pi) = (
+            e["name"].as_str().unwrap(),
+            e["photometric"].as_str().unwrap(),
+        );
         if let Some(want) = e.get("error").and_then(|v| v.as_str()) {
             match dicom::read(&bytes, &opts) {
                 Ok(_) => failures.push(format!("{file}: decoded, but must be refused ({want})")),
@@ -49,7 +77,9 @@ fn corpus_decodes_like_pydicom() {
                     let msg = format!("{err:#}");
                     println!("{file:<26} {ts:<44} {pi:<14} refused: {msg}");
                     if !msg.contains(want) || !msg.contains("transfer syntax") {
-                        failures.push(format!("{file}: error does not name {want} and the transfer syntax: {msg}"));
+                        failures.push(format!(
+                            "{file}: error does not name {want} and the transfer syntax: {msg}"
+                        ));
                     }
                 }
             }
@@ -64,13 +94,24 @@ fn corpus_decodes_like_pydicom() {
             }
         };
         let want = i32s(&dir.join(file.replace(".dcm", ".ref")));
-        if (s.width, s.height, s.channels) != (e["width"].as_u64().unwrap() as usize, e["height"].as_u64().unwrap() as usize, e["channels"].as_u64().unwrap() as usize) {
-            failures.push(format!("{file}: size {}x{}x{}", s.width, s.height, s.channels));
+        if (s.width, s.height, s.channels)
+            != (
+                e["width"].as_u64().unwrap() as usize,
+                e["height"].as_u64().unwrap() as usize,
+                e["channels"].as_u64().unwrap() as usize,
+            )
+        {
+            failures.push(format!(
+                "{file}: size {}x{}x{}",
+                s.width, s.height, s.channels
+            ));
             continue;
         }
         let (max, psnr) = compare(&s.values, &want, ((1i64 << s.bits) - 1) as f64);
         if (!lossy && max != 0) || psnr < 40.0 {
-            failures.push(format!("{file}: max diff {max}, PSNR {psnr:.1} dB against pydicom"));
+            failures.push(format!(
+                "{file}: max diff {max}, PSNR {psnr:.1} dB against pydicom"
+            ));
         }
         // The engine's image: grey after LUTs, colour reduced to 8 bits.
         let img = dicom::read(&bytes, &opts).unwrap();
@@ -78,16 +119,34 @@ fn corpus_decodes_like_pydicom() {
         let u8_path = dir.join(file.replace(".dcm", ".u8"));
         if s.channels == 1 && u8_path.exists() {
             let got: Vec<i64> = img.data.iter().step_by(3).map(|&v| i64::from(v)).collect();
-            let want: Vec<i64> = std::fs::read(&u8_path).unwrap().into_iter().map(i64::from).collect();
+            let want: Vec<i64> = std::fs::read(&u8_path)
+                .unwrap()
+                .into_iter()
+                .map(i64::from)
+                .collect();
             let (m, p) = compare(&got, &want, 255.0);
             u8_note = m.to_string();
             if (!lossy && m != 0) || p < 40.0 {
-                failures.push(format!("{file}: engine image differs from the reference rule ({}): max {m}", e["rule"]));
+                failures.push(format!(
+                    "{file}: engine image differs from the reference rule ({}): max {m}",
+                    e["rule"]
+                ));
             }
             if let Some(abd) = e.get("abdomen").and_then(|v| v.as_str()) {
-                let img = dicom::read(&bytes, &DicomOptions { frame, window: Some("abdomen".parse().unwrap()) }).unwrap();
+                let img = dicom::read(
+                    &bytes,
+                    &DicomOptions {
+                        frame,
+                        window: Some("abdomen".parse().unwrap()),
+                    },
+                )
+                .unwrap();
                 let got: Vec<i64> = img.data.iter().step_by(3).map(|&v| i64::from(v)).collect();
-                let want: Vec<i64> = std::fs::read(dir.join(abd)).unwrap().into_iter().map(i64::from).collect();
+                let want: Vec<i64> = std::fs::read(dir.join(abd))
+                    .unwrap()
+                    .into_iter()
+                    .map(i64::from)
+                    .collect();
                 let (m, _) = compare(&got, &want, 255.0);
                 u8_note = format!("{u8_note}/{m}");
                 if m != 0 {
@@ -117,12 +176,48 @@ fn frames_past_the_end_and_truncated_files_are_errors() {
     };
     for f in ["ct_multiframe_native.dcm", "ct_multiframe_rle.dcm"] {
         let bytes = std::fs::read(dir.join(f)).unwrap();
-        let err = format!("{:#}", dicom::read(&bytes, &DicomOptions { frame: 3, window: None }).unwrap_err());
-        assert!(err.contains("frame 3") && err.contains("transfer syntax"), "{f}: {err}");
+        let err = format!(
+            "{:#}",
+            dicom::read(
+                &bytes,
+                &DicomOptions {
+                    frame: 3,
+                    window: None
+                }
+            )
+            .unwrap_err()
+        );
+        assert!(
+            err.contains("frame 3") && err.contains("transfer syntax"),
+            "{f}: {err}"
+        );
+        let rgb = std::fs::read(dir.join("rgb_rle.dcm")).unwrap();
+        let err = format!(
+            "{:#}",
+            dicom::read(
+                &rgb,
+                &DicomOptions {
+                    frame: 0,
+                    window: Some("lung".parse().unwrap())
+                }
+            )
+            .unwrap_err()
+        );
+        assert!(err.contains("grey images"), "{err}");
         // Cuts inside the pixel data (the last 8 bytes of an encapsulated file are only the
         // sequence delimiter, whose absence at the end of the file loses no pixel).
         for cut in [bytes.len() / 2, bytes.len() - 20] {
-            assert!(dicom::read(&bytes[..cut], &DicomOptions { frame: 2, window: None }).is_err(), "{f} cut at {cut} accepted");
+            assert!(
+                dicom::read(
+                    &bytes[..cut],
+                    &DicomOptions {
+                        frame: 2,
+                        window: None
+                    }
+                )
+                .is_err(),
+                "{f} cut at {cut} accepted"
+            );
         }
     }
 }

@@ -8,6 +8,12 @@ use crate::image_io;
 pub fn run(args: &ConvertArgs) -> Result<()> {
     let img = image_io::read_rgb_with(&args.input, &args.dicom.options())?;
     image_io::write_rgb(&args.output, &img)?;
-    println!("{} written ({}x{} RGB, as the engine sees {})", args.output.display(), img.width, img.height, args.input.display());
+    println!(
+        "{} written ({}x{} RGB, as the engine sees {})",
+        args.output.display(),
+        img.width,
+        img.height,
+        args.input.display()
+    );
     Ok(())
 }
