@@ -30,6 +30,9 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Segment one image from box and/or point prompts and write the mask PNG.
     Segment(SegmentArgs),
+    /// Write an image (PNG, JPEG, TIFF, BMP, DICOM) as the RGB PNG the engine sees: after
+    /// decoding, LUTs and windowing. For checking a window, or feeding minisamctl.
+    Convert(ConvertArgs),
     /// Run the box-prompt evaluation protocol on a data tree and write per-target Dice.
     Eval(EvalArgs),
     /// Train a LoRA adapter against a packed base model on a data tree; writes the adapter file.
@@ -44,6 +47,36 @@ pub enum Command {
     CudaCheck(CudaCheckArgs),
     /// Time encode / decode / end-to-end on the GPU and report peak VRAM.
     CudaBench(CudaBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// Input image.
+    pub input: PathBuf,
+    /// Output PNG (8-bit RGB).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub dicom: DicomArgs,
+}
+
+/// How a DICOM file becomes the engine's image.
+#[derive(Debug, Clone, Args)]
+pub struct DicomArgs {
+    /// Frame of a multi-frame DICOM file, 0 = the first.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub frame: u32,
+    /// Grey-level window for DICOM: CENTRE,WIDTH after the rescale (e.g. 40,400 in HU) or a
+    /// preset: abdomen, lung, brain, bone, mediastinum, liver. Default: the file's own window
+    /// for CT and MR, else min-max.
+    #[arg(long, value_name = "C,W|PRESET")]
+    pub window: Option<crate::dicom::Window>,
+}
+
+impl DicomArgs {
+    pub fn options(&self) -> crate::dicom::DicomOptions {
+        crate::dicom::DicomOptions { frame: self.frame, window: self.window }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -215,8 +248,10 @@ pub struct InspectArgs {
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("prompt").required(true).multiple(true).args(["boxes", "points"])))]
 pub struct SegmentArgs {
-    /// Input image (PNG, or single-frame uncompressed grey DICOM).
+    /// Input image: PNG, JPEG, TIFF, BMP or DICOM (see the README for transfer syntaxes).
     pub image: PathBuf,
+    #[command(flatten)]
+    pub dicom: DicomArgs,
     /// Box prompt in pixels, inclusive corners: x0,y0,x1,y1.
     #[arg(long = "box", value_name = "X0,Y0,X1,Y1", value_parser = parse_box)]
     pub boxes: Vec<BoxPrompt>,

@@ -1,237 +1,518 @@
-//! Minimal DICOM reader for single-frame, uncompressed, little-endian MONOCHROME2 images (8 or
-//! 16 bits), the form most PACS exports of a CT/MR slice take. Anything else (compressed
-//! transfer syntaxes, big endian, colour, multi-frame) is refused with a message saying to
-//! convert to PNG: decoding JPEG-in-DICOM is out of scope and guessing would corrupt pixels.
-//! Pixels are converted by the protocol's rule: 8-bit used as is, 16-bit min-max scaled.
+//! DICOM images through dicom-rs (`dicom-object` parses the file, `dicom-pixeldata` and the
+//! transfer-syntax registry decode the pixel data), then the steps that turn stored samples into
+//! the 3-channel uint8 image the engine sees, done here so each rule is visible and tested:
+//!
+//! 1. **Samples** of one frame (`--frame N`, 0 = first): sign-extended to Bits Stored, planar
+//!    colour interleaved, YBR_FULL / YBR_FULL_422 converted to RGB (the same matrix and
+//!    rounding as pydicom, the reference), PALETTE COLOR looked up in the file's palette.
+//! 2. **Grey images**: the modality LUT (Rescale Slope/Intercept), then a window: `--window`
+//!    (centre/width or a named preset) when given; else, for CT and MR, the file's first VOI
+//!    window; else 8-bit samples with an identity rescale are used as stored and everything
+//!    else is min-max scaled (the evaluation protocol's 16-bit rule). MONOCHROME1 is inverted
+//!    last, so bright always means dense.
+//! 3. **Colour images**: 8-bit samples as they are; wider ones (16-bit palettes) keep their top
+//!    8 bits.
+//!
+//! Anything that cannot be decoded exactly (JPEG-LS: only a C++ codec exists; 1-bit images;
+//! modality LUT sequences; YBR_PARTIAL) is an error naming the file, the transfer syntax and the
+//! reason, never an approximation.
 
-use anyhow::{bail, Context, Result};
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Result};
+use dicom_dictionary_std::tags;
+use dicom_object::{DefaultDicomObject, OpenFileOptions};
+use dicom_pixeldata::{PixelDecoder, PlanarConfiguration};
+use dicom_transfer_syntax_registry::{TransferSyntaxIndex, TransferSyntaxRegistry};
 use minisam_models::image::{RgbImage, MAX_IMAGE_SIDE};
 
-use crate::image_io::min_max_to_u8;
+/// A VOI window: values `centre ± width/2` span black to white (DICOM's linear function).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Window {
+    pub centre: f64,
+    pub width: f64,
+}
 
-const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
-const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
-const UNDEFINED: u32 = 0xFFFF_FFFF;
-const MAX_DEPTH: usize = 16;
+/// Named CT windows (Hounsfield units), for `--window NAME`.
+pub const PRESETS: &[(&str, Window)] = &[
+    (
+        "abdomen",
+        Window {
+            centre: 40.0,
+            width: 400.0,
+        },
+    ),
+    (
+        "lung",
+        Window {
+            centre: -600.0,
+            width: 1500.0,
+        },
+    ),
+    (
+        "brain",
+        Window {
+            centre: 40.0,
+            width: 80.0,
+        },
+    ),
+    (
+        "bone",
+        Window {
+            centre: 400.0,
+            width: 1800.0,
+        },
+    ),
+    (
+        "mediastinum",
+        Window {
+            centre: 50.0,
+            width: 350.0,
+        },
+    ),
+    (
+        "liver",
+        Window {
+            centre: 60.0,
+            width: 160.0,
+        },
+    ),
+];
+
+impl std::str::FromStr for Window {
+    type Err = String;
+    /// `C,W` (numbers, width > 0) or a preset name.
+    fn from_str(s: &str) -> std::result::Result<Window, String> {
+        if let Some((_, w)) = PRESETS
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(s.trim()))
+        {
+            return Ok(*w);
+        }
+        let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+        let help = || {
+            format!(
+                "expected CENTRE,WIDTH (e.g. 40,400) or one of {}",
+                names.join(", ")
+            )
+        };
+        let (c, w) = s.split_once(',').ok_or_else(help)?;
+        let centre: f64 = c.trim().parse().map_err(|_| help())?;
+        let width: f64 = w.trim().parse().map_err(|_| help())?;
+        if !centre.is_finite() || !width.is_finite() || width < 1.0 {
+            return Err(format!(
+                "window width must be at least 1 and both numbers finite; {}",
+                help()
+            ));
+        }
+        Ok(Window { centre, width })
+    }
+}
+
+/// How to turn a DICOM file into the engine's image.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DicomOptions {
+    /// 0-based frame of a multi-frame file.
+    pub frame: u32,
+    /// Overrides the file's window (and min-max) for grey images.
+    pub window: Option<Window>,
+}
 
 /// Does `bytes` look like a DICOM Part 10 file (preamble + "DICM")?
 pub fn looks_like(bytes: &[u8]) -> bool {
     bytes.len() >= 132 && &bytes[128..132] == b"DICM"
 }
 
-struct Cursor<'a> {
-    b: &'a [u8],
-    i: usize,
-    explicit: bool,
+/// Stored samples of one frame after step 1: `channels` is 1 (grey) or 3 (RGB), row-major,
+/// interleaved. Palette images hold the palette's values (8 or 16 bit).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Samples {
+    pub width: usize,
+    pub height: usize,
+    pub channels: usize,
+    pub values: Vec<i64>,
+    /// Bits per sample of `values` (Bits Stored, or the palette's entry size).
+    pub bits: u16,
+    /// The file's photometric interpretation, e.g. `MONOCHROME2`.
+    pub photometric: String,
+    pub frames: u32,
 }
 
-fn u16_at(b: &[u8], i: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(i..i + 2)?.try_into().ok()?))
-}
-fn u32_at(b: &[u8], i: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?))
-}
-
-/// One element header: tag, value start and length (`UNDEFINED` for open sequences).
-struct Element {
-    tag: (u16, u16),
-    start: usize,
-    len: u32,
+/// The parsed file, its transfer syntax (UID and name) for error messages.
+struct File {
+    obj: DefaultDicomObject,
+    ts: String,
 }
 
-impl<'a> Cursor<'a> {
-    fn at_end(&self) -> bool {
-        self.i >= self.b.len()
-    }
-
-    fn header(&mut self) -> Result<Element> {
-        let short = || {
-            anyhow::anyhow!(
-                "DICOM element header runs past the end of the file at byte {}",
-                self.i
-            )
-        };
-        let group = u16_at(self.b, self.i).ok_or_else(short)?;
-        let elem = u16_at(self.b, self.i + 2).ok_or_else(short)?;
-        let tag = (group, elem);
-        // Item and delimiter tags never carry a VR.
-        let (len, start) = if group == 0xFFFE || !self.explicit {
-            (u32_at(self.b, self.i + 4).ok_or_else(short)?, self.i + 8)
-        } else {
-            let vr = self.b.get(self.i + 4..self.i + 6).ok_or_else(short)?;
-            if matches!(
-                vr,
-                b"OB"
-                    | b"OW"
-                    | b"OF"
-                    | b"OD"
-                    | b"OL"
-                    | b"OV"
-                    | b"SQ"
-                    | b"SV"
-                    | b"UC"
-                    | b"UN"
-                    | b"UR"
-                    | b"UT"
-                    | b"UV"
-            ) {
-                (u32_at(self.b, self.i + 8).ok_or_else(short)?, self.i + 12)
-            } else {
-                (
-                    u32::from(u16_at(self.b, self.i + 6).ok_or_else(short)?),
-                    self.i + 8,
-                )
-            }
-        };
-        Ok(Element { tag, start, len })
-    }
-
-    fn value(&self, e: &Element) -> Result<&'a [u8]> {
-        let end = e
-            .start
-            .checked_add(e.len as usize)
-            .filter(|&end| end <= self.b.len());
-        let b: &'a [u8] = self.b;
-        end.map(|end| &b[e.start..end]).with_context(|| {
-            format!(
-                "DICOM element {:04X},{:04X} runs past the end of the file",
-                e.tag.0, e.tag.1
-            )
+impl File {
+    fn open(bytes: &[u8]) -> Result<File> {
+        if !looks_like(bytes) {
+            bail!("not a DICOM file (no DICM marker at byte 128)");
+        }
+        let obj = OpenFileOptions::new()
+            .from_reader(&bytes[128..])
+            .map_err(|e| {
+                anyhow!("not a readable DICOM file ({e}); check that it is complete, or convert the file to explicit VR little endian (e.g. `gdcmconv --raw`)")
+            })?;
+        let uid = obj
+            .meta()
+            .transfer_syntax()
+            .trim_end_matches('\0')
+            .to_string();
+        let name = TransferSyntaxRegistry
+            .get(&uid)
+            .map(|t| t.name().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        Ok(File {
+            obj,
+            ts: format!("transfer syntax {name} ({uid})"),
         })
     }
 
-    /// Skips an undefined-length sequence or item body up to its delimiter.
-    fn skip_undefined(&mut self, depth: usize) -> Result<()> {
-        if depth > MAX_DEPTH {
-            bail!("DICOM sequences nested too deep");
-        }
-        loop {
-            if self.at_end() {
-                bail!("DICOM sequence without its delimiter");
-            }
-            let e = self.header()?;
-            self.i = e.start;
-            if matches!(e.tag, (0xFFFE, 0xE0DD) | (0xFFFE, 0xE00D)) {
-                return Ok(());
-            }
-            if e.len == UNDEFINED {
-                self.skip_undefined(depth + 1)?;
-            } else {
-                self.value(&e)?;
-                self.i = e.start + e.len as usize;
-            }
-        }
+    fn fail(&self, why: impl std::fmt::Display) -> anyhow::Error {
+        anyhow!("{}: {why}", self.ts)
     }
-}
 
-fn text(v: &[u8]) -> String {
-    String::from_utf8_lossy(v)
-        .trim_matches(|c: char| c == '\0' || c.is_whitespace())
-        .to_string()
-}
+    fn text(&self, tag: dicom_object::Tag) -> Option<String> {
+        self.obj.get(tag).and_then(|e| e.to_str().ok()).map(|s| {
+            s.trim_matches(|c: char| c == '\0' || c.is_whitespace())
+                .to_string()
+        })
+    }
 
-pub fn read(bytes: &[u8]) -> Result<RgbImage> {
-    if !looks_like(bytes) {
-        bail!("not a DICOM file (no DICM marker at byte 128)");
+    fn float(&self, tag: dicom_object::Tag) -> Option<f64> {
+        self.obj
+            .get(tag)
+            .and_then(|e| e.to_multi_float64().ok())
+            .and_then(|v| v.first().copied())
     }
-    let mut c = Cursor {
-        b: bytes,
-        i: 132,
-        explicit: true,
-    };
-    let mut syntax = None;
-    // File meta group 0002: always explicit VR little endian.
-    while !c.at_end() && u16_at(bytes, c.i) == Some(0x0002) {
-        let e = c.header()?;
-        if e.tag == (0x0002, 0x0010) {
-            syntax = Some(text(c.value(&e)?));
+
+    fn samples(&self, frame: u32) -> Result<Samples> {
+        let photometric = self
+            .text(tags::PHOTOMETRIC_INTERPRETATION)
+            .unwrap_or_default();
+        if self.obj.get(tags::MODALITY_LUT_SEQUENCE).is_some() {
+            bail!(self.fail("a Modality LUT Sequence (non-linear) is not supported; export the image with Rescale Slope/Intercept instead"));
         }
-        c.value(&e)?;
-        c.i = e.start + e.len as usize;
-    }
-    c.explicit = match syntax.as_deref() {
-        Some(EXPLICIT_LE) => true,
-        Some(IMPLICIT_LE) => false,
-        Some(other) => bail!("DICOM transfer syntax {other} (compressed or big endian) is not supported: convert the image to PNG"),
-        None => bail!("DICOM file has no transfer syntax in its meta header"),
-    };
-    let (mut rows, mut cols, mut bits, mut samples, mut signed, mut frames) =
-        (0usize, 0usize, 0u16, 1u16, false, 1usize);
-    let mut photometric = String::from("MONOCHROME2");
-    let mut pixels: Option<&[u8]> = None;
-    while !c.at_end() {
-        let e = c.header()?;
-        if e.len == UNDEFINED {
-            if e.tag == (0x7FE0, 0x0010) {
-                bail!("DICOM pixel data is encapsulated (compressed): convert the image to PNG");
-            }
-            c.i = e.start;
-            c.skip_undefined(0)?;
-            continue;
+        let uid = self.obj.meta().transfer_syntax().trim_end_matches('\0');
+        match TransferSyntaxRegistry.get(uid) {
+            None => bail!(self.fail("unknown transfer syntax; convert the file to explicit VR little endian (e.g. `gdcmconv --raw`)")),
+            Some(ts) if !ts.can_decode_all() => bail!(self.fail(
+                "no pure-Rust decoder for this compression is built in (JPEG-LS needs the C++ CharLS); convert the file to explicit VR little endian (e.g. `gdcmconv --raw` or `dcmdjpls`)"
+            )),
+            Some(_) => {}
         }
-        let v = c.value(&e)?;
-        let us = || {
-            u16_at(v, 0).with_context(|| {
-                format!("DICOM element {:04X},{:04X} is too short", e.tag.0, e.tag.1)
-            })
-        };
-        match e.tag {
-            (0x0028, 0x0002) => samples = us()?,
-            (0x0028, 0x0004) => photometric = text(v),
-            (0x0028, 0x0008) => {
-                frames = text(v)
-                    .parse()
-                    .context("DICOM NumberOfFrames is not a number")?
-            }
-            (0x0028, 0x0010) => rows = usize::from(us()?),
-            (0x0028, 0x0011) => cols = usize::from(us()?),
-            (0x0028, 0x0100) => bits = us()?,
-            (0x0028, 0x0103) => signed = us()? == 1,
-            (0x7FE0, 0x0010) => pixels = Some(v),
-            _ => {}
+        // dicom-rs 0.10's RLE decoder indexes past a truncated segment and panics; a corrupt
+        // file must be an error here, not a crash of `eval` halfway through a data set.
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.obj.decode_pixel_data()
+        }))
+        .map_err(|_| {
+            self.fail("the decoder failed on corrupt or truncated pixel data; re-export the file")
+        })?
+        .map_err(|e| self.fail(format!("cannot decode the pixel data: {e}")))?;
+        let (w, h) = (decoded.columns() as usize, decoded.rows() as usize);
+        if w == 0 || h == 0 || w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE {
+            bail!(self.fail(format!(
+                "image size {w}x{h} is outside the supported 1..={MAX_IMAGE_SIDE} pixels per side"
+            )));
         }
-        c.i = e.start + e.len as usize;
-    }
-    if samples != 1 || photometric != "MONOCHROME2" {
-        bail!("DICOM {photometric} with {samples} samples per pixel is not supported (only MONOCHROME2 grey): convert the image to PNG");
-    }
-    if frames != 1 {
-        bail!("DICOM file has {frames} frames; export the slice you want as a single-frame file or PNG");
-    }
-    if rows == 0 || cols == 0 || rows > MAX_IMAGE_SIDE || cols > MAX_IMAGE_SIDE {
-        bail!("DICOM image size {cols}x{rows} is outside 1..={MAX_IMAGE_SIDE} per side");
-    }
-    let pixels = pixels.context("DICOM file has no pixel data")?;
-    let n = rows * cols;
-    let grey = match bits {
-        8 if pixels.len() >= n => pixels[..n].to_vec(),
-        16 if pixels.len() >= 2 * n => {
-            // Signed samples are shifted to unsigned order; min-max scaling is unaffected.
-            let v: Vec<u16> = pixels[..2 * n]
+        let frames = decoded.number_of_frames();
+        if frame >= frames {
+            bail!(self.fail(format!(
+                "frame {frame} asked for, the file has {frames} (0..={})",
+                frames.saturating_sub(1)
+            )));
+        }
+        let spp = decoded.samples_per_pixel() as usize;
+        let alloc = decoded.bits_allocated();
+        let stored = decoded.bits_stored();
+        if !matches!(alloc, 8 | 16 | 32) || stored == 0 || stored > alloc {
+            bail!(self.fail(format!(
+                "{alloc}-bit samples ({stored} stored) are not supported (8, 16 or 32)"
+            )));
+        }
+        let signed = decoded.pixel_representation() == dicom_pixeldata::PixelRepresentation::Signed;
+        // The decoder reports RGB for every 3-sample encapsulated image, but only the JPEG and
+        // JPEG 2000 codecs really convert colour; RLE and native data stay as the file says.
+        let ts_uid = uid.to_string();
+        let codec_made_rgb = ts_uid.starts_with("1.2.840.10008.1.2.4.");
+        let native_422 = photometric == "YBR_FULL_422"
+            && !ts_uid.starts_with("1.2.840.10008.1.2.4.")
+            && ts_uid != RLE;
+        let bytes_per = usize::from(alloc / 8);
+        let n = w * h;
+        // Samples per frame in the decoded buffer: YBR_FULL_422 stores 2 chroma per 2 pixels.
+        let frame_samples = if native_422 { n * 2 } else { n * spp };
+        let frame_bytes = frame_samples * bytes_per;
+        let data = decoded.data();
+        let start = frame as usize * frame_bytes;
+        let raw = data.get(start..start + frame_bytes).ok_or_else(|| {
+            self.fail(format!(
+                "pixel data holds {} bytes, frame {frame} needs bytes {start}..{}",
+                data.len(),
+                start + frame_bytes
+            ))
+        })?;
+        // Decoded buffers are in native byte order (dicom-pixeldata's contract).
+        let mut values: Vec<i64> = match bytes_per {
+            1 => raw.iter().map(|&b| i64::from(b)).collect(),
+            2 => raw
                 .chunks_exact(2)
-                .map(|p| {
-                    let raw = u16::from_le_bytes([p[0], p[1]]);
-                    if signed {
-                        raw ^ 0x8000
-                    } else {
-                        raw
-                    }
-                })
-                .collect();
-            min_max_to_u8(&v)
+                .map(|c| i64::from(u16::from_ne_bytes([c[0], c[1]])))
+                .collect(),
+            _ => raw
+                .chunks_exact(4)
+                .map(|c| i64::from(u32::from_ne_bytes([c[0], c[1], c[2], c[3]])))
+                .collect(),
+        };
+        // Keep Bits Stored, sign-extended for signed data (high bits may hold overlays).
+        let mask = (1i64 << stored) - 1;
+        for v in &mut values {
+            *v &= mask;
+            if signed && *v >> (stored - 1) == 1 {
+                *v -= 1 << stored;
+            }
         }
-        8 | 16 => bail!(
-            "DICOM pixel data holds {} bytes, {cols}x{rows} at {bits} bits needs more",
-            pixels.len()
-        ),
-        other => bail!("DICOM with {other} bits allocated is not supported (8 or 16)"),
+        // Planar configuration 1 (`PixelFirst` in dicom-rs: RRR…GGG…BBB…) to interleaved;
+        // codecs already hand out interleaved samples and say so.
+        if spp == 3 && decoded.planar_configuration() == PlanarConfiguration::PixelFirst {
+            values = (0..n)
+                .flat_map(|i| [values[i], values[n + i], values[2 * n + i]])
+                .collect();
+        }
+        let mut bits = stored;
+        let channels = match (photometric.as_str(), spp) {
+            ("MONOCHROME1" | "MONOCHROME2", 1) => 1,
+            ("RGB", 3) => 3,
+            ("YBR_FULL" | "YBR_FULL_422" | "YBR_ICT" | "YBR_RCT", 3) if codec_made_rgb => 3,
+            ("YBR_FULL", 3) => {
+                ybr_to_rgb(&mut values, stored);
+                3
+            }
+            ("YBR_FULL_422", 3) => {
+                values = expand_422(&values, w, h).ok_or_else(|| self.fail("YBR_FULL_422 needs an even number of columns"))?;
+                ybr_to_rgb(&mut values, stored);
+                3
+            }
+            ("PALETTE COLOR", 1) => {
+                let (v, b) = self.palette(&values)?;
+                bits = b;
+                values = v;
+                3
+            }
+            (p, s) => bail!(self.fail(format!("photometric interpretation {p:?} with {s} samples per pixel is not supported; convert the image to RGB or MONOCHROME2"))),
+        };
+        Ok(Samples {
+            width: w,
+            height: h,
+            channels,
+            values,
+            bits,
+            photometric,
+            frames,
+        })
+    }
+
+    /// PALETTE COLOR: each stored index looked up in the red, green and blue tables.
+    fn palette(&self, index: &[i64]) -> Result<(Vec<i64>, u16)> {
+        let mut tables = Vec::new();
+        for (desc, data) in [
+            (
+                tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+                tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            ),
+            (
+                tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+                tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            ),
+            (
+                tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+                tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            ),
+        ] {
+            let missing = || {
+                self.fail("PALETTE COLOR image without its lookup tables (segmented palettes are not supported)")
+            };
+            let d: Vec<i64> = self
+                .obj
+                .get(desc)
+                .and_then(|e| e.to_multi_int::<i64>().ok())
+                .ok_or_else(missing)?;
+            let [entries, first, bits] = d[..] else {
+                bail!(missing())
+            };
+            // A descriptor's count of 0 means 65536 entries; the first-mapped value may have
+            // been read as signed.
+            let entries = if entries == 0 {
+                65536
+            } else {
+                entries as usize
+            };
+            let first = first & 0xffff;
+            let e = self.obj.get(data).ok_or_else(missing)?;
+            let table: Vec<i64> = match bits {
+                8 => e
+                    .to_bytes()
+                    .map_err(|_| missing())?
+                    .iter()
+                    .map(|&b| i64::from(b))
+                    .collect(),
+                16 => e
+                    .to_multi_int::<u16>()
+                    .map_err(|_| missing())?
+                    .into_iter()
+                    .map(i64::from)
+                    .collect(),
+                b => bail!(self.fail(format!(
+                    "palette entries of {b} bits are not supported (8 or 16)"
+                ))),
+            };
+            if table.len() < entries {
+                bail!(self.fail(format!(
+                    "palette has {} entries, its descriptor says {entries}",
+                    table.len()
+                )));
+            }
+            tables.push((table, entries, first, bits as u16));
+        }
+        let bits = tables[0].3;
+        let mut out = Vec::with_capacity(index.len() * 3);
+        for &i in index {
+            for (table, entries, first, _) in &tables {
+                // Indices outside the table take its first or last entry (PS3.3 C.7.6.3.1.5).
+                let at = (i - first).clamp(0, *entries as i64 - 1) as usize;
+                out.push(table[at]);
+            }
+        }
+        Ok((out, bits))
+    }
+}
+
+const RLE: &str = "1.2.840.10008.1.2.5";
+
+/// YBR_FULL → RGB with pydicom's matrix, `+ 0.5`, floor and clip (so the two agree exactly).
+fn ybr_to_rgb(v: &mut [i64], bits: u16) {
+    let max = ((1i64 << bits) - 1) as f32;
+    let half = (1i64 << (bits - 1)) as f32;
+    for px in v.chunks_exact_mut(3) {
+        let (y, cb, cr) = (px[0] as f32, px[1] as f32 - half, px[2] as f32 - half);
+        let r = y + 1.402 * cr;
+        let g = y + (-0.114 * 1.772 / 0.587) * cb + (-0.299 * 1.402 / 0.587) * cr;
+        let b = y + 1.772 * cb;
+        for (o, c) in px.iter_mut().zip([r, g, b]) {
+            *o = (c + 0.5).floor().clamp(0.0, max) as i64;
+        }
+    }
+}
+
+/// Native YBR_FULL_422: each pair of pixels is stored `Y1 Y2 Cb Cr`; both share the chroma.
+fn expand_422(v: &[i64], w: usize, h: usize) -> Option<Vec<i64>> {
+    if w % 2 != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(w * h * 3);
+    for q in v.chunks_exact(4).take(w * h / 2) {
+        out.extend_from_slice(&[q[0], q[2], q[3], q[1], q[2], q[3]]);
+    }
+    Some(out)
+}
+
+/// Decodes one frame's samples (step 1), for tests and tools that compare against a reference.
+pub fn samples(bytes: &[u8], frame: u32) -> Result<Samples> {
+    let f = File::open(bytes)?;
+    f.samples(frame)
+}
+
+/// Reads a DICOM file as the engine's 3-channel uint8 image (steps 1 to 3).
+pub fn read(bytes: &[u8], opts: &DicomOptions) -> Result<RgbImage> {
+    let f = File::open(bytes)?;
+    let s = f.samples(opts.frame)?;
+    let (w, h) = (s.width, s.height);
+    if s.channels == 3 {
+        if opts.window.is_some() {
+            bail!(f.fail(format!(
+                "--window applies to grey images; this one is {} (colour), leave --window out",
+                s.photometric
+            )));
+        }
+        let shift = s.bits.saturating_sub(8);
+        let data = s
+            .values
+            .iter()
+            .map(|&v| (v >> shift).clamp(0, 255) as u8)
+            .collect();
+        return RgbImage::new(w, h, data).map_err(|e| anyhow!("{e}"));
+    }
+    let slope = f.float(tags::RESCALE_SLOPE).unwrap_or(1.0);
+    let intercept = f.float(tags::RESCALE_INTERCEPT).unwrap_or(0.0);
+    if !slope.is_finite() || !intercept.is_finite() || slope == 0.0 {
+        bail!(f.fail(format!(
+            "rescale slope {slope} / intercept {intercept} are not usable"
+        )));
+    }
+    let modality = f.text(tags::MODALITY).unwrap_or_default();
+    let file_window = match (f.float(tags::WINDOW_CENTER), f.float(tags::WINDOW_WIDTH)) {
+        (Some(centre), Some(width)) if matches!(modality.as_str(), "CT" | "MR") && width >= 1.0 => {
+            Some(Window { centre, width })
+        }
+        _ => None,
     };
-    RgbImage::from_grey(cols, rows, &grey).map_err(|e| anyhow::anyhow!("{e}"))
+    let sigmoid = f
+        .text(tags::VOILUT_FUNCTION)
+        .is_some_and(|s| s == "SIGMOID");
+    let identity = slope == 1.0 && intercept == 0.0;
+    let grey: Vec<u8> = match opts.window.or(file_window) {
+        Some(win) => s
+            .values
+            .iter()
+            .map(|&v| {
+                let x = v as f64 * slope + intercept;
+                window_to_u8(x, win, sigmoid && opts.window.is_none())
+            })
+            .collect(),
+        None if s.bits <= 8 && identity && s.values.iter().all(|&v| (0..=255).contains(&v)) => {
+            s.values.iter().map(|&v| v as u8).collect()
+        }
+        None => crate::image_io::min_max_f64_to_u8(
+            &s.values
+                .iter()
+                .map(|&v| v as f64 * slope + intercept)
+                .collect::<Vec<_>>(),
+        ),
+    };
+    let grey = if s.photometric == "MONOCHROME1" {
+        grey.into_iter().map(|g| 255 - g).collect()
+    } else {
+        grey
+    };
+    RgbImage::from_grey(w, h, &grey).map_err(|e| anyhow!("{e}"))
+}
+
+/// DICOM's VOI functions (PS3.3 C.11.2.1.2) to 0..255, rounded half up.
+pub fn window_to_u8(x: f64, w: Window, sigmoid: bool) -> u8 {
+    let y = if sigmoid {
+        255.0 / (1.0 + (-4.0 * (x - w.centre) / w.width).exp())
+    } else if x <= w.centre - 0.5 - (w.width - 1.0) / 2.0 {
+        0.0
+    } else if x > w.centre - 0.5 + (w.width - 1.0) / 2.0 {
+        255.0
+    } else {
+        ((x - (w.centre - 0.5)) / (w.width - 1.0) + 0.5) * 255.0
+    };
+    (y + 0.5).floor().clamp(0.0, 255.0) as u8
+}
+
+/// Reads a DICOM file with the given options, naming the file in every error.
+pub fn read_path(path: &Path, bytes: &[u8], opts: &DicomOptions) -> Result<RgbImage> {
+    read(bytes, opts).map_err(|e| anyhow!("{}: {e:#}", path.display()))
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    const UNDEFINED: u32 = 0xFFFF_FFFF;
 
     fn el(out: &mut Vec<u8>, explicit: bool, g: u16, e: u16, vr: &[u8; 2], v: &[u8]) {
         out.extend(g.to_le_bytes());
@@ -259,7 +540,27 @@ pub(crate) mod tests {
         } else {
             "1.2.840.10008.1.2\0"
         };
-        el(&mut out, true, 0x0002, 0x0010, b"UI", ts.as_bytes());
+        // File meta: group length, SOP class/instance and transfer syntax.
+        let mut meta = Vec::new();
+        el(
+            &mut meta,
+            true,
+            0x0002,
+            0x0002,
+            b"UI",
+            b"1.2.840.10008.5.1.4.1.1.7\0",
+        );
+        el(&mut meta, true, 0x0002, 0x0003, b"UI", b"1.2.3.4\0");
+        el(&mut meta, true, 0x0002, 0x0010, b"UI", ts.as_bytes());
+        el(
+            &mut out,
+            true,
+            0x0002,
+            0x0000,
+            b"UL",
+            &(meta.len() as u32).to_le_bytes(),
+        );
+        out.extend(meta);
         el(&mut out, explicit, 0x0008, 0x0060, b"CS", b"CT");
         // (0008,1140) SQ of undefined length with one undefined-length item.
         out.extend([0x08, 0x00, 0x40, 0x11]);
@@ -296,6 +597,22 @@ pub(crate) mod tests {
             &mut out,
             explicit,
             0x0028,
+            0x0101,
+            b"US",
+            &16u16.to_le_bytes(),
+        );
+        el(
+            &mut out,
+            explicit,
+            0x0028,
+            0x0102,
+            b"US",
+            &15u16.to_le_bytes(),
+        );
+        el(
+            &mut out,
+            explicit,
+            0x0028,
             0x0103,
             b"US",
             &u16::from(signed).to_le_bytes(),
@@ -308,7 +625,11 @@ pub(crate) mod tests {
     #[test]
     fn reads_explicit_and_implicit_16_bit_with_min_max_scaling() {
         for explicit in [true, false] {
-            let img = read(&file(explicit, 3, 1, &[100, 150, 200], false)).unwrap();
+            let img = read(
+                &file(explicit, 3, 1, &[100, 150, 200], false),
+                &DicomOptions::default(),
+            )
+            .unwrap();
             assert_eq!((img.width, img.height), (3, 1));
             assert_eq!(
                 img.data,
@@ -319,25 +640,75 @@ pub(crate) mod tests {
         // Signed: -100, 0, 100 -> 0, 127.5 -> 128, 255.
         let s = [(-100i16) as u16, 0, 100];
         assert_eq!(
-            read(&file(true, 3, 1, &s, true)).unwrap().data[..4],
+            read(&file(true, 3, 1, &s, true), &DicomOptions::default())
+                .unwrap()
+                .data[..4],
             [0, 0, 0, 128]
         );
     }
 
     #[test]
     fn refuses_what_it_cannot_decode() {
-        assert!(read(b"short").is_err());
+        let o = DicomOptions::default();
+        assert!(read(b"short", &o).is_err());
         let f = file(true, 3, 1, &[1, 2, 3], false);
-        assert!(read(&f[..f.len() - 3]).is_err(), "truncated pixel data");
+        assert!(read(&f[..f.len() - 3], &o).is_err(), "truncated pixel data");
         let mut jpeg = f.clone();
         let at = jpeg
             .windows(19)
             .position(|w| w == b"1.2.840.10008.1.2.1")
             .unwrap();
-        jpeg[at + 18] = b'4'; // 1.2.840.10008.1.2.4 = a JPEG family prefix
-        let err = format!("{:#}", read(&jpeg).unwrap_err());
-        assert!(err.contains("convert the image to PNG"), "{err}");
+        jpeg[at + 18] = b'4'; // 1.2.840.10008.1.2.4: a prefix, no transfer syntax of its own
+        let err = format!("{:#}", read(&jpeg, &o).unwrap_err());
+        assert!(
+            err.contains("1.2.840.10008.1.2.4") && err.contains("convert the file"),
+            "{err}"
+        );
         let big = file(true, 3, 2, &[1, 2, 3], false);
-        assert!(read(&big).is_err(), "pixel data shorter than rows x cols");
+        assert!(
+            read(&big, &o).is_err(),
+            "pixel data shorter than rows x cols"
+        );
+        let err = format!(
+            "{:#}",
+            read(
+                &f,
+                &DicomOptions {
+                    frame: 1,
+                    window: None
+                }
+            )
+            .unwrap_err()
+        );
+        assert!(err.contains("frame 1") && err.contains("has 1"), "{err}");
+    }
+
+    #[test]
+    fn windows_parse_and_apply() {
+        let w: Window = "40,400".parse().unwrap();
+        assert_eq!(
+            w,
+            Window {
+                centre: 40.0,
+                width: 400.0
+            }
+        );
+        assert_eq!("Lung".parse::<Window>().unwrap().centre, -600.0);
+        for bad in ["", "40", "40,0", "a,b", "abdomenx", "nan,4"] {
+            assert!(bad.parse::<Window>().is_err(), "{bad}");
+        }
+        assert_eq!(window_to_u8(-1000.0, w, false), 0);
+        assert_eq!(window_to_u8(1000.0, w, false), 255);
+        assert_eq!(window_to_u8(39.5, w, false), 128);
+        // A window overrides min-max on a CT slice: 100..200 inside 40±200.
+        let img = read(
+            &file(true, 3, 1, &[100, 150, 200], false),
+            &DicomOptions {
+                frame: 0,
+                window: Some(w),
+            },
+        )
+        .unwrap();
+        assert_eq!(img.data[0], window_to_u8(100.0, w, false));
     }
 }

@@ -3,7 +3,11 @@
 //! 8-bit samples are used as they are; 16-bit samples are min-max scaled to 0..255 and rounded
 //! (half to even, as numpy); grey is repeated to three channels; channels beyond RGB (alpha) are
 //! dropped. Palette images are expanded to their colours. Label masks are read without any
-//! scaling: a pixel's value (or palette index) is its label. DICOM slices go through `crate::dicom`.
+//! scaling: a pixel's value (or palette index) is its label. DICOM slices go through `crate::dicom`
+//! (frames, LUTs, windows); JPEG, TIFF and BMP stills through the `image` crate with the same
+//! rules (8-bit as is, 16-bit and float min-max scaled). PNG stays on the `png` crate, which the
+//! mask writer and label reader need anyway and whose palette and bit-depth handling the
+//! protocol tests pin down.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -11,6 +15,8 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use minisam_models::image::{Mask, RgbImage, MAX_IMAGE_SIDE};
+
+pub use crate::dicom::{DicomOptions, Window};
 
 /// A label image: one `u16` label per pixel, row-major.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,19 +76,86 @@ fn decode<R: Read>(r: R, transformations: png::Transformations) -> Result<Decode
     })
 }
 
-/// Reads an image file (PNG, or single-frame uncompressed DICOM recognised by its `DICM`
-/// marker) as the protocol's 3-channel uint8 image.
+/// Reads an image file (PNG, JPEG, TIFF, BMP or DICOM, recognised by content) as the
+/// protocol's 3-channel uint8 image; a DICOM file's first frame with its default window.
 pub fn read_rgb(path: &Path) -> Result<RgbImage> {
+    read_rgb_with(path, &DicomOptions::default())
+}
+
+/// [`read_rgb`] with a DICOM frame and window; asking for either on a still image is an error
+/// rather than silently ignored.
+pub fn read_rgb_with(path: &Path, opts: &DicomOptions) -> Result<RgbImage> {
     let mut bytes = Vec::new();
     open(path)?
         .read_to_end(&mut bytes)
         .with_context(|| format!("reading {}", path.display()))?;
     let image = if crate::dicom::looks_like(&bytes) {
-        crate::dicom::read(&bytes)
-    } else {
+        crate::dicom::read(&bytes, opts)
+    } else if opts.frame != 0 || opts.window.is_some() {
+        Err(anyhow!(
+            "--frame and --window apply to DICOM files only; this is a still image"
+        ))
+    } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
         read_rgb_from(&bytes[..])
+    } else {
+        read_still(&bytes)
     };
     image.with_context(|| format!("reading image {}", path.display()))
+}
+
+/// JPEG, TIFF or BMP through the `image` crate, with the protocol's conversion rules.
+pub fn read_still(bytes: &[u8]) -> Result<RgbImage> {
+    use image::ImageFormat;
+    let unknown = || {
+        anyhow!("unrecognised image format: PNG, JPEG, TIFF, BMP and DICOM files are read; convert the image to PNG")
+    };
+    let format = image::guess_format(bytes).map_err(|_| unknown())?;
+    if !matches!(
+        format,
+        ImageFormat::Jpeg | ImageFormat::Tiff | ImageFormat::Bmp
+    ) {
+        return Err(unknown());
+    }
+    let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+    // Size limits before decoding, so a hostile header cannot make us allocate gigabytes.
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE as u32);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE as u32);
+    reader.limits(limits);
+    let img = reader
+        .decode()
+        .map_err(|e| anyhow!("corrupt or unsupported {format:?} image ({e}); convert it to PNG"))?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if w == 0 || h == 0 {
+        bail!("{format:?} image of size {w}x{h} is empty");
+    }
+    let colour = img.color();
+    let grey = !colour.has_color();
+    let sample_bytes = usize::from(colour.bytes_per_pixel() / colour.channel_count());
+    // Alpha is dropped by the grey/RGB conversions, as for PNG.
+    let data: Vec<u8> = match (sample_bytes, grey) {
+        (1, true) => img.to_luma8().into_raw(),
+        (1, false) => img.to_rgb8().into_raw(),
+        (2, true) => min_max_to_u8(&img.to_luma16().into_raw()),
+        (2, false) => min_max_to_u8(&img.to_rgb16().into_raw()),
+        (_, g) => {
+            let f = if g {
+                img.to_luma32f().into_raw()
+            } else {
+                img.to_rgb32f().into_raw()
+            };
+            if f.iter().any(|v| !v.is_finite()) {
+                bail!("{format:?} image holds NaN or infinite samples");
+            }
+            min_max_f64_to_u8(&f.iter().map(|&v| f64::from(v)).collect::<Vec<_>>())
+        }
+    };
+    let img = if grey {
+        RgbImage::from_grey(w, h, &data)
+    } else {
+        RgbImage::new(w, h, data)
+    };
+    img.map_err(|e| anyhow!("{e}"))
 }
 
 pub fn read_rgb_from<R: Read>(r: R) -> Result<RgbImage> {
@@ -142,6 +215,21 @@ pub fn min_max_to_u8(v: &[u16]) -> Vec<u8> {
     let range = f64::from(hi - lo);
     v.iter()
         .map(|&x| (f64::from(x - lo) / range * 255.0).round_ties_even() as u8)
+        .collect()
+}
+
+/// The same rule over real values (DICOM after its modality LUT, float TIFF).
+pub fn min_max_f64_to_u8(v: &[f64]) -> Vec<u8> {
+    let (lo, hi) = v
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        });
+    if v.is_empty() || hi <= lo {
+        return vec![0; v.len()];
+    }
+    v.iter()
+        .map(|&x| ((x - lo) / (hi - lo) * 255.0).round_ties_even() as u8)
         .collect()
 }
 
@@ -227,6 +315,23 @@ pub fn write_mask_to<W: Write>(w: W, mask: &Mask, value: MaskValue) -> Result<()
         .map(|&v| if v != 0 { on } else { 0 })
         .collect();
     writer.write_image_data(&data)?;
+    writer.finish()?;
+    Ok(())
+}
+
+/// Writes an image as an 8-bit RGB PNG (`minisam convert`): exactly the engine's input.
+pub fn write_rgb(path: &Path, img: &RgbImage) -> Result<()> {
+    let f = File::create(path).with_context(|| {
+        format!(
+            "cannot create {}: check the directory and its permissions",
+            path.display()
+        )
+    })?;
+    let mut enc = png::Encoder::new(BufWriter::new(f), img.width as u32, img.height as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut writer = enc.write_header()?;
+    writer.write_image_data(&img.data)?;
     writer.finish()?;
     Ok(())
 }
@@ -436,5 +541,71 @@ mod tests {
         std::fs::remove_file(&dcm).unwrap();
         let err = read_rgb(Path::new("/nonexistent/dir/x.png")).unwrap_err();
         assert!(format!("{err:#}").contains("cannot open"));
+    }
+
+    fn encoded(img: image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, format).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn jpeg_tiff_and_bmp_follow_the_protocol_rules() {
+        use image::{DynamicImage, ImageBuffer, ImageFormat};
+        // 16-bit grey TIFF: min-max, half to even, like 16-bit PNG.
+        let g16 = ImageBuffer::from_raw(3, 1, vec![100u16, 150, 200]).unwrap();
+        let tiff = encoded(DynamicImage::ImageLuma16(g16), ImageFormat::Tiff);
+        assert_eq!(
+            read_still(&tiff).unwrap().data,
+            vec![0, 0, 0, 128, 128, 128, 255, 255, 255]
+        );
+        // 8-bit RGB BMP and TIFF: as stored.
+        let rgb: Vec<u8> = (0..2 * 3 * 3).map(|i| (i * 13) as u8).collect();
+        for format in [ImageFormat::Bmp, ImageFormat::Tiff] {
+            let img = DynamicImage::ImageRgb8(ImageBuffer::from_raw(2, 3, rgb.clone()).unwrap());
+            let got = read_still(&encoded(img, format)).unwrap();
+            assert_eq!(
+                (got.width, got.height, &got.data),
+                (2, 3, &rgb),
+                "{format:?}"
+            );
+        }
+        // 8-bit grey JPEG: lossy, but close.
+        let grey: Vec<u8> = (0..16 * 16)
+            .map(|i| (i % 16 * 8 + i / 16 * 4) as u8)
+            .collect();
+        let jpeg = encoded(
+            DynamicImage::ImageLuma8(ImageBuffer::from_raw(16, 16, grey.clone()).unwrap()),
+            ImageFormat::Jpeg,
+        );
+        let got = read_still(&jpeg).unwrap();
+        let worst = got
+            .data
+            .iter()
+            .step_by(3)
+            .zip(&grey)
+            .map(|(&a, &b)| a.abs_diff(b))
+            .max()
+            .unwrap();
+        assert!(worst <= 8, "JPEG differs by {worst}");
+        // Unknown, truncated and non-still inputs are errors that say what is read.
+        let err = format!("{:#}", read_still(b"GIF89a....").unwrap_err());
+        assert!(err.contains("PNG, JPEG, TIFF, BMP and DICOM"), "{err}");
+        assert!(read_still(&tiff[..tiff.len() / 2]).is_err());
+        assert!(read_still(&jpeg[..jpeg.len() / 2]).is_err());
+        let p =
+            std::env::temp_dir().join(format!("minisam-test-{}-still.tiff", std::process::id()));
+        std::fs::write(&p, &tiff).unwrap();
+        assert_eq!(
+            read_rgb(&p).unwrap().data[3],
+            128,
+            "TIFF is recognised by content"
+        );
+        let opts = DicomOptions {
+            frame: 1,
+            window: None,
+        };
+        assert!(format!("{:#}", read_rgb_with(&p, &opts).unwrap_err()).contains("DICOM files only"));
+        std::fs::remove_file(&p).unwrap();
     }
 }

@@ -23,6 +23,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
         cli::Command::Pack(a) => commands::pack::run(a),
         cli::Command::Inspect(a) => commands::inspect::run(a),
         cli::Command::Segment(a) => commands::segment::run(a),
+        cli::Command::Convert(a) => commands::convert::run(a),
         cli::Command::Eval(a) => commands::eval::run(a),
         cli::Command::Train(a) => commands::train::run(a),
         cli::Command::Distill(a) => commands::distill::run(a),

@@ -24,7 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Segment a PNG (or DICOM) image; writes the mask as PNG (0/255).
+    /// Segment a PNG image (other formats: `minisam convert IN -o OUT.png` first); writes the
+    /// mask as PNG (0/255).
     Segment {
         image: PathBuf,
         /// x0,y0,x1,y1 in pixels.
@@ -151,7 +152,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Wait { .. } => unreachable!("handled above"),
         Command::Segment { image, boxes, points, output, adapter } => {
-            let img = minisam::image_io::read_rgb(&image)?;
+            let img = minisamd::client::png_io::read_rgb(&image)?;
             let fd = memfd::sealed_frame_from(&img.data).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
             let layout = (img.width as u32, img.height as u32, (img.width * 3) as u32, "rgb8".to_string());
             let mut options: HashMap<&str, OwnedVariant> = HashMap::new();
@@ -166,7 +167,7 @@ async fn run(cli: Cli) -> Result<()> {
                 bail!("daemon returned {} mask bytes for a {}x{} image", bytes.len(), img.width, img.height);
             }
             let mask = minisam_models::image::Mask { width: img.width, height: img.height, data: bytes[..plane].iter().map(|&v| u8::from(v != 0)).collect() };
-            minisam::image_io::write_mask(&output, &mask, minisam::image_io::MaskValue::Visible255)?;
+            minisamd::client::png_io::write_mask(&output, &mask)?;
             println!("mask {} written ({} px inside), IoU {:.3}, frame {frame_id}", output.display(), mask.area(), iou.first().copied().unwrap_or(f64::NAN));
             println!("model {}  adapter {}", &model[..model.len().min(12)], if adapter_sha.is_empty() { "-" } else { &adapter_sha[..adapter_sha.len().min(12)] });
             let t = |k: &str| timings.get(k).copied().unwrap_or(0) as f64 / 1000.0;

@@ -17,7 +17,7 @@ pub fn read(bytes: &[u8]) -> Result<TensorMap> {
         .ok_or_else(|| Error::Import("zip has no <root>/data.pkl: not a torch.save checkpoint".into()))?
         .clone();
     let root = pkl.trim_end_matches("data.pkl").to_string();
-    let top = pickle::load(&bytes[entries[&pkl].clone()])?;
+    let top = pickle::load(&entries[&pkl])?;
     let dict = state_dict(&top, true)?;
     let mut out = TensorMap::new();
     for (name, t) in dict {
@@ -28,8 +28,8 @@ pub fn read(bytes: &[u8]) -> Result<TensorMap> {
             return Err(Error::Import(format!("tensor {name}: integer tensors are not model weights")));
         }
         let key = format!("{root}data/{}", t.key);
-        let range = entries.get(&key).ok_or_else(|| Error::Import(format!("tensor {name}: storage {key} missing from the zip")))?;
-        let values = gather(&bytes[range.clone()], &t).map_err(|e| Error::Import(format!("tensor {name}: {e}")))?;
+        let data = entries.get(&key).ok_or_else(|| Error::Import(format!("tensor {name}: storage {key} missing from the zip")))?;
+        let values = gather(data, &t).map_err(|e| Error::Import(format!("tensor {name}: {e}")))?;
         out.insert(name, (t.size.clone(), values));
     }
     Ok(out)

@@ -1,26 +1,18 @@
 //! `.safetensors` files (Hugging Face): 8-byte little-endian header length, a JSON header
 //! `{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}`, then the raw
-//! little-endian tensor bytes, offsets relative to the end of the header. Only floating
-//! dtypes F32 / F16 / BF16 are read (to f32); every offset is checked against the file.
+//! little-endian tensor bytes. The header is untrusted input, so it is parsed and validated
+//! (header size limit, offsets contiguous and inside the file, byte counts matching shapes) by
+//! the `safetensors` crate, the format's reference implementation; we only convert the
+//! floating dtypes F32 / F16 / BF16 to f32.
 
-use std::collections::BTreeMap;
-
-use serde::{Deserialize, Serialize};
+#[cfg(feature = "checkpoint-import")]
+use ::safetensors::{Dtype, SafeTensors};
 
 use crate::{Error, Result};
 
 use super::fold::TensorMap;
 
-/// Refuse absurd headers before allocating for them.
-const MAX_HEADER: u64 = 100 << 20;
-
-#[derive(Serialize, Deserialize)]
-struct Entry {
-    dtype: String,
-    shape: Vec<usize>,
-    data_offsets: [usize; 2],
-}
-
+#[cfg(feature = "checkpoint-import")]
 fn bad(msg: impl Into<String>) -> Error {
     Error::Import(format!("safetensors: {}", msg.into()))
 }
@@ -30,75 +22,59 @@ pub fn looks_like(bytes: &[u8]) -> bool {
     bytes.len() >= 9 && bytes[8] == b'{'
 }
 
+/// Without the `checkpoint-import` feature no safetensors file is read or written.
+#[cfg(not(feature = "checkpoint-import"))]
+pub fn read(_bytes: &[u8]) -> Result<TensorMap> {
+    Err(Error::Import("this build reads packed models only (minisam-models without its `checkpoint-import` feature); pack the checkpoint with `minisam pack CKPT -o FILE.msam`".into()))
+}
+
+#[cfg(not(feature = "checkpoint-import"))]
+pub fn write(_path: &std::path::Path, _tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
+    Err(Error::Import("this build reads packed models only (minisam-models without its `checkpoint-import` feature); pack the checkpoint with `minisam pack CKPT -o FILE.msam`".into()))
+}
+
 /// Every floating tensor in the file, converted to f32.
+#[cfg(feature = "checkpoint-import")]
 pub fn read(bytes: &[u8]) -> Result<TensorMap> {
-    let len_bytes: [u8; 8] = bytes.get(..8).and_then(|s| s.try_into().ok()).ok_or_else(|| bad("file shorter than 8 bytes"))?;
-    let header_len = u64::from_le_bytes(len_bytes);
-    if header_len > MAX_HEADER {
-        return Err(bad(format!("header of {header_len} bytes is implausibly large")));
-    }
-    let data_start = 8 + header_len as usize;
-    let header = bytes.get(8..data_start).ok_or_else(|| bad("header past the end of the file"))?;
-    let data = &bytes[data_start..];
-    let raw: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(header).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+    let file = SafeTensors::deserialize(bytes)
+        .map_err(|e| bad(format!("{e} (truncated or not a safetensors file: re-download or re-export it)")))?;
     let mut out = TensorMap::new();
-    for (name, value) in raw {
-        if name == "__metadata__" {
-            continue;
-        }
-        let e: Entry = serde_json::from_value(value).map_err(|e| bad(format!("tensor {name}: {e}")))?;
-        let elem = match e.dtype.as_str() {
-            "F32" => 4,
-            "F16" | "BF16" => 2,
-            other => return Err(bad(format!("tensor {name}: dtype {other} is not supported (F32, F16, BF16)"))),
+    for (name, view) in file.iter() {
+        let raw = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            other => return Err(bad(format!("tensor {name}: dtype {other:?} is not supported (F32, F16, BF16)"))),
         };
-        let [begin, end] = e.data_offsets;
-        let numel = e.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad(format!("tensor {name}: shape overflows")))?;
-        let want = numel.checked_mul(elem).ok_or_else(|| bad(format!("tensor {name}: size overflows")))?;
-        let raw = data.get(begin..end).ok_or_else(|| bad(format!("tensor {name}: offsets {begin}..{end} outside {} data bytes", data.len())))?;
-        if raw.len() != want {
-            return Err(bad(format!("tensor {name}: {} bytes for shape {:?} of {}", raw.len(), e.shape, e.dtype)));
-        }
-        let values: Vec<f32> = match e.dtype.as_str() {
-            "F32" => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            "F16" => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            _ => raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        };
-        out.insert(name, (e.shape, values));
+        out.insert(name.to_string(), (view.shape().to_vec(), values));
     }
     Ok(out)
 }
 
-/// Writes f32 tensors as a safetensors file (header padded with spaces to 8 bytes).
+/// Writes f32 tensors as a safetensors file (through the crate's serializer, so what we write
+/// is what every other reader expects).
+#[cfg(feature = "checkpoint-import")]
 pub fn write(path: &std::path::Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
-    let mut header = BTreeMap::new();
-    let mut offset = 0usize;
+    let mut bytes = Vec::with_capacity(tensors.len());
     for (name, shape, values) in tensors {
         if shape.iter().product::<usize>() != values.len() {
             return Err(Error::Shape(format!("{name}: {} values for shape {shape:?}", values.len())));
         }
-        let end = offset + values.len() * 4;
-        header.insert(name.clone(), Entry { dtype: "F32".into(), shape: shape.clone(), data_offsets: [offset, end] });
-        offset = end;
+        bytes.push(values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
     }
-    let mut json = serde_json::to_vec(&header).map_err(|e| bad(e.to_string()))?;
-    while json.len() % 8 != 0 {
-        json.push(b' ');
-    }
-    let mut out = Vec::with_capacity(8 + json.len() + offset);
-    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    out.extend_from_slice(&json);
-    // Offsets were assigned in input order, so the data follows that order.
-    for (_, _, values) in tensors {
-        for v in values {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-    }
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), b)| {
+            ::safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b).map(|v| (name.as_str(), v)).map_err(|e| bad(format!("{name}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let out = ::safetensors::serialize(views, None).map_err(|e| bad(e.to_string()))?;
     std::fs::write(path, out).map_err(|source| Error::Io { path: path.display().to_string(), source })
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "checkpoint-import"))]
 mod tests {
     use super::*;
 

@@ -1,12 +1,22 @@
-//! The smallest zip reader/writer a PyTorch checkpoint needs.
+//! Reading the zip container of PyTorch checkpoints, through the `zip` crate.
 //!
 //! `torch.save` (≥ 1.6) writes an uncompressed ("stored") zip whose entries are the pickle and
-//! one raw byte blob per storage. We only locate entries through the central directory and
-//! hand out byte ranges into the caller's buffer: no decompression, no ZIP64 (files ≥ 4 GiB are
-//! refused with a clear error), and every offset read from the file is bounds-checked.
+//! one raw byte blob per storage. The archive structure (end record, ZIP64, central directory,
+//! local headers) is untrusted input, so it is parsed by the maintained, fuzzed `zip` crate
+//! rather than by our own code. Stored entries are handed out as borrowed slices of the
+//! caller's (memory-mapped) buffer, so a multi-GB ViT-H checkpoint is never copied whole;
+//! deflated entries (a checkpoint re-zipped by hand) are inflated, with their CRC checked.
+//!
+//! The writer below stays ours: it only emits trusted data, and it reproduces torch's 64-byte
+//! data alignment ("FB" padding field), which PyTorch's `mmap=True` loading relies on.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::ops::Range;
+#[cfg(feature = "checkpoint-import")]
+use std::io::{Cursor, Read};
+
+#[cfg(feature = "checkpoint-import")]
+use ::zip::{CompressionMethod, ZipArchive};
 
 use crate::{Error, Result};
 
@@ -16,89 +26,62 @@ const LOCAL_SIG: u32 = 0x0403_4b50;
 /// Entry data is aligned like torch's writer does, so a reader may map it in place.
 const DATA_ALIGN: usize = 64;
 
+#[cfg(feature = "checkpoint-import")]
 fn bad(msg: impl Into<String>) -> Error {
     Error::Import(format!("zip: {}", msg.into()))
 }
 
-fn u16_at(b: &[u8], at: usize) -> Result<u16> {
-    let s = at.checked_add(2).and_then(|end| b.get(at..end)).ok_or_else(|| bad(format!("truncated at byte {at}")))?;
-    Ok(u16::from_le_bytes([s[0], s[1]]))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Result<u32> {
-    let s = at.checked_add(4).and_then(|end| b.get(at..end)).ok_or_else(|| bad(format!("truncated at byte {at}")))?;
-    Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-}
-
-/// Name → byte range of the entry's (stored) data inside `bytes`.
-pub fn entries(bytes: &[u8]) -> Result<BTreeMap<String, Range<usize>>> {
-    let eocd = find_eocd(bytes)?;
-    let count = u16_at(bytes, eocd + 10)? as usize;
-    let cd_size = u32_at(bytes, eocd + 12)?;
-    let cd_offset = u32_at(bytes, eocd + 16)?;
-    if count == 0xffff || cd_size == u32::MAX || cd_offset == u32::MAX {
-        return Err(bad("ZIP64 archives (checkpoints of 4 GiB or more) are not supported"));
-    }
-    let mut at = cd_offset as usize;
+/// Name → contents of every file entry: a slice of `bytes` for stored entries, an owned buffer
+/// for deflated ones. Any structural damage (truncation, offsets or sizes past the end, a bad
+/// CRC in a deflated entry, encryption, an unsupported compression method) is an error.
+#[cfg(feature = "checkpoint-import")]
+pub fn entries(bytes: &[u8]) -> Result<BTreeMap<String, Cow<'_, [u8]>>> {
+    let mut archive = ZipArchive::new(Cursor::new(bytes))
+        .map_err(|e| bad(format!("{e} (not a zip, or truncated: re-download or re-save the checkpoint)")))?;
     let mut out = BTreeMap::new();
-    for _ in 0..count {
-        if u32_at(bytes, at)? != CENTRAL_SIG {
-            return Err(bad(format!("no central directory entry at byte {at}")));
+    for i in 0..archive.len() {
+        let (name, method, encrypted, start, size, comp_size) = {
+            let f = archive.by_index_raw(i).map_err(|e| bad(format!("entry {i}: {e}")))?;
+            let start = f.data_start().ok_or_else(|| bad(format!("entry {}: no local header", f.name())))?;
+            (f.name().to_string(), f.compression(), f.encrypted(), start, f.size(), f.compressed_size())
+        };
+        if name.ends_with('/') {
+            continue;
         }
-        let method = u16_at(bytes, at + 10)?;
-        let comp_size = u32_at(bytes, at + 20)? as usize;
-        let size = u32_at(bytes, at + 24)? as usize;
-        let name_len = u16_at(bytes, at + 28)? as usize;
-        let extra_len = u16_at(bytes, at + 30)? as usize;
-        let comment_len = u16_at(bytes, at + 32)? as usize;
-        let local = u32_at(bytes, at + 42)? as usize;
-        let name_start = at + 46;
-        let name_bytes = name_start
-            .checked_add(name_len)
-            .and_then(|end| bytes.get(name_start..end))
-            .ok_or_else(|| bad("entry name past the end of the file"))?;
-        let name = String::from_utf8(name_bytes.to_vec()).map_err(|_| bad("entry name is not UTF-8"))?;
-        if method != 0 || comp_size != size {
-            return Err(bad(format!("entry {name} is compressed (method {method}); torch.save writes stored entries")));
+        if encrypted {
+            return Err(bad(format!("entry {name} is encrypted; torch.save never encrypts")));
         }
-        let data = local_data(bytes, local, size).map_err(|e| bad(format!("entry {name}: {e}")))?;
+        // Bounds of the raw data, checked here because stored data is sliced without copying.
+        let range = usize::try_from(start)
+            .ok()
+            .zip(usize::try_from(comp_size).ok())
+            .and_then(|(s, n)| Some(s..s.checked_add(n)?))
+            .filter(|r| r.end <= bytes.len())
+            .ok_or_else(|| bad(format!("entry {name}: data at {start}+{comp_size} past the end of a {}-byte file", bytes.len())))?;
+        let data = match method {
+            CompressionMethod::Stored if comp_size == size => Cow::Borrowed(&bytes[range]),
+            CompressionMethod::Stored => return Err(bad(format!("entry {name}: stored entry with two different sizes"))),
+            CompressionMethod::Deflated => {
+                let mut f = archive.by_index(i).map_err(|e| bad(format!("entry {name}: {e}")))?;
+                // The declared size bounds the allocation; reading past it is caught below.
+                let mut v = Vec::with_capacity(usize::try_from(size).unwrap_or(0).min(1 << 30));
+                f.read_to_end(&mut v).map_err(|e| bad(format!("entry {name}: {e}")))?;
+                if v.len() as u64 != size {
+                    return Err(bad(format!("entry {name}: inflated to {} bytes, {size} declared", v.len())));
+                }
+                Cow::Owned(v)
+            }
+            other => return Err(bad(format!("entry {name} uses compression {other}; torch.save writes stored entries (deflate is also read)"))),
+        };
         out.insert(name, data);
-        at = name_start + name_len + extra_len + comment_len;
     }
     Ok(out)
 }
 
-fn find_eocd(bytes: &[u8]) -> Result<usize> {
-    if bytes.len() < 22 {
-        return Err(bad("file too short for a zip archive"));
-    }
-    // The end record is 22 bytes plus a comment of at most 65535 bytes.
-    let lowest = bytes.len().saturating_sub(22 + 0xffff);
-    let mut at = bytes.len() - 22;
-    loop {
-        if u32_at(bytes, at)? == EOCD_SIG {
-            return Ok(at);
-        }
-        if at == lowest {
-            return Err(bad("no end-of-central-directory record (not a zip, or truncated)"));
-        }
-        at -= 1;
-    }
-}
-
-fn local_data(bytes: &[u8], local: usize, size: usize) -> std::result::Result<Range<usize>, String> {
-    let e = |_| "local header truncated".to_string();
-    if u32_at(bytes, local).map_err(e)? != LOCAL_SIG {
-        return Err(format!("no local header at byte {local}"));
-    }
-    let name_len = u16_at(bytes, local + 26).map_err(e)? as usize;
-    let extra_len = u16_at(bytes, local + 28).map_err(e)? as usize;
-    let start = local + 30 + name_len + extra_len;
-    let end = start.checked_add(size).ok_or("size overflows")?;
-    if end > bytes.len() {
-        return Err(format!("data {start}..{end} past the end of a {}-byte file", bytes.len()));
-    }
-    Ok(start..end)
+/// Without the `checkpoint-import` feature no archive is parsed.
+#[cfg(not(feature = "checkpoint-import"))]
+pub fn entries(_bytes: &[u8]) -> Result<BTreeMap<String, Cow<'_, [u8]>>> {
+    Err(Error::Import("this build reads packed models only (minisam-models without its `checkpoint-import` feature); pack the checkpoint with `minisam pack CKPT -o FILE.msam`".into()))
 }
 
 /// Builds a stored zip in memory, data of each entry 64-byte aligned (as torch's writer does).
@@ -176,7 +159,7 @@ impl ZipWriter {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "checkpoint-import"))]
 mod tests {
     use super::*;
 
@@ -187,13 +170,22 @@ mod tests {
         w.finish()
     }
 
+    fn u32_at(b: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+    }
+
+    fn offset_in(whole: &[u8], part: &[u8]) -> usize {
+        part.as_ptr() as usize - whole.as_ptr() as usize
+    }
+
     #[test]
     fn round_trip_and_alignment() {
         let z = sample();
         let e = entries(&z).unwrap();
-        assert_eq!(&z[e["a/data.pkl"].clone()], b"hello");
-        assert_eq!(e["a/data/0"].start % DATA_ALIGN, 0);
-        assert_eq!(&z[e["a/data/0"].clone()], &[7u8; 100][..]);
+        assert_eq!(&e["a/data.pkl"][..], b"hello");
+        assert!(matches!(e["a/data/0"], Cow::Borrowed(_)), "stored entries are not copied");
+        assert_eq!(offset_in(&z, &e["a/data/0"]) % DATA_ALIGN, 0);
+        assert_eq!(&e["a/data/0"][..], &[7u8; 100][..]);
     }
 
     #[test]
@@ -206,15 +198,22 @@ mod tests {
 
     #[test]
     fn hostile_offsets_are_errors() {
-        let mut z = sample();
-        let eocd = find_eocd(&z).unwrap();
-        let cd = u32_at(&z, eocd + 16).unwrap() as usize;
+        let z0 = sample();
+        let eocd = z0.len() - 22;
+        assert_eq!(u32_at(&z0, eocd), EOCD_SIG);
+        let cd = u32_at(&z0, eocd + 16) as usize;
         // Local header offset of the first entry far past the end.
+        let mut z = z0.clone();
         z[cd + 42..cd + 46].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(entries(&z).is_err());
-        let mut z = sample();
+        // Sizes far past the end.
+        let mut z = z0.clone();
         z[cd + 24..cd + 28].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
         z[cd + 20..cd + 24].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+        assert!(entries(&z).is_err());
+        // An unsupported compression method (bzip2 = 12).
+        let mut z = z0.clone();
+        z[cd + 10..cd + 12].copy_from_slice(&12u16.to_le_bytes());
         assert!(entries(&z).is_err());
     }
 }

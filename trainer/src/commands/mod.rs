@@ -1,5 +1,6 @@
 //! One module per subcommand; each turns parsed arguments into a run and its printed report.
 
+pub mod convert;
 pub mod cuda;
 pub mod distill;
 pub mod eval;

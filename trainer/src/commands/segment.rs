@@ -18,7 +18,7 @@ use crate::runtime;
 pub fn run(args: &SegmentArgs) -> Result<()> {
     // Validated now, before the slow model load; bound (and checked against the model) after it.
     runtime::open_adapter(args.adapter.as_deref())?;
-    let image = image_io::read_rgb(&args.image)?;
+    let image = image_io::read_rgb_with(&args.image, &args.dicom.options())?;
     let env = std::env::var("MINISAM_MODEL").ok();
     let model_path = runtime::resolve_model(args.model.as_deref(), env.as_deref())?;
     let prompts = Prompts {
