@@ -22,7 +22,8 @@ pub enum Bus {
 #[derive(Debug, Parser)]
 #[command(name = "minisamd", version, about = "Segment Anything over D-Bus, frames and masks in sealed memfds")]
 pub struct Args {
-    /// Packed model (.msam) or official checkpoint.
+    /// Packed model (.msam); official checkpoints (.pth, .safetensors) only in a build with the
+    /// `checkpoints` feature (daemon/README.md says why).
     #[arg(long, default_value = "/usr/share/minisam/models/default.msam")]
     pub model: PathBuf,
     /// Adapter directory; repeatable. The first is the writable install target.
