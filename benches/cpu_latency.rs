@@ -42,6 +42,15 @@ fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// Whether `MINISAM_BENCH_MODELS` (comma-separated, case-insensitive substrings such as
+/// `lite,mobile,vit`) selects `model`; all models when unset.
+fn wanted(model: &str) -> bool {
+    match std::env::var("MINISAM_BENCH_MODELS") {
+        Ok(list) if !list.trim().is_empty() => list.split(',').any(|w| model.to_lowercase().contains(&w.trim().to_lowercase())),
+        _ => true,
+    }
+}
+
 fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -119,15 +128,19 @@ fn main() {
     std::fs::create_dir_all(&tmp).expect("temp dir");
     let mut rows = Vec::new();
 
-    rows.push(open_and_measure("LiteMedSAM@256", "packed (bundled)", &root.join("models/litemedsam-nf4.msam"), threads, runs));
     let lite = shared.join("lite_medsam.pth");
-    if lite.is_file() {
+    if wanted("LiteMedSAM") {
+        rows.push(open_and_measure("LiteMedSAM@256", "packed (bundled)", &root.join("models/litemedsam-nf4.msam"), threads, runs));
+    }
+    if !wanted("LiteMedSAM") {
+    } else if lite.is_file() {
         rows.push(open_and_measure("LiteMedSAM@256", "f32 checkpoint", &lite, threads, runs));
     } else {
         println!("(no {}: LiteMedSAM f32 row skipped)", lite.display());
     }
     let mobile = shared.join("mobile_sam.pt");
-    if mobile.is_file() {
+    if !wanted("MobileSAM") {
+    } else if mobile.is_file() {
         let ckpt = Checkpoint::open(&mobile).expect("MobileSAM checkpoint");
         let packed = tmp.join("mobilesam-nf4.msam");
         pack_to(&ckpt, ckpt.config(), "mobile_sam.pt", &packed);
@@ -136,11 +149,13 @@ fn main() {
     } else {
         println!("(no {}: MobileSAM rows skipped)", mobile.display());
     }
-    let vit_b = Checkpoint::from_tensors(synth::random_sam_vit(&VitConfig::sam_b(), 1024, 1)).expect("ViT-B layout");
-    let packed = tmp.join("vit-b-random-nf4.msam");
-    pack_to(&vit_b, vit_b.config(), "random ViT-B", &packed);
-    drop(vit_b);
-    rows.push(open_and_measure("SAM ViT-B@1024 (random)", "packed (pack default)", &packed, threads, runs.min(3)));
+    if wanted("SAM ViT-B") {
+        let vit_b = Checkpoint::from_tensors(synth::random_sam_vit(&VitConfig::sam_b(), 1024, 1)).expect("ViT-B layout");
+        let packed = tmp.join("vit-b-random-nf4.msam");
+        pack_to(&vit_b, vit_b.config(), "random ViT-B", &packed);
+        drop(vit_b);
+        rows.push(open_and_measure("SAM ViT-B@1024 (random)", "packed (pack default)", &packed, threads, runs.min(3)));
+    }
     let _ = std::fs::remove_dir_all(&tmp);
 
     println!("\nQLoRA-MiniSAM CPU backend, {threads} threads, median of {runs} encodes / {} decodes", runs * 4);
