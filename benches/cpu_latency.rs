@@ -164,6 +164,10 @@ fn main() {
     for r in &rows {
         println!("| {} | {} | {:.2} | {:.1} | {:.1} | {:.0} |", r.model, r.weights, r.file_mib, r.encode_ms, r.decode_ms, r.peak_rss_mib);
     }
+    if std::env::var("MINISAM_BENCH_PEERS").is_ok_and(|v| v == "0") {
+        println!("\nPeers: skipped (MINISAM_BENCH_PEERS=0)");
+        return;
+    }
     match torch_peer(threads, runs) {
         Ok(table) => println!("\nPyTorch peer, same threads, same run:\n{table}"),
         Err(why) => println!("\nPyTorch peer: missing ({why})"),
