@@ -83,20 +83,79 @@ pub(crate) fn gemm(isa: Isa, m: usize, n: usize, k: usize, a: &[f32], lda: usize
     let rows_per_task = m.div_ceil(wanted_row_tasks).div_ceil(mr).clamp(1, MC / mr) * mr;
     let row_tasks = m.div_ceil(rows_per_task);
     let out = SharedOut(c.as_mut_ptr());
-    let task = |t: usize| {
-        let (rt, ct) = (t % row_tasks, t / row_tasks);
-        let rows = rt * rows_per_task..((rt + 1) * rows_per_task).min(m);
-        let cols = ct * col_chunk..((ct + 1) * col_chunk).min(n);
-        // SAFETY: tasks write disjoint rectangles of C, which outlives the loop; the asserts
-        // above bound every read.
-        unsafe { run_task(isa, TileShape { mr, nr }, k, a, lda, b, out, ldc, rows, cols, epilogue) };
+    let run_all = |a_packed: Option<&[f32]>| {
+        let task = |t: usize| {
+            let (rt, ct) = (t % row_tasks, t / row_tasks);
+            let rows = rt * rows_per_task..((rt + 1) * rows_per_task).min(m);
+            let cols = ct * col_chunk..((ct + 1) * col_chunk).min(n);
+            let a = match a_packed {
+                Some(p) => AOperand::Packed { data: p, padded_rows: m.div_ceil(mr) * mr },
+                None => AOperand::RowMajor { data: a, lda },
+            };
+            // SAFETY: tasks write disjoint rectangles of C, which outlives the loop; the asserts
+            // above bound every read.
+            unsafe { run_task(isa, TileShape { mr, nr }, k, a, b, out, ldc, rows, cols, epilogue) };
+        };
+        let tasks = row_tasks * col_chunks;
+        if tasks == 1 {
+            task(0);
+        } else {
+            (0..tasks).into_par_iter().for_each(task);
+        }
     };
-    let tasks = row_tasks * col_chunks;
-    if tasks == 1 {
-        task(0);
+    // Several column chunks read the same rows of A (a convolution's weight against thousands
+    // of pixels): pack A once for all of them instead of once per task, which for small `k`
+    // cost as much as the product itself.
+    let padded_rows = m.div_ceil(mr) * mr;
+    if col_chunks > 1 && padded_rows * k <= PREPACK_A_FLOATS {
+        A_PACKED.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buf) => {
+                ensure_len(&mut buf, padded_rows * k);
+                prepack_a(a, lda, m, k, mr, &mut buf[..padded_rows * k]);
+                run_all(Some(&buf[..padded_rows * k]));
+            }
+            Err(_) => run_all(None),
+        });
     } else {
-        (0..tasks).into_par_iter().for_each(task);
+        run_all(None);
     }
+}
+
+/// Bound on a whole-matrix packed A, in floats (16 MiB).
+const PREPACK_A_FLOATS: usize = 4 << 20;
+
+thread_local! {
+    /// The whole packed A of the `gemm` call running on this thread (see `gemm`).
+    static A_PACKED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The left-hand operand as a task reads it.
+#[derive(Clone, Copy)]
+enum AOperand<'a> {
+    /// Row-major: element `(i, p)` at `data[i * lda + p]`; tasks pack their own rows.
+    RowMajor { data: &'a [f32], lda: usize },
+    /// Packed by [`prepack_a`] for the whole matrix.
+    Packed { data: &'a [f32], padded_rows: usize },
+}
+
+/// Packs all of A: for each `KC` block of `k` (starting at `k0`, depth `kc`), the row panels
+/// `[m.div_ceil(mr)][kc][mr]` at offset `k0 * padded_rows`, exactly the panels `pack_a` would
+/// make for any task whose rows start at a multiple of `mr`.
+// a: element (i, p) at a[i * lda + p]; dst: m.div_ceil(mr) * mr * k floats.
+fn prepack_a(a: &[f32], lda: usize, m: usize, k: usize, mr: usize, dst: &mut [f32]) {
+    let padded_rows = m.div_ceil(mr) * mr;
+    let blocks: Vec<(usize, &mut [f32])> = {
+        let mut rest = dst;
+        let mut out = Vec::new();
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let (block, tail) = rest.split_at_mut(padded_rows * kc);
+            out.push((k0, block));
+            rest = tail;
+        }
+        out
+    };
+    blocks.into_par_iter().for_each(|(k0, block)| pack_a(a, lda, 0..m, k0, KC.min(k - k0), mr, block));
 }
 
 /// One rectangle of C.
@@ -106,8 +165,7 @@ unsafe fn run_task(
     isa: Isa,
     shape: TileShape,
     k: usize,
-    a: &[f32],
-    lda: usize,
+    a: AOperand,
     b: BOperand,
     out: SharedOut,
     ldc: usize,
@@ -133,7 +191,14 @@ unsafe fn run_task(
         let mut edge = [0.0f32; MAX_TILE];
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
-            pack_a(a, lda, rows.clone(), k0, kc, mr, a_buf);
+            let a_panels = match a {
+                AOperand::RowMajor { data, lda } => {
+                    pack_a(data, lda, rows.clone(), k0, kc, mr, a_buf);
+                    a_buf.as_ptr()
+                }
+                // Rows start at a multiple of mr, so this task's panels are contiguous there.
+                AOperand::Packed { data, padded_rows } => data.as_ptr().add(k0 * padded_rows + (rows.start / mr) * kc * mr),
+            };
             if let BOperand::RowMajor { data, ldb } = b {
                 pack_b_row_major(data, ldb, cols.clone(), k0, kc, nr, b_buf);
             }
@@ -147,7 +212,7 @@ unsafe fn run_task(
                 for ip in 0..row_panels {
                     let i0 = rows.start + ip * mr;
                     let height = mr.min(rows.end - i0);
-                    let a_panel = a_buf.as_ptr().add(ip * kc * mr);
+                    let a_panel = a_panels.add(ip * kc * mr);
                     let dst = c.add(i0 * ldc + j0);
                     if height == mr && width == nr {
                         microkernel::run(isa, kc, a_panel, b_panel, dst, ldc, k0 > 0);
