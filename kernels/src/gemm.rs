@@ -1,15 +1,19 @@
 //! Matrix products: the engine's hot loop.
 //!
 //! [`linear`] computes `act(x · wᵀ + bias)` with `w` in its stored precision (f32, fp16 or NF4).
-//! The weight is never dequantised whole: each task takes a tile of [`TILE_N`] output features,
-//! dequantises just those rows of `w` into a per-thread scratch buffer and multiplies a block of
-//! rows of `x` against it. Both operands are then rows contiguous in `k`, so the micro-kernel is a
-//! register-blocked set of dot products (`MR` rows of `x` × `NR` rows of `w`, `LANES`-wide partial
-//! sums). The crate is built for the baseline x86-64 target, where the compiler does not vectorise
-//! that kernel well, so on CPUs with AVX2+FMA (detected at run time) an explicit-intrinsics copy of
-//! it runs instead: ~60 GFLOP/s per core for f32 weights, ~50 for NF4 (release build, k = 768).
+//! Two paths, by the number of rows of `x`:
+//! - from [`PACKED_MIN_ROWS`] rows on (every encoder layer), the blocked GEMM of
+//!   `crate::packed_gemm`: the weight is dequantised row by row into micro-kernel panels once
+//!   per call (`n·k` work against `m·n·k` multiply-adds) and bias and activation run in the
+//!   epilogue; AVX-512 / AVX2 / NEON / portable micro-kernels chosen at run time
+//!   (`crate::simd`);
+//! - below it (the decoder's handful of tokens), the tile-by-tile path: each task dequantises a
+//!   tile of [`TILE_N`] weight rows and takes register-blocked dot products against the rows of
+//!   `x` (an AVX2+FMA intrinsics copy where the CPU has it), so a weight read by few rows is never
+//!   packed whole.
 //!
-//! [`matmul`] (both operands activations) reuses the same path with an f32 "weight".
+//! [`matmul`] (both operands activations) reads a row-major right-hand side in place on the
+//! blocked GEMM, and otherwise reuses `linear` with an f32 "weight".
 
 use rayon::prelude::*;
 
@@ -487,7 +491,8 @@ mod tests {
     #[test]
     fn matmul_both_layouts() {
         let mut rng = rng();
-        let (batch, m, k, n) = (3, 19, 45, 23);
+        // m = 19 takes the dot-product path, m = 45 the blocked GEMM (b read in place or packed).
+        for (batch, m, k, n) in [(3, 19, 45, 23), (2, 45, 300, 37)] {
         let a = random(&mut rng, batch * m * k);
         let b = random(&mut rng, batch * k * n);
         for transpose_b in [false, true] {
@@ -507,7 +512,8 @@ mod tests {
             let mut out = vec![f32::NAN; batch * m * n];
             matmul(&a, &b, batch, m, k, n, transpose_b, &mut out);
             let err = relative_error(&out, &reference);
-            assert!(err <= 1e-5, "matmul transpose_b={transpose_b}: relative error {err}");
+            assert!(err <= 1e-5, "matmul m={m} transpose_b={transpose_b}: relative error {err}");
+        }
         }
     }
 
