@@ -54,7 +54,7 @@ pub fn supported() -> Vec<Isa> {
             }
         }
     }
-    #[cfg(target_arch = "aarch64")]
+    #[cfg(all(target_arch = "aarch64", feature = "neon-kernel"))]
     {
         if std::arch::is_aarch64_feature_detected!("neon") {
             levels.push(Isa::Neon);

@@ -14,7 +14,9 @@ mod portable;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
-#[cfg(target_arch = "aarch64")]
+// Off by default until it has been compiled and tested on an aarch64 machine (see the README's
+// CPU kernels section): the Jetson build then runs the portable kernel.
+#[cfg(all(target_arch = "aarch64", feature = "neon-kernel"))]
 mod neon;
 
 /// Rows and columns of the register tile for `isa`.
@@ -37,14 +39,14 @@ pub(crate) fn tile_shape(isa: Isa) -> TileShape {
     }
 }
 
-#[cfg(target_arch = "aarch64")]
+#[cfg(all(target_arch = "aarch64", feature = "neon-kernel"))]
 fn neon_shape() -> (usize, usize) {
     (neon::MR, neon::NR)
 }
 
-/// Off aarch64 the NEON kernel does not exist; its shape is the portable one so that the
-/// dispatcher stays total (it is never selected there: `simd::supported` does not list it).
-#[cfg(not(target_arch = "aarch64"))]
+/// Without the NEON kernel its shape is the portable one so that the dispatcher stays total (it
+/// is never selected then: `simd::supported` does not list it).
+#[cfg(not(all(target_arch = "aarch64", feature = "neon-kernel")))]
 fn neon_shape() -> (usize, usize) {
     (portable::MR, portable::NR)
 }
@@ -73,7 +75,7 @@ pub(crate) unsafe fn run(isa: Isa, kc: usize, a: *const f32, b: *const f32, c: *
         Isa::Avx512 => avx512::kernel(kc, a, b, c, ldc, accumulate),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => avx2::kernel(kc, a, b, c, ldc, accumulate),
-        #[cfg(target_arch = "aarch64")]
+        #[cfg(all(target_arch = "aarch64", feature = "neon-kernel"))]
         Isa::Neon => neon::kernel(kc, a, b, c, ldc, accumulate),
         _ => portable::kernel(kc, a, b, c, ldc, accumulate),
     }
