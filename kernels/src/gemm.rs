@@ -1,20 +1,68 @@
 //! Matrix products: the engine's hot loop.
 //!
 //! [`linear`] computes `act(x · wᵀ + bias)` with `w` in its stored precision (f32, fp16 or NF4).
-//! The weight is never dequantised whole: each task takes a tile of [`TILE_N`] output features,
-//! dequantises just those rows of `w` into a per-thread scratch buffer and multiplies a block of
-//! rows of `x` against it. Both operands are then rows contiguous in `k`, so the micro-kernel is a
-//! register-blocked set of dot products (`MR` rows of `x` × `NR` rows of `w`, `LANES`-wide partial
-//! sums). The crate is built for the baseline x86-64 target, where the compiler does not vectorise
-//! that kernel well, so on CPUs with AVX2+FMA (detected at run time) an explicit-intrinsics copy of
-//! it runs instead: ~60 GFLOP/s per core for f32 weights, ~50 for NF4 (release build, k = 768).
+//! Two paths, by the number of rows of `x`:
+//! - from [`PACKED_MIN_ROWS`] rows on (every encoder layer), the blocked GEMM of
+//!   `crate::packed_gemm`: the weight is dequantised row by row into micro-kernel panels once
+//!   per call (`n·k` work against `m·n·k` multiply-adds) and bias and activation run in the
+//!   epilogue; AVX-512 / AVX2 / NEON / portable micro-kernels chosen at run time
+//!   (`crate::simd`);
+//! - below it (the decoder's handful of tokens), the tile-by-tile path: each task dequantises a
+//!   tile of [`TILE_N`] weight rows and takes register-blocked dot products against the rows of
+//!   `x` (an AVX2+FMA intrinsics copy where the CPU has it), so a weight read by few rows is never
+//!   packed whole.
 //!
-//! [`matmul`] (both operands activations) reuses the same path with an f32 "weight".
+//! [`matmul`] (both operands activations) reads a row-major right-hand side in place on the
+//! blocked GEMM, and otherwise reuses `linear` with an f32 "weight".
 
 use rayon::prelude::*;
 
+use std::cell::RefCell;
+
 use crate::activation::{self, Activation};
+use crate::packed_gemm::{self, BOperand};
+use crate::simd::{self, Isa};
 use crate::weights::MatrixRef;
+
+/// From this many rows of `x` on, `linear` packs the weight into micro-kernel panels and runs the
+/// blocked GEMM; below it (the decoder's few tokens) packing the whole weight would cost more
+/// than the product, so the tile-by-tile dot-product path runs instead.
+const PACKED_MIN_ROWS: usize = 32;
+
+thread_local! {
+    /// The packed weight of the `linear` call running on this thread, reused across calls.
+    static PACKED_WEIGHT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `linear` on the blocked GEMM: the weight is dequantised and packed once per call (its cost
+/// is `n·k`, against `m·n·k` multiply-adds), bias and activation fused into the epilogue.
+// Shapes as in `linear`.
+#[allow(clippy::too_many_arguments)]
+fn linear_packed(isa: Isa, x: &[f32], m: usize, k: usize, w: MatrixRef, n: usize, bias: Option<&[f32]>, act: Activation, out: &mut [f32]) {
+    let epilogue = |_row: usize, col0: usize, seg: &mut [f32]| {
+        if let Some(b) = bias {
+            let len = seg.len();
+            for (v, &bv) in seg.iter_mut().zip(&b[col0..col0 + len]) {
+                *v += bv;
+            }
+        }
+        activation::apply(act, seg);
+    };
+    let len = packed_gemm::packed_b_len(isa, n, k);
+    let mut run = |packed: &mut Vec<f32>| {
+        if packed.len() < len {
+            packed.resize(len, 0.0);
+        }
+        packed_gemm::pack_b_transposed(isa, w, n, k, &mut packed[..len]);
+        packed_gemm::gemm(isa, m, n, k, x, k, BOperand::Packed(&packed[..len]), out, n, &epilogue);
+    };
+    // A second call on this thread while the first waits inside rayon (two callers sharing one
+    // pool) finds the buffer taken and packs into its own.
+    PACKED_WEIGHT.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut packed) => run(&mut packed),
+        Err(_) => run(&mut Vec::new()),
+    });
+}
 
 /// Output features per task: the dequantised tile is `TILE_N × k` f32 (≤ 1 MiB for k = 5120).
 const TILE_N: usize = 48;
@@ -43,6 +91,11 @@ pub fn matmul(a: &[f32], b: &[f32], batch: usize, m: usize, k: usize, n: usize, 
         let a_i = &a[bi * m * k..(bi + 1) * m * k];
         let b_i = &b[bi * k * n..(bi + 1) * k * n];
         let out_i = &mut out[bi * m * n..(bi + 1) * m * n];
+        if !transpose_b && m >= PACKED_MIN_ROWS {
+            // b is already the row-major [k, n] the blocked GEMM reads: no transpose.
+            packed_gemm::gemm(simd::active(), m, n, k, a_i, k, BOperand::RowMajor { data: b_i, ldb: n }, out_i, n, &|_, _, _| {});
+            continue;
+        }
         let b_nk: &[f32] = if transpose_b {
             b_i
         } else {
@@ -92,13 +145,17 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: MatrixRef, n: usize, bias: Optio
     if m == 0 || n == 0 {
         return;
     }
-
+    let isa = simd::active();
+    if m >= PACKED_MIN_ROWS {
+        linear_packed(isa, x, m, k, w, n, bias, act, out);
+        return;
+    }
     let tiles = n.div_ceil(TILE_N);
     let wanted_row_blocks = (TASKS_PER_THREAD * rayon::current_num_threads()).div_ceil(tiles);
     let rows_per_task = m.div_ceil(wanted_row_blocks).clamp(MIN_ROWS_PER_TASK, MAX_ROWS_PER_TASK).div_ceil(MR) * MR;
     let row_blocks = m.div_ceil(rows_per_task);
     let out_ptr = SharedOut(out.as_mut_ptr());
-    let use_fma = crate::fastmath::avx2_fma_available();
+    let use_fma = isa >= Isa::Avx2Fma;
     (0..tiles * row_blocks).into_par_iter().for_each_init(Scratch::default, |scratch, task| {
         let tile = task / row_blocks;
         let row_block = task % row_blocks;
@@ -434,7 +491,8 @@ mod tests {
     #[test]
     fn matmul_both_layouts() {
         let mut rng = rng();
-        let (batch, m, k, n) = (3, 19, 45, 23);
+        // m = 19 takes the dot-product path, m = 45 the blocked GEMM (b read in place or packed).
+        for (batch, m, k, n) in [(3, 19, 45, 23), (2, 45, 300, 37)] {
         let a = random(&mut rng, batch * m * k);
         let b = random(&mut rng, batch * k * n);
         for transpose_b in [false, true] {
@@ -454,7 +512,8 @@ mod tests {
             let mut out = vec![f32::NAN; batch * m * n];
             matmul(&a, &b, batch, m, k, n, transpose_b, &mut out);
             let err = relative_error(&out, &reference);
-            assert!(err <= 1e-5, "matmul transpose_b={transpose_b}: relative error {err}");
+            assert!(err <= 1e-5, "matmul m={m} transpose_b={transpose_b}: relative error {err}");
+        }
         }
     }
 

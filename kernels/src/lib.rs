@@ -12,13 +12,16 @@ pub mod conv_backward;
 pub mod fastmath;
 pub mod gemm;
 pub mod gemm_backward;
+mod microkernel;
 #[cfg(test)]
 mod gradcheck;
 pub mod nf4;
 pub mod norm;
 pub mod norm_backward;
+mod packed_gemm;
 pub mod resize;
 pub mod resize_backward;
+pub mod simd;
 pub mod weights;
 
 pub use activation::Activation;

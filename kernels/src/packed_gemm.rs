@@ -1,0 +1,367 @@
+//! The blocked GEMM driver shared by `linear` and the convolutions: `C = A · B`, then a per-row
+//! epilogue, on the register micro-kernels of `crate::microkernel`.
+//!
+//! Layout (the GotoBLAS/BLIS scheme, written for our shapes): the output is cut into tasks of
+//! [`MC`] rows × a chunk of columns, spread over the rayon pool. A task walks `k` in steps of
+//! [`KC`]; for each step it copies its rows of A into `[kc][MR]` panels (L2-resident) and uses B
+//! as `[kc][NR]` panels, either packed once for the whole call (a weight, shared by every task)
+//! or packed by the task itself from a row-major `[k, n]` matrix (a convolution's input, which is
+//! far larger than the weight, so each task packs only the columns it computes). The epilogue
+//! runs on each finished row segment while it is still in cache.
+//!
+//! All scratch is thread-local and reused, so after the first frame of a given geometry a call
+//! allocates nothing (a fresh multi-megabyte buffer per call cost a quarter of the encoder's time
+//! in page faults and `munmap`).
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use crate::microkernel::{self, TileShape, MAX_TILE};
+use crate::simd::Isa;
+use crate::weights::MatrixRef;
+
+/// Depth of one pass over `k`: a `[KC][NR]` B panel (32 KiB at NR = 32) stays in L1 while the
+/// A panels stream past it.
+pub(crate) const KC: usize = 256;
+/// Rows of one task: a multiple of every kernel's MR (4, 6, 8, 12).
+const MC: usize = 96;
+/// Target columns of one task (rounded to a multiple of NR).
+const NC: usize = 384;
+
+/// The right-hand operand.
+#[derive(Clone, Copy)]
+pub(crate) enum BOperand<'a> {
+    /// Packed for the whole matrix by [`pack_b_transposed`]: `[n.div_ceil(nr)][k][nr]`.
+    Packed(&'a [f32]),
+    /// Row-major `[k, n]`: element `(p, j)` at `data[p * ldb + j]`.
+    RowMajor { data: &'a [f32], ldb: usize },
+}
+
+/// The epilogue: called once per output row segment when its sums are final, with the row, the
+/// first column and the segment `c[row, col0..col0 + len]`.
+pub(crate) type Epilogue<'a> = &'a (dyn Fn(usize, usize, &mut [f32]) + Sync);
+
+/// The output pointer shared by tasks that write disjoint rectangles.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+thread_local! {
+    /// A task's packed A and (for row-major B) packed B panels.
+    static TASK_PANELS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Grows `v` to at least `len` elements (never shrinks: the buffer is reused call after call).
+fn ensure_len(v: &mut Vec<f32>, len: usize) {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+}
+
+/// `C[m, n] = A[m, k] · B[k, n]`, then `epilogue` on every row segment.
+// a: element (i, p) at a[i * lda + p]; c: element (i, j) at c[i * ldc + j], c.len() >= (m-1)*ldc + n.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm(isa: Isa, m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: BOperand, c: &mut [f32], ldc: usize, epilogue: Epilogue) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(c.len() >= (m - 1) * ldc + n, "gemm: C too short");
+    assert!(k == 0 || a.len() >= (m - 1) * lda + k, "gemm: A too short");
+    let TileShape { mr, nr } = microkernel::tile_shape(isa);
+    match b {
+        BOperand::Packed(p) => assert!(p.len() >= n.div_ceil(nr) * k * nr, "gemm: packed B too short"),
+        BOperand::RowMajor { data, ldb } => assert!(k == 0 || data.len() >= (k - 1) * ldb + n, "gemm: B too short"),
+    }
+    let threads = rayon::current_num_threads().max(1);
+    // Rows per task: MC, or fewer when there are few rows and few column chunks, so that every
+    // thread gets work.
+    let col_chunk = NC.div_ceil(nr) * nr;
+    let col_chunks = n.div_ceil(col_chunk);
+    let wanted_row_tasks = (4 * threads).div_ceil(col_chunks);
+    let rows_per_task = m.div_ceil(wanted_row_tasks).div_ceil(mr).clamp(1, MC / mr) * mr;
+    let row_tasks = m.div_ceil(rows_per_task);
+    let out = SharedOut(c.as_mut_ptr());
+    let run_all = |a_packed: Option<&[f32]>| {
+        let task = |t: usize| {
+            let (rt, ct) = (t % row_tasks, t / row_tasks);
+            let rows = rt * rows_per_task..((rt + 1) * rows_per_task).min(m);
+            let cols = ct * col_chunk..((ct + 1) * col_chunk).min(n);
+            let a = match a_packed {
+                Some(p) => AOperand::Packed { data: p, padded_rows: m.div_ceil(mr) * mr },
+                None => AOperand::RowMajor { data: a, lda },
+            };
+            // SAFETY: tasks write disjoint rectangles of C, which outlives the loop; the asserts
+            // above bound every read.
+            unsafe { run_task(isa, TileShape { mr, nr }, k, a, b, out, ldc, rows, cols, epilogue) };
+        };
+        let tasks = row_tasks * col_chunks;
+        if tasks == 1 {
+            task(0);
+        } else {
+            (0..tasks).into_par_iter().for_each(task);
+        }
+    };
+    // Several column chunks read the same rows of A (a convolution's weight against thousands
+    // of pixels): pack A once for all of them instead of once per task, which for small `k`
+    // cost as much as the product itself.
+    let padded_rows = m.div_ceil(mr) * mr;
+    if col_chunks > 1 && padded_rows * k <= PREPACK_A_FLOATS {
+        A_PACKED.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buf) => {
+                ensure_len(&mut buf, padded_rows * k);
+                prepack_a(a, lda, m, k, mr, &mut buf[..padded_rows * k]);
+                run_all(Some(&buf[..padded_rows * k]));
+            }
+            Err(_) => run_all(None),
+        });
+    } else {
+        run_all(None);
+    }
+}
+
+/// Bound on a whole-matrix packed A, in floats (16 MiB).
+const PREPACK_A_FLOATS: usize = 4 << 20;
+
+thread_local! {
+    /// The whole packed A of the `gemm` call running on this thread (see `gemm`).
+    static A_PACKED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The left-hand operand as a task reads it.
+#[derive(Clone, Copy)]
+enum AOperand<'a> {
+    /// Row-major: element `(i, p)` at `data[i * lda + p]`; tasks pack their own rows.
+    RowMajor { data: &'a [f32], lda: usize },
+    /// Packed by [`prepack_a`] for the whole matrix.
+    Packed { data: &'a [f32], padded_rows: usize },
+}
+
+/// Packs all of A: for each `KC` block of `k` (starting at `k0`, depth `kc`), the row panels
+/// `[m.div_ceil(mr)][kc][mr]` at offset `k0 * padded_rows`, exactly the panels `pack_a` would
+/// make for any task whose rows start at a multiple of `mr`.
+// a: element (i, p) at a[i * lda + p]; dst: m.div_ceil(mr) * mr * k floats.
+fn prepack_a(a: &[f32], lda: usize, m: usize, k: usize, mr: usize, dst: &mut [f32]) {
+    let padded_rows = m.div_ceil(mr) * mr;
+    let blocks: Vec<(usize, &mut [f32])> = {
+        let mut rest = dst;
+        let mut out = Vec::new();
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let (block, tail) = rest.split_at_mut(padded_rows * kc);
+            out.push((k0, block));
+            rest = tail;
+        }
+        out
+    };
+    blocks.into_par_iter().for_each(|(k0, block)| pack_a(a, lda, 0..m, k0, KC.min(k - k0), mr, block));
+}
+
+/// One rectangle of C.
+// Shapes as in `gemm`; rows/cols: the rectangle, within [0, m) x [0, n).
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_task(
+    isa: Isa,
+    shape: TileShape,
+    k: usize,
+    a: AOperand,
+    b: BOperand,
+    out: SharedOut,
+    ldc: usize,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    epilogue: Epilogue,
+) {
+    let TileShape { mr, nr } = shape;
+    let (row_panels, col_panels) = (rows.len().div_ceil(mr), cols.len().div_ceil(nr));
+    let c = out.0;
+    if k == 0 {
+        for r in rows.clone() {
+            std::slice::from_raw_parts_mut(c.add(r * ldc + cols.start), cols.len()).fill(0.0);
+        }
+    }
+    TASK_PANELS.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        let (a_buf, b_buf) = &mut *guard;
+        ensure_len(a_buf, row_panels * mr * KC.min(k.max(1)));
+        if let BOperand::RowMajor { .. } = b {
+            ensure_len(b_buf, col_panels * nr * KC.min(k.max(1)));
+        }
+        let mut edge = [0.0f32; MAX_TILE];
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let a_panels = match a {
+                AOperand::RowMajor { data, lda } => {
+                    pack_a(data, lda, rows.clone(), k0, kc, mr, a_buf);
+                    a_buf.as_ptr()
+                }
+                // Rows start at a multiple of mr, so this task's panels are contiguous there.
+                AOperand::Packed { data, padded_rows } => data.as_ptr().add(k0 * padded_rows + (rows.start / mr) * kc * mr),
+            };
+            if let BOperand::RowMajor { data, ldb } = b {
+                pack_b_row_major(data, ldb, cols.clone(), k0, kc, nr, b_buf);
+            }
+            for jp in 0..col_panels {
+                let j0 = cols.start + jp * nr;
+                let width = nr.min(cols.end - j0);
+                let b_panel = match b {
+                    BOperand::Packed(p) => p.as_ptr().add(((j0 / nr) * k + k0) * nr),
+                    BOperand::RowMajor { .. } => b_buf.as_ptr().add(jp * kc * nr),
+                };
+                for ip in 0..row_panels {
+                    let i0 = rows.start + ip * mr;
+                    let height = mr.min(rows.end - i0);
+                    let a_panel = a_panels.add(ip * kc * mr);
+                    let dst = c.add(i0 * ldc + j0);
+                    if height == mr && width == nr {
+                        microkernel::run(isa, kc, a_panel, b_panel, dst, ldc, k0 > 0);
+                    } else {
+                        // Ragged edge: the kernel writes a whole tile into scratch.
+                        if k0 > 0 {
+                            for i in 0..height {
+                                std::ptr::copy_nonoverlapping(dst.add(i * ldc), edge.as_mut_ptr().add(i * nr), width);
+                            }
+                        }
+                        microkernel::run(isa, kc, a_panel, b_panel, edge.as_mut_ptr(), nr, k0 > 0);
+                        for i in 0..height {
+                            std::ptr::copy_nonoverlapping(edge.as_ptr().add(i * nr), dst.add(i * ldc), width);
+                        }
+                    }
+                }
+            }
+        }
+    });
+    for r in rows {
+        epilogue(r, cols.start, std::slice::from_raw_parts_mut(c.add(r * ldc + cols.start), cols.len()));
+    }
+}
+
+/// Copies rows `rows` × columns `k0..k0+kc` of A into `[panel][kc][mr]`, zero past the last row.
+// a: element (i, p) at a[i * lda + p]; dst: at least rows.len().div_ceil(mr) * kc * mr floats.
+fn pack_a(a: &[f32], lda: usize, rows: std::ops::Range<usize>, k0: usize, kc: usize, mr: usize, dst: &mut [f32]) {
+    for (ip, i0) in rows.clone().step_by(mr).enumerate() {
+        let panel = &mut dst[ip * kc * mr..(ip + 1) * kc * mr];
+        let height = mr.min(rows.end - i0);
+        for i in 0..mr {
+            if i < height {
+                let src = &a[(i0 + i) * lda + k0..][..kc];
+                for (p, &v) in src.iter().enumerate() {
+                    panel[p * mr + i] = v;
+                }
+            } else {
+                for p in 0..kc {
+                    panel[p * mr + i] = 0.0;
+                }
+            }
+        }
+    }
+}
+
+/// Copies columns `cols` × rows `k0..k0+kc` of a row-major B into `[panel][kc][nr]`, zero past
+/// the last column.
+// b: element (p, j) at b[p * ldb + j]; dst: at least cols.len().div_ceil(nr) * kc * nr floats.
+fn pack_b_row_major(b: &[f32], ldb: usize, cols: std::ops::Range<usize>, k0: usize, kc: usize, nr: usize, dst: &mut [f32]) {
+    for (jp, j0) in cols.clone().step_by(nr).enumerate() {
+        let panel = &mut dst[jp * kc * nr..(jp + 1) * kc * nr];
+        let width = nr.min(cols.end - j0);
+        for (p, row) in panel.chunks_exact_mut(nr).enumerate() {
+            row[..width].copy_from_slice(&b[(k0 + p) * ldb + j0..][..width]);
+            row[width..].fill(0.0);
+        }
+    }
+}
+
+/// Floats [`pack_b_transposed`] writes for an `[n, k]` weight.
+pub(crate) fn packed_b_len(isa: Isa, n: usize, k: usize) -> usize {
+    let nr = microkernel::tile_shape(isa).nr;
+    n.div_ceil(nr) * k * nr
+}
+
+/// Packs `B = wᵀ` for a weight `w` stored `[n, k]` (torch `Linear` layout) in any precision:
+/// panel `j` holds rows `j·nr..` of `w` as its columns, `[k][nr]`, zero past row `n`. Weight
+/// rows are dequantised one at a time into a row buffer, so NF4 is never expanded whole.
+// dst: packed_b_len(isa, n, k) floats.
+pub(crate) fn pack_b_transposed(isa: Isa, w: MatrixRef, n: usize, k: usize, dst: &mut [f32]) {
+    let nr = microkernel::tile_shape(isa).nr;
+    let panel_len = k * nr;
+    if panel_len == 0 {
+        return;
+    }
+    dst[..n.div_ceil(nr) * panel_len].par_chunks_mut(panel_len).enumerate().for_each(|(jp, panel)| {
+        ROW.with(|cell| {
+            let mut row = cell.borrow_mut();
+            ensure_len(&mut row, k);
+            for jj in 0..nr {
+                let j = jp * nr + jj;
+                if j < n {
+                    w.dequantize_range(j * k, &mut row[..k]);
+                    for (p, &v) in row[..k].iter().enumerate() {
+                        panel[p * nr + jj] = v;
+                    }
+                } else {
+                    for p in 0..k {
+                        panel[p * nr + jj] = 0.0;
+                    }
+                }
+            }
+        });
+    });
+}
+
+thread_local! {
+    /// One dequantised weight row, for `pack_b_transposed`.
+    static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simd;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect()
+    }
+
+    /// Both B forms, every supported kernel, ragged shapes (edges in m, n and k, k > KC), an
+    /// epilogue that marks what it saw, and C wider than n (ldc > n) left untouched past n.
+    #[test]
+    fn gemm_matches_f64_on_ragged_shapes() {
+        let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
+        for isa in simd::supported() {
+            for &(m, n, k) in &[(1, 1, 1), (13, 33, 7), (97, 385, 300), (5, 70, 513), (200, 31, 64), (12, 32, 256), (3, 5, 0)] {
+                let a = random(&mut rng, m * k);
+                let b = random(&mut rng, k * n);
+                let ldc = n + 2;
+                let mut want = vec![0.0f64; m * n];
+                for i in 0..m {
+                    for j in 0..n {
+                        let s: f64 = (0..k).map(|p| a[i * k + p] as f64 * b[p * n + j] as f64).sum();
+                        want[i * n + j] = s + 1.0 + i as f64;
+                    }
+                }
+                let w_nk: Vec<f32> = (0..n * k).map(|idx| b[(idx % k) * n + idx / k]).collect();
+                let mut packed = vec![f32::NAN; packed_b_len(isa, n, k)];
+                pack_b_transposed(isa, MatrixRef::F32(&w_nk), n, k, &mut packed);
+                for operand in [BOperand::Packed(&packed), BOperand::RowMajor { data: &b, ldb: n }] {
+                    let mut c = vec![f32::NAN; m * ldc];
+                    let epilogue = |row: usize, _col0: usize, seg: &mut [f32]| seg.iter_mut().for_each(|v| *v += 1.0 + row as f32);
+                    gemm(isa, m, n, k, &a, k, operand, &mut c, ldc, &epilogue);
+                    for i in 0..m {
+                        for j in 0..ldc {
+                            let got = c[i * ldc + j];
+                            if j >= n {
+                                assert!(got.is_nan(), "{isa:?} m={m} n={n} k={k}: wrote past n at ({i}, {j})");
+                                continue;
+                            }
+                            let w = want[i * n + j];
+                            assert!((got as f64 - w).abs() <= 1e-4 * (1.0 + (k as f64).sqrt()), "{isa:?} m={m} n={n} k={k} ({i}, {j}): {got} vs {w}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
