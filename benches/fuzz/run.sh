@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Builds every fuzz target with libFuzzer + sanitizer-coverage (stable Rust, see README.md) and
+# runs each for a fixed time over its corpus; prints one table row per target.
+#   benches/fuzz/run.sh [SECONDS_PER_TARGET] [PARALLEL]
+# Env: TARGETS="a b" to run a subset; FUZZ_ARGS for extra libFuzzer flags.
+set -euo pipefail
+cd "$(dirname "$0")"
+SECS=${1:-300}
+PAR=${2:-1}
+TARGETS=${TARGETS:-"model_reader adapter_reader pth_reader safetensors_reader dicom_reader frame_prompt"}
+TRIPLE=$(rustc -vV | sed -n 's/^host: //p')
+
+# What cargo-fuzz passes on nightly, minus -Zsanitizer: on stable the sancov LLVM pass is still
+# reachable through -Cpasses, and its inline 8-bit counters, PC table and compare tracing are
+# what libFuzzer reads. --target keeps these flags off build scripts and proc macros.
+export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+-Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+-Cllvm-args=-sanitizer-coverage-trace-compares -Cllvm-args=-sanitizer-coverage-stack-depth \
+-Cdebug-assertions -Coverflow-checks --cfg fuzzing"
+export CARGO_TARGET_DIR=target/instrumented
+cargo build --release --features fuzz --target "$TRIPLE" --bins >&2
+BIN=$CARGO_TARGET_DIR/$TRIPLE/release
+
+mkdir -p logs artifacts
+run_one() {
+    local t=$1 work=work/$1
+    mkdir -p "$work" "artifacts/$t"
+    # New inputs go to work/ (ignored by git); the committed corpus is read only.
+    "$BIN/$t" "$work" "corpus/$t" "regressions/$t" -max_total_time="$SECS" -rss_limit_mb=2048 \
+        -malloc_limit_mb=1024 -timeout=10 -max_len=65536 -print_final_stats=1 \
+        -artifact_prefix="artifacts/$t/" ${FUZZ_ARGS:-} >"logs/$t.log" 2>&1 || true
+}
+export -f run_one
+export BIN SECS
+printf '%s\n' $TARGETS | xargs -P "$PAR" -I{} bash -c 'run_one {}'
+
+printf '| %-18s | %12s | %8s | %7s | %7s |\n' target executions "exec/s" corpus crashes
+printf '|%s|%s|%s|%s|%s|\n' -------------------- -------------- ---------- --------- ---------
+for t in $TARGETS; do
+    log=logs/$t.log
+    runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+    rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
+    corpus=$(find "work/$t" -type f | wc -l)
+    crashes=$(find "artifacts/$t" -type f | wc -l)
+    printf '| %-18s | %12s | %8s | %7s | %7s |\n' "$t" "${runs:-?}" "${rate:-?}" "$corpus" "$crashes"
+done
