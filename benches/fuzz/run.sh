@@ -26,7 +26,10 @@ run_one() {
     local t=$1 work=work/$1
     mkdir -p "$work" "artifacts/$t"
     # New inputs go to work/ (ignored by git); the committed corpus is read only.
-    "$BIN/$t" "$work" "corpus/$t" "regressions/$t" -max_total_time="$SECS" -rss_limit_mb=2048 \
+    local dirs=("$work" "corpus/$t")
+    # Crash regressions join the corpus: mutating near a past bug is cheap insurance.
+    [ -d "regressions/$t" ] && dirs+=("regressions/$t")
+    "$BIN/$t" "${dirs[@]}" -max_total_time="$SECS" -rss_limit_mb=2048 \
         -malloc_limit_mb=1024 -timeout=10 -max_len=65536 -print_final_stats=1 \
         -artifact_prefix="artifacts/$t/" ${FUZZ_ARGS:-} >"logs/$t.log" 2>&1 || true
 }
