@@ -73,6 +73,12 @@ fn pth_seeds() {
     let entries = zip::entries(&bytes).unwrap();
     let pkl = &bytes[entries["tiny/data.pkl"].clone()];
     put("pth_reader", "tiny_pickle", &with_mode(2, pkl));
+    // Mode 3: the same pickle, its tensors re-keyed onto the storage the harness provides.
+    let mut built = vec![3u8];
+    built.extend((pkl.len() as u16).to_le_bytes());
+    built.extend_from_slice(pkl);
+    built.extend((0..600u32).map(|i| (i * 7 % 256) as u8));
+    put("pth_reader", "tiny_built_zip", &built);
     // A state dict wrapped in {"model": ...}, the other layout `read` accepts, is not produced
     // by our writer; the fuzzer reaches it from the pickle seed.
 }

@@ -171,21 +171,36 @@ pub fn adapter_reader(data: &[u8]) {
     }
 }
 
-/// PyTorch `.pth` (zip + restricted pickle). The first byte picks the layer: the whole
-/// checkpoint reader, or the zip directory or pickle VM alone (so each is fuzzed without the
-/// other's framing in the way).
+/// PyTorch `.pth` (zip + restricted pickle). The first byte `% 4` picks the layer: 0 the whole
+/// checkpoint reader, 1 the zip directory alone, 2 the pickle VM alone, 3 the whole reader over
+/// a zip the harness builds (`<u16 pickle length><pickle><storage bytes>`: the pickle becomes
+/// `ck/data.pkl` and the rest the storages `ck/data/0`..`3`), so mutations of the state dict
+/// reach tensor gathering without first having to keep a zip directory consistent.
 pub fn pth_reader(data: &[u8]) {
     use minisam_models::import::{pickle, pth, zip};
     let Some((&mode, rest)) = data.split_first() else { return };
-    match mode % 3 {
+    match mode % 4 {
         0 => {
             let _ = pth::read(rest);
         }
         1 => {
             let _ = zip::entries(rest);
         }
-        _ => {
+        2 => {
             let _ = pickle::load(rest);
+        }
+        _ => {
+            let mut f = Fields(rest);
+            let n = u16::from_le_bytes(f.take()) as usize;
+            let (pkl, storage) = f.0.split_at(n.min(f.0.len()));
+            let mut z = zip::ZipWriter::default();
+            let mut ok = z.add("ck/data.pkl", pkl).is_ok();
+            for key in 0..4 {
+                ok &= z.add(&format!("ck/data/{key}"), storage).is_ok();
+            }
+            if ok {
+                let _ = pth::read(&z.finish());
+            }
         }
     }
 }
