@@ -180,9 +180,7 @@ pub fn pth_reader(data: &[u8]) {
     use minisam_models::import::{pickle, pth, zip};
     let Some((&mode, rest)) = data.split_first() else { return };
     match mode % 4 {
-        0 => {
-            let _ = pth::read(rest);
-        }
+        0 => import_checkpoint(pth::read(rest)),
         1 => {
             let _ = zip::entries(rest);
         }
@@ -199,7 +197,7 @@ pub fn pth_reader(data: &[u8]) {
                 ok &= z.add(&format!("ck/data/{key}"), storage).is_ok();
             }
             if ok {
-                let _ = pth::read(&z.finish());
+                import_checkpoint(pth::read(&z.finish()));
             }
         }
     }
@@ -207,7 +205,16 @@ pub fn pth_reader(data: &[u8]) {
 
 /// Safetensors (8-byte header length, JSON header, data).
 pub fn safetensors_reader(data: &[u8]) {
-    let _ = minisam_models::import::safetensors::read(data);
+    import_checkpoint(minisam_models::import::safetensors::read(data));
+}
+
+/// What `Checkpoint::open` does after reading the file: Hugging Face renaming, conv-BN folding
+/// and architecture detection, all driven by names and shapes from the file.
+fn import_checkpoint(read: minisam_models::Result<minisam_models::import::fold::TensorMap>) {
+    if let Ok(map) = read {
+        let tensors = map.into_iter().map(|(name, (shape, values))| (name, shape, values)).collect();
+        let _ = minisam_models::import::Checkpoint::from_tensors(tensors);
+    }
 }
 
 /// DICOM Part 10 slice reader of the trainer.
