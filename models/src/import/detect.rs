@@ -184,7 +184,7 @@ mod tests {
 
     #[test]
     fn file_sized_grid_and_window_are_errors_not_overflows() {
-        // Found with benches/fuzz (safetensors_reader replays what Checkpoint::open does): a
+        // Found writing benches/fuzz's safetensors_reader (which reproduces it): a
         // zero-sized tensor can claim any dimension, and `2 * grid - 1` overflowed.
         let (cfg, size) = super::super::layout::tiny_vit();
         let mut s = shapes(super::super::layout::sam_vit_tensors(&cfg, size));

@@ -177,9 +177,9 @@ mod tests {
 
     #[test]
     fn integer_tensor_of_overflowing_shape_is_an_error_not_a_panic() {
-        // Found by benches/fuzz (pth_reader): the "integer scalar, drop it" test multiplied the
-        // sizes unchecked, so 2^62 x 8 overflowed (a panic with overflow checks, a wrapped 0 and
-        // a silently dropped tensor without).
+        // Found writing benches/fuzz's pth_reader (which reproduces it): the "integer scalar,
+        // drop it" test multiplied the sizes unchecked, so 2^62 x 8 overflowed (a panic with
+        // overflow checks, a wrapped 0 and a silently dropped tensor without).
         let size = vec![1usize << 62, 8];
         let views = vec![("n".to_string(), TensorRef { dtype: StorageDtype::I64, key: "0".into(), offset: 0, size, stride: vec![8, 1] })];
         let bytes = write_raw("ck", &views, &[RawStorage { key: "0".into(), values: vec![0.0; 2] }]).unwrap();
