@@ -105,6 +105,14 @@ impl PackedModel {
     }
 }
 
+/// Runs every check [`PackedModel::open`] runs over a file held in memory and returns its
+/// manifest: the fuzz harness (`benches/fuzz`) calls this so it needs no file to map per input.
+pub fn validate(file: &[u8]) -> Result<Manifest> {
+    let (manifest, data_start) = parse_head(file)?;
+    validate_tensors(&manifest, &file[data_start..])?;
+    Ok(manifest)
+}
+
 /// Checks the fixed header and decodes the manifest; returns it and the data section's start.
 fn parse_head(file: &[u8]) -> Result<(Manifest, usize)> {
     if file.len() < HEADER_LEN {

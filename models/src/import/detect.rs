@@ -85,7 +85,8 @@ fn detect_vit(s: &Shapes) -> Result<(VitConfig, usize)> {
     let mut window_size = 0;
     for i in 0..depth {
         let rows = dim(s, &format!("{p}.blocks.{i}.attn.rel_pos_h"), 0, 2)?;
-        if rows == 2 * grid - 1 {
+        // Checked: `grid` is a shape from the file, as large as a zero-sized tensor allows.
+        if grid.checked_mul(2).map(|g| g - 1) == Some(rows) {
             global_attn_indexes.push(i);
         } else if rows % 2 == 1 && (window_size == 0 || window_size == rows.div_ceil(2)) {
             window_size = rows.div_ceil(2);
@@ -119,7 +120,9 @@ fn detect_tiny_vit(s: &Shapes) -> Result<TinyVitConfig> {
         let d = dim(s, &format!("{b}.attn.norm.weight"), 0, 1)?;
         let heads = dim(s, &format!("{b}.attn.attention_biases"), 0, 2)?;
         let points = dim(s, &format!("{b}.attn.attention_biases"), 1, 2)?;
-        let ws = (1..=points).find(|w| w * w >= points).unwrap_or(0);
+        // isqrt, not a search: `points` comes from the file and a linear search up to its root
+        // could run for billions of steps (and overflow `w * w` near the top).
+        let ws = points.isqrt();
         if ws * ws != points {
             return Err(Error::Shape(format!("{b}.attn.attention_biases: {points} columns is not a square window")));
         }
@@ -177,6 +180,27 @@ mod tests {
             assert_eq!(m.decoder, DecoderConfig::default());
             assert_eq!((m.prompt_embed_dim, m.mask_in_chans, m.preprocess), (256, 16, Preprocess::Sam));
         }
+    }
+
+    #[test]
+    fn file_sized_grid_and_window_are_errors_not_overflows() {
+        // Found writing benches/fuzz's safetensors_reader (which reproduces it): a
+        // zero-sized tensor can claim any dimension, and `2 * grid - 1` overflowed.
+        let (cfg, size) = super::super::layout::tiny_vit();
+        let mut s = shapes(super::super::layout::sam_vit_tensors(&cfg, size));
+        s.insert("image_encoder.pos_embed".into(), vec![1, 1 << 63, 1, 0]);
+        assert!(matches!(detect(&s), Err(Error::Shape(_))));
+        // TinyViT's window is the square root of attention_biases' columns: a linear search for
+        // it ran ~2^32 steps and then overflowed `w * w`.
+        let p = "image_encoder.layers";
+        let s = shapes(vec![
+            (format!("{p}.0.blocks.0.conv1.c.weight"), vec![4, 1, 1, 1]),
+            (format!("{p}.0.blocks.0.conv3.c.weight"), vec![1, 4, 1, 1]),
+            (format!("{p}.1.blocks.0.attn.qkv.weight"), vec![3, 1]),
+            (format!("{p}.1.blocks.0.attn.norm.weight"), vec![1]),
+            (format!("{p}.1.blocks.0.attn.attention_biases"), vec![1, usize::MAX]),
+        ]);
+        assert!(matches!(detect(&s), Err(Error::Shape(_))));
     }
 
     #[test]

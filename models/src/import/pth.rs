@@ -22,7 +22,8 @@ pub fn read(bytes: &[u8]) -> Result<TensorMap> {
     let mut out = TensorMap::new();
     for (name, t) in dict {
         if matches!(t.dtype, StorageDtype::I64 | StorageDtype::I32) {
-            if t.size.iter().product::<usize>() <= 1 {
+            // Checked: the sizes come from the file, and an overflowing product is no scalar.
+            if t.size.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_some_and(|n| n <= 1) {
                 continue;
             }
             return Err(Error::Import(format!("tensor {name}: integer tensors are not model weights")));
@@ -172,6 +173,17 @@ mod tests {
         }
         let views = vec![("x".to_string(), TensorRef { dtype: StorageDtype::F32, key: "9".into(), offset: 0, size: vec![1], stride: vec![1] })];
         assert!(read(&write_raw("ck", &views, &[storage]).unwrap()).is_err());
+    }
+
+    #[test]
+    fn integer_tensor_of_overflowing_shape_is_an_error_not_a_panic() {
+        // Found writing benches/fuzz's pth_reader (which reproduces it): the "integer scalar,
+        // drop it" test multiplied the sizes unchecked, so 2^62 x 8 overflowed (a panic with
+        // overflow checks, a wrapped 0 and a silently dropped tensor without).
+        let size = vec![1usize << 62, 8];
+        let views = vec![("n".to_string(), TensorRef { dtype: StorageDtype::I64, key: "0".into(), offset: 0, size, stride: vec![8, 1] })];
+        let bytes = write_raw("ck", &views, &[RawStorage { key: "0".into(), values: vec![0.0; 2] }]).unwrap();
+        assert!(matches!(read(&bytes), Err(Error::Import(_))));
     }
 
     #[test]
