@@ -71,7 +71,7 @@ fn pth_seeds() {
     put("pth_reader", "tiny_pth", &with_mode(0, &bytes));
     put("pth_reader", "tiny_zip", &with_mode(1, &bytes));
     let entries = zip::entries(&bytes).unwrap();
-    let pkl = &bytes[entries["tiny/data.pkl"].clone()];
+    let pkl: &[u8] = &entries["tiny/data.pkl"];
     put("pth_reader", "tiny_pickle", &with_mode(2, pkl));
     // Mode 3: the same pickle, its tensors re-keyed onto the storage the harness provides.
     let mut built = vec![3u8];
@@ -150,7 +150,7 @@ fn dicom_seeds() {
         ("implicit16_nested.dcm", dicom(false, 16, 4, 3, true)),
         ("explicit8.dcm", dicom(true, 8, 5, 2, false)),
     ] {
-        minisam::dicom::read(&f).unwrap_or_else(|e| panic!("seed {name}: {e}"));
+        minisam::dicom::read(&f, &minisam::dicom::DicomOptions::default()).unwrap_or_else(|e| panic!("seed {name}: {e}"));
         put("dicom_reader", name, &f);
     }
 }

@@ -217,9 +217,13 @@ fn import_checkpoint(read: minisam_models::Result<minisam_models::import::fold::
     }
 }
 
-/// DICOM Part 10 slice reader of the trainer.
+/// The DICOM reader of the CLI and trainer (dicom-rs underneath): decoding, LUTs, windowing and
+/// colour conversion. The first preamble byte (free in a Part 10 file) picks the frame, so
+/// multi-frame paths are reached too.
 pub fn dicom_reader(data: &[u8]) {
-    if let Ok(img) = minisam::dicom::read(data) {
+    let frame = data.first().map_or(0, |b| u32::from(b % 4));
+    let opts = minisam::dicom::DicomOptions { frame, window: None };
+    if let Ok(img) = minisam::dicom::read(data, &opts) {
         assert_eq!(img.data.len(), img.width * img.height * 3, "decoded image size disagrees with its dimensions");
     }
 }
