@@ -87,6 +87,8 @@ def main():
     r.check(svc.get("CapabilityBoundingSet") == [""], "unit drops every capability",
             svc.get("CapabilityBoundingSet"))
     r.check(svc.get("DevicePolicy") == ["closed"], "unit DevicePolicy=closed", svc.get("DevicePolicy"))
+    # The daemon's memory holds patients' frames and masks: no core dumps unless a drop-in opts in.
+    r.check(svc.get("LimitCORE") == ["0"], "unit LimitCORE=0 (no core dumps of patient data)", svc.get("LimitCORE"))
     r.check(svc.get("RestrictAddressFamilies") == ["AF_UNIX"], "unit AF_UNIX only",
             svc.get("RestrictAddressFamilies"))
     state = " ".join(svc.get("StateDirectory", [])).split()
