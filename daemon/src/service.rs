@@ -92,23 +92,19 @@ impl StreamLimits {
                 self.per_user
             )));
         }
-        if user_bytes + bytes > self.bytes_per_user {
-            return Err(Error::Busy(format!(
-                "this ring needs {:.1} MiB and user {uid}'s open streams hold {:.1} MiB; at most {:.1} MiB per user (--max-stream-bytes-per-user)",
+        let within = |held: u64, limit: u64, holders: &str, which: &str| -> Result<()> {
+            if held + bytes <= limit {
+                return Ok(());
+            }
+            Err(Error::Busy(format!(
+                "this ring needs {:.1} MiB and {holders} hold {:.1} MiB; at most {:.1} MiB {which}",
                 bytes as f64 / MIB,
-                user_bytes as f64 / MIB,
-                self.bytes_per_user as f64 / MIB
-            )));
-        }
-        if total + bytes > self.total_bytes {
-            return Err(Error::Busy(format!(
-                "this ring needs {:.1} MiB and open streams hold {:.1} MiB; at most {:.1} MiB in all (--max-stream-bytes)",
-                bytes as f64 / MIB,
-                total as f64 / MIB,
-                self.total_bytes as f64 / MIB
-            )));
-        }
-        Ok(())
+                held as f64 / MIB,
+                limit as f64 / MIB
+            )))
+        };
+        within(user_bytes, self.bytes_per_user, &format!("user {uid}'s open streams"), "per user (--max-stream-bytes-per-user)")?;
+        within(total, self.total_bytes, "open streams", "in all (--max-stream-bytes)")
     }
 }
 
