@@ -140,12 +140,6 @@ impl Registry {
         self.entries.sort_by(|a, b| a.name.cmp(&b.name));
         entry
     }
-
-    /// Validates and writes `bytes` (see [`InstallTarget::install`]), then lists the result.
-    pub fn install(&mut self, bytes: Vec<u8>) -> Result<Arc<AdapterEntry>> {
-        let entry = self.install_target()?.install(bytes)?;
-        Ok(self.insert(entry))
-    }
 }
 
 /// Where installs go and which base model they must fit.

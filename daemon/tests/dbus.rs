@@ -410,7 +410,7 @@ mod adapters {
                 assert!(opened.is_ok(), "round {round}: visible file {name} is not a whole adapter: {:?}", opened.err());
                 assert_eq!(opened.unwrap().sha256_hex(), big.sha256_hex());
             }
-            adapters = Some(std::mem::replace(&mut { d }.adapters, TempDir(std::path::PathBuf::new())));
+            adapters = Some({ d }.keep_dir());
         }
         // A daemon starting over the directory removes interrupted temp files and serves the adapter
         // if an install completed.

@@ -42,11 +42,6 @@ fn error_of<T: std::fmt::Debug>(r: zbus::Result<T>) -> (String, String) {
     (name, message)
 }
 
-/// Keeps the directory of a stopped daemon for the next one (Daemon removes it on drop).
-fn keep_dir(d: &mut Daemon) -> TempDir {
-    std::mem::replace(&mut d.adapters, TempDir(PathBuf::new()))
-}
-
 #[test]
 fn an_install_from_a_pipe_that_never_closes_stalls_nothing() {
     let Some(bus) = Bus::start() else { return };
@@ -291,7 +286,7 @@ fn the_active_adapter_survives_a_kill_and_a_changed_flag_wins() {
         nix::sys::signal::kill(d.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
         let _ = d.child.wait();
         let log = d.log_text();
-        dir = Some(keep_dir(&mut d));
+        dir = Some(d.keep_dir());
         (name, adapter_sha, log)
     };
 

@@ -186,6 +186,14 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Takes the adapter directory away from a stopped daemon, so dropping it does not remove
+    /// the directory and the next daemon can start over it.
+    pub fn keep_dir(&mut self) -> TempDir {
+        std::mem::replace(&mut self.adapters, TempDir(PathBuf::new()))
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
