@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::fd::OwnedFd as StdFd;
 use std::os::unix::net::UnixDatagram;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
