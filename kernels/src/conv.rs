@@ -217,7 +217,7 @@ pub fn conv2d(
     out: &mut [f32],
 ) {
     assert!(
-        groups >= 1 && c_in % groups == 0 && c_out % groups == 0,
+        groups >= 1 && c_in.is_multiple_of(groups) && c_out.is_multiple_of(groups),
         "conv2d: groups {groups} must divide c_in {c_in} and c_out {c_out}"
     );
     let (oh, ow) = (output_size(h, kh, stride, padding), output_size(w, kw, stride, padding));

@@ -37,7 +37,7 @@ impl ConvShape {
     }
     fn check(&self, what: &str, x_len: usize, dy_len: usize, w_len: usize) {
         let (oh, ow) = self.out_hw();
-        assert!(self.groups > 0 && self.c_in % self.groups == 0 && self.c_out % self.groups == 0, "{what}: groups must divide both channel counts");
+        assert!(self.groups > 0 && self.c_in.is_multiple_of(self.groups) && self.c_out.is_multiple_of(self.groups), "{what}: groups must divide both channel counts");
         assert_eq!(x_len, self.batch * self.c_in * self.h * self.w, "{what}: x/dx is not [batch, c_in, h, w]");
         assert_eq!(dy_len, self.batch * self.c_out * oh * ow, "{what}: dy is not [batch, c_out, oh, ow]");
         assert_eq!(w_len, self.c_out * self.c_in / self.groups * self.kh * self.kw, "{what}: weight is not [c_out, c_in/groups, kh, kw]");

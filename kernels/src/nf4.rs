@@ -119,7 +119,7 @@ impl Nf4View<'_> {
     #[inline]
     pub fn code(&self, i: usize) -> u8 {
         let byte = self.codes[i / 2];
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             byte & 0x0f
         } else {
             byte >> 4
@@ -204,7 +204,7 @@ pub fn quantize(x: &[f32]) -> Nf4Owned {
             let v = if v.is_finite() { v } else { 0.0 };
             let code = nearest_code((v * inv).clamp(-1.0, 1.0));
             let i = b * BLOCK + j;
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 out.codes[i / 2] |= code;
             } else {
                 out.codes[i / 2] |= code << 4;

@@ -71,7 +71,7 @@ pub fn active() -> Isa {
         match std::env::var("MINISAM_SIMD").ok().and_then(|v| Isa::parse(&v)) {
             Some(wanted) if supported().contains(&wanted) => wanted,
             // Asked for a level this CPU lacks: the widest one below it.
-            Some(wanted) => supported().into_iter().filter(|&l| l <= wanted && l != Isa::Neon).last().unwrap_or(Isa::Portable),
+            Some(wanted) => supported().into_iter().rfind(|&l| l <= wanted && l != Isa::Neon).unwrap_or(Isa::Portable),
             None => best,
         }
     })
