@@ -48,6 +48,25 @@ fn main() {
         compute.push(t.elapsed().as_secs_f64() * 1e3);
     }
 
+    // The floor under every call: a method the bus daemon answers itself (one hop pair), and
+    // `Peer.Ping`, which zbus answers inside minisamd without our code (two hop pairs).
+    let bus_proxy = zbus::fdo::DBusProxy::new(&conn);
+    let bus_proxy = zbus::block_on(bus_proxy).unwrap();
+    let peer = zbus::block_on(zbus::fdo::PeerProxy::builder(&conn).destination(minisamd::service::BUS_NAME).unwrap().path(minisamd::service::OBJECT_PATH).unwrap().build()).unwrap();
+    let (mut bus_rt, mut ping_rt) = (Vec::new(), Vec::new());
+    for i in 0..frames + 3 {
+        let t = Instant::now();
+        zbus::block_on(bus_proxy.get_id()).unwrap();
+        let a = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        zbus::block_on(peer.ping()).unwrap();
+        let b = t.elapsed().as_secs_f64() * 1e3;
+        if i >= 3 {
+            bus_rt.push(a);
+            ping_rt.push(b);
+        }
+    }
+
     let (mut total, mut overhead, mut re_total, mut re_overhead) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut transport, mut re_transport) = (Vec::new(), Vec::new());
     for i in 0..frames + 3 {
@@ -90,6 +109,8 @@ fn main() {
     println!("\nminisamd overhead, tiny SAM fixture, {W}x{H} gray8, 1 compute thread ({frames} frames per row)\n");
     println!("| {:<44} | {:>9} | {:>9} | {:>5} |", "ms per frame", "p50", "p99", "n");
     println!("|{:-<46}|{:->11}|{:->11}|{:->7}|", "", "", "", "");
+    row("bus daemon GetId round trip (1 hop pair)", &mut bus_rt);
+    row("Peer.Ping to minisamd round trip (floor)", &mut ping_rt);
     row("in-process encode + decode (compute)", &mut compute);
     row("Segment round trip (memfd in, memfd out)", &mut total);
     row("Segment overhead beyond compute", &mut overhead);

@@ -149,6 +149,7 @@ impl File {
         if !looks_like(bytes) {
             bail!("not a DICOM file (no DICM marker at byte 128)");
         }
+        crate::dicom_lengths::check(bytes)?;
         let obj = OpenFileOptions::new()
             .from_reader(&bytes[128..])
             .map_err(|e| {
@@ -645,6 +646,14 @@ pub(crate) mod tests {
                 .data[..4],
             [0, 0, 0, 128]
         );
+    }
+
+    #[test]
+    fn a_value_longer_than_the_file_is_refused_before_dicom_rs_reserves_it() {
+        // The fuzz finding: without the bounds pass dicom-object zero-fills 3 GiB first.
+        let bytes = include_bytes!("../../benches/fuzz/regressions/dicom_reader/meta_length_3gib");
+        let err = format!("{:#}", read(bytes, &DicomOptions::default()).unwrap_err());
+        assert!(err.contains("declares") && err.contains("damaged"), "{err}");
     }
 
     #[test]

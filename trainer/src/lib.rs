@@ -10,6 +10,7 @@
 pub mod cli;
 pub mod commands;
 pub mod dicom;
+mod dicom_lengths;
 pub mod distill;
 pub mod embedding_cache;
 pub mod eval;
