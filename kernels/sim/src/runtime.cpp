@@ -1,0 +1,384 @@
+// The SIMT runtime: runs a kernel launch block by block, each block's threads as fibers on the
+// calling OS thread, with real barrier and warp-collective semantics.
+//
+// Scheduling rule (what makes a missing barrier a wrong answer): a thread runs without
+// interruption from one synchronisation point (block barrier, warp collective) to the next. The
+// scheduler sweeps over the block's runnable threads in a fresh order each time (by default a
+// seeded shuffle: deterministic, and a read-before-write race between any two threads shows up
+// in some block with probability about 1/2 per block, unlike a fixed forward or reverse order,
+// which hides every race in one direction). So a thread that reads shared memory another thread
+// writes before the same barrier sees the value only if the writer happened to run first, and a
+// deleted barrier lets a fast thread overwrite a tile its neighbours have not read yet. Fresh
+// shared memory holds NaN bytes, so reading what nobody wrote is loud too.
+//
+// Warp collectives (shuffles, mma.sync) are exchanges: every live lane of the warp publishes its
+// operands and waits until all have; then each lane reads the others'. Records are
+// double-buffered by the lane's collective count, so one switch per lane suffices: a lane can
+// only reuse a buffer after the whole warp has passed the next collective, i.e. after every lane
+// has read it.
+//
+// Everything lives in thread-local state: launches on different OS threads are independent
+// (tests run in parallel), and one OS thread runs one block at a time, which is what makes a
+// `static thread_local` variable one block's shared memory.
+#include <algorithm>
+#include <cstdarg>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "../include/minisam_sim.h"
+#include "../include/minisam_sim_abi.h"
+#include "../include/minisam_sim_module.h"
+#include "fiber.h"
+
+extern "C" const msim::Module* const msim_modules[];
+extern "C" const size_t msim_module_count;
+
+namespace msim {
+
+thread_local const uint3* t_thread_idx MSIM_TLS = nullptr;
+thread_local BlockCoords t_block MSIM_TLS = {};
+
+namespace {
+
+constexpr unsigned kMaxThreads = 1024;
+constexpr size_t kStackBytes = 64 * 1024;
+constexpr size_t kStaticSharedLimit = 48 * 1024;
+
+enum class State { Runnable, AtBarrier, AtCollective, Done };
+
+struct Thread {
+    FiberContext ctx;
+    uint3 tid;
+    unsigned linear = 0;
+    State state = State::Done;
+    unsigned collectives = 0;  // warp collectives this lane has entered
+};
+
+struct Warp {
+    unsigned live = 0;         // lanes that exist and have not exited
+    unsigned arrived[2] = {};  // per buffer parity: lanes that published into it
+    unsigned char slots[2][32][kSlotBytes];
+};
+
+struct SharedVar {
+    void* p;
+    size_t bytes;
+};
+
+struct Launch {
+    const KernelEntry* kernel = nullptr;
+    void** params = nullptr;
+    msim_options options{};
+    std::string error;
+    // Shared variables this launch has met, poisoned before every block.
+    std::vector<SharedVar> shared;
+    size_t shared_bytes = 0;
+};
+
+// Per-OS-thread simulator state; fibers and stacks are kept between launches.
+struct Sim {
+    FiberContext scheduler;
+    std::vector<std::unique_ptr<FiberStack>> stacks;
+    Thread threads[kMaxThreads];
+    Warp warps[kMaxThreads / 32];
+    unsigned nthreads = 0;
+    unsigned live = 0;
+    unsigned at_barrier = 0;
+    Thread* current = nullptr;
+    Launch* launch = nullptr;
+};
+
+thread_local Sim* t_sim MSIM_TLS = nullptr;
+
+Sim& sim() {
+    if (!t_sim) t_sim = new Sim;  // lives as long as the OS thread's process: stacks are reused
+    return *t_sim;
+}
+
+std::string format(const char* fmt, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    std::vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    return buf;
+}
+
+// Back to the scheduler; returns when the scheduler resumes this thread.
+void yield_to_scheduler() {
+    Sim& s = sim();
+    Thread* t = s.current;
+    fiber_switch(t->ctx, s.scheduler);
+}
+
+// A fault the kernel cannot continue from (bad collective, ...): recorded, and the thread parks
+// forever; the scheduler sees the error and abandons the launch.
+[[noreturn]] void fail(const std::string& why) {
+    Sim& s = sim();
+    if (s.launch->error.empty()) {
+        const Thread* t = s.current;
+        s.launch->error = format("%s: block (%u,%u,%u) thread (%u,%u,%u): ", s.launch->kernel->name, t_block.block_idx.x, t_block.block_idx.y,
+                                 t_block.block_idx.z, t->tid.x, t->tid.y, t->tid.z) +
+                          why;
+    }
+    s.current->state = State::Done;
+    for (;;) yield_to_scheduler();
+}
+
+void release_barrier(Sim& s) {
+    for (unsigned i = 0; i < s.nthreads; ++i)
+        if (s.threads[i].state == State::AtBarrier) s.threads[i].state = State::Runnable;
+    s.at_barrier = 0;
+}
+
+void thread_exit(Sim& s, Thread* t) {
+    Warp& w = s.warps[t->linear / 32];
+    const unsigned bit = 1u << (t->linear % 32);
+    if ((w.arrived[0] | w.arrived[1]) & ~bit) {
+        fail("exited while lanes of its warp wait for it in a warp collective");
+    }
+    w.live &= ~bit;
+    t->state = State::Done;
+    --s.live;
+    // Exited threads no longer count at a block barrier.
+    if (s.at_barrier > 0 && s.at_barrier == s.live) release_barrier(s);
+}
+
+void fiber_entry(void* arg) {
+    Thread* t = (Thread*)arg;
+    Sim& s = sim();
+    s.launch->kernel->invoke(s.launch->kernel->fn, s.launch->params);
+    thread_exit(s, t);
+    for (;;) yield_to_scheduler();
+}
+
+// splitmix64: the shuffled order's generator (seeded per launch, block and sweep).
+uint64_t mix(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+void make_order(std::vector<unsigned>& order, unsigned n, uint32_t mode, uint64_t seed) {
+    order.resize(n);
+    for (unsigned i = 0; i < n; ++i) order[i] = i;
+    if (mode == MSIM_ORDER_FORWARD) return;
+    if (mode == MSIM_ORDER_REVERSE) {
+        std::reverse(order.begin(), order.end());
+        return;
+    }
+    uint64_t state = seed;
+    for (unsigned i = n; i > 1; --i) {
+        state = mix(state);
+        std::swap(order[i - 1], order[state % i]);
+    }
+}
+
+void poison(const SharedVar& v) { std::memset(v.p, 0xff, v.bytes); }
+
+std::string describe_deadlock(const Sim& s) {
+    unsigned barrier = 0, collective = 0;
+    for (unsigned i = 0; i < s.nthreads; ++i) {
+        barrier += s.threads[i].state == State::AtBarrier;
+        collective += s.threads[i].state == State::AtCollective;
+    }
+    return format("%s: block (%u,%u,%u) deadlocked: %u threads wait at __syncthreads, %u in a warp collective whose other lanes never arrive",
+                  s.launch->kernel->name, t_block.block_idx.x, t_block.block_idx.y, t_block.block_idx.z, barrier, collective);
+}
+
+// Runs one block to completion; false with launch->error set on a fault.
+bool run_block(Sim& s, uint64_t block_linear) {
+    Launch& L = *s.launch;
+    for (const SharedVar& v : L.shared) poison(v);
+    const dim3 bd = t_block.block_dim;
+    s.live = s.nthreads;
+    s.at_barrier = 0;
+    for (unsigned w = 0; w < (s.nthreads + 31) / 32; ++w) {
+        const unsigned lanes = std::min(32u, s.nthreads - 32 * w);
+        s.warps[w].live = lanes == 32 ? ~0u : (1u << lanes) - 1;
+        s.warps[w].arrived[0] = s.warps[w].arrived[1] = 0;
+    }
+    for (unsigned i = 0; i < s.nthreads; ++i) {
+        Thread& t = s.threads[i];
+        t.linear = i;
+        t.tid = uint3{i % bd.x, (i / bd.x) % bd.y, i / (bd.x * bd.y)};
+        t.state = State::Runnable;
+        t.collectives = 0;
+        fiber_init(t.ctx, *s.stacks[i], fiber_entry, &t);
+    }
+    std::vector<unsigned> order;
+    for (uint64_t sweep = 0; s.live > 0; ++sweep) {
+        make_order(order, s.nthreads, L.options.order, mix(L.options.seed ^ mix(block_linear * 0x10001 + sweep)));
+        bool ran = false;
+        for (unsigned i : order) {
+            Thread& t = s.threads[i];
+            if (t.state != State::Runnable) continue;
+            s.current = &t;
+            t_thread_idx = &t.tid;
+            fiber_switch(s.scheduler, t.ctx);
+            ran = true;
+            if (!L.error.empty()) return false;
+        }
+        if (!ran) {
+            L.error = describe_deadlock(s);
+            return false;
+        }
+    }
+    return true;
+}
+
+std::string check_geometry(msim_dim3 grid, msim_dim3 block, uint32_t shared_bytes) {
+    const uint64_t threads = (uint64_t)block.x * block.y * block.z;
+    if (block.x == 0 || block.y == 0 || block.z == 0 || grid.x == 0 || grid.y == 0 || grid.z == 0)
+        return format("launch with an empty grid (%u,%u,%u) or block (%u,%u,%u)", grid.x, grid.y, grid.z, block.x, block.y, block.z);
+    if (threads > kMaxThreads || block.x > 1024 || block.y > 1024 || block.z > 64)
+        return format("block (%u,%u,%u) exceeds CUDA's limits (1024 threads, 1024 x 1024 x 64)", block.x, block.y, block.z);
+    if (grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535)
+        return format("grid (%u,%u,%u) exceeds CUDA's limits (2^31-1 x 65535 x 65535)", grid.x, grid.y, grid.z);
+    if (shared_bytes > 0) return "dynamic shared memory is not emulated yet (the kernels use static __shared__ only)";
+    return "";
+}
+
+}  // namespace
+
+void syncthreads(int site) {
+    Sim& s = sim();
+    if (site >= 0 && site == s.launch->options.skip_barrier_site) return;
+    Thread* t = s.current;
+    t->state = State::AtBarrier;
+    if (++s.at_barrier == s.live) release_barrier(s);
+    // Even the last arrival yields: who runs first after a barrier is the scheduler's choice.
+    yield_to_scheduler();
+}
+
+unsigned lane_id() { return sim().current->linear % 32; }
+
+const unsigned char* warp_exchange(unsigned mask, const void* mine, size_t bytes) {
+    Sim& s = sim();
+    Thread* t = s.current;
+    Warp& w = s.warps[t->linear / 32];
+    const unsigned lane = t->linear % 32;
+    if ((mask & w.live) != w.live || !(mask & (1u << lane)))
+        fail(format("warp collective with mask %08x but live lanes %08x: partial-warp masks are not emulated", mask, w.live));
+    if (bytes > kSlotBytes) fail("warp collective record too large");
+    const unsigned parity = t->collectives++ & 1;
+    std::memcpy(w.slots[parity][lane], mine, bytes);
+    w.arrived[parity] |= 1u << lane;
+    t->state = State::AtCollective;
+    if (w.arrived[parity] == w.live) {
+        for (unsigned l = 0; l < 32; ++l) {
+            Thread& o = s.threads[(t->linear & ~31u) + l];
+            if ((w.live >> l & 1) && o.state == State::AtCollective && ((o.collectives - 1) & 1) == parity) o.state = State::Runnable;
+        }
+        w.arrived[parity] = 0;
+    }
+    yield_to_scheduler();
+    return &w.slots[parity][0][0];
+}
+
+void shared_register(void* p, size_t bytes) {
+    Launch& L = *sim().launch;
+    for (const SharedVar& v : L.shared)
+        if (v.p == p) return;
+    // First time this launch meets the variable: no thread has written it yet (the thread that
+    // registers it is the first to pass its declaration).
+    L.shared.push_back({p, bytes});
+    L.shared_bytes += bytes;
+    poison(L.shared.back());
+    if (L.shared_bytes > kStaticSharedLimit)
+        fail(format("%zu bytes of static __shared__ memory, above CUDA's 48 KiB per block", L.shared_bytes));
+}
+
+bool mutation_swap_mma_a12() { return sim().launch->options.mutations & MSIM_MUTATE_SWAP_MMA_A12; }
+
+}  // namespace msim
+
+// ---- C ABI ----------------------------------------------------------------------------------
+
+namespace {
+
+struct Flat {
+    const msim::Module* module;
+    const msim::KernelEntry* kernel;
+};
+
+const std::vector<Flat>& all_kernels() {
+    static const std::vector<Flat> list = [] {
+        std::vector<Flat> v;
+        for (size_t m = 0; m < msim_module_count; ++m)
+            for (size_t k = 0; k < msim_modules[m]->kernel_count; ++k) v.push_back({msim_modules[m], &msim_modules[m]->kernels[k]});
+        return v;
+    }();
+    return list;
+}
+
+void set_error(char* err, size_t err_len, const std::string& what) {
+    if (!err || err_len == 0) return;
+    const size_t n = std::min(what.size(), err_len - 1);
+    std::memcpy(err, what.data(), n);
+    err[n] = 0;
+}
+
+}  // namespace
+
+extern "C" size_t msim_kernel_count(void) { return all_kernels().size(); }
+
+extern "C" int msim_kernel_info_at(size_t index, msim_kernel_info* out) {
+    const auto& list = all_kernels();
+    if (index >= list.size() || !out) return -1;
+    const Flat& f = list[index];
+    *out = msim_kernel_info{f.module->module, f.module->variant, f.kernel->name, f.kernel->param_count, f.kernel->param_sizes,
+                            f.module->barrier_sites, f.module->barrier_lines};
+    return 0;
+}
+
+extern "C" int msim_launch(size_t index, msim_dim3 grid, msim_dim3 block, uint32_t shared_bytes, void** params, const msim_options* options,
+                           char* err, size_t err_len) {
+    using namespace msim;
+    const auto& list = all_kernels();
+    if (index >= list.size()) {
+        set_error(err, err_len, "no such kernel");
+        return -1;
+    }
+    const std::string bad = check_geometry(grid, block, shared_bytes);
+    if (!bad.empty()) {
+        set_error(err, err_len, std::string(list[index].kernel->name) + ": " + bad);
+        return -1;
+    }
+    Sim& s = sim();
+    if (s.launch) {
+        set_error(err, err_len, "msim_launch called from inside a kernel");
+        return -1;
+    }
+    Launch L;
+    L.kernel = list[index].kernel;
+    L.params = params;
+    if (options) L.options = *options;
+    else L.options.skip_barrier_site = -1;
+    s.nthreads = block.x * block.y * block.z;
+    while (s.stacks.size() < s.nthreads) {
+        s.stacks.emplace_back(new FiberStack);
+        s.stacks.back()->allocate(kStackBytes);
+    }
+    s.launch = &L;
+    t_block.block_dim = dim3{block.x, block.y, block.z};
+    t_block.grid_dim = dim3{grid.x, grid.y, grid.z};
+    bool ok = true;
+    for (uint32_t z = 0; ok && z < grid.z; ++z)
+        for (uint32_t y = 0; ok && y < grid.y; ++y)
+            for (uint32_t x = 0; ok && x < grid.x; ++x) {
+                t_block.block_idx = uint3{x, y, z};
+                ok = run_block(s, ((uint64_t)z * grid.y + y) * grid.x + x);
+            }
+    s.launch = nullptr;
+    s.current = nullptr;
+    t_thread_idx = nullptr;
+    if (!ok) {
+        set_error(err, err_len, L.error);
+        return -1;
+    }
+    return 0;
+}
