@@ -80,14 +80,18 @@ impl std::error::Error for SimError {}
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dim3(pub u32, pub u32, pub u32);
 
-/// In which order the runnable threads of a block are resumed between synchronisation points.
+/// The priorities the scheduler gives warps, and lanes within a warp, at the start of a block and
+/// after every block barrier (the highest-priority runnable thread always runs next, so the first
+/// warp finishes its phase before the second starts).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Order {
-    /// A fresh pseudo-random order per block and sweep, from the launch's seed (the default: it
-    /// exposes races in both directions).
+    /// Drawn at random from the launch's seed, per block and phase (the default: it exposes
+    /// races in both directions).
     #[default]
     Shuffled,
+    /// Warp 0 first, lane 0 first.
     Forward,
+    /// The last warp first, its last lane first.
     Reverse,
 }
 

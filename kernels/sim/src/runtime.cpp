@@ -2,13 +2,15 @@
 // calling OS thread, with real barrier and warp-collective semantics.
 //
 // Scheduling rule (what makes a missing barrier a wrong answer): a thread runs without
-// interruption from one synchronisation point (block barrier, warp collective) to the next. The
-// scheduler sweeps over the block's runnable threads in a fresh order each time (by default a
-// seeded shuffle: deterministic, and a read-before-write race between any two threads shows up
-// in some block with probability about 1/2 per block, unlike a fixed forward or reverse order,
-// which hides every race in one direction). So a thread that reads shared memory another thread
-// writes before the same barrier sees the value only if the writer happened to run first, and a
-// deleted barrier lets a fast thread overwrite a tile its neighbours have not read yet. Fresh
+// interruption from one synchronisation point (block barrier, warp collective) to the next, and
+// the scheduler always resumes the runnable thread of highest priority. Priorities are drawn
+// afresh at the block's start and at every block barrier: a random order of the warps, and within
+// each warp a random order of its lanes (seeded: every run is reproducible). So between two block
+// barriers the first warp runs its whole phase before the second starts, and so on: the largest
+// skew a GPU could show. A thread that reads shared memory another warp writes before the same
+// barrier sees the value only if the writer's warp drew the higher priority (about half the
+// blocks and phases, so in a multi-block launch a race shows in either direction), and a deleted
+// end-of-loop barrier lets the first warp overwrite a tile the others have not read yet. Fresh
 // shared memory holds NaN bytes, so reading what nobody wrote is loud too.
 //
 // Warp collectives (shuffles, mma.sync) are exchanges: every live lane of the warp publishes its
@@ -84,6 +86,13 @@ struct Sim {
     Thread threads[kMaxThreads];
     Warp warps[kMaxThreads / 32];
     unsigned nthreads = 0;
+    // Priority order: by_rank[r] is the thread of rank r (0 = runs first), rank[t] its inverse;
+    // no runnable thread ranks before `cursor`.
+    unsigned by_rank[kMaxThreads];
+    unsigned rank[kMaxThreads];
+    unsigned cursor = 0;
+    uint64_t phase = 0;
+    uint64_t block_linear = 0;
     unsigned live = 0;
     unsigned at_barrier = 0;
     Thread* current = nullptr;
@@ -127,10 +136,59 @@ void yield_to_scheduler() {
     for (;;) yield_to_scheduler();
 }
 
+// splitmix64: the priority generator (seeded per launch, block and phase).
+uint64_t mix(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+// Fisher-Yates over v[0..n) (forward and reverse orders are fixed permutations).
+void permute(unsigned* v, unsigned n, uint32_t mode, uint64_t& state) {
+    for (unsigned i = 0; i < n; ++i) v[i] = i;
+    if (mode == MSIM_ORDER_FORWARD) return;
+    if (mode == MSIM_ORDER_REVERSE) {
+        std::reverse(v, v + n);
+        return;
+    }
+    for (unsigned i = n; i > 1; --i) {
+        state = mix(state);
+        std::swap(v[i - 1], v[state % i]);
+    }
+}
+
+// Draws the priorities of a new phase: warps in a random order, lanes in a random order within
+// their warp.
+void new_priorities(Sim& s) {
+    uint64_t state = mix(s.launch->options.seed ^ mix(s.block_linear * 0x9e3779b97f4a7c15ull + s.phase++));
+    const unsigned nwarps = (s.nthreads + 31) / 32;
+    unsigned warp_order[kMaxThreads / 32], lane_order[32];
+    permute(warp_order, nwarps, s.launch->options.order, state);
+    unsigned r = 0;
+    for (unsigned wi = 0; wi < nwarps; ++wi) {
+        const unsigned w = warp_order[wi];
+        const unsigned lanes = std::min(32u, s.nthreads - 32 * w);
+        permute(lane_order, lanes, s.launch->options.order, state);
+        for (unsigned l = 0; l < lanes; ++l) {
+            s.by_rank[r] = 32 * w + lane_order[l];
+            s.rank[32 * w + lane_order[l]] = r;
+            ++r;
+        }
+    }
+    s.cursor = 0;
+}
+
+void make_runnable(Sim& s, Thread& t) {
+    t.state = State::Runnable;
+    s.cursor = std::min(s.cursor, s.rank[t.linear]);
+}
+
 void release_barrier(Sim& s) {
     for (unsigned i = 0; i < s.nthreads; ++i)
         if (s.threads[i].state == State::AtBarrier) s.threads[i].state = State::Runnable;
     s.at_barrier = 0;
+    new_priorities(s);
 }
 
 void thread_exit(Sim& s, Thread* t) {
@@ -152,29 +210,6 @@ void fiber_entry(void* arg) {
     s.launch->kernel->invoke(s.launch->kernel->fn, s.launch->params);
     thread_exit(s, t);
     for (;;) yield_to_scheduler();
-}
-
-// splitmix64: the shuffled order's generator (seeded per launch, block and sweep).
-uint64_t mix(uint64_t x) {
-    x += 0x9e3779b97f4a7c15ull;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-}
-
-void make_order(std::vector<unsigned>& order, unsigned n, uint32_t mode, uint64_t seed) {
-    order.resize(n);
-    for (unsigned i = 0; i < n; ++i) order[i] = i;
-    if (mode == MSIM_ORDER_FORWARD) return;
-    if (mode == MSIM_ORDER_REVERSE) {
-        std::reverse(order.begin(), order.end());
-        return;
-    }
-    uint64_t state = seed;
-    for (unsigned i = n; i > 1; --i) {
-        state = mix(state);
-        std::swap(order[i - 1], order[state % i]);
-    }
 }
 
 void poison(const SharedVar& v) { std::memset(v.p, 0xff, v.bytes); }
@@ -209,23 +244,21 @@ bool run_block(Sim& s, uint64_t block_linear) {
         t.collectives = 0;
         fiber_init(t.ctx, *s.stacks[i], fiber_entry, &t);
     }
-    std::vector<unsigned> order;
-    for (uint64_t sweep = 0; s.live > 0; ++sweep) {
-        make_order(order, s.nthreads, L.options.order, mix(L.options.seed ^ mix(block_linear * 0x10001 + sweep)));
-        bool ran = false;
-        for (unsigned i : order) {
-            Thread& t = s.threads[i];
-            if (t.state != State::Runnable) continue;
-            s.current = &t;
-            t_thread_idx = &t.tid;
-            fiber_switch(s.scheduler, t.ctx);
-            ran = true;
-            if (!L.error.empty()) return false;
-        }
-        if (!ran) {
+    s.block_linear = block_linear;
+    s.phase = 0;
+    new_priorities(s);
+    for (;;) {
+        while (s.cursor < s.nthreads && s.threads[s.by_rank[s.cursor]].state != State::Runnable) ++s.cursor;
+        if (s.cursor == s.nthreads) {
+            if (s.live == 0) break;
             L.error = describe_deadlock(s);
             return false;
         }
+        Thread& t = s.threads[s.by_rank[s.cursor]];
+        s.current = &t;
+        t_thread_idx = &t.tid;
+        fiber_switch(s.scheduler, t.ctx);
+        if (!L.error.empty()) return false;
     }
     return true;
 }
@@ -271,7 +304,7 @@ const unsigned char* warp_exchange(unsigned mask, const void* mine, size_t bytes
     if (w.arrived[parity] == w.live) {
         for (unsigned l = 0; l < 32; ++l) {
             Thread& o = s.threads[(t->linear & ~31u) + l];
-            if ((w.live >> l & 1) && o.state == State::AtCollective && ((o.collectives - 1) & 1) == parity) o.state = State::Runnable;
+            if ((w.live >> l & 1) && o.state == State::AtCollective && ((o.collectives - 1) & 1) == parity) make_runnable(s, o);
         }
         w.arrived[parity] = 0;
     }
