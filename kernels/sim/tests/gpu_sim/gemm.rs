@@ -51,7 +51,7 @@ pub struct GemmCase {
     out_len: usize,
 }
 
-fn erf(x: f64) -> f64 {
+pub fn erf(x: f64) -> f64 {
     // erf(z) = 2/√π · e^(-z²) · Σ_n 2^n z^(2n+1) / (2n+1)!!: every term positive, no cancellation.
     let z = x.abs();
     if z >= 6.0 {

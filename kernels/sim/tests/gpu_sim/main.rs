@@ -6,6 +6,7 @@
 mod common;
 mod gemm;
 mod mutation;
+mod others;
 mod params;
 
 use common::*;
@@ -64,4 +65,60 @@ fn mutation_swapped_mma_fragment_fails() {
     let swapped = Sim { options: minisam_gpusim::LaunchOptions { swap_mma_a12: true, ..Default::default() }, ..Sim::default() };
     let err = case.check(&swapped, "gemm_tc_f32w", Operands::Bf16).expect_err("swapping mma fragments a1 and a2 went unnoticed");
     eprintln!("with a1/a2 swapped: {err}");
+}
+
+/// Runs `check` `times` with one generator.
+fn repeat(test: &str, times: usize, check: impl Fn(&Sim, &mut rand_chacha::ChaCha8Rng) -> Result<(), String>) {
+    let mut rng = rng(test);
+    for _ in 0..times {
+        check(&Sim::default(), &mut rng).unwrap();
+    }
+}
+
+#[test]
+fn attention_every_head_dim_and_bias_mode() {
+    for dp in [32, 64, 96, 128] {
+        repeat(&format!("attention_d{dp}"), 4, |sim, rng| others::attention_case(sim, rng, dp));
+    }
+}
+
+#[test]
+fn mutation_every_attention_barrier_is_needed() {
+    let seed = rng("attention_barriers").gen::<u64>();
+    mutation::every_barrier_is_needed("attention", |sim| {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        for dp in [32, 64, 96, 128] {
+            for _ in 0..2 {
+                others::attention_case(sim, &mut rng, dp)?;
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn layer_norms() {
+    repeat("layer_norm_rows", 8, others::layer_norm_rows_case);
+    repeat("layer_norm_nchw", 8, others::layer_norm_nchw_case);
+}
+
+#[test]
+fn elementwise_kernels() {
+    repeat("permute", 12, others::permute_case);
+    repeat("copy_block", 12, others::copy_block_case);
+    repeat("pad_hw", 12, others::pad_hw_case);
+    repeat("add_broadcast", 12, others::add_broadcast_case);
+    repeat("scale_act", 12, others::scale_act_case);
+}
+
+#[test]
+fn resize_bilinear_matches_the_cpu_bit_for_bit() {
+    repeat("resize_bilinear", 10, others::resize_case);
+}
+
+#[test]
+fn conv2d_direct_every_weight_kind() {
+    for kind in [W_F32, W_F16, W_NF4] {
+        repeat("conv2d_direct", 5, |sim, rng| others::conv_direct_case(sim, rng, kind));
+    }
 }
