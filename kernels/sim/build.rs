@@ -7,6 +7,8 @@
 //! - `"mutant"`: for sources with barriers, every `__syncthreads()` call numbered as a "site" that a
 //!   launch may skip (`msim_options::skip_barrier_site`), so tests can prove a missing barrier fails.
 //!
+//! `probes/probes.cu` (kernels that test the simulator itself) is built as variant `"probe"`.
+//!
 //! The source text is included unchanged except for two mechanical edits on the same line (line
 //! numbers stay right through `#line`): `MSIM_SHARED(name);` after each `__shared__` declaration
 //! (see include/minisam_sim.h), and in the mutant variant the numbered barrier calls.
@@ -74,6 +76,12 @@ fn main() {
             modules.push(symbol);
         }
     }
+    // The simulator's own test kernels (tests/gpu_sim/simulator.rs), one variant.
+    let probes = manifest.join("probes").join("probes.cu");
+    println!("cargo:rerun-if-changed={}", probes.display());
+    let (symbol, file) = generate_variant(&Source::read(&probes), "probe", &out);
+    build.file(file);
+    modules.push(symbol);
     build.file(generate_registry(&modules, &out));
     build.compile("minisam_gpusim");
 }

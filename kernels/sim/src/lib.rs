@@ -113,6 +113,7 @@ pub enum Arg<'a> {
     /// A device address (a host address here).
     Ptr(u64),
     I64(i64),
+    I32(i32),
     F32(f32),
     /// A by-value parameter record (`#[repr(C)]`, laid out as the C struct).
     Record(&'a [u8]),
@@ -135,7 +136,7 @@ impl Arg<'_> {
     fn len(&self) -> usize {
         match self {
             Arg::Ptr(_) | Arg::I64(_) => 8,
-            Arg::F32(_) => 4,
+            Arg::I32(_) | Arg::F32(_) => 4,
             Arg::Record(b) => b.len(),
         }
     }
@@ -214,6 +215,7 @@ impl Kernel {
             .map(|a| match *a {
                 Arg::Ptr(v) => v,
                 Arg::I64(v) => v as u64,
+                Arg::I32(v) => v as u32 as u64,
                 Arg::F32(v) => v.to_bits() as u64,
                 Arg::Record(_) => 0,
             })
@@ -240,7 +242,7 @@ impl Kernel {
         let mut err = [0 as c_char; 1024];
         let d = |d: Dim3| ffi::Dim3 { x: d.0, y: d.1, z: d.2 };
         // SAFETY: params holds one pointer per parameter to at least its size in bytes (checked
-        // above; f32 sits in the low bytes of its u64 slot on little-endian hosts, the only kind
+        // above; an i32 or f32 sits in the low bytes of its u64 slot on little-endian hosts, the only kind
         // the simulator builds for); the caller vouches for the device addresses.
         let rc = unsafe { ffi::msim_launch(self.index, d(grid), d(block), 0, params.as_mut_ptr(), &options, err.as_mut_ptr(), err.len()) };
         if rc == 0 {
@@ -252,4 +254,4 @@ impl Kernel {
 }
 
 #[cfg(target_endian = "big")]
-compile_error!("minisam-gpusim passes f32 kernel arguments in the low bytes of a u64: little-endian hosts only");
+compile_error!("minisam-gpusim passes 4-byte kernel arguments in the low bytes of a u64: little-endian hosts only");

@@ -8,6 +8,7 @@ mod gemm;
 mod mutation;
 mod others;
 mod params;
+mod simulator;
 
 use common::*;
 use gemm::Operands;
