@@ -28,8 +28,13 @@ struct Source {
 }
 
 fn main() {
-    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let kernels_dir = manifest.parent().expect("kernels/sim sits in kernels/").to_path_buf();
+    let manifest = PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
+    );
+    let kernels_dir = manifest
+        .parent()
+        .expect("kernels/sim sits in kernels/")
+        .to_path_buf();
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
 
     let mut cu: Vec<PathBuf> = std::fs::read_dir(&kernels_dir)
@@ -88,10 +93,21 @@ fn main() {
 
 impl Source {
     fn read(path: &Path) -> Self {
-        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-        let module = path.file_stem().and_then(|s| s.to_str()).expect("UTF-8 file name").to_string();
+        let text = std::fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let module = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("UTF-8 file name")
+            .to_string();
         let code = code_mask(&text);
-        let mut s = Source { module, path: path.to_path_buf(), text, code, kernels: Vec::new() };
+        let mut s = Source {
+            module,
+            path: path.to_path_buf(),
+            text,
+            code,
+            kernels: Vec::new(),
+        };
         s.kernels = s.kernel_names();
         s
     }
@@ -108,7 +124,10 @@ impl Source {
             .match_indices(word)
             .map(|(i, _)| i)
             .filter(|&i| self.code[i])
-            .filter(|&i| (i == 0 || !ident(bytes[i - 1])) && bytes.get(i + word.len()).is_none_or(|&b| !ident(b)))
+            .filter(|&i| {
+                (i == 0 || !ident(bytes[i - 1]))
+                    && bytes.get(i + word.len()).is_none_or(|&b| !ident(b))
+            })
             .collect()
     }
 
@@ -118,16 +137,39 @@ impl Source {
         let mut names = Vec::new();
         for at in self.find_code("__global__") {
             let rest = &self.text[at + "__global__".len()..];
-            let head_end = rest.find(['{', ';']).unwrap_or_else(|| panic!("{}: a __global__ declaration without a body", self.path.display()));
+            let head_end = rest.find(['{', ';']).unwrap_or_else(|| {
+                panic!(
+                    "{}: a __global__ declaration without a body",
+                    self.path.display()
+                )
+            });
             let mut head = rest[..head_end].to_string();
             if let Some(lb) = head.find("__launch_bounds__") {
                 let open = lb + head[lb..].find('(').expect("__launch_bounds__(");
                 let close = open + matching_paren(&head[open..]);
                 head.replace_range(lb..=close, " ");
             }
-            let paren = head.find('(').unwrap_or_else(|| panic!("{}: no parameter list after __global__", self.path.display()));
-            let name: String = head[..paren].trim_end().chars().rev().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>().chars().rev().collect();
-            assert!(!name.is_empty(), "{}: cannot find a kernel name in `__global__{}`", self.path.display(), &head[..paren]);
+            let paren = head.find('(').unwrap_or_else(|| {
+                panic!(
+                    "{}: no parameter list after __global__",
+                    self.path.display()
+                )
+            });
+            let name: String = head[..paren]
+                .trim_end()
+                .chars()
+                .rev()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect::<String>()
+                .chars()
+                .rev()
+                .collect();
+            assert!(
+                !name.is_empty(),
+                "{}: cannot find a kernel name in `__global__{}`",
+                self.path.display(),
+                &head[..paren]
+            );
             names.push(name);
         }
         names
@@ -136,7 +178,10 @@ impl Source {
     /// Brace depth at byte `at`, counting code only.
     fn depth_at(&self, at: usize) -> i32 {
         let bytes = self.text.as_bytes();
-        (0..at).filter(|&i| self.code[i]).map(|i| (bytes[i] == b'{') as i32 - (bytes[i] == b'}') as i32).sum()
+        (0..at)
+            .filter(|&i| self.code[i])
+            .map(|i| (bytes[i] == b'{') as i32 - (bytes[i] == b'}') as i32)
+            .sum()
     }
 }
 
@@ -166,9 +211,15 @@ fn code_mask(text: &str) -> Vec<bool> {
     while i < b.len() {
         let start = i;
         let end = if b[i..].starts_with(b"//") {
-            b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |p| i + p)
+            b[i..]
+                .iter()
+                .position(|&c| c == b'\n')
+                .map_or(b.len(), |p| i + p)
         } else if b[i..].starts_with(b"/*") {
-            b[i + 2..].windows(2).position(|w| w == b"*/").map_or(b.len(), |p| i + 2 + p + 2)
+            b[i + 2..]
+                .windows(2)
+                .position(|w| w == b"*/")
+                .map_or(b.len(), |p| i + 2 + p + 2)
         } else if b[i] == b'"' || b[i] == b'\'' {
             let quote = b[i];
             let mut j = i + 1;
@@ -192,13 +243,23 @@ fn line_of(text: &str, at: usize) -> usize {
 
 /// Writes the translation unit of one variant; returns its module symbol and path.
 fn generate_variant(src: &Source, variant: &str, out: &Path) -> (String, PathBuf) {
-    let tag = if variant.is_empty() { "default" } else { variant };
+    let tag = if variant.is_empty() {
+        "default"
+    } else {
+        variant
+    };
     let prefix = format!("msim_{}_{}", src.module, tag);
 
     // Edits, applied back to front so offsets stay valid: (offset, bytes removed, replacement).
     let mut edits: Vec<(usize, usize, String)> = Vec::new();
     for at in src.find_code("__shared__") {
-        let end = at + src.text[at..].find(';').unwrap_or_else(|| panic!("{}: unterminated __shared__ declaration", src.path.display()));
+        let end = at
+            + src.text[at..].find(';').unwrap_or_else(|| {
+                panic!(
+                    "{}: unterminated __shared__ declaration",
+                    src.path.display()
+                )
+            });
         assert!(
             src.depth_at(at) > 0,
             "{}:{}: a namespace-scope __shared__ variable: the simulator handles __shared__ declared inside functions only",
@@ -208,8 +269,20 @@ fn generate_variant(src: &Source, variant: &str, out: &Path) -> (String, PathBuf
         let decl = &src.text[at + "__shared__".len()..end];
         let decl = decl.split('=').next().unwrap_or(decl);
         let decl = decl.split('[').next().unwrap_or(decl).trim_end();
-        let name: String = decl.chars().rev().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>().chars().rev().collect();
-        assert!(!name.is_empty(), "{}:{}: cannot find the name of a __shared__ variable", src.path.display(), line_of(&src.text, at));
+        let name: String = decl
+            .chars()
+            .rev()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect::<String>()
+            .chars()
+            .rev()
+            .collect();
+        assert!(
+            !name.is_empty(),
+            "{}:{}: cannot find the name of a __shared__ variable",
+            src.path.display(),
+            line_of(&src.text, at)
+        );
         edits.push((end + 1, 0, format!(" MSIM_SHARED({name});")));
     }
     let mut site_lines = Vec::new();
@@ -229,8 +302,17 @@ fn generate_variant(src: &Source, variant: &str, out: &Path) -> (String, PathBuf
     }
 
     let mut tu = String::new();
-    writeln!(tu, "// Generated by kernels/sim/build.rs from {}, variant {tag:?}.", src.path.display()).unwrap();
-    writeln!(tu, "#include \"minisam_sim.h\"\n#include \"minisam_sim_module.h\"").unwrap();
+    writeln!(
+        tu,
+        "// Generated by kernels/sim/build.rs from {}, variant {tag:?}.",
+        src.path.display()
+    )
+    .unwrap();
+    writeln!(
+        tu,
+        "#include \"minisam_sim.h\"\n#include \"minisam_sim_module.h\""
+    )
+    .unwrap();
     if variant == "f16" {
         writeln!(tu, "#define MINISAM_MMA_F16 1").unwrap();
     }
@@ -241,8 +323,17 @@ fn generate_variant(src: &Source, variant: &str, out: &Path) -> (String, PathBuf
     tu.push_str(&text);
     writeln!(tu, "\n}}  // namespace").unwrap();
     writeln!(tu, "namespace {{").unwrap();
-    let lines: Vec<String> = site_lines.iter().map(|l| l.to_string()).chain(["0".into()]).collect();
-    writeln!(tu, "const uint32_t barrier_lines[] = {{{}}};", lines.join(", ")).unwrap();
+    let lines: Vec<String> = site_lines
+        .iter()
+        .map(|l| l.to_string())
+        .chain(["0".into()])
+        .collect();
+    writeln!(
+        tu,
+        "const uint32_t barrier_lines[] = {{{}}};",
+        lines.join(", ")
+    )
+    .unwrap();
     writeln!(tu, "const msim::KernelEntry kernels[] = {{").unwrap();
     for k in &src.kernels {
         writeln!(tu, "    msim::entry(\"{k}\", &{k}),").unwrap();
@@ -267,11 +358,20 @@ fn generate_registry(modules: &[String], out: &Path) -> PathBuf {
     for m in modules {
         writeln!(tu, "extern \"C\" const msim::Module {m};").unwrap();
     }
-    writeln!(tu, "extern \"C\" const msim::Module* const msim_modules[] = {{").unwrap();
+    writeln!(
+        tu,
+        "extern \"C\" const msim::Module* const msim_modules[] = {{"
+    )
+    .unwrap();
     for m in modules {
         writeln!(tu, "    &{m},").unwrap();
     }
-    writeln!(tu, "}};\nextern \"C\" const size_t msim_module_count = {};", modules.len()).unwrap();
+    writeln!(
+        tu,
+        "}};\nextern \"C\" const size_t msim_module_count = {};",
+        modules.len()
+    )
+    .unwrap();
     let path = out.join("msim_registry.cpp");
     write_if_changed(&path, &tu);
     path

@@ -131,7 +131,9 @@ impl Arg<'_> {
     /// A `#[repr(C)]` record by value.
     pub fn record<T: Copy>(r: &T) -> Arg<'_> {
         // SAFETY: a Copy record is plain bytes for its whole size (the records are padding-free).
-        Arg::Record(unsafe { std::slice::from_raw_parts(r as *const T as *const u8, std::mem::size_of::<T>()) })
+        Arg::Record(unsafe {
+            std::slice::from_raw_parts(r as *const T as *const u8, std::mem::size_of::<T>())
+        })
     }
     fn len(&self) -> usize {
         match self {
@@ -159,7 +161,9 @@ pub struct Kernel {
 
 fn static_str(p: *const c_char) -> &'static str {
     // SAFETY: the runtime's strings are string literals of the C++ objects, alive for the process.
-    unsafe { CStr::from_ptr(p) }.to_str().expect("kernel names are ASCII")
+    unsafe { CStr::from_ptr(p) }
+        .to_str()
+        .expect("kernel names are ASCII")
 }
 
 /// Every kernel of every variant, in build order.
@@ -172,7 +176,13 @@ pub fn kernels() -> Vec<Kernel> {
             let rc = unsafe { ffi::msim_kernel_info_at(index, info.as_mut_ptr()) };
             assert_eq!(rc, 0, "kernel {index} of {count} has no info");
             let info = unsafe { info.assume_init() };
-            let slice = |p: *const u32, n: u32| if n == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(p, n as usize) } };
+            let slice = |p: *const u32, n: u32| {
+                if n == 0 {
+                    &[][..]
+                } else {
+                    unsafe { std::slice::from_raw_parts(p, n as usize) }
+                }
+            };
             Kernel {
                 index,
                 module: static_str(info.module),
@@ -190,7 +200,11 @@ pub fn kernel(variant: &str, name: &str) -> Result<Kernel, SimError> {
     kernels()
         .into_iter()
         .find(|k| k.variant == variant && k.name == name)
-        .ok_or_else(|| SimError(format!("no kernel {name:?} in variant {variant:?} of kernels/*.cu")))
+        .ok_or_else(|| {
+            SimError(format!(
+                "no kernel {name:?} in variant {variant:?} of kernels/*.cu"
+            ))
+        })
 }
 
 impl Kernel {
@@ -200,13 +214,28 @@ impl Kernel {
     /// Every device address in `args` (and inside records) must point to host memory of the size
     /// the kernel will access with these arguments, alive and not otherwise accessed during the
     /// call: the kernel reads and writes through them exactly as on a GPU.
-    pub unsafe fn launch(&self, grid: Dim3, block: Dim3, args: &[Arg<'_>], options: &LaunchOptions) -> Result<(), SimError> {
+    pub unsafe fn launch(
+        &self,
+        grid: Dim3,
+        block: Dim3,
+        args: &[Arg<'_>],
+        options: &LaunchOptions,
+    ) -> Result<(), SimError> {
         if args.len() != self.param_sizes.len() {
-            return Err(SimError(format!("{}: {} arguments for {} parameters", self.name, args.len(), self.param_sizes.len())));
+            return Err(SimError(format!(
+                "{}: {} arguments for {} parameters",
+                self.name,
+                args.len(),
+                self.param_sizes.len()
+            )));
         }
         for (i, (a, &size)) in args.iter().zip(self.param_sizes).enumerate() {
             if a.len() != size as usize {
-                return Err(SimError(format!("{}: argument {i} has {} bytes but the parameter has {size}", self.name, a.len())));
+                return Err(SimError(format!(
+                    "{}: argument {i} has {} bytes but the parameter has {size}",
+                    self.name,
+                    a.len()
+                )));
             }
         }
         // Each argument's bytes in a slot of their own, as the driver's parameter buffer.
@@ -240,15 +269,34 @@ impl Kernel {
             reserved: 0,
         };
         let mut err = [0 as c_char; 1024];
-        let d = |d: Dim3| ffi::Dim3 { x: d.0, y: d.1, z: d.2 };
+        let d = |d: Dim3| ffi::Dim3 {
+            x: d.0,
+            y: d.1,
+            z: d.2,
+        };
         // SAFETY: params holds one pointer per parameter to at least its size in bytes (checked
         // above; an i32 or f32 sits in the low bytes of its u64 slot on little-endian hosts, the only kind
         // the simulator builds for); the caller vouches for the device addresses.
-        let rc = unsafe { ffi::msim_launch(self.index, d(grid), d(block), 0, params.as_mut_ptr(), &options, err.as_mut_ptr(), err.len()) };
+        let rc = unsafe {
+            ffi::msim_launch(
+                self.index,
+                d(grid),
+                d(block),
+                0,
+                params.as_mut_ptr(),
+                &options,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
         if rc == 0 {
             Ok(())
         } else {
-            Err(SimError(unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned()))
+            Err(SimError(
+                unsafe { CStr::from_ptr(err.as_ptr()) }
+                    .to_string_lossy()
+                    .into_owned(),
+            ))
         }
     }
 }

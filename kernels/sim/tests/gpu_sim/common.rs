@@ -7,15 +7,22 @@ use rand_chacha::ChaCha8Rng;
 
 /// Fresh shapes every run, reproducible: the seed is printed, and GPU_SIM_SEED replays it.
 pub fn rng(test: &str) -> ChaCha8Rng {
-    let seed = std::env::var("GPU_SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
-    });
+    let seed = std::env::var("GPU_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
     eprintln!("{test}: GPU_SIM_SEED={seed}");
     ChaCha8Rng::seed_from_u64(seed)
 }
 
 pub fn randn(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| (rng.gen::<f32>() * 2.0 - 1.0) * scale).collect()
+    (0..n)
+        .map(|_| (rng.gen::<f32>() * 2.0 - 1.0) * scale)
+        .collect()
 }
 
 /// Which build of the kernels a check runs and how: the default build, or a mutant with one
@@ -28,20 +35,33 @@ pub struct Sim {
 
 impl Sim {
     pub fn with_variant(variant: &'static str) -> Self {
-        Sim { variant, options: LaunchOptions::default() }
+        Sim {
+            variant,
+            options: LaunchOptions::default(),
+        }
     }
     pub fn kernel(&self, name: &str) -> Kernel {
         kernel(self.variant, name).unwrap_or_else(|e| panic!("{e}"))
     }
     /// Launches `name`; a launch error (deadlock, bad collective, ...) is a check failure.
-    pub fn launch(&self, name: &str, grid: Dim3, block: Dim3, args: &[Arg<'_>]) -> Result<(), String> {
+    pub fn launch(
+        &self,
+        name: &str,
+        grid: Dim3,
+        block: Dim3,
+        args: &[Arg<'_>],
+    ) -> Result<(), String> {
         // SAFETY: every check passes buffers sized for the launch it makes (with guard elements
         // behind each output to catch strays).
-        unsafe { self.kernel(name).launch(grid, block, args, &self.options) }.map_err(|e| format!("launch failed: {e}"))
+        unsafe { self.kernel(name).launch(grid, block, args, &self.options) }
+            .map_err(|e| format!("launch failed: {e}"))
     }
     /// The backend's 1-D grid-stride geometry (`grid_for` in models/src/cuda/device.rs).
     pub fn grid_for(n: usize) -> (Dim3, Dim3) {
-        (Dim3(n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), Dim3(256, 1, 1))
+        (
+            Dim3(n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+            Dim3(256, 1, 1),
+        )
     }
 }
 
@@ -62,16 +82,28 @@ pub fn compare(what: &str, got: &[f32], want: &[f64], bound: &[f64]) -> Result<(
     let n = want.len();
     assert_eq!(got.len(), n + GUARD, "{what}: output buffer size");
     if let Some(i) = got[n..].iter().position(|v| v.to_bits() != POISON) {
-        return Err(format!("{what}: element {} past the end ({} elements) was written", n + i, n));
+        return Err(format!(
+            "{what}: element {} past the end ({} elements) was written",
+            n + i,
+            n
+        ));
     }
     let mut worst: Option<(usize, f64)> = None;
     let mut bad = 0;
     for i in 0..n {
         let (g, w) = (got[i] as f64, want[i]);
-        let ok = if w.is_nan() { g.is_nan() } else { (g - w).abs() <= bound[i] };
+        let ok = if w.is_nan() {
+            g.is_nan()
+        } else {
+            (g - w).abs() <= bound[i]
+        };
         if !ok {
             bad += 1;
-            let excess = if g.is_nan() { f64::INFINITY } else { (g - w).abs() / bound[i].max(f64::MIN_POSITIVE) };
+            let excess = if g.is_nan() {
+                f64::INFINITY
+            } else {
+                (g - w).abs() / bound[i].max(f64::MIN_POSITIVE)
+            };
             if worst.is_none_or(|(_, e)| excess > e) {
                 worst = Some((i, excess));
             }

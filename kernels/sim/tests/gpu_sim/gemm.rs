@@ -87,13 +87,24 @@ impl GemmCase {
     }
 
     fn base(m: usize, n: usize, k: usize) -> GemmParams {
-        GemmParams { m: m as i64, n: n as i64, k: k as i64, batch_count: 1, bias_div: 1, ..Default::default() }
+        GemmParams {
+            m: m as i64,
+            n: n as i64,
+            k: k as i64,
+            batch_count: 1,
+            bias_div: 1,
+            ..Default::default()
+        }
     }
 
     /// `linear`: x[M, K] · wᵀ + bias, activation, optional LoRA and residual.
     pub fn linear(rng: &mut ChaCha8Rng, kind: i64) -> Self {
         // K a multiple of 64 half the time: the NF4 path's per-row absmax fast path.
-        let k = if rng.gen_bool(0.5) { 64 * rng.gen_range(1..4) } else { rng.gen_range(1..200) };
+        let k = if rng.gen_bool(0.5) {
+            64 * rng.gen_range(1..4)
+        } else {
+            rng.gen_range(1..200)
+        };
         Self::linear_with_k(rng, kind, k)
     }
 
@@ -109,30 +120,66 @@ impl GemmCase {
         p.act = pick(rng, &[ACT_NONE, ACT_GELU, ACT_RELU]);
         let a = randn(rng, m * k, 1.0);
         let b = Weight::random(rng, kind, n * k, 0.5);
-        let bias = if rng.gen_bool(0.7) { randn(rng, n, 0.5) } else { vec![] };
-        let residual = if rng.gen_bool(0.5) { randn(rng, m * n, 1.0) } else { vec![] };
+        let bias = if rng.gen_bool(0.7) {
+            randn(rng, n, 0.5)
+        } else {
+            vec![]
+        };
+        let residual = if rng.gen_bool(0.5) {
+            randn(rng, m * n, 1.0)
+        } else {
+            vec![]
+        };
         let (lora_t, lora_b) = if rng.gen_bool(0.5) {
             let r = rng.gen_range(1..9);
             p.lora_r = r as i64;
             p.lora_scale = rng.gen_range(0.25..2.0);
             let lora_kind = pick(rng, &[W_F32, W_F16]);
-            (randn(rng, m * r, 1.0), Some(Weight::random(rng, lora_kind, n * r, 0.5)))
+            (
+                randn(rng, m * r, 1.0),
+                Some(Weight::random(rng, lora_kind, n * r, 0.5)),
+            )
         } else {
             (vec![], None)
         };
-        let what = format!("linear M={m} N={n} K={k} act={} bias={} residual={} lora_r={}", p.act, !bias.is_empty(), !residual.is_empty(), p.lora_r);
-        Self { what, p, a, b, bias, residual, lora_t, lora_b, out_len: m * n }
+        let what = format!(
+            "linear M={m} N={n} K={k} act={} bias={} residual={} lora_r={}",
+            p.act,
+            !bias.is_empty(),
+            !residual.is_empty(),
+            p.lora_r
+        );
+        Self {
+            what,
+            p,
+            a,
+            b,
+            bias,
+            residual,
+            lora_t,
+            lora_b,
+            out_len: m * n,
+        }
     }
 
     /// Batched `matmul` of activations, B transposed or not (B is f32).
     pub fn matmul(rng: &mut ChaCha8Rng) -> Self {
-        let (batch, m, n, k) = (rng.gen_range(1..4), rng.gen_range(1..100), rng.gen_range(1..100), rng.gen_range(1..120));
+        let (batch, m, n, k) = (
+            rng.gen_range(1..4),
+            rng.gen_range(1..100),
+            rng.gen_range(1..100),
+            rng.gen_range(1..120),
+        );
         let transpose_b = rng.gen_bool(0.5);
         let mut p = Self::base(m, n, k);
         p.batch_count = batch as i64;
         p.lda = k as i64;
         p.a_batch = (m * k) as i64;
-        (p.sbn, p.sbk) = if transpose_b { (k as i64, 1) } else { (1, n as i64) };
+        (p.sbn, p.sbk) = if transpose_b {
+            (k as i64, 1)
+        } else {
+            (1, n as i64)
+        };
         p.b_batch = (k * n) as i64;
         p.ldc = n as i64;
         p.c_batch = (m * n) as i64;
@@ -152,16 +199,32 @@ impl GemmCase {
 
     /// Dense convolution as an implicit GEMM, NCHW output.
     pub fn conv(rng: &mut ChaCha8Rng, kind: i64) -> Self {
-        let (batch, cin, cout) = (rng.gen_range(1..3), rng.gen_range(1..9), rng.gen_range(1..80));
+        let (batch, cin, cout) = (
+            rng.gen_range(1..3),
+            rng.gen_range(1..9),
+            rng.gen_range(1..80),
+        );
         let (kh, kw) = (pick(rng, &[1, 2, 3, 4]), pick(rng, &[1, 2, 3, 4]));
         let (stride, pad) = (rng.gen_range(1..3), rng.gen_range(0..2));
         let (h, w) = (rng.gen_range(kh.max(1)..14), rng.gen_range(kw.max(1)..14));
-        let (oh, ow) = ((h + 2 * pad - kh) / stride + 1, (w + 2 * pad - kw) / stride + 1);
+        let (oh, ow) = (
+            (h + 2 * pad - kh) / stride + 1,
+            (w + 2 * pad - kw) / stride + 1,
+        );
         let k = cin * kh * kw;
         let mut p = Self::base(batch * oh * ow, cout, k);
         p.a_mode = A_IM2COL;
-        (p.cin, p.h, p.w, p.kh, p.kw, p.stride, p.pad, p.oh, p.ow) =
-            (cin as i64, h as i64, w as i64, kh as i64, kw as i64, stride as i64, pad as i64, oh as i64, ow as i64);
+        (p.cin, p.h, p.w, p.kh, p.kw, p.stride, p.pad, p.oh, p.ow) = (
+            cin as i64,
+            h as i64,
+            w as i64,
+            kh as i64,
+            kw as i64,
+            stride as i64,
+            pad as i64,
+            oh as i64,
+            ow as i64,
+        );
         p.sbn = k as i64;
         p.sbk = 1;
         p.c_mode = C_NCHW;
@@ -183,18 +246,26 @@ impl GemmCase {
     /// Transposed convolution with kernel == stride: a GEMM over input pixels whose epilogue
     /// scatters each output to its k x k patch.
     pub fn conv_transpose(rng: &mut ChaCha8Rng, kind: i64) -> Self {
-        let (batch, cin, cout, kk) = (rng.gen_range(1..3), rng.gen_range(1..70), rng.gen_range(1..9), pick(rng, &[2, 4]));
+        let (batch, cin, cout, kk) = (
+            rng.gen_range(1..3),
+            rng.gen_range(1..70),
+            rng.gen_range(1..9),
+            pick(rng, &[2, 4]),
+        );
         let (h, w) = (rng.gen_range(1..12), rng.gen_range(1..12));
         let n = cout * kk * kk;
         let mut p = Self::base(batch * h * w, n, cin);
         p.a_mode = A_IM2COL;
-        (p.cin, p.h, p.w, p.kh, p.kw, p.stride, p.pad, p.oh, p.ow) = (cin as i64, h as i64, w as i64, 1, 1, 1, 0, h as i64, w as i64);
+        (p.cin, p.h, p.w, p.kh, p.kw, p.stride, p.pad, p.oh, p.ow) = (
+            cin as i64, h as i64, w as i64, 1, 1, 1, 0, h as i64, w as i64,
+        );
         p.sbn = 1;
         p.sbk = n as i64;
         p.c_mode = C_CONVT;
         p.ct_k = kk as i64;
         p.bias_div = (kk * kk) as i64;
-        let what = format!("conv_transpose batch={batch} cin={cin} {h}x{w} cout={cout} k=stride={kk}");
+        let what =
+            format!("conv_transpose batch={batch} cin={cin} {h}x{w} cout={cout} k=stride={kk}");
         Self {
             what,
             p,
@@ -260,14 +331,23 @@ impl GemmCase {
                 for n in 0..nn {
                     let (mut v, mut s) = (0.0f64, 0.0f64);
                     for (k, &a) in arow.iter().enumerate() {
-                        let b = ops.round(self.b.values[z * p.b_batch as usize + n * p.sbn as usize + k * p.sbk as usize]);
+                        let b = ops.round(
+                            self.b.values
+                                [z * p.b_batch as usize + n * p.sbn as usize + k * p.sbk as usize],
+                        );
                         v += a * b;
                         s += (a * b).abs();
                     }
                     if let Some(lb) = &self.lora_b {
                         let r = p.lora_r as usize;
-                        let t: f64 = (0..r).map(|j| self.lora_t[m * r + j] as f64 * lb.values[n * r + j] as f64).sum();
-                        let ta: f64 = (0..r).map(|j| (self.lora_t[m * r + j] as f64 * lb.values[n * r + j] as f64).abs()).sum();
+                        let t: f64 = (0..r)
+                            .map(|j| self.lora_t[m * r + j] as f64 * lb.values[n * r + j] as f64)
+                            .sum();
+                        let ta: f64 = (0..r)
+                            .map(|j| {
+                                (self.lora_t[m * r + j] as f64 * lb.values[n * r + j] as f64).abs()
+                            })
+                            .sum();
                         v += p.lora_scale as f64 * t;
                         s += (p.lora_scale as f64).abs() * ta;
                     }
@@ -300,18 +380,42 @@ impl GemmCase {
         p.bias = addr(&self.bias);
         p.residual = addr(&self.residual);
         p.lora_t = addr(&self.lora_t);
-        p.lora_b = self.lora_b.as_ref().map_or(WeightRef::default(), |w| w.wref());
+        p.lora_b = self
+            .lora_b
+            .as_ref()
+            .map_or(WeightRef::default(), |w| w.wref());
         p.c = out.as_mut_ptr() as u64;
-        let grid = Dim3((p.n as u32).div_ceil(64), (p.m as u32).div_ceil(64), p.batch_count as u32);
-        sim.launch(kernel, grid, Dim3(128, 1, 1), &[Arg::record(&p)]).map_err(|e| format!("{kernel} {}: {e}", self.what))?;
+        let grid = Dim3(
+            (p.n as u32).div_ceil(64),
+            (p.m as u32).div_ceil(64),
+            p.batch_count as u32,
+        );
+        sim.launch(kernel, grid, Dim3(128, 1, 1), &[Arg::record(&p)])
+            .map_err(|e| format!("{kernel} {}: {e}", self.what))?;
         let (want, bound) = self.reference(ops);
-        compare(&format!("{kernel} [{}] {}", sim.variant, self.what), &out, &want, &bound)
+        compare(
+            &format!("{kernel} [{}] {}", sim.variant, self.what),
+            &out,
+            &want,
+            &bound,
+        )
     }
 }
 
 /// Runs `cases` random problems through the kernel for weight kind `kind`; the first failure.
-pub fn run(sim: &Sim, rng: &mut ChaCha8Rng, tensor_cores: bool, ops: Operands, kind: i64, cases: usize) -> Result<(), String> {
-    let kernel = format!("gemm_{}_{}", if tensor_cores { "tc" } else { "simt" }, KIND_NAMES[kind as usize]);
+pub fn run(
+    sim: &Sim,
+    rng: &mut ChaCha8Rng,
+    tensor_cores: bool,
+    ops: Operands,
+    kind: i64,
+    cases: usize,
+) -> Result<(), String> {
+    let kernel = format!(
+        "gemm_{}_{}",
+        if tensor_cores { "tc" } else { "simt" },
+        KIND_NAMES[kind as usize]
+    );
     for _ in 0..cases {
         GemmCase::random(rng, kind).check(sim, &kernel, ops)?;
     }

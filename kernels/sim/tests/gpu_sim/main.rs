@@ -27,7 +27,15 @@ fn gemm_tensor_core_bf16_every_weight_kind() {
 fn gemm_tensor_core_f16_every_weight_kind() {
     let mut rng = rng("gemm_tc_f16");
     for kind in [W_F32, W_F16, W_NF4] {
-        gemm::run(&Sim::with_variant("f16"), &mut rng, true, Operands::F16, kind, 4).unwrap();
+        gemm::run(
+            &Sim::with_variant("f16"),
+            &mut rng,
+            true,
+            Operands::F16,
+            kind,
+            4,
+        )
+        .unwrap();
     }
 }
 
@@ -49,7 +57,11 @@ fn mutation_every_gemm_barrier_is_needed() {
         for kind in [W_F32, W_NF4] {
             for tc in [true, false] {
                 let ops = if tc { Operands::Bf16 } else { Operands::F32 };
-                let kernel = format!("gemm_{}_{}", if tc { "tc" } else { "simt" }, KIND_NAMES[kind as usize]);
+                let kernel = format!(
+                    "gemm_{}_{}",
+                    if tc { "tc" } else { "simt" },
+                    KIND_NAMES[kind as usize]
+                );
                 gemm::GemmCase::linear_with_k(&mut rng, kind, 128).check(sim, &kernel, ops)?;
                 gemm::GemmCase::conv(&mut rng, kind).check(sim, &kernel, ops)?;
             }
@@ -62,14 +74,27 @@ fn mutation_every_gemm_barrier_is_needed() {
 fn mutation_swapped_mma_fragment_fails() {
     let mut rng = rng("mma_swap");
     let case = gemm::GemmCase::linear_with_k(&mut rng, W_F32, 96);
-    case.check(&Sim::default(), "gemm_tc_f32w", Operands::Bf16).unwrap();
-    let swapped = Sim { options: minisam_gpusim::LaunchOptions { swap_mma_a12: true, ..Default::default() }, ..Sim::default() };
-    let err = case.check(&swapped, "gemm_tc_f32w", Operands::Bf16).expect_err("swapping mma fragments a1 and a2 went unnoticed");
+    case.check(&Sim::default(), "gemm_tc_f32w", Operands::Bf16)
+        .unwrap();
+    let swapped = Sim {
+        options: minisam_gpusim::LaunchOptions {
+            swap_mma_a12: true,
+            ..Default::default()
+        },
+        ..Sim::default()
+    };
+    let err = case
+        .check(&swapped, "gemm_tc_f32w", Operands::Bf16)
+        .expect_err("swapping mma fragments a1 and a2 went unnoticed");
     eprintln!("with a1/a2 swapped: {err}");
 }
 
 /// Runs `check` `times` with one generator.
-fn repeat(test: &str, times: usize, check: impl Fn(&Sim, &mut rand_chacha::ChaCha8Rng) -> Result<(), String>) {
+fn repeat(
+    test: &str,
+    times: usize,
+    check: impl Fn(&Sim, &mut rand_chacha::ChaCha8Rng) -> Result<(), String>,
+) {
     let mut rng = rng(test);
     for _ in 0..times {
         check(&Sim::default(), &mut rng).unwrap();
@@ -79,7 +104,9 @@ fn repeat(test: &str, times: usize, check: impl Fn(&Sim, &mut rand_chacha::ChaCh
 #[test]
 fn attention_every_head_dim_and_bias_mode() {
     for dp in [32, 64, 96, 128] {
-        repeat(&format!("attention_d{dp}"), 4, |sim, rng| others::attention_case(sim, rng, dp));
+        repeat(&format!("attention_d{dp}"), 4, |sim, rng| {
+            others::attention_case(sim, rng, dp)
+        });
     }
 }
 
@@ -120,6 +147,99 @@ fn resize_bilinear_matches_the_cpu_bit_for_bit() {
 #[test]
 fn conv2d_direct_every_weight_kind() {
     for kind in [W_F32, W_F16, W_NF4] {
-        repeat("conv2d_direct", 5, |sim, rng| others::conv_direct_case(sim, rng, kind));
+        repeat("conv2d_direct", 5, |sim, rng| {
+            others::conv_direct_case(sim, rng, kind)
+        });
+    }
+}
+
+/// Every kernel the checks above launch. A kernel added to kernels/*.cu without a check fails
+/// the test below.
+const CHECKED: &[&str] = &[
+    "gemm_tc_f32w",
+    "gemm_tc_f16w",
+    "gemm_tc_nf4w",
+    "gemm_simt_f32w",
+    "gemm_simt_f16w",
+    "gemm_simt_nf4w",
+    "attention_d32",
+    "attention_d64",
+    "attention_d96",
+    "attention_d128",
+    "layer_norm_rows",
+    "layer_norm_nchw",
+    "permute",
+    "copy_block",
+    "pad_hw",
+    "add_broadcast",
+    "scale_act",
+    "resize_bilinear",
+    "conv2d_direct",
+];
+
+#[test]
+fn every_kernel_of_every_cu_file_is_built_and_checked() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let mut in_sources = Vec::new();
+    let mut stems = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "cu") {
+            stems.push(path.file_stem().unwrap().to_str().unwrap().to_string());
+            // Every kernel is declared `extern "C" __global__ void [__launch_bounds__(..)] name(`.
+            for line in std::fs::read_to_string(&path)
+                .unwrap()
+                .lines()
+                .filter(|l| l.starts_with("extern \"C\" __global__"))
+            {
+                let head = line.split('(').collect::<Vec<_>>();
+                let before_params = if line.contains("__launch_bounds__") {
+                    head[1].split(')').nth(1).unwrap()
+                } else {
+                    head[0]
+                };
+                in_sources.push(before_params.split_whitespace().last().unwrap().to_string());
+            }
+        }
+    }
+    let built = minisam_gpusim::kernels();
+    let mut modules: Vec<String> = built
+        .iter()
+        .filter(|k| k.variant.is_empty())
+        .map(|k| k.module.to_string())
+        .collect();
+    modules.dedup();
+    stems.sort();
+    modules.sort();
+    assert_eq!(
+        modules, stems,
+        "kernels/*.cu files and the simulator's modules differ (rebuild after adding a .cu file)"
+    );
+    let mut names: Vec<String> = built
+        .iter()
+        .filter(|k| k.variant.is_empty())
+        .map(|k| k.name.to_string())
+        .collect();
+    names.sort();
+    in_sources.sort();
+    assert_eq!(
+        names, in_sources,
+        "the simulator's kernels differ from the __global__ functions of kernels/*.cu"
+    );
+    let unchecked: Vec<&String> = names
+        .iter()
+        .filter(|n| !CHECKED.contains(&n.as_str()))
+        .collect();
+    assert!(
+        unchecked.is_empty(),
+        "kernels without a gpu_sim check: {unchecked:?}"
+    );
+    for k in CHECKED {
+        assert!(
+            names.iter().any(|n| n == k),
+            "CHECKED names {k}, which no kernels/*.cu defines"
+        );
     }
 }

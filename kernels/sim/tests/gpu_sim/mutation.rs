@@ -25,11 +25,20 @@ pub fn every_barrier_is_needed(module: &str, suite: impl Fn(&Sim) -> Result<(), 
     assert!(!sites.is_empty(), "{module}.cu has no barrier sites");
     let mut unnoticed = Vec::new();
     for (site, line) in sites.iter().enumerate() {
-        let sim = Sim { variant: "mutant", options: LaunchOptions { skip_barrier_site: Some(site as u32), ..Default::default() } };
+        let sim = Sim {
+            variant: "mutant",
+            options: LaunchOptions {
+                skip_barrier_site: Some(site as u32),
+                ..Default::default()
+            },
+        };
         match suite(&sim) {
             Ok(()) => unnoticed.push(format!("{module}.cu:{line}")),
             Err(e) => eprintln!("without the barrier at {module}.cu:{line}: {e}"),
         }
     }
-    assert!(unnoticed.is_empty(), "removing these barriers went unnoticed: {unnoticed:?}");
+    assert!(
+        unnoticed.is_empty(),
+        "removing these barriers went unnoticed: {unnoticed:?}"
+    );
 }

@@ -133,27 +133,52 @@ pub struct Weight {
 impl Weight {
     pub fn new(kind: i64, raw: &[f32]) -> Self {
         match kind {
-            W_F32 => Weight { kind, data: raw.iter().flat_map(|v| v.to_le_bytes()).collect(), absq: vec![], scales: vec![], values: raw.to_vec() },
+            W_F32 => Weight {
+                kind,
+                data: raw.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                absq: vec![],
+                scales: vec![],
+                values: raw.to_vec(),
+            },
             W_F16 => {
                 let h: Vec<half::f16> = raw.iter().map(|&v| half::f16::from_f32(v)).collect();
-                Weight { kind, data: h.iter().flat_map(|v| v.to_le_bytes()).collect(), absq: vec![], scales: vec![], values: h.iter().map(|v| v.to_f32()).collect() }
+                Weight {
+                    kind,
+                    data: h.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    absq: vec![],
+                    scales: vec![],
+                    values: h.iter().map(|v| v.to_f32()).collect(),
+                }
             }
             W_NF4 => {
                 let q = nf4::quantize(raw);
                 let mut values = vec![0.0; raw.len()];
                 nf4::dequantize(&q.view(), 0, &mut values);
-                Weight { kind, data: q.codes, absq: q.absmax_q, scales: q.absmax_scales, values }
+                Weight {
+                    kind,
+                    data: q.codes,
+                    absq: q.absmax_q,
+                    scales: q.absmax_scales,
+                    values,
+                }
             }
             _ => unreachable!("weight kind {kind}"),
         }
     }
     pub fn random(rng: &mut ChaCha8Rng, kind: i64, n: usize, scale: f32) -> Self {
-        let raw: Vec<f32> = (0..n).map(|_| (rng.gen::<f32>() * 2.0 - 1.0) * scale).collect();
+        let raw: Vec<f32> = (0..n)
+            .map(|_| (rng.gen::<f32>() * 2.0 - 1.0) * scale)
+            .collect();
         Self::new(kind, &raw)
     }
     pub fn wref(&self) -> WeightRef {
         let addr = |v: &Vec<u8>| if v.is_empty() { 0 } else { v.as_ptr() as u64 };
-        WeightRef { data: addr(&self.data), absq: addr(&self.absq), scales: addr(&self.scales), kind: self.kind }
+        WeightRef {
+            data: addr(&self.data),
+            absq: addr(&self.absq),
+            scales: addr(&self.scales),
+            kind: self.kind,
+        }
     }
 }
 

@@ -17,11 +17,21 @@ fn coordinates_cover_a_3d_grid_x_fastest() {
     let (grid, block) = (Dim3(3, 2, 2), Dim3(5, 3, 2));
     let threads = (3 * 2 * 2 * 5 * 3 * 2) as usize;
     let mut out = vec![u32::MAX; 12 * threads];
-    probe().launch("probe_coords", grid, block, &[Arg::ptr_mut(&mut out)]).unwrap();
+    probe()
+        .launch("probe_coords", grid, block, &[Arg::ptr_mut(&mut out)])
+        .unwrap();
     let mut t = 0;
-    for (bz, by, bx) in (0..2).flat_map(|z| (0..2).flat_map(move |y| (0..3).map(move |x| (z, y, x)))) {
-        for (tz, ty, tx) in (0..2).flat_map(|z| (0..3).flat_map(move |y| (0..5).map(move |x| (z, y, x)))) {
-            assert_eq!(out[12 * t..12 * t + 12], [tx, ty, tz, bx, by, bz, 5, 3, 2, 3, 2, 2], "global thread {t}");
+    for (bz, by, bx) in
+        (0..2).flat_map(|z| (0..2).flat_map(move |y| (0..3).map(move |x| (z, y, x))))
+    {
+        for (tz, ty, tx) in
+            (0..2).flat_map(|z| (0..3).flat_map(move |y| (0..5).map(move |x| (z, y, x))))
+        {
+            assert_eq!(
+                out[12 * t..12 * t + 12],
+                [tx, ty, tz, bx, by, bz, 5, 3, 2, 3, 2, 2],
+                "global thread {t}"
+            );
             t += 1;
         }
     }
@@ -49,12 +59,18 @@ fn shuffles_follow_the_ptx_rules_for_every_width() {
         for arg in [0, 1, 3, 5, 16, 31] {
             let mut out = vec![-1i32; 4 * 64];
             let args = [Arg::ptr_mut(&mut out), Arg::I32(arg), Arg::I32(width)];
-            probe().launch("probe_shuffles", Dim3(1, 1, 1), Dim3(64, 1, 1), &args).unwrap();
+            probe()
+                .launch("probe_shuffles", Dim3(1, 1, 1), Dim3(64, 1, 1), &args)
+                .unwrap();
             for t in 0..64 {
                 let (warp, lane) = (t / 32, t % 32);
                 for mode in 0..4 {
                     let src = 32 * warp + expected_shuffle(mode, lane, arg, width);
-                    assert_eq!(out[4 * t as usize + mode], 10 * src + 1, "shuffle mode {mode} lane {t} arg {arg} width {width}");
+                    assert_eq!(
+                        out[4 * t as usize + mode],
+                        10 * src + 1,
+                        "shuffle mode {mode} lane {t} arg {arg} width {width}"
+                    );
                 }
             }
         }
@@ -66,9 +82,29 @@ fn arguments_of_the_wrong_size_or_count_are_refused() {
     let mut out = vec![0i32; 4];
     let k = kernel("probe", "probe_shuffles").unwrap();
     assert_eq!(k.param_sizes, [8, 4, 4]);
-    let err = unsafe { k.launch(Dim3(1, 1, 1), Dim3(1, 1, 1), &[Arg::ptr_mut(&mut out), Arg::I64(0), Arg::F32(0.0)], &LaunchOptions::default()) }.unwrap_err();
-    assert!(err.0.contains("argument 1 has 8 bytes but the parameter has 4"), "{err}");
-    let err = unsafe { k.launch(Dim3(1, 1, 1), Dim3(1, 1, 1), &[Arg::ptr_mut(&mut out)], &LaunchOptions::default()) }.unwrap_err();
+    let err = unsafe {
+        k.launch(
+            Dim3(1, 1, 1),
+            Dim3(1, 1, 1),
+            &[Arg::ptr_mut(&mut out), Arg::I64(0), Arg::F32(0.0)],
+            &LaunchOptions::default(),
+        )
+    }
+    .unwrap_err();
+    assert!(
+        err.0
+            .contains("argument 1 has 8 bytes but the parameter has 4"),
+        "{err}"
+    );
+    let err = unsafe {
+        k.launch(
+            Dim3(1, 1, 1),
+            Dim3(1, 1, 1),
+            &[Arg::ptr_mut(&mut out)],
+            &LaunchOptions::default(),
+        )
+    }
+    .unwrap_err();
     assert!(err.0.contains("1 arguments for 3 parameters"), "{err}");
 }
 
@@ -80,7 +116,9 @@ fn bad_geometry_is_refused_with_the_limit_named() {
         (Dim3(0, 1, 1), Dim3(32, 1, 1), "empty grid"),
         (Dim3(1, 65_536, 1), Dim3(32, 1, 1), "65535"),
     ] {
-        let err = probe().launch("probe_neighbour", grid, block, &[Arg::ptr_mut(&mut out)]).unwrap_err();
+        let err = probe()
+            .launch("probe_neighbour", grid, block, &[Arg::ptr_mut(&mut out)])
+            .unwrap_err();
         assert!(err.contains(needle), "{err}");
     }
 }
@@ -90,11 +128,28 @@ fn barrier_orders_shared_memory_under_every_schedule() {
     for order in [Order::Shuffled, Order::Forward, Order::Reverse] {
         let (blocks, n) = (5usize, 160usize);
         let mut out = vec![-1i32; blocks * n];
-        let sim = Sim { variant: "probe", options: LaunchOptions { order, seed: 7, ..Default::default() } };
-        sim.launch("probe_neighbour", Dim3(blocks as u32, 1, 1), Dim3(n as u32, 1, 1), &[Arg::ptr_mut(&mut out)]).unwrap();
+        let sim = Sim {
+            variant: "probe",
+            options: LaunchOptions {
+                order,
+                seed: 7,
+                ..Default::default()
+            },
+        };
+        sim.launch(
+            "probe_neighbour",
+            Dim3(blocks as u32, 1, 1),
+            Dim3(n as u32, 1, 1),
+            &[Arg::ptr_mut(&mut out)],
+        )
+        .unwrap();
         for b in 0..blocks {
             for t in 0..n {
-                assert_eq!(out[b * n + t], (b * n + (t + 1) % n) as i32, "{order:?} block {b} thread {t}");
+                assert_eq!(
+                    out[b * n + t],
+                    (b * n + (t + 1) % n) as i32,
+                    "{order:?} block {b} thread {t}"
+                );
             }
         }
     }
@@ -103,29 +158,92 @@ fn barrier_orders_shared_memory_under_every_schedule() {
 #[test]
 fn fresh_shared_memory_is_poisoned() {
     let mut out = vec![0u32; 128];
-    probe().launch("probe_unwritten_shared", Dim3(2, 1, 1), Dim3(128, 1, 1), &[Arg::ptr_mut(&mut out)]).unwrap();
-    assert!(out.iter().all(|&v| v == u32::MAX), "unwritten shared memory read as {:x?}", &out[..4]);
+    probe()
+        .launch(
+            "probe_unwritten_shared",
+            Dim3(2, 1, 1),
+            Dim3(128, 1, 1),
+            &[Arg::ptr_mut(&mut out)],
+        )
+        .unwrap();
+    assert!(
+        out.iter().all(|&v| v == u32::MAX),
+        "unwritten shared memory read as {:x?}",
+        &out[..4]
+    );
 }
 
 #[test]
 fn faults_are_reported_not_hung() {
     let mut out = vec![0i32; 256];
-    let err = probe().launch("probe_deadlock", Dim3(1, 1, 1), Dim3(64, 1, 1), &[Arg::ptr_mut(&mut out)]).unwrap_err();
-    assert!(err.contains("deadlocked: 62 threads wait at __syncthreads, 2 in a warp collective"), "{err}");
-    let err = probe().launch("probe_partial_mask", Dim3(1, 1, 1), Dim3(32, 1, 1), &[Arg::ptr_mut(&mut out)]).unwrap_err();
+    let err = probe()
+        .launch(
+            "probe_deadlock",
+            Dim3(1, 1, 1),
+            Dim3(64, 1, 1),
+            &[Arg::ptr_mut(&mut out)],
+        )
+        .unwrap_err();
+    assert!(
+        err.contains("deadlocked: 62 threads wait at __syncthreads, 2 in a warp collective"),
+        "{err}"
+    );
+    let err = probe()
+        .launch(
+            "probe_partial_mask",
+            Dim3(1, 1, 1),
+            Dim3(32, 1, 1),
+            &[Arg::ptr_mut(&mut out)],
+        )
+        .unwrap_err();
     assert!(err.contains("partial-warp masks are not emulated"), "{err}");
-    let err = probe().launch("probe_too_much_shared", Dim3(1, 1, 1), Dim3(32, 1, 1), &[Arg::ptr_mut(&mut out)]).unwrap_err();
-    assert!(err.contains("52000 bytes of static __shared__ memory"), "{err}");
+    let err = probe()
+        .launch(
+            "probe_too_much_shared",
+            Dim3(1, 1, 1),
+            Dim3(32, 1, 1),
+            &[Arg::ptr_mut(&mut out)],
+        )
+        .unwrap_err();
+    assert!(
+        err.contains("52000 bytes of static __shared__ memory"),
+        "{err}"
+    );
     // The thread is usable after a fault.
-    probe().launch("probe_neighbour", Dim3(1, 1, 1), Dim3(32, 1, 1), &[Arg::ptr_mut(&mut out)]).unwrap();
+    probe()
+        .launch(
+            "probe_neighbour",
+            Dim3(1, 1, 1),
+            Dim3(32, 1, 1),
+            &[Arg::ptr_mut(&mut out)],
+        )
+        .unwrap();
 }
 
 /// Special values and random bit patterns (every exponent), as f32.
 fn test_floats(n: usize) -> Vec<f32> {
     let mut rng = rng("cvt");
     let mut v = vec![
-        0.0, -0.0, 1.0, -1.0, 65504.0, 65519.0, 65520.0, 65536.0, -70000.0, 1e30, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, f32::MIN_POSITIVE,
-        5.96e-8, 2.98e-8, 2.9802322e-8, 6.1e-5, 1.0 + f32::EPSILON, 3.4e38,
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        65504.0,
+        65519.0,
+        65520.0,
+        65536.0,
+        -70000.0,
+        1e30,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::MIN_POSITIVE,
+        5.96e-8,
+        2.98e-8,
+        2.9802322e-8,
+        6.1e-5,
+        1.0 + f32::EPSILON,
+        3.4e38,
     ];
     v.extend((0..n).map(|_| f32::from_bits(rng.gen::<u32>())));
     // Values at the 16-bit formats' rounding ties.
@@ -139,22 +257,72 @@ fn conversions_match_the_ptx_definitions() {
     let hi = test_floats(20_000);
     let lo: Vec<f32> = hi.iter().rev().copied().collect();
     let n = hi.len().max(65_536);
-    let (hi, lo) = ([hi.clone(), vec![0.0; n - hi.len()]].concat(), [lo.clone(), vec![0.0; n - lo.len()]].concat());
+    let (hi, lo) = (
+        [hi.clone(), vec![0.0; n - hi.len()]].concat(),
+        [lo.clone(), vec![0.0; n - lo.len()]].concat(),
+    );
     let h: Vec<u16> = (0..n).map(|i| i as u16).collect();
     let (mut bf, mut f16, mut wide) = (vec![0u32; n], vec![0u32; n], vec![0.0f32; n]);
-    let args = [Arg::ptr(&hi), Arg::ptr(&lo), Arg::ptr_mut(&mut bf), Arg::ptr_mut(&mut f16), Arg::ptr(&h), Arg::ptr_mut(&mut wide), Arg::I64(n as i64)];
+    let args = [
+        Arg::ptr(&hi),
+        Arg::ptr(&lo),
+        Arg::ptr_mut(&mut bf),
+        Arg::ptr_mut(&mut f16),
+        Arg::ptr(&h),
+        Arg::ptr_mut(&mut wide),
+        Arg::I64(n as i64),
+    ];
     let (grid, block) = Sim::grid_for(n);
     probe().launch("probe_cvt", grid, block, &args).unwrap();
     const CANONICAL_NAN: u16 = 0x7fff;
-    let want_bf16 = |x: f32| if x.is_nan() { CANONICAL_NAN } else { half::bf16::from_f32(x).to_bits() };
-    let want_f16 = |x: f32| if x.is_nan() { CANONICAL_NAN } else { half::f16::from_f32(x.clamp(-65504.0, 65504.0)).to_bits() };
+    let want_bf16 = |x: f32| {
+        if x.is_nan() {
+            CANONICAL_NAN
+        } else {
+            half::bf16::from_f32(x).to_bits()
+        }
+    };
+    let want_f16 = |x: f32| {
+        if x.is_nan() {
+            CANONICAL_NAN
+        } else {
+            half::f16::from_f32(x.clamp(-65504.0, 65504.0)).to_bits()
+        }
+    };
     for i in 0..n {
-        assert_eq!(bf[i] >> 16, want_bf16(hi[i]) as u32, "bf16 of {:e} ({:08x}) in the upper half", hi[i], hi[i].to_bits());
-        assert_eq!(bf[i] & 0xffff, want_bf16(lo[i]) as u32, "bf16 of {:e} in the lower half", lo[i]);
-        assert_eq!(f16[i] >> 16, want_f16(hi[i]) as u32, "satfinite f16 of {:e} ({:08x})", hi[i], hi[i].to_bits());
-        assert_eq!(f16[i] & 0xffff, want_f16(lo[i]) as u32, "satfinite f16 of {:e}", lo[i]);
+        assert_eq!(
+            bf[i] >> 16,
+            want_bf16(hi[i]) as u32,
+            "bf16 of {:e} ({:08x}) in the upper half",
+            hi[i],
+            hi[i].to_bits()
+        );
+        assert_eq!(
+            bf[i] & 0xffff,
+            want_bf16(lo[i]) as u32,
+            "bf16 of {:e} in the lower half",
+            lo[i]
+        );
+        assert_eq!(
+            f16[i] >> 16,
+            want_f16(hi[i]) as u32,
+            "satfinite f16 of {:e} ({:08x})",
+            hi[i],
+            hi[i].to_bits()
+        );
+        assert_eq!(
+            f16[i] & 0xffff,
+            want_f16(lo[i]) as u32,
+            "satfinite f16 of {:e}",
+            lo[i]
+        );
         let w = half::f16::from_bits(h[i]).to_f32();
-        assert!(wide[i].to_bits() == w.to_bits() || (w.is_nan() && wide[i].is_nan()), "f16 {:04x} widened to {} not {w}", h[i], wide[i]);
+        assert!(
+            wide[i].to_bits() == w.to_bits() || (w.is_nan() && wide[i].is_nan()),
+            "f16 {:04x} widened to {} not {w}",
+            h[i],
+            wide[i]
+        );
     }
 }
 
@@ -163,7 +331,11 @@ fn conversions_match_the_ptx_definitions() {
 /// register pair in the lower half when i is even.
 fn a_coords(lane: usize, i: usize) -> (usize, usize) {
     let (g, t) = (lane >> 2, lane % 4);
-    let row = if i < 2 || (4..6).contains(&i) { g } else { g + 8 };
+    let row = if i < 2 || (4..6).contains(&i) {
+        g
+    } else {
+        g + 8
+    };
     let col = t * 2 + (i & 1) + if i >= 4 { 8 } else { 0 };
     (row, col)
 }
@@ -183,7 +355,9 @@ fn mma_fragments_follow_the_isa_layout() {
         // Small integers: exact in both 16-bit formats and in every partial sum.
         let a: Vec<f32> = (0..16 * 16).map(|_| rng.gen_range(-8..8) as f32).collect();
         let b: Vec<f32> = (0..16 * 8).map(|_| rng.gen_range(-8..8) as f32).collect();
-        let c: Vec<f32> = (0..16 * 8).map(|_| rng.gen_range(-100..100) as f32).collect();
+        let c: Vec<f32> = (0..16 * 8)
+            .map(|_| rng.gen_range(-100..100) as f32)
+            .collect();
         let bits = |x: f32| if f16 { half::f16::from_f32(x).to_bits() } else { half::bf16::from_f32(x).to_bits() } as u32;
         let (mut fa, mut fb, mut fc) = (vec![0u32; 128], vec![0u32; 64], vec![0.0f32; 128]);
         for lane in 0..32 {
@@ -199,13 +373,26 @@ fn mma_fragments_follow_the_isa_layout() {
             }
         }
         let mut d = vec![f32::NAN; 128];
-        let args = [Arg::ptr(&fa), Arg::ptr(&fb), Arg::ptr(&fc), Arg::ptr_mut(&mut d), Arg::I32(f16 as i32)];
-        probe().launch("probe_mma", Dim3(1, 1, 1), Dim3(32, 1, 1), &args).unwrap();
+        let args = [
+            Arg::ptr(&fa),
+            Arg::ptr(&fb),
+            Arg::ptr(&fc),
+            Arg::ptr_mut(&mut d),
+            Arg::I32(f16 as i32),
+        ];
+        probe()
+            .launch("probe_mma", Dim3(1, 1, 1), Dim3(32, 1, 1), &args)
+            .unwrap();
         for lane in 0..32 {
             for i in 0..4 {
                 let (r, n) = c_coords(lane, i);
-                let want = c[r * 8 + n] + (0..16).map(|k| a[r * 16 + k] * b[k * 8 + n]).sum::<f32>();
-                assert_eq!(d[4 * lane + i], want, "f16={f16}: D[{r}][{n}] from lane {lane} register {i}");
+                let want =
+                    c[r * 8 + n] + (0..16).map(|k| a[r * 16 + k] * b[k * 8 + n]).sum::<f32>();
+                assert_eq!(
+                    d[4 * lane + i],
+                    want,
+                    "f16={f16}: D[{r}][{n}] from lane {lane} register {i}"
+                );
             }
         }
     }
