@@ -61,6 +61,11 @@ fn main() {
         .flag_if_supported("-Wno-unknown-pragmas")
         .flag_if_supported("-Wno-unused-parameter")
         .warnings(true);
+    // The portable ucontext fibers instead of the x86-64 switch, to test that path on x86-64.
+    println!("cargo:rerun-if-env-changed=MINISAM_SIM_UCONTEXT");
+    if std::env::var_os("MINISAM_SIM_UCONTEXT").is_some() {
+        build.define("MSIM_FIBER_UCONTEXT", "1");
+    }
     for f in ["runtime.cpp", "fiber.cpp", "ptx.cpp"] {
         build.file(manifest.join("src").join(f));
     }

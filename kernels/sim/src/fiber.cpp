@@ -27,7 +27,7 @@ void FiberStack::allocate(size_t usable_bytes) {
 
 }  // namespace msim
 
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(MSIM_FIBER_UCONTEXT)
 
 // msim_switch(void** save_sp, void* load_sp): pushes the callee-saved registers and the SSE/x87
 // control words, stores the stack pointer, loads the other fiber's and pops the same. A new fiber's

@@ -7,7 +7,8 @@
 // because every warp collective (shuffle, mma) is a switch per lane.
 //
 // x86-64 has a hand-written switch; other hosts fall back to ucontext (correct, but each switch
-// makes a sigprocmask system call: about 0.5 µs).
+// makes a sigprocmask system call: about 0.5 µs). MINISAM_SIM_UCONTEXT=1 at build time selects the
+// fallback on x86-64 too, to test it.
 #pragma once
 
 #include <cstddef>

@@ -257,6 +257,35 @@ impl Kernel {
                 _ => s as *mut u64 as *mut c_void,
             })
             .collect();
+        // SAFETY: params holds one pointer per parameter to at least its size in bytes (checked
+        // above; an i32 or f32 sits in the low bytes of its u64 slot on little-endian hosts, the
+        // only kind the simulator builds for); the caller vouches for the device addresses.
+        unsafe { self.launch_raw(grid, block, 0, &mut params, options) }
+    }
+
+    /// Runs the kernel with cuLaunchKernel's parameter marshalling: `params[i]` points to the bytes
+    /// of parameter `i` (the form a driver seam under the CUDA backend hands over). Only the count
+    /// is checked here: the sizes are the caller's word.
+    ///
+    /// # Safety
+    /// `params` has one pointer per kernel parameter, each to at least that parameter's size in
+    /// bytes; the device addresses among them obey [`Kernel::launch`]'s rule.
+    pub unsafe fn launch_raw(
+        &self,
+        grid: Dim3,
+        block: Dim3,
+        shared_bytes: u32,
+        params: &mut [*mut c_void],
+        options: &LaunchOptions,
+    ) -> Result<(), SimError> {
+        if params.len() != self.param_sizes.len() {
+            return Err(SimError(format!(
+                "{}: {} parameter pointers for {} parameters",
+                self.name,
+                params.len(),
+                self.param_sizes.len()
+            )));
+        }
         let options = ffi::Options {
             order: match options.order {
                 Order::Shuffled => 0,
@@ -274,15 +303,14 @@ impl Kernel {
             y: d.1,
             z: d.2,
         };
-        // SAFETY: params holds one pointer per parameter to at least its size in bytes (checked
-        // above; an i32 or f32 sits in the low bytes of its u64 slot on little-endian hosts, the only kind
-        // the simulator builds for); the caller vouches for the device addresses.
+        // SAFETY: the caller's contract; the error buffer is ours and NUL-terminated by the
+        // runtime.
         let rc = unsafe {
             ffi::msim_launch(
                 self.index,
                 d(grid),
                 d(block),
-                0,
+                shared_bytes,
                 params.as_mut_ptr(),
                 &options,
                 err.as_mut_ptr(),

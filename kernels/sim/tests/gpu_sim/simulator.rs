@@ -397,3 +397,59 @@ fn mma_fragments_follow_the_isa_layout() {
         }
     }
 }
+
+#[test]
+fn raw_launch_takes_cu_launch_kernel_params() {
+    // probe_shuffles(int* out, int arg, int width) with params as cuLaunchKernel takes them.
+    let mut out = vec![-1i32; 4 * 32];
+    let (mut ptr, mut arg, mut width) = (out.as_mut_ptr() as u64, 1i32, 32i32);
+    let mut params = [
+        &mut ptr as *mut u64 as *mut std::ffi::c_void,
+        &mut arg as *mut i32 as *mut std::ffi::c_void,
+        &mut width as *mut i32 as *mut std::ffi::c_void,
+    ];
+    let k = kernel("probe", "probe_shuffles").unwrap();
+    unsafe {
+        k.launch_raw(
+            Dim3(1, 1, 1),
+            Dim3(32, 1, 1),
+            0,
+            &mut params,
+            &LaunchOptions::default(),
+        )
+    }
+    .unwrap();
+    assert_eq!(
+        out[4 * 5 + 3],
+        10 * 4 + 1,
+        "xor shuffle of lane 5 reads lane 4"
+    );
+    let err = unsafe {
+        k.launch_raw(
+            Dim3(1, 1, 1),
+            Dim3(32, 1, 1),
+            0,
+            &mut params[..2],
+            &LaunchOptions::default(),
+        )
+    }
+    .unwrap_err();
+    assert!(
+        err.0.contains("2 parameter pointers for 3 parameters"),
+        "{err}"
+    );
+    let err = unsafe {
+        k.launch_raw(
+            Dim3(1, 1, 1),
+            Dim3(32, 1, 1),
+            64,
+            &mut params,
+            &LaunchOptions::default(),
+        )
+    }
+    .unwrap_err();
+    assert!(
+        err.0.contains("dynamic shared memory is not emulated"),
+        "{err}"
+    );
+}
