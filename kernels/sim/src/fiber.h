@@ -2,13 +2,13 @@
 //
 // Why fibers and not one OS thread per GPU thread: the order in which threads run between two
 // barriers is then chosen by the scheduler, not the OS, so every run is reproducible and the order
-// can be made adversarial (see runtime.cpp); and a switch costs a few nanoseconds (x86-64: six
-// callee-saved registers and the stack pointer) instead of a futex round trip, which matters
-// because every warp collective (shuffle, mma) is a switch per lane.
+// can be made adversarial (see runtime.cpp); and a switch is a few instructions (x86-64: six
+// callee-saved registers, the SSE/x87 control words and the stack pointer) with no system call,
+// which matters because every warp collective (shuffle, mma) is a switch per lane.
 //
 // x86-64 has a hand-written switch; other hosts fall back to ucontext (correct, but each switch
-// makes a sigprocmask system call: about 0.5 µs). MINISAM_SIM_UCONTEXT=1 at build time selects the
-// fallback on x86-64 too, to test it.
+// makes a sigprocmask system call). MINISAM_SIM_UCONTEXT=1 at build time selects the fallback on
+// x86-64 too, to test it.
 #pragma once
 
 #include <cstddef>

@@ -110,6 +110,10 @@ impl GemmCase {
 
     pub fn linear_with_k(rng: &mut ChaCha8Rng, kind: i64, k: usize) -> Self {
         let (m, n) = (rng.gen_range(1..150), rng.gen_range(1..140));
+        Self::linear_sized(rng, kind, m, n, k)
+    }
+
+    pub fn linear_sized(rng: &mut ChaCha8Rng, kind: i64, m: usize, n: usize, k: usize) -> Self {
         let mut p = Self::base(m, n, k);
         p.a_mode = A_ROWMAJOR;
         p.lda = k as i64;
@@ -194,6 +198,16 @@ impl GemmCase {
             lora_t: vec![],
             lora_b: None,
             out_len: batch * m * n,
+        }
+    }
+
+    /// A convolution with at least `pixels` output pixels (M), drawn until one is.
+    pub fn conv_with_pixels(rng: &mut ChaCha8Rng, kind: i64, pixels: usize) -> Self {
+        loop {
+            let case = Self::conv(rng, kind);
+            if case.p.m as usize >= pixels {
+                return case;
+            }
         }
     }
 

@@ -53,7 +53,12 @@ fn mutation_every_gemm_barrier_is_needed() {
     let seed = rng("gemm_barriers").gen::<u64>();
     mutation::every_barrier_is_needed("nf4_gemm", |sim| {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        // Both bodies, the NF4 absmax fast path (K multiple of 64) and the im2col row geometry.
+        // Both bodies, the NF4 absmax fast path (K a multiple of 64) and the im2col row geometry.
+        // Sizes that make every barrier matter in every draw: blocks with more than 32 rows (M)
+        // and columns (N), so warps 0 and 1 each read geometry rows / absmaxes the other writes,
+        // and K of four tiles, so a warp that runs ahead overwrites a tile the others still read.
+        // (A mutant may read a few elements before a buffer: poisoned geometry of -1 is
+        // an in-bounds-looking offset of -1 or -2; the heap memory there is mapped.)
         for kind in [W_F32, W_NF4] {
             for tc in [true, false] {
                 let ops = if tc { Operands::Bf16 } else { Operands::F32 };
@@ -62,8 +67,9 @@ fn mutation_every_gemm_barrier_is_needed() {
                     if tc { "tc" } else { "simt" },
                     KIND_NAMES[kind as usize]
                 );
-                gemm::GemmCase::linear_with_k(&mut rng, kind, 128).check(sim, &kernel, ops)?;
-                gemm::GemmCase::conv(&mut rng, kind).check(sim, &kernel, ops)?;
+                let (m, n) = (rng.gen_range(33..150), rng.gen_range(33..140));
+                gemm::GemmCase::linear_sized(&mut rng, kind, m, n, 128).check(sim, &kernel, ops)?;
+                gemm::GemmCase::conv_with_pixels(&mut rng, kind, 33).check(sim, &kernel, ops)?;
             }
         }
         Ok(())
@@ -105,7 +111,7 @@ fn repeat(
 fn attention_every_head_dim_and_bias_mode() {
     for dp in [32, 64, 96, 128] {
         repeat(&format!("attention_d{dp}"), 4, |sim, rng| {
-            others::attention_case(sim, rng, dp)
+            others::attention_case(sim, rng, dp, false)
         });
     }
 }
@@ -117,7 +123,7 @@ fn mutation_every_attention_barrier_is_needed() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         for dp in [32, 64, 96, 128] {
             for _ in 0..2 {
-                others::attention_case(sim, &mut rng, dp)?;
+                others::attention_case(sim, &mut rng, dp, true)?;
             }
         }
         Ok(())

@@ -34,7 +34,15 @@ fn grid_stride(rng: &mut ChaCha8Rng, n: usize) -> (Dim3, Dim3) {
 /// softmax weight by that relative amount, so each output by at most 2·2e-5·max|v|: the bound is
 /// 1e-4·max|v| (plus 8 u |want|), a few times above that. A stale or missing key tile is off by
 /// O(max|v| / nk) or NaN.
-pub fn attention_case(sim: &Sim, rng: &mut ChaCha8Rng, dp: usize) -> Result<(), String> {
+///
+/// `large` draws at least 65 queries (two or more live warps per block) and at least 130 keys
+/// (three or more key tiles): what a missing barrier needs to show on every draw.
+pub fn attention_case(
+    sim: &Sim,
+    rng: &mut ChaCha8Rng,
+    dp: usize,
+    large: bool,
+) -> Result<(), String> {
     let kernel = format!("attention_d{dp}");
     let smaller = match dp {
         32 => 1,
@@ -47,14 +55,21 @@ pub fn attention_case(sim: &Sim, rng: &mut ChaCha8Rng, dp: usize) -> Result<(), 
     } else {
         rng.gen_range(1..=dp)
     };
-    let (bh, nq) = (rng.gen_range(1..4), rng.gen_range(1..200));
+    let (bh, nq) = (
+        rng.gen_range(1..4),
+        rng.gen_range(if large { 65 } else { 1 }..200),
+    );
     let mode = rng.gen_range(0..3);
     // Several key tiles (64 or 32 keys) with a partial last one.
-    let (kh, kw) = (rng.gen_range(1..12), rng.gen_range(1..14));
+    let (kh, kw) = if large {
+        (rng.gen_range(10..14), rng.gen_range(13..16))
+    } else {
+        (rng.gen_range(1..12), rng.gen_range(1..14))
+    };
     let nk = if mode == 2 {
         kh * kw
     } else {
-        rng.gen_range(1..150)
+        rng.gen_range(if large { 130 } else { 1 }..200)
     };
     let scale = 1.0 / (d as f32).sqrt();
     let q = randn(rng, bh * nq * d, 1.0);
