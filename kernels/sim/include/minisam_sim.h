@@ -60,6 +60,26 @@ constexpr size_t kSlotBytes = 64;
 // Registers a `__shared__` variable of the running kernel (see above).
 void shared_register(void* p, size_t bytes);
 
+// cp.async{.ca,.cg}.shared.global [dst], [src], cp_size{, src_size} (cp_size 4, 8 or 16 bytes;
+// bytes past src_size are zero-filled). The copy is only queued: it lands in shared memory when a
+// cp.async.wait_group (or wait_all) of this thread retires its group, so a missing wait leaves the
+// old contents (NaN poison in a fresh buffer) for whoever reads.
+void cp_async(void* dst, const void* src, unsigned cp_size, unsigned src_size);
+void cp_async_commit_group();
+// Completes this thread's committed groups except the `n` most recent.
+void cp_async_wait_group(unsigned n);
+// cp.async.wait_all: commit, then wait for everything.
+void cp_async_wait_all();
+
+// ldmatrix.sync.aligned.m8n8.x{num}{.trans}.shared.b16 (a warp collective): lanes 8j..8j+7 give
+// the row addresses of matrix j; d[j] receives this lane's fragment of matrix j: row lane/4,
+// columns 2(lane%4) and 2(lane%4)+1, the lower column in the lower half (with .trans, of the
+// transposed matrix).
+void ldmatrix(unsigned* d, int num, bool trans, const void* row_address);
+
+// __syncwarp(mask): a warp collective with nothing exchanged.
+void syncwarp(unsigned mask);
+
 // Mutation switches of the running launch (LaunchOptions::mutations).
 bool mutation_swap_mma_a12();
 
@@ -116,6 +136,7 @@ T shfl(ShflMode mode, unsigned mask, T v, int b, int width) {
 #define __constant__ const
 #define __shared__ static thread_local MSIM_TLS
 #define __restrict__ __restrict
+#define __align__(n) __attribute__((aligned(n)))
 #define MSIM_SHARED(name) ::msim::shared_register((void*)&(name), sizeof(name))
 
 #define threadIdx (*::msim::t_thread_idx)
@@ -125,6 +146,25 @@ T shfl(ShflMode mode, unsigned mask, T v, int b, int width) {
 #define warpSize 32
 
 inline void __syncthreads() { ::msim::syncthreads(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { ::msim::syncwarp(mask); }
+
+template <typename T>
+inline T __ldg(const T* p) { return *p; }
+
+// Atomics: blocks run one at a time and a fiber is never interrupted between two
+// synchronisation points, so a plain read-modify-write is atomic here.
+template <typename T>
+inline T atomicAdd(T* p, T v) { T old = *p; *p = old + v; return old; }
+template <typename T>
+inline T atomicSub(T* p, T v) { T old = *p; *p = old - v; return old; }
+template <typename T>
+inline T atomicExch(T* p, T v) { T old = *p; *p = v; return old; }
+template <typename T>
+inline T atomicMax(T* p, T v) { T old = *p; *p = old > v ? old : v; return old; }
+template <typename T>
+inline T atomicMin(T* p, T v) { T old = *p; *p = old < v ? old : v; return old; }
+template <typename T>
+inline T atomicCAS(T* p, T compare, T v) { T old = *p; if (old == compare) *p = v; return old; }
 
 template <typename T>
 inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) { return ::msim::shfl(::msim::ShflMode::Idx, mask, v, src, width); }

@@ -74,3 +74,52 @@ extern "C" __global__ void probe_mma(const unsigned* a, const unsigned* b, const
     else msim::mma_m16n8k16_bf16(acc, a[4 * l], a[4 * l + 1], a[4 * l + 2], a[4 * l + 3], b[2 * l], b[2 * l + 1]);
     for (int r = 0; r < 4; ++r) d[4 * l + r] = acc[r];
 }
+
+// cp.async: each thread copies 16 bytes (4 floats) of `src` into shared memory in two groups
+// (the second zero-filled past `src_bytes`), and records what its own shared slots hold before
+// any wait, after wait_group(1) and after wait_group(0); then, after a barrier, reads its
+// neighbour's slots. out: per thread 4 x 8 floats.
+extern "C" __global__ void probe_cp_async(const float* src, float* out, int src_bytes) {
+    __shared__ __align__(16) float first[128 * 4];
+    __shared__ __align__(16) float second[128 * 4];
+    const unsigned t = threadIdx.x, n = blockDim.x;
+    float* o = out + 32 * t;
+    msim::cp_async(&first[4 * t], &src[4 * t], 16, 16);
+    msim::cp_async_commit_group();
+    msim::cp_async(&second[4 * t], &src[4 * (n + t)], 16, (unsigned)src_bytes);
+    msim::cp_async_commit_group();
+    for (int i = 0; i < 4; ++i) o[i] = first[4 * t + i], o[4 + i] = second[4 * t + i];
+    msim::cp_async_wait_group(1);
+    for (int i = 0; i < 4; ++i) o[8 + i] = first[4 * t + i], o[12 + i] = second[4 * t + i];
+    msim::cp_async_wait_group(0);
+    for (int i = 0; i < 4; ++i) o[16 + i] = first[4 * t + i], o[20 + i] = second[4 * t + i];
+    __syncthreads();
+    const unsigned u = (t + 1) % n;
+    for (int i = 0; i < 4; ++i) o[24 + i] = first[4 * u + i], o[28 + i] = second[4 * u + i];
+}
+
+// ldmatrix .x1/.x2/.x4, plain and .trans, from a [32 x 8] b16 matrix stacked as four 8 x 8
+// matrices (matrix j = rows 8j..8j+7) copied into shared memory; lane l gives the address of
+// row l. out[(variant * 32 + lane) * 4 + j] = d[j], variants x1, x2, x4, x1.trans, x2.trans,
+// x4.trans.
+extern "C" __global__ void probe_ldmatrix(const unsigned short* m, unsigned* out) {
+    __shared__ __align__(16) unsigned short tile[32 * 8];
+    const unsigned l = threadIdx.x;
+    for (int c = 0; c < 8; ++c) tile[8 * l + c] = m[8 * l + c];
+    __syncthreads();
+    int variant = 0;
+    for (int trans = 0; trans < 2; ++trans)
+        for (int num = 1; num <= 4; num *= 2) {
+            unsigned d[4] = {0, 0, 0, 0};
+            msim::ldmatrix(d, num, trans != 0, &tile[8 * l]);
+            for (int j = 0; j < 4; ++j) out[(variant * 32 + l) * 4 + j] = d[j];
+            ++variant;
+        }
+}
+
+// Atomics from every thread of every block onto one counter, and __syncwarp.
+extern "C" __global__ void probe_atomics(int* counter, unsigned* maximum) {
+    __syncwarp();
+    atomicAdd(counter, 1);
+    atomicMax(maximum, blockIdx.x * blockDim.x + threadIdx.x);
+}

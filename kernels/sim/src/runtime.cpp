@@ -50,8 +50,19 @@ constexpr size_t kStaticSharedLimit = 48 * 1024;
 
 enum class State { Runnable, AtBarrier, AtCollective, Done };
 
+// A queued cp.async: lands in shared memory when its group is waited for.
+struct PendingCopy {
+    void* dst;
+    const void* src;
+    unsigned cp_size, src_size;
+    unsigned group;  // kUncommitted until a commit_group
+};
+constexpr unsigned kUncommitted = ~0u;
+
 struct Thread {
     FiberContext ctx;
+    std::vector<PendingCopy> copies;
+    unsigned committed_groups = 0;
     uint3 tid;
     unsigned linear = 0;
     State state = State::Done;
@@ -191,7 +202,25 @@ void release_barrier(Sim& s) {
     new_priorities(s);
 }
 
+void complete_copy(const PendingCopy& c) {
+    std::memcpy(c.dst, c.src, c.src_size);
+    std::memset((char*)c.dst + c.src_size, 0, c.cp_size - c.src_size);
+}
+
+// Lands this thread's copies of committed groups older than `keep_after` (all copies when
+// `everything`), in issue order.
+void complete_copies(Thread& t, unsigned keep_after, bool everything) {
+    std::vector<PendingCopy> still;
+    for (const PendingCopy& c : t.copies) {
+        if (everything || (c.group != kUncommitted && c.group < keep_after)) complete_copy(c);
+        else still.push_back(c);
+    }
+    t.copies.swap(still);
+}
+
 void thread_exit(Sim& s, Thread* t) {
+    // Copies still in flight land anyway, as on the GPU.
+    complete_copies(*t, 0, true);
     Warp& w = s.warps[t->linear / 32];
     const unsigned bit = 1u << (t->linear % 32);
     if ((w.arrived[0] | w.arrived[1]) & ~bit) {
@@ -242,6 +271,8 @@ bool run_block(Sim& s, uint64_t block_linear) {
         t.tid = uint3{i % bd.x, (i / bd.x) % bd.y, i / (bd.x * bd.y)};
         t.state = State::Runnable;
         t.collectives = 0;
+        t.copies.clear();
+        t.committed_groups = 0;
         fiber_init(t.ctx, *s.stacks[i], fiber_entry, &t);
     }
     s.block_linear = block_linear;
@@ -298,7 +329,7 @@ const unsigned char* warp_exchange(unsigned mask, const void* mine, size_t bytes
         fail(format("warp collective with mask %08x but live lanes %08x: partial-warp masks are not emulated", mask, w.live));
     if (bytes > kSlotBytes) fail("warp collective record too large");
     const unsigned parity = t->collectives++ & 1;
-    std::memcpy(w.slots[parity][lane], mine, bytes);
+    if (bytes) std::memcpy(w.slots[parity][lane], mine, bytes);
     w.arrived[parity] |= 1u << lane;
     t->state = State::AtCollective;
     if (w.arrived[parity] == w.live) {
@@ -324,6 +355,52 @@ void shared_register(void* p, size_t bytes) {
     if (L.shared_bytes > kStaticSharedLimit)
         fail(format("%zu bytes of static __shared__ memory, above CUDA's 48 KiB per block", L.shared_bytes));
 }
+
+void cp_async(void* dst, const void* src, unsigned cp_size, unsigned src_size) {
+    if (cp_size != 4 && cp_size != 8 && cp_size != 16) fail(format("cp.async of %u bytes: the ISA allows 4, 8 or 16", cp_size));
+    if (src_size > cp_size) fail(format("cp.async src-size %u above cp-size %u", src_size, cp_size));
+    if ((uintptr_t)dst % cp_size || (uintptr_t)src % cp_size) fail(format("cp.async of %u bytes from/to an address not aligned to it", cp_size));
+    sim().current->copies.push_back({dst, src, cp_size, src_size, kUncommitted});
+}
+
+void cp_async_commit_group() {
+    Thread& t = *sim().current;
+    for (PendingCopy& c : t.copies)
+        if (c.group == kUncommitted) c.group = t.committed_groups;
+    ++t.committed_groups;
+}
+
+void cp_async_wait_group(unsigned n) {
+    Thread& t = *sim().current;
+    complete_copies(t, t.committed_groups >= n ? t.committed_groups - n : 0, false);
+}
+
+void cp_async_wait_all() {
+    cp_async_commit_group();
+    cp_async_wait_group(0);
+}
+
+void ldmatrix(unsigned* d, int num, bool trans, const void* row_address) {
+    if (num != 1 && num != 2 && num != 4) fail(format("ldmatrix .x%d: the ISA has .x1, .x2 and .x4", num));
+    const unsigned char* all = warp_exchange(0xffffffffu, &row_address, sizeof row_address);
+    const unsigned lane = lane_id();
+    auto row = [&](int matrix, unsigned r) {
+        const unsigned char* p;
+        std::memcpy(&p, all + kSlotBytes * (8 * matrix + r), sizeof p);
+        return (const uint16_t*)p;
+    };
+    for (int j = 0; j < num; ++j) {
+        uint16_t e[2];
+        for (unsigned i = 0; i < 2; ++i) {
+            // Fragment element (lane/4, 2(lane%4)+i), of the stored matrix or of its transpose.
+            const unsigned r = lane / 4, c = 2 * (lane % 4) + i;
+            e[i] = trans ? row(j, c)[r] : row(j, r)[c];
+        }
+        d[j] = (unsigned)e[0] | ((unsigned)e[1] << 16);
+    }
+}
+
+void syncwarp(unsigned mask) { warp_exchange(mask, nullptr, 0); }
 
 bool mutation_swap_mma_a12() { return sim().launch->options.mutations & MSIM_MUTATE_SWAP_MMA_A12; }
 

@@ -453,3 +453,105 @@ fn raw_launch_takes_cu_launch_kernel_params() {
         "{err}"
     );
 }
+
+#[test]
+fn cp_async_lands_only_at_its_wait_group() {
+    let n = 128usize;
+    let src: Vec<f32> = (0..8 * n).map(|i| i as f32 + 0.5).collect();
+    let mut out = vec![0.0f32; 32 * n];
+    let src_bytes = 8; // the second copy: two floats read, two zero-filled
+    probe()
+        .launch(
+            "probe_cp_async",
+            Dim3(1, 1, 1),
+            Dim3(n as u32, 1, 1),
+            &[Arg::ptr(&src), Arg::ptr_mut(&mut out), Arg::I32(src_bytes)],
+        )
+        .unwrap();
+    let first = |t: usize, i: usize| src[4 * t + i];
+    let second = |t: usize, i: usize| if i < 2 { src[4 * (n + t) + i] } else { 0.0 };
+    for t in 0..n {
+        let o = &out[32 * t..32 * t + 32];
+        assert!(
+            o[..8].iter().all(|v| v.to_bits() == u32::MAX),
+            "thread {t}: a copy landed before any wait: {:?}",
+            &o[..8]
+        );
+        for i in 0..4 {
+            assert_eq!(
+                o[8 + i],
+                first(t, i),
+                "thread {t}: wait_group(1) retires the older group"
+            );
+            assert!(
+                o[12 + i].to_bits() == u32::MAX,
+                "thread {t}: wait_group(1) must leave the newest group in flight"
+            );
+            assert_eq!(
+                (o[16 + i], o[20 + i]),
+                (first(t, i), second(t, i)),
+                "thread {t}: after wait_group(0)"
+            );
+            let u = (t + 1) % n;
+            assert_eq!(
+                (o[24 + i], o[28 + i]),
+                (first(u, i), second(u, i)),
+                "thread {t}: the neighbour's copies after the barrier"
+            );
+        }
+    }
+}
+
+#[test]
+fn ldmatrix_follows_the_isa_fragment_layout() {
+    let m: Vec<u16> = (0..32 * 8).map(|i| 1000 + i as u16).collect();
+    let mut out = vec![0u32; 6 * 32 * 4];
+    probe()
+        .launch(
+            "probe_ldmatrix",
+            Dim3(1, 1, 1),
+            Dim3(32, 1, 1),
+            &[Arg::ptr(&m), Arg::ptr_mut(&mut out)],
+        )
+        .unwrap();
+    for (variant, (trans, num)) in [
+        (false, 1),
+        (false, 2),
+        (false, 4),
+        (true, 1),
+        (true, 2),
+        (true, 4),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for lane in 0..32 {
+            for j in 0..4 {
+                let got = out[(variant * 32 + lane) * 4 + j];
+                let want = if j >= num {
+                    0
+                } else {
+                    // Element (r, c) of matrix j (rows 8j.. of m), or of its transpose.
+                    let at = |r: usize, c: usize| if trans { m[(8 * j + c) * 8 + r] } else { m[(8 * j + r) * 8 + c] } as u32;
+                    let (r, c) = (lane / 4, 2 * (lane % 4));
+                    at(r, c) | (at(r, c + 1) << 16)
+                };
+                assert_eq!(got, want, "trans={trans} x{num}: lane {lane} register {j}");
+            }
+        }
+    }
+}
+
+#[test]
+fn atomics_and_syncwarp() {
+    let (mut counter, mut maximum) = (vec![0i32], vec![0u32]);
+    probe()
+        .launch(
+            "probe_atomics",
+            Dim3(7, 1, 1),
+            Dim3(96, 1, 1),
+            &[Arg::ptr_mut(&mut counter), Arg::ptr_mut(&mut maximum)],
+        )
+        .unwrap();
+    assert_eq!((counter[0], maximum[0]), (7 * 96, 7 * 96 - 1));
+}
