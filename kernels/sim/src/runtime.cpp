@@ -108,12 +108,23 @@ struct Sim {
     unsigned at_barrier = 0;
     Thread* current = nullptr;
     Launch* launch = nullptr;
+
+    ~Sim() {
+        for (Thread& t : threads) fiber_release(t.ctx);
+        fiber_release(scheduler);
+    }
 };
 
+// The OS thread's simulator (fast access), owned by `sim()`'s thread-local holder: stacks and
+// fibers are reused by every launch on the thread and unmapped when it ends.
 thread_local Sim* t_sim MSIM_TLS = nullptr;
 
 Sim& sim() {
-    if (!t_sim) t_sim = new Sim;  // lives as long as the OS thread's process: stacks are reused
+    thread_local std::unique_ptr<Sim> owner;
+    if (!t_sim) {
+        owner.reset(new Sim);
+        t_sim = owner.get();
+    }
     return *t_sim;
 }
 

@@ -40,6 +40,12 @@ impl Sim {
             options: LaunchOptions::default(),
         }
     }
+    /// The same with the scheduler's priorities drawn from `seed` (the checks draw it from their
+    /// generator, so every run also tries fresh schedules).
+    pub fn seeded(mut self, seed: u64) -> Self {
+        self.options.seed = seed;
+        self
+    }
     pub fn kernel(&self, name: &str) -> Kernel {
         kernel(self.variant, name).unwrap_or_else(|e| panic!("{e}"))
     }

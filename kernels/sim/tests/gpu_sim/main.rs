@@ -19,7 +19,15 @@ use rand::{Rng, SeedableRng};
 fn gemm_tensor_core_bf16_every_weight_kind() {
     let mut rng = rng("gemm_tc_bf16");
     for kind in [W_F32, W_F16, W_NF4] {
-        gemm::run(&Sim::default(), &mut rng, true, Operands::Bf16, kind, 6).unwrap();
+        gemm::run(
+            &Sim::default().seeded(rng.gen()),
+            &mut rng,
+            true,
+            Operands::Bf16,
+            kind,
+            6,
+        )
+        .unwrap();
     }
 }
 
@@ -28,7 +36,7 @@ fn gemm_tensor_core_f16_every_weight_kind() {
     let mut rng = rng("gemm_tc_f16");
     for kind in [W_F32, W_F16, W_NF4] {
         gemm::run(
-            &Sim::with_variant("f16"),
+            &Sim::with_variant("f16").seeded(rng.gen()),
             &mut rng,
             true,
             Operands::F16,
@@ -43,7 +51,15 @@ fn gemm_tensor_core_f16_every_weight_kind() {
 fn gemm_cuda_core_f32_every_weight_kind() {
     let mut rng = rng("gemm_simt");
     for kind in [W_F32, W_F16, W_NF4] {
-        gemm::run(&Sim::default(), &mut rng, false, Operands::F32, kind, 6).unwrap();
+        gemm::run(
+            &Sim::default().seeded(rng.gen()),
+            &mut rng,
+            false,
+            Operands::F32,
+            kind,
+            6,
+        )
+        .unwrap();
     }
 }
 
@@ -103,7 +119,7 @@ fn repeat(
 ) {
     let mut rng = rng(test);
     for _ in 0..times {
-        check(&Sim::default(), &mut rng).unwrap();
+        check(&Sim::default().seeded(rng.gen()), &mut rng).unwrap();
     }
 }
 
