@@ -88,6 +88,9 @@ float cvt_f32_f16(unsigned short h);
 // cvt.rn.bf16x2.f32 d, a, b / cvt.rn.satfinite.f16x2.f32 d, a, b: a to the upper half of d.
 unsigned cvt_rn_bf16x2_f32(float a, float b);
 unsigned cvt_rn_satfinite_f16x2_f32(float a, float b);
+// cvt.rn.f16.f32 / cvt.rn.bf16.f32 (a value past the range rounds to infinity).
+unsigned short cvt_rn_f16_f32(float a);
+unsigned short cvt_rn_bf16_f32(float a);
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 {c} = {a}·{b} + {c}, on this
 // lane's fragments (a warp collective).
 void mma_m16n8k16_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1);
@@ -150,6 +153,27 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) { ::msim::syncwarp(mask); }
 
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
+
+// cuda_fp16.h / cuda_bf16.h's scalar types and conversions (include/cuda_fp16.h and cuda_bf16.h
+// are stubs, so a kernel that includes them compiles here too). Arithmetic on them is not
+// emulated: convert to float.
+struct __half {
+    unsigned short x;
+};
+struct __nv_bfloat16 {
+    unsigned short x;
+};
+inline __half __float2half_rn(float f) { return __half{::msim::cvt_rn_f16_f32(f)}; }
+inline __half __float2half(float f) { return __float2half_rn(f); }
+inline float __half2float(__half h) { return ::msim::cvt_f32_f16(h.x); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16{::msim::cvt_rn_bf16_f32(f)}; }
+inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }
+inline float __bfloat162float(__nv_bfloat16 b) {
+    const unsigned u = (unsigned)b.x << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
 
 // Atomics: blocks run one at a time and a fiber is never interrupted between two
 // synchronisation points, so a plain read-modify-write is atomic here.

@@ -123,3 +123,17 @@ extern "C" __global__ void probe_atomics(int* counter, unsigned* maximum) {
     atomicAdd(counter, 1);
     atomicMax(maximum, blockIdx.x * blockDim.x + threadIdx.x);
 }
+
+// cuda_fp16.h / cuda_bf16.h scalar conversions, round trip.
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+extern "C" __global__ void probe_half(const float* in, unsigned short* h, unsigned short* b, float* back, i64 n) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        const __half hv = __float2half_rn(in[i]);
+        const __nv_bfloat16 bv = __float2bfloat16(in[i]);
+        h[i] = hv.x;
+        b[i] = bv.x;
+        back[2 * i] = __half2float(hv);
+        back[2 * i + 1] = __bfloat162float(bv);
+    }
+}

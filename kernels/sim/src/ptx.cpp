@@ -130,6 +130,10 @@ unsigned cvt_rn_satfinite_f16x2_f32(float a, float b) {
     return ((unsigned)f32_to_f16_rn(a, true) << 16) | f32_to_f16_rn(b, true);
 }
 
+unsigned short cvt_rn_f16_f32(float a) { return f32_to_f16_rn(a, false); }
+
+unsigned short cvt_rn_bf16_f32(float a) { return f32_to_bf16_rn(a); }
+
 void mma_m16n8k16_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
     mma_m16n8k16(c, a0, a1, a2, a3, b0, b1, bf16_to_f32);
 }

@@ -555,3 +555,51 @@ fn atomics_and_syncwarp() {
         .unwrap();
     assert_eq!((counter[0], maximum[0]), (7 * 96, 7 * 96 - 1));
 }
+
+#[test]
+fn half_and_bfloat16_scalar_conversions() {
+    let x = test_floats(5_000);
+    let n = x.len();
+    let (mut h, mut b, mut back) = (vec![0u16; n], vec![0u16; n], vec![0.0f32; 2 * n]);
+    let (grid, block) = Sim::grid_for(n);
+    let args = [
+        Arg::ptr(&x),
+        Arg::ptr_mut(&mut h),
+        Arg::ptr_mut(&mut b),
+        Arg::ptr_mut(&mut back),
+        Arg::I64(n as i64),
+    ];
+    probe().launch("probe_half", grid, block, &args).unwrap();
+    for i in 0..n {
+        if x[i].is_nan() {
+            assert!(
+                back[2 * i].is_nan() && back[2 * i + 1].is_nan(),
+                "NaN stays NaN"
+            );
+            continue;
+        }
+        // Round to nearest even, overflow to infinity (no .satfinite): the half crate's rule.
+        assert_eq!(
+            h[i],
+            half::f16::from_f32(x[i]).to_bits(),
+            "f16 of {:e} ({:08x})",
+            x[i],
+            x[i].to_bits()
+        );
+        assert_eq!(
+            b[i],
+            half::bf16::from_f32(x[i]).to_bits(),
+            "bf16 of {:e} ({:08x})",
+            x[i],
+            x[i].to_bits()
+        );
+        assert_eq!(
+            back[2 * i].to_bits(),
+            half::f16::from_bits(h[i]).to_f32().to_bits()
+        );
+        assert_eq!(
+            back[2 * i + 1].to_bits(),
+            half::bf16::from_bits(b[i]).to_f32().to_bits()
+        );
+    }
+}
