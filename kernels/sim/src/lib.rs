@@ -3,9 +3,9 @@
 //!
 //! The `.cu` sources are compiled as host C++ (build.rs) against a small SIMT layer of ours
 //! (`include/minisam_sim.h`, `src/runtime.cpp`): the threads of a block run as fibers that switch
-//! only at `__syncthreads` and warp collectives, in a shuffled order, with NaN-poisoned shared
-//! memory, so a missing barrier gives a wrong answer rather than a lucky right one; inline PTX
-//! (`cvt`, `mma.sync`) is emulated per the PTX ISA. `kernels/README.md` says what the simulator
+//! only at `__syncthreads` and warp collectives, warp after warp in a drawn priority order, with
+//! NaN-poisoned shared memory, so a missing barrier gives a wrong answer rather than a lucky right
+//! one; inline PTX (`cvt`, `mma.sync`, `cp.async`, `ldmatrix`) is emulated per the PTX ISA. `kernels/README.md` says what the simulator
 //! can and cannot catch.
 //!
 //! A launch looks like the driver's: a [`Kernel`] handle, grid, block, and one argument per kernel
