@@ -25,7 +25,9 @@ typedef struct {
     uint64_t seed;
     // Barrier site (numbered in file order in the module's "mutant" variant) to skip; -1: none.
     int32_t skip_barrier_site;
-    uint32_t reserved;
+    // OS threads that run the launch's blocks (0 or 1: the calling thread alone). Results do not
+    // depend on it: each block's schedule is a function of the seed and the block's index.
+    uint32_t threads;
 } msim_options;
 
 typedef struct {

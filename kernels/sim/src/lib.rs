@@ -33,7 +33,7 @@ mod ffi {
         pub mutations: u32,
         pub seed: u64,
         pub skip_barrier_site: i32,
-        pub reserved: u32,
+        pub threads: u32,
     }
 
     #[repr(C)]
@@ -105,6 +105,9 @@ pub struct LaunchOptions {
     /// Swap the A fragment registers a1 and a2 of every `mma.sync` (as a kernel that packed its
     /// fragments wrongly would).
     pub swap_mma_a12: bool,
+    /// OS threads that share the launch's blocks (0 or 1: the calling thread only). The results
+    /// are the same for any count.
+    pub threads: u32,
 }
 
 /// One kernel parameter's bytes, as cuLaunchKernel takes them.
@@ -295,7 +298,7 @@ impl Kernel {
             mutations: options.swap_mma_a12 as u32,
             seed: options.seed,
             skip_barrier_site: options.skip_barrier_site.map_or(-1, |s| s as i32),
-            reserved: 0,
+            threads: options.threads,
         };
         let mut err = [0 as c_char; 1024];
         let d = |d: Dim3| ffi::Dim3 {

@@ -23,10 +23,13 @@
 // (tests run in parallel), and one OS thread runs one block at a time, which is what makes a
 // `static thread_local` variable one block's shared memory.
 #include <algorithm>
+#include <atomic>
 #include <cstdarg>
 #include <cstdio>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "../include/minisam_sim.h"
@@ -417,6 +420,51 @@ bool mutation_swap_mma_a12() { return sim().launch->options.mutations & MSIM_MUT
 
 }  // namespace msim
 
+namespace msim {
+namespace {
+
+// The blocks of one launch, handed out to the OS threads that run it.
+struct BlockQueue {
+    msim_dim3 grid;
+    uint64_t total;
+    std::atomic<uint64_t> next{0};
+    std::mutex error_lock;
+    std::string error;  // the first fault; stops the others
+};
+
+// Runs blocks from `q` on this OS thread until none is left or one faults. A block's schedule
+// depends only on the seed and the block's index, so which thread runs it changes nothing.
+void run_blocks(const KernelEntry* kernel, void** params, const msim_options& options, msim_dim3 block, BlockQueue& q) {
+    Sim& s = sim();
+    Launch L;
+    L.kernel = kernel;
+    L.params = params;
+    L.options = options;
+    s.nthreads = block.x * block.y * block.z;
+    while (s.stacks.size() < s.nthreads) {
+        s.stacks.emplace_back(new FiberStack);
+        s.stacks.back()->allocate(kStackBytes);
+    }
+    s.launch = &L;
+    t_block.block_dim = dim3{block.x, block.y, block.z};
+    t_block.grid_dim = dim3{q.grid.x, q.grid.y, q.grid.z};
+    for (uint64_t b; (b = q.next.fetch_add(1)) < q.total;) {
+        t_block.block_idx = uint3{(unsigned)(b % q.grid.x), (unsigned)(b / q.grid.x % q.grid.y), (unsigned)(b / ((uint64_t)q.grid.x * q.grid.y))};
+        if (!run_block(s, b)) {
+            std::lock_guard<std::mutex> g(q.error_lock);
+            if (q.error.empty()) q.error = L.error;
+            q.next = q.total;
+            break;
+        }
+    }
+    s.launch = nullptr;
+    s.current = nullptr;
+    t_thread_idx = nullptr;
+}
+
+}  // namespace
+}  // namespace msim
+
 // ---- C ABI ----------------------------------------------------------------------------------
 
 namespace {
@@ -469,36 +517,22 @@ extern "C" int msim_launch(size_t index, msim_dim3 grid, msim_dim3 block, uint32
         set_error(err, err_len, std::string(list[index].kernel->name) + ": " + bad);
         return -1;
     }
-    Sim& s = sim();
-    if (s.launch) {
+    if (sim().launch) {
         set_error(err, err_len, "msim_launch called from inside a kernel");
         return -1;
     }
-    Launch L;
-    L.kernel = list[index].kernel;
-    L.params = params;
-    if (options) L.options = *options;
-    else L.options.skip_barrier_site = -1;
-    s.nthreads = block.x * block.y * block.z;
-    while (s.stacks.size() < s.nthreads) {
-        s.stacks.emplace_back(new FiberStack);
-        s.stacks.back()->allocate(kStackBytes);
-    }
-    s.launch = &L;
-    t_block.block_dim = dim3{block.x, block.y, block.z};
-    t_block.grid_dim = dim3{grid.x, grid.y, grid.z};
-    bool ok = true;
-    for (uint32_t z = 0; ok && z < grid.z; ++z)
-        for (uint32_t y = 0; ok && y < grid.y; ++y)
-            for (uint32_t x = 0; ok && x < grid.x; ++x) {
-                t_block.block_idx = uint3{x, y, z};
-                ok = run_block(s, ((uint64_t)z * grid.y + y) * grid.x + x);
-            }
-    s.launch = nullptr;
-    s.current = nullptr;
-    t_thread_idx = nullptr;
-    if (!ok) {
-        set_error(err, err_len, L.error);
+    msim_options opts{};
+    opts.skip_barrier_site = -1;
+    if (options) opts = *options;
+    BlockQueue q{grid, (uint64_t)grid.x * grid.y * grid.z};
+    const unsigned workers = (unsigned)std::min<uint64_t>(std::max(opts.threads, 1u), q.total);
+    // Extra OS threads, each with its own fibers and shared memory; the caller is one of them.
+    std::vector<std::thread> helpers;
+    for (unsigned i = 1; i < workers; ++i) helpers.emplace_back([&] { run_blocks(list[index].kernel, params, opts, block, q); });
+    run_blocks(list[index].kernel, params, opts, block, q);
+    for (std::thread& h : helpers) h.join();
+    if (!q.error.empty()) {
+        set_error(err, err_len, q.error);
         return -1;
     }
     return 0;

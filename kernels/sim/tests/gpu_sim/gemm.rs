@@ -386,6 +386,18 @@ impl GemmCase {
 
     /// Runs `kernel` (grid and block as the backend launches it) and compares.
     pub fn check(&self, sim: &Sim, kernel: &str, ops: Operands) -> Result<(), String> {
+        let out = self.run(sim, kernel)?;
+        let (want, bound) = self.reference(ops);
+        compare(
+            &format!("{kernel} [{}] {}", sim.variant, self.what),
+            &out,
+            &want,
+            &bound,
+        )
+    }
+
+    /// Launches `kernel` and returns its output buffer (guard included).
+    pub fn run(&self, sim: &Sim, kernel: &str) -> Result<Vec<f32>, String> {
         let mut out = poisoned(self.out_len);
         let addr = |v: &Vec<f32>| if v.is_empty() { 0 } else { v.as_ptr() as u64 };
         let mut p = self.p;
@@ -406,13 +418,7 @@ impl GemmCase {
         );
         sim.launch(kernel, grid, Dim3(128, 1, 1), &[Arg::record(&p)])
             .map_err(|e| format!("{kernel} {}: {e}", self.what))?;
-        let (want, bound) = self.reference(ops);
-        compare(
-            &format!("{kernel} [{}] {}", sim.variant, self.what),
-            &out,
-            &want,
-            &bound,
-        )
+        Ok(out)
     }
 }
 

@@ -265,3 +265,56 @@ fn every_kernel_of_every_cu_file_is_built_and_checked() {
         );
     }
 }
+
+#[test]
+fn blocks_on_several_os_threads_give_the_same_bits() {
+    let mut rng = rng("threads");
+    let seed = rng.gen();
+    let case = gemm::GemmCase::linear_sized(&mut rng, W_NF4, 200, 150, 96);
+    let on = |threads| {
+        let sim = Sim {
+            options: minisam_gpusim::LaunchOptions {
+                seed,
+                threads,
+                ..Default::default()
+            },
+            ..Sim::default()
+        };
+        case.run(&sim, "gemm_tc_nf4w")
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<u32>>()
+    };
+    assert_eq!(
+        on(1),
+        on(3),
+        "a block's result must not depend on the OS thread that ran it"
+    );
+    let sim = Sim {
+        options: minisam_gpusim::LaunchOptions {
+            threads: 3,
+            ..Default::default()
+        },
+        ..Sim::default()
+    };
+    case.check(&sim, "gemm_tc_nf4w", Operands::Bf16).unwrap();
+    // A fault on one thread stops the launch and is reported once.
+    let mut out = vec![0i32; 64 * 8];
+    let probe = Sim {
+        variant: "probe",
+        options: minisam_gpusim::LaunchOptions {
+            threads: 3,
+            ..Default::default()
+        },
+    };
+    let err = probe
+        .launch(
+            "probe_deadlock",
+            minisam_gpusim::Dim3(8, 1, 1),
+            minisam_gpusim::Dim3(64, 1, 1),
+            &[minisam_gpusim::Arg::ptr_mut(&mut out)],
+        )
+        .unwrap_err();
+    assert!(err.contains("deadlocked"), "{err}");
+}
