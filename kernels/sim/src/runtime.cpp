@@ -425,6 +425,7 @@ namespace {
 
 // The blocks of one launch, handed out to the OS threads that run it.
 struct BlockQueue {
+    BlockQueue(msim_dim3 g) : grid(g), total((uint64_t)g.x * g.y * g.z) {}
     msim_dim3 grid;
     uint64_t total;
     std::atomic<uint64_t> next{0};
@@ -524,7 +525,7 @@ extern "C" int msim_launch(size_t index, msim_dim3 grid, msim_dim3 block, uint32
     msim_options opts{};
     opts.skip_barrier_site = -1;
     if (options) opts = *options;
-    BlockQueue q{grid, (uint64_t)grid.x * grid.y * grid.z};
+    BlockQueue q(grid);
     const unsigned workers = (unsigned)std::min<uint64_t>(std::max(opts.threads, 1u), q.total);
     // Extra OS threads, each with its own fibers and shared memory; the caller is one of them.
     std::vector<std::thread> helpers;
