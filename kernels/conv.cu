@@ -27,13 +27,19 @@ struct WeightRef {
     i64 kind;
 };
 
+__device__ __forceinline__ float f16_to_f32(unsigned short h) {
+#ifdef MINISAM_SIM
+    return msim::cvt_f32_f16(h);
+#else
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#endif
+}
+
 __device__ __forceinline__ float load_weight(const WeightRef& w, i64 i) {
     if (w.kind == W_F32) return ((const float*)w.data)[i];
-    if (w.kind == W_F16) {
-        float f;
-        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(((const unsigned short*)w.data)[i]));
-        return f;
-    }
+    if (w.kind == W_F16) return f16_to_f32(((const unsigned short*)w.data)[i]);
     const unsigned char byte = ((const unsigned char*)w.data)[i >> 1];
     const float code = NF4_TABLE[(i & 1) ? (byte >> 4) : (byte & 15)];
     const i64 block = i >> 6;

@@ -15,7 +15,9 @@
 // the NF4 codes are decoded exactly once per tile, into shared memory, and never reach global
 // memory in any wider form.
 //
-// Compiled by NVRTC with no headers at all: the 16-bit conversions and the MMA are inline PTX.
+// Compiled by NVRTC with no headers at all: the 16-bit conversions and the MMA are inline PTX,
+// each in a small function whose MINISAM_SIM branch calls the host simulator's emulation of the
+// same instruction (kernels/sim).
 // Index arithmetic inside the tiles is 32-bit (the host refuses tensors of 2^31 elements or more).
 
 #define BM 64
@@ -91,9 +93,13 @@ struct GemmParams {
 };
 
 __device__ __forceinline__ float f16_to_f32(unsigned short h) {
+#ifdef MINISAM_SIM
+    return msim::cvt_f32_f16(h);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+#endif
 }
 
 __device__ __forceinline__ float nf4_absmax(const WeightRef& w, i64 block) {
@@ -240,6 +246,13 @@ __device__ __noinline__ void epilogue(const GemmParams& p, i64 z, i64 m, i64 n, 
 }
 
 __device__ __forceinline__ unsigned pack2(float lo, float hi) {
+#ifdef MINISAM_SIM
+#ifdef MINISAM_MMA_F16
+    return msim::cvt_rn_satfinite_f16x2_f32(hi, lo);
+#else
+    return msim::cvt_rn_bf16x2_f32(hi, lo);
+#endif
+#else
     unsigned r;
 #ifdef MINISAM_MMA_F16
     // .satfinite: an activation above 65504 becomes ±65504, not ±inf (which would turn the
@@ -249,10 +262,17 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
 #endif
     return r;
+#endif
 }
 
 __device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+#ifdef MINISAM_SIM
 #ifdef MINISAM_MMA_F16
+    msim::mma_m16n8k16_f16(c, a0, a1, a2, a3, b0, b1);
+#else
+    msim::mma_m16n8k16_bf16(c, a0, a1, a2, a3, b0, b1);
+#endif
+#elif defined(MINISAM_MMA_F16)
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));

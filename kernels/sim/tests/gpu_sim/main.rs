@@ -1,0 +1,320 @@
+//! Every kernel of kernels/*.cu executed on the CPU through the SIMT simulator (minisam-gpusim)
+//! and compared with a reference, on fresh random shapes (seed printed; GPU_SIM_SEED replays),
+//! plus mutation checks proving the simulator turns a missing barrier or a misplaced mma fragment
+//! into a failure. `cargo test --release -p minisam-gpusim --test gpu_sim`.
+
+mod common;
+mod gemm;
+mod mutation;
+mod others;
+mod params;
+mod simulator;
+
+use common::*;
+use gemm::Operands;
+use params::*;
+use rand::{Rng, SeedableRng};
+
+#[test]
+fn gemm_tensor_core_bf16_every_weight_kind() {
+    let mut rng = rng("gemm_tc_bf16");
+    for kind in [W_F32, W_F16, W_NF4] {
+        gemm::run(
+            &Sim::default().seeded(rng.gen()),
+            &mut rng,
+            true,
+            Operands::Bf16,
+            kind,
+            6,
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn gemm_tensor_core_f16_every_weight_kind() {
+    let mut rng = rng("gemm_tc_f16");
+    for kind in [W_F32, W_F16, W_NF4] {
+        gemm::run(
+            &Sim::with_variant("f16").seeded(rng.gen()),
+            &mut rng,
+            true,
+            Operands::F16,
+            kind,
+            4,
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn gemm_cuda_core_f32_every_weight_kind() {
+    let mut rng = rng("gemm_simt");
+    for kind in [W_F32, W_F16, W_NF4] {
+        gemm::run(
+            &Sim::default().seeded(rng.gen()),
+            &mut rng,
+            false,
+            Operands::F32,
+            kind,
+            6,
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn mutation_every_gemm_barrier_is_needed() {
+    // Each run draws fresh shapes from one seed, so intact and mutated runs see the same problems.
+    let seed = rng("gemm_barriers").gen::<u64>();
+    mutation::every_barrier_is_needed("nf4_gemm", |sim| {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        // Both bodies, the NF4 absmax fast path (K a multiple of 64) and the im2col row geometry.
+        // Sizes that make every barrier matter in every draw: blocks with more than 32 rows (M)
+        // and columns (N), so warps 0 and 1 each read geometry rows / absmaxes the other writes,
+        // and K of four tiles, so a warp that runs ahead overwrites a tile the others still read.
+        // (A mutant may read a few elements before a buffer: poisoned geometry of -1 is
+        // an in-bounds-looking offset of -1 or -2; the heap memory there is mapped.)
+        for kind in [W_F32, W_NF4] {
+            for tc in [true, false] {
+                let ops = if tc { Operands::Bf16 } else { Operands::F32 };
+                let kernel = format!(
+                    "gemm_{}_{}",
+                    if tc { "tc" } else { "simt" },
+                    KIND_NAMES[kind as usize]
+                );
+                let (m, n) = (rng.gen_range(33..150), rng.gen_range(33..140));
+                gemm::GemmCase::linear_sized(&mut rng, kind, m, n, 128).check(sim, &kernel, ops)?;
+                gemm::GemmCase::conv_with_pixels(&mut rng, kind, 33).check(sim, &kernel, ops)?;
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn mutation_swapped_mma_fragment_fails() {
+    let mut rng = rng("mma_swap");
+    let case = gemm::GemmCase::linear_with_k(&mut rng, W_F32, 96);
+    case.check(&Sim::default(), "gemm_tc_f32w", Operands::Bf16)
+        .unwrap();
+    let swapped = Sim {
+        options: minisam_gpusim::LaunchOptions {
+            swap_mma_a12: true,
+            ..Default::default()
+        },
+        ..Sim::default()
+    };
+    let err = case
+        .check(&swapped, "gemm_tc_f32w", Operands::Bf16)
+        .expect_err("swapping mma fragments a1 and a2 went unnoticed");
+    eprintln!("with a1/a2 swapped: {err}");
+}
+
+/// Runs `check` `times` with one generator.
+fn repeat(
+    test: &str,
+    times: usize,
+    check: impl Fn(&Sim, &mut rand_chacha::ChaCha8Rng) -> Result<(), String>,
+) {
+    let mut rng = rng(test);
+    for _ in 0..times {
+        check(&Sim::default().seeded(rng.gen()), &mut rng).unwrap();
+    }
+}
+
+#[test]
+fn attention_every_head_dim_and_bias_mode() {
+    for dp in [32, 64, 96, 128] {
+        repeat(&format!("attention_d{dp}"), 4, |sim, rng| {
+            others::attention_case(sim, rng, dp, false)
+        });
+    }
+}
+
+#[test]
+fn mutation_every_attention_barrier_is_needed() {
+    let seed = rng("attention_barriers").gen::<u64>();
+    mutation::every_barrier_is_needed("attention", |sim| {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        for dp in [32, 64, 96, 128] {
+            for _ in 0..2 {
+                others::attention_case(sim, &mut rng, dp, true)?;
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn layer_norms() {
+    repeat("layer_norm_rows", 8, others::layer_norm_rows_case);
+    repeat("layer_norm_nchw", 8, others::layer_norm_nchw_case);
+}
+
+#[test]
+fn elementwise_kernels() {
+    repeat("permute", 12, others::permute_case);
+    repeat("copy_block", 12, others::copy_block_case);
+    repeat("pad_hw", 12, others::pad_hw_case);
+    repeat("add_broadcast", 12, others::add_broadcast_case);
+    repeat("scale_act", 12, others::scale_act_case);
+}
+
+#[test]
+fn resize_bilinear_matches_the_cpu_bit_for_bit() {
+    repeat("resize_bilinear", 10, others::resize_case);
+}
+
+#[test]
+fn conv2d_direct_every_weight_kind() {
+    for kind in [W_F32, W_F16, W_NF4] {
+        repeat("conv2d_direct", 5, |sim, rng| {
+            others::conv_direct_case(sim, rng, kind)
+        });
+    }
+}
+
+/// Every kernel the checks above launch. A kernel added to kernels/*.cu without a check fails
+/// the test below.
+const CHECKED: &[&str] = &[
+    "gemm_tc_f32w",
+    "gemm_tc_f16w",
+    "gemm_tc_nf4w",
+    "gemm_simt_f32w",
+    "gemm_simt_f16w",
+    "gemm_simt_nf4w",
+    "attention_d32",
+    "attention_d64",
+    "attention_d96",
+    "attention_d128",
+    "layer_norm_rows",
+    "layer_norm_nchw",
+    "permute",
+    "copy_block",
+    "pad_hw",
+    "add_broadcast",
+    "scale_act",
+    "resize_bilinear",
+    "conv2d_direct",
+];
+
+#[test]
+fn every_kernel_of_every_cu_file_is_built_and_checked() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let mut in_sources = Vec::new();
+    let mut stems = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "cu") {
+            stems.push(path.file_stem().unwrap().to_str().unwrap().to_string());
+            // Every kernel is declared `extern "C" __global__ void [__launch_bounds__(..)] name(`.
+            for line in std::fs::read_to_string(&path)
+                .unwrap()
+                .lines()
+                .filter(|l| l.starts_with("extern \"C\" __global__"))
+            {
+                let head = line.split('(').collect::<Vec<_>>();
+                let before_params = if line.contains("__launch_bounds__") {
+                    head[1].split(')').nth(1).unwrap()
+                } else {
+                    head[0]
+                };
+                in_sources.push(before_params.split_whitespace().last().unwrap().to_string());
+            }
+        }
+    }
+    let built = minisam_gpusim::kernels();
+    let mut modules: Vec<String> = built
+        .iter()
+        .filter(|k| k.variant.is_empty())
+        .map(|k| k.module.to_string())
+        .collect();
+    modules.dedup();
+    stems.sort();
+    modules.sort();
+    assert_eq!(
+        modules, stems,
+        "kernels/*.cu files and the simulator's modules differ (rebuild after adding a .cu file)"
+    );
+    let mut names: Vec<String> = built
+        .iter()
+        .filter(|k| k.variant.is_empty())
+        .map(|k| k.name.to_string())
+        .collect();
+    names.sort();
+    in_sources.sort();
+    assert_eq!(
+        names, in_sources,
+        "the simulator's kernels differ from the __global__ functions of kernels/*.cu"
+    );
+    let unchecked: Vec<&String> = names
+        .iter()
+        .filter(|n| !CHECKED.contains(&n.as_str()))
+        .collect();
+    assert!(
+        unchecked.is_empty(),
+        "kernels without a gpu_sim check: {unchecked:?}"
+    );
+    for k in CHECKED {
+        assert!(
+            names.iter().any(|n| n == k),
+            "CHECKED names {k}, which no kernels/*.cu defines"
+        );
+    }
+}
+
+#[test]
+fn blocks_on_several_os_threads_give_the_same_bits() {
+    let mut rng = rng("threads");
+    let seed = rng.gen();
+    let case = gemm::GemmCase::linear_sized(&mut rng, W_NF4, 200, 150, 96);
+    let on = |threads| {
+        let sim = Sim {
+            options: minisam_gpusim::LaunchOptions {
+                seed,
+                threads,
+                ..Default::default()
+            },
+            ..Sim::default()
+        };
+        case.run(&sim, "gemm_tc_nf4w")
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<u32>>()
+    };
+    assert_eq!(
+        on(1),
+        on(3),
+        "a block's result must not depend on the OS thread that ran it"
+    );
+    let sim = Sim {
+        options: minisam_gpusim::LaunchOptions {
+            threads: 3,
+            ..Default::default()
+        },
+        ..Sim::default()
+    };
+    case.check(&sim, "gemm_tc_nf4w", Operands::Bf16).unwrap();
+    // A fault on one thread stops the launch and is reported once.
+    let mut out = vec![0i32; 64 * 8];
+    let probe = Sim {
+        variant: "probe",
+        options: minisam_gpusim::LaunchOptions {
+            threads: 3,
+            ..Default::default()
+        },
+    };
+    let err = probe
+        .launch(
+            "probe_deadlock",
+            minisam_gpusim::Dim3(8, 1, 1),
+            minisam_gpusim::Dim3(64, 1, 1),
+            &[minisam_gpusim::Arg::ptr_mut(&mut out)],
+        )
+        .unwrap_err();
+    assert!(err.contains("deadlocked"), "{err}");
+}
