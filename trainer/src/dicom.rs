@@ -138,6 +138,22 @@ pub struct Samples {
     pub frames: u32,
 }
 
+/// An error and its sources, `outer: inner: ...`: dicom-pixeldata's top-level message ("Could not
+/// decode pixel data") hides the codec's reason (e.g. an unsupported sample precision).
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(inner) = next {
+        let text = inner.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = inner.source();
+    }
+    out
+}
+
 /// The parsed file, its transfer syntax (UID and name) for error messages.
 struct File {
     obj: DefaultDicomObject,
@@ -211,7 +227,7 @@ impl File {
         .map_err(|_| {
             self.fail("the decoder failed on corrupt or truncated pixel data; re-export the file")
         })?
-        .map_err(|e| self.fail(format!("cannot decode the pixel data: {e}")))?;
+        .map_err(|e| self.fail(format!("cannot decode the pixel data: {}", causes(&e))))?;
         let (w, h) = (decoded.columns() as usize, decoded.rows() as usize);
         if w == 0 || h == 0 || w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE {
             bail!(self.fail(format!(

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Builds the small DICOM test corpus and the reference decoder's pixels beside it.
 
-Run from this directory with pydicom >= 3 (plus pylibjpeg, pylibjpeg-openjpeg, pyjpegls and
-Pillow for the compressed files):  python3 generate.py
+Run from this directory with pydicom >= 3 (plus pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg,
+pyjpegls, Pillow and imagecodecs for the compressed files):  python3 generate.py
+(imagecodecs' libjpeg-turbo writes the lossless and 12-bit JPEGs pydicom cannot encode; pydicom
+decodes them through pylibjpeg-libjpeg, the reference.)
 Each `NAME.dcm` gets `NAME.ref`: the samples pydicom decodes for the frame listed in
 manifest.json (int32 little endian, row-major, interleaved RGB, YBR already converted to RGB,
 palettes applied), and, for grey images, `NAME.u8`: the 8-bit image the engine should see,
@@ -18,7 +20,8 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 from pydicom.uid import (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
                          DeflatedExplicitVRLittleEndian, RLELossless, JPEGBaseline8Bit,
-                         JPEG2000Lossless, JPEG2000, JPEGLSLossless, generate_uid)
+                         JPEG2000Lossless, JPEG2000, JPEGLSLossless, JPEGLosslessSV1, JPEGLossless,
+                         JPEGExtended12Bit, generate_uid)
 
 rng = np.random.default_rng(15)
 W, H = 48, 32  # not square, to catch transposed reads; J2K needs sides >= 32
@@ -236,6 +239,31 @@ try:
     save("ct_jpegls", ds, JPEGLSLossless, error="JPEG-LS")
 except Exception as e:
     print("SKIP JPEG-LS:", e)
+
+try:
+    import imagecodecs
+
+    def jpeg_file(name, ts, data, **kw):
+        ds = base("MONOCHROME2", 16, modality="CT", stored=12)
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.WindowCenter, ds.WindowWidth = 40, 400
+        ds.PixelData = encapsulate([imagecodecs.jpeg8_encode(data, bitspersample=12, **kw)])
+        ds["PixelData"].VR = "OB"
+        return ds
+
+    # Process 14: predictor 1 (SV1, what most scanners write) and predictor 6 (the general UID).
+    save("ct_jpeg_lossless_sv1", jpeg_file("sv1", JPEGLosslessSV1, ct, lossless=True, predictor=1),
+         JPEGLosslessSV1, note="12-bit CT, libjpeg-turbo, predictor 1")
+    save("ct_jpeg_lossless_p6", jpeg_file("p6", JPEGLossless, ct, lossless=True, predictor=6),
+         JPEGLossless, note="12-bit CT, libjpeg-turbo, predictor 6")
+    # Process 4: 12-bit lossy DCT. jpeg-decoder (dicom-pixeldata's codec) has no 12-bit DCT path:
+    # refused by name, never approximated.
+    ds = jpeg_file("ext", JPEGExtended12Bit, ct, level=95)
+    ds.LossyImageCompression = "01"
+    save("ct_jpeg_extended_12bit", ds, JPEGExtended12Bit, lossy=True, note="12-bit DCT, libjpeg-turbo quality 95",
+         error="SamplePrecision(12)")
+except ImportError as e:
+    print("SKIP JPEG lossless/extended:", e)
 
 with open("manifest.json", "w") as f:
     json.dump(manifest, f, indent=1)
