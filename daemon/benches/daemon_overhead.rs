@@ -52,8 +52,8 @@ fn main() {
     // `Peer.Ping`, which zbus answers inside minisamd without our code (two hop pairs).
     let bus_proxy = zbus::fdo::DBusProxy::new(&conn);
     let bus_proxy = zbus::block_on(bus_proxy).unwrap();
-    let peer = zbus::block_on(zbus::fdo::PeerProxy::builder(&conn).destination(minisamd::service::BUS_NAME).unwrap().path(minisamd::service::OBJECT_PATH).unwrap().build()).unwrap();
-    let (mut bus_rt, mut ping_rt) = (Vec::new(), Vec::new());
+    let peer = zbus::block_on(zbus::fdo::PeerProxy::builder(&conn).destination(minisamd::service::BUS_NAME).path(minisamd::service::OBJECT_PATH).build()).unwrap();
+    let (mut bus_rt, mut ping_rt, mut list_rt) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..frames + 3 {
         let t = Instant::now();
         zbus::block_on(bus_proxy.get_id()).unwrap();
@@ -61,14 +61,19 @@ fn main() {
         let t = Instant::now();
         zbus::block_on(peer.ping()).unwrap();
         let b = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        zbus::block_on(p.list_adapters()).unwrap();
+        let c = t.elapsed().as_secs_f64() * 1e3;
         if i >= 3 {
             bus_rt.push(a);
             ping_rt.push(b);
+            list_rt.push(c);
         }
     }
 
     let (mut total, mut overhead, mut re_total, mut re_overhead) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut transport, mut re_transport) = (Vec::new(), Vec::new());
+    let (mut re_call, mut re_read) = (Vec::new(), Vec::new());
     for i in 0..frames + 3 {
         let t = Instant::now();
         let fd = OwnedFd::from(minisamd::memfd::sealed_frame_from(&grey).unwrap());
@@ -77,6 +82,7 @@ fn main() {
         let rt = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
         let (masks, _, _, _, _, re) = zbus::block_on(p.reprompt(frame_id, &[BOX], &[], none())).unwrap();
+        let call = t.elapsed().as_secs_f64() * 1e3;
         let _ = minisamd::memfd::read_all(&masks.into()).unwrap();
         let re_rt = t.elapsed().as_secs_f64() * 1e3;
         if i < 3 {
@@ -89,6 +95,8 @@ fn main() {
         re_total.push(re_rt);
         re_overhead.push(re_rt - re["decode_us"] as f64 / 1e3);
         re_transport.push(re_rt - re["total_us"] as f64 / 1e3);
+        re_call.push(call - re["total_us"] as f64 / 1e3);
+        re_read.push(re_rt - call);
     }
 
     let (stream, ring, frame_slot, ..) = zbus::block_on(p.open_stream(2, W as u32, H as u32, "gray8")).unwrap();
@@ -111,6 +119,7 @@ fn main() {
     println!("|{:-<46}|{:->11}|{:->11}|{:->7}|", "", "", "", "");
     row("bus daemon GetId round trip (1 hop pair)", &mut bus_rt);
     row("Peer.Ping to minisamd round trip (floor)", &mut ping_rt);
+    row("ListAdapters round trip (our dispatch, no worker)", &mut list_rt);
     row("in-process encode + decode (compute)", &mut compute);
     row("Segment round trip (memfd in, memfd out)", &mut total);
     row("Segment overhead beyond compute", &mut overhead);
@@ -118,6 +127,8 @@ fn main() {
     row("Reprompt overhead beyond decode", &mut re_overhead);
     row("Segment transport (round trip - total_us)", &mut transport);
     row("Reprompt transport (round trip - total_us)", &mut re_transport);
+    row("  of which: the call until its reply", &mut re_call);
+    row("  of which: client maps and copies the mask", &mut re_read);
     row("SegmentSlot overhead beyond compute (ring)", &mut slot_overhead);
     println!("\nstreaming over a 2-slot ring: {fps:.1} frames/s (sequential client, encode every frame)");
 }
