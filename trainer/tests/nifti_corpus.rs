@@ -156,3 +156,23 @@ fn convert_writes_the_slice_the_engine_sees() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(stderr.contains("0..=3"), "{stderr}");
 }
+
+#[test]
+fn a_volume_is_on_one_side_of_the_train_test_split() {
+    use minisam::eval::split::Split;
+    use minisam::eval::volume_sets::volume_name;
+    let Some(dir) = corpus() else {
+        println!("SKIP: no NIfTI corpus at trainer/tests/data/nifti (run its generate.py)");
+        return;
+    };
+    for tree in ["msd/Task99_Mini", "kits"] {
+        // A share of 0.5 over two volumes: whatever the hash says, no volume may be on both sides.
+        let side = |split: Split| -> Vec<String> {
+            let selection = minisam::selection::Selection { root: dir.join(tree), sets: vec![], limit: None, split, test_share: 0.5, slicing: Slicing::default() };
+            selection.images().unwrap().into_iter().map(|(_, image)| volume_name(&image).to_string()).collect()
+        };
+        let (train, test) = (side(Split::Train), side(Split::Test));
+        assert_eq!(train.len() + test.len(), side(Split::All).len(), "{tree}");
+        assert!(train.iter().all(|v| !test.contains(v)), "{tree}: a volume straddles the split: train {train:?}, test {test:?}");
+    }
+}
