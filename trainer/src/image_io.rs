@@ -31,7 +31,10 @@ pub struct ReadOptions {
 
 impl ReadOptions {
     fn dicom(&self) -> DicomOptions {
-        DicomOptions { frame: self.frame, window: self.window }
+        DicomOptions {
+            frame: self.frame,
+            window: self.window,
+        }
     }
 }
 
@@ -109,7 +112,9 @@ pub fn read_rgb_with(path: &Path, opts: &ReadOptions) -> Result<RgbImage> {
         .with_context(|| format!("reading {}", path.display()))?;
     let image = if crate::dicom::looks_like(&bytes) {
         if opts.slice.is_some() {
-            Err(anyhow!("--slice applies to NIfTI volumes only; this is a DICOM file (use --frame)"))
+            Err(anyhow!(
+                "--slice applies to NIfTI volumes only; this is a DICOM file (use --frame)"
+            ))
         } else {
             crate::dicom::read(&bytes, &opts.dicom())
         }
@@ -630,7 +635,8 @@ mod tests {
             frame: 1,
             ..ReadOptions::default()
         };
-        assert!(format!("{:#}", read_rgb_with(&p, &opts).unwrap_err()).contains("DICOM files and NIfTI volumes only"));
+        assert!(format!("{:#}", read_rgb_with(&p, &opts).unwrap_err())
+            .contains("DICOM files and NIfTI volumes only"));
         std::fs::remove_file(&p).unwrap();
     }
 }

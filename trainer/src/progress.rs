@@ -55,7 +55,15 @@ impl Progress {
             bar.set_prefix(label.to_string());
             bar
         });
-        Progress { bar, total, done: 0, start: Instant::now(), every, last_line: None, timing: true }
+        Progress {
+            bar,
+            total,
+            done: 0,
+            start: Instant::now(),
+            every,
+            last_line: None,
+            timing: true,
+        }
     }
 
     /// Plain lines as given, for callers whose lines already say their ETA.
@@ -72,7 +80,8 @@ impl Progress {
             bar.set_message(line.to_string());
             return Ok(());
         }
-        let due = self.last_line.is_none_or(|t| t.elapsed() >= self.every) || self.done == self.total;
+        let due =
+            self.last_line.is_none_or(|t| t.elapsed() >= self.every) || self.done == self.total;
         if due {
             self.last_line = Some(Instant::now());
             if self.timing {
@@ -107,8 +116,20 @@ impl Progress {
     /// `elapsed 0m31s, ETA 1m13s` from the mean time per item so far.
     pub fn timing(&self) -> String {
         let elapsed = self.start.elapsed().as_secs_f64();
-        let eta = if self.done == 0 { f64::NAN } else { elapsed / self.done as f64 * (self.total - self.done) as f64 };
-        format!("elapsed {}, ETA {}", fmt_duration(elapsed), if eta.is_nan() { "-".into() } else { fmt_duration(eta) })
+        let eta = if self.done == 0 {
+            f64::NAN
+        } else {
+            elapsed / self.done as f64 * (self.total - self.done) as f64
+        };
+        format!(
+            "elapsed {}, ETA {}",
+            fmt_duration(elapsed),
+            if eta.is_nan() {
+                "-".into()
+            } else {
+                fmt_duration(eta)
+            }
+        )
     }
 
     /// Removes the bar (the item lines printed above it stay).
@@ -144,15 +165,27 @@ mod tests {
         let mut log = Vec::new();
         let mut p = Progress::new(Mode::Plain, "eval", 3, Duration::ZERO);
         for i in 1..=3 {
-            p.step(&mut log, i, &format!("[{i}/3] s/img{i}.png: label 1 dice 0.9000")).unwrap();
+            p.step(
+                &mut log,
+                i,
+                &format!("[{i}/3] s/img{i}.png: label 1 dice 0.9000"),
+            )
+            .unwrap();
         }
         p.println(&mut log, "done").unwrap();
         let text = String::from_utf8(log).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
-        assert!(lines[0].starts_with("[1/3] s/img1.png: label 1 dice 0.9000 (elapsed 0m00s, ETA 0m00s)"), "{text}");
+        assert!(
+            lines[0]
+                .starts_with("[1/3] s/img1.png: label 1 dice 0.9000 (elapsed 0m00s, ETA 0m00s)"),
+            "{text}"
+        );
         assert_eq!(lines[3], "done");
-        assert!(!text.contains('\u{1b}'), "no escape codes in plain mode: {text:?}");
+        assert!(
+            !text.contains('\u{1b}'),
+            "no escape codes in plain mode: {text:?}"
+        );
     }
 
     #[test]
@@ -163,7 +196,12 @@ mod tests {
             p.step(&mut log, i, &format!("tensor {i}")).unwrap();
         }
         let text = String::from_utf8(log).unwrap();
-        assert_eq!(text.lines().map(|l| l.split(" (").next().unwrap()).collect::<Vec<_>>(), vec!["tensor 1", "tensor 100"]);
+        assert_eq!(
+            text.lines()
+                .map(|l| l.split(" (").next().unwrap())
+                .collect::<Vec<_>>(),
+            vec!["tensor 1", "tensor 100"]
+        );
     }
 
     #[test]

@@ -35,7 +35,10 @@ pub struct Slicing {
 impl Default for Slicing {
     /// Axial slices, min-max grey levels.
     fn default() -> Self {
-        Slicing { axis: Axis::Z, window: None }
+        Slicing {
+            axis: Axis::Z,
+            window: None,
+        }
     }
 }
 
@@ -62,8 +65,18 @@ pub fn detect(dir: &Path, slicing: Slicing) -> Option<SetDir> {
     } else {
         return None;
     };
-    let name = dir.canonicalize().ok()?.file_name()?.to_string_lossy().into_owned();
-    Some(SetDir { name, dir: dir.to_path_buf(), layout, slicing })
+    let name = dir
+        .canonicalize()
+        .ok()?
+        .file_name()?
+        .to_string_lossy()
+        .into_owned();
+    Some(SetDir {
+        name,
+        dir: dir.to_path_buf(),
+        layout,
+        slicing,
+    })
 }
 
 fn is_nifti_name(name: &str) -> bool {
@@ -82,16 +95,26 @@ fn kits_cases(dir: &Path) -> Result<Vec<String>> {
 fn volumes(set: &SetDir) -> Result<Vec<String>> {
     match set.layout {
         Layout::Msd => {
-            let names: Vec<String> = protocol::sorted_entries(&set.dir.join("imagesTr"), false)?.into_iter().filter(|n| is_nifti_name(n)).collect();
+            let names: Vec<String> = protocol::sorted_entries(&set.dir.join("imagesTr"), false)?
+                .into_iter()
+                .filter(|n| is_nifti_name(n))
+                .collect();
             for n in &names {
                 let labels = set.dir.join("labelsTr").join(n);
                 if !labels.is_file() {
-                    bail!("set {}: volume imagesTr/{n} has no labels {}", set.name, labels.display());
+                    bail!(
+                        "set {}: volume imagesTr/{n} has no labels {}",
+                        set.name,
+                        labels.display()
+                    );
                 }
             }
             Ok(names)
         }
-        Layout::Kits => Ok(kits_cases(&set.dir)?.into_iter().filter(|c| set.dir.join(c).join(KITS_LABELS).is_file()).collect()),
+        Layout::Kits => Ok(kits_cases(&set.dir)?
+            .into_iter()
+            .filter(|c| set.dir.join(c).join(KITS_LABELS).is_file())
+            .collect()),
         Layout::Png => bail!("set {} holds PNG pairs, not volumes", set.name),
     }
 }
@@ -103,7 +126,11 @@ pub fn volume_name(image: &str) -> &str {
 
 /// The stored index of a slice's image name.
 fn slice_index(image: &str) -> Result<usize> {
-    let parsed = image.rsplit_once('@').and_then(|(_, s)| s.trim_start_matches(|c: char| c.is_ascii_alphabetic()).parse().ok());
+    let parsed = image.rsplit_once('@').and_then(|(_, s)| {
+        s.trim_start_matches(|c: char| c.is_ascii_alphabetic())
+            .parse()
+            .ok()
+    });
     parsed.with_context(|| format!("{image:?} is not a slice name <volume>@<axis><index>"))
 }
 
@@ -145,7 +172,10 @@ fn geometry(set: &SetDir, volume: &str) -> Result<Orientation> {
 /// The slice `image` names, in the image volume's orientation.
 fn plane(set: &SetDir, image: &str) -> Result<Plane> {
     let index = slice_index(image)?;
-    geometry(set, volume_name(image))?.plane(SliceSpec { axis: set.slicing.axis, index: Some(index) })
+    geometry(set, volume_name(image))?.plane(SliceSpec {
+        axis: set.slicing.axis,
+        index: Some(index),
+    })
 }
 
 /// Every slice of every volume that holds a protocol target, as image names.
@@ -154,10 +184,18 @@ pub fn list_slices(set: &SetDir) -> Result<Vec<String>> {
     for v in volumes(set)? {
         let orientation = geometry(set, &v)?;
         let labels = cache::volume(&label_volume(set, &v))?;
-        let first = orientation.plane(SliceSpec { axis: set.slicing.axis, index: Some(0) })?;
+        let first = orientation.plane(SliceSpec {
+            axis: set.slicing.axis,
+            index: Some(0),
+        })?;
         for index in 0..orientation.dims[first.stored_axis] {
-            let plane = orientation.plane(SliceSpec { axis: set.slicing.axis, index: Some(index) })?;
-            let mask = labels.plane_labels(&plane).with_context(|| format!("labels {}", label_volume(set, &v).display()))?;
+            let plane = orientation.plane(SliceSpec {
+                axis: set.slicing.axis,
+                index: Some(index),
+            })?;
+            let mask = labels
+                .plane_labels(&plane)
+                .with_context(|| format!("labels {}", label_volume(set, &v).display()))?;
             if !protocol::targets(&mask).is_empty() {
                 out.push(format!("{v}@{}{index:03}", plane.world_letter()));
             }
@@ -169,16 +207,24 @@ pub fn list_slices(set: &SetDir) -> Result<Vec<String>> {
 pub fn read_image(set: &SetDir, image: &str) -> Result<RgbImage> {
     let path = image_volume(set, image);
     let plane = plane(set, image)?;
-    cache::volume(&path)?.plane_rgb(&plane, set.slicing.window).with_context(|| format!("slice {} of {}", plane.describe(), path.display()))
+    cache::volume(&path)?
+        .plane_rgb(&plane, set.slicing.window)
+        .with_context(|| format!("slice {} of {}", plane.describe(), path.display()))
 }
 
 pub fn read_labels(set: &SetDir, image: &str) -> Result<LabelMask> {
     let path = label_volume(set, image);
     let plane = plane(set, image)?;
-    cache::volume(&path)?.plane_labels(&plane).with_context(|| format!("labels {}", path.display()))
+    cache::volume(&path)?
+        .plane_labels(&plane)
+        .with_context(|| format!("labels {}", path.display()))
 }
 
 /// A slice's labels as bytes (little-endian u16), for hashing a training set.
 pub fn label_bytes(set: &SetDir, image: &str) -> Result<Vec<u8>> {
-    Ok(read_labels(set, image)?.labels.iter().flat_map(|l| l.to_le_bytes()).collect())
+    Ok(read_labels(set, image)?
+        .labels
+        .iter()
+        .flat_map(|l| l.to_le_bytes())
+        .collect())
 }

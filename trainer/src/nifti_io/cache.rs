@@ -41,7 +41,11 @@ pub fn volume(path: &Path) -> Result<Arc<Volume>> {
     let bytes = volume.byte_size();
     let mut cache = VOLUMES.lock().unwrap_or_else(|p| p.into_inner());
     cache.retain(|e| e.path != path);
-    cache.push(Entry { path: path.to_path_buf(), volume: Arc::clone(&volume), bytes });
+    cache.push(Entry {
+        path: path.to_path_buf(),
+        volume: Arc::clone(&volume),
+        bytes,
+    });
     while cache.len() > 1 && cache.iter().map(|e| e.bytes).sum::<usize>() > BUDGET_BYTES {
         cache.remove(0);
     }

@@ -119,7 +119,9 @@ fn header_size(bytes: &[u8]) -> Option<i32> {
         .find(|&n| {
             let magic_at = if n == NIFTI1_HEADER { 344 } else { 4 };
             (n == NIFTI1_HEADER || n == NIFTI2_HEADER)
-                && bytes.get(magic_at..magic_at + 2).is_some_and(|m| m == b"n+" || m == b"ni")
+                && bytes
+                    .get(magic_at..magic_at + 2)
+                    .is_some_and(|m| m == b"n+" || m == b"ni")
         })
 }
 
@@ -128,8 +130,9 @@ pub fn read(bytes: &[u8], frame: usize) -> Result<Volume> {
     if is_gzip(bytes) {
         let mut gz = flate2::read::GzDecoder::new(bytes);
         let mut head = [0u8; 4];
-        gz.read_exact(&mut head)
-            .map_err(|e| anyhow!("not a readable gzip file ({e}); check that the .nii.gz is complete"))?;
+        gz.read_exact(&mut head).map_err(|e| {
+            anyhow!("not a readable gzip file ({e}); check that the .nii.gz is complete")
+        })?;
         if !plausible_header_start(&head) {
             bail!("a gzip file that does not hold a NIfTI volume (its first bytes are no NIfTI header)");
         }
@@ -148,7 +151,12 @@ fn plausible_header_start(head: &[u8; 4]) -> bool {
 
 /// Reads a NIfTI file from disk (see [`read`]), naming it in every error.
 pub fn read_path(path: &Path, frame: usize) -> Result<Volume> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}: check the path and its permissions", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| {
+        format!(
+            "cannot read {}: check the path and its permissions",
+            path.display()
+        )
+    })?;
     read(&bytes, frame).with_context(|| format!("reading NIfTI volume {}", path.display()))
 }
 
@@ -156,10 +164,18 @@ pub fn read_path(path: &Path, frame: usize) -> Result<Volume> {
 /// volume as its image, and compare their shapes, without decoding either).
 pub fn read_orientation(path: &Path) -> Result<Orientation> {
     let context = || format!("reading the NIfTI header of {}", path.display());
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}: check the path and its permissions", path.display()))?;
+    let file = std::fs::File::open(path).with_context(|| {
+        format!(
+            "cannot open {}: check the path and its permissions",
+            path.display()
+        )
+    })?;
     let mut reader = std::io::BufReader::new(file);
     let mut head = [0u8; 2];
-    reader.read_exact(&mut head).map_err(|_| anyhow!("empty file")).with_context(context)?;
+    reader
+        .read_exact(&mut head)
+        .map_err(|_| anyhow!("empty file"))
+        .with_context(context)?;
     let stream = std::io::Cursor::new(head).chain(reader);
     let header = if is_gzip(&head) {
         parse_header(flate2::read::GzDecoder::new(stream))
@@ -192,7 +208,10 @@ fn parse_header<R: Read>(mut stream: R) -> Result<NiftiHeader> {
 fn checked_shape(h: &NiftiHeader) -> Result<([usize; 3], usize)> {
     let rank = usize::from(h.dim[0]);
     if !(1..=7).contains(&rank) {
-        bail!("bad NIfTI header: dim[0] = {} is not a number of dimensions (1..=7)", h.dim[0]);
+        bail!(
+            "bad NIfTI header: dim[0] = {} is not a number of dimensions (1..=7)",
+            h.dim[0]
+        );
     }
     let dims: Vec<usize> = (1..=rank).map(|i| usize::from(h.dim[i])).collect();
     if dims.iter().any(|&d| d == 0 || d > i16::MAX as usize) {
@@ -216,10 +235,15 @@ fn checked_shape(h: &NiftiHeader) -> Result<([usize; 3], usize)> {
 fn read_stream<R: Read>(mut stream: R, frame: usize) -> Result<Volume> {
     let header = parse_header(&mut stream)?;
     let (dims, frames) = checked_shape(&header)?;
-    let datatype = header.data_type().map_err(|_| anyhow!("unknown NIfTI data type code {}", header.datatype))?;
+    let datatype = header
+        .data_type()
+        .map_err(|_| anyhow!("unknown NIfTI data type code {}", header.datatype))?;
     let element = supported_element_size(datatype)?;
     if frame >= frames {
-        bail!("volume {frame} asked for (--frame), the file holds {frames} (0..={})", frames - 1);
+        bail!(
+            "volume {frame} asked for (--frame), the file holds {frames} (0..={})",
+            frames - 1
+        );
     }
     let vox_offset = header.vox_offset;
     if !vox_offset.is_finite() || vox_offset < 352.0 || vox_offset.fract() != 0.0 {
@@ -227,14 +251,25 @@ fn read_stream<R: Read>(mut stream: R, frame: usize) -> Result<Volume> {
     }
     let volume_bytes = dims.iter().product::<usize>() * element;
     // Extensions and the volumes before `frame` are skipped without being kept.
-    let skip = (vox_offset as u64 - u64::from(NIFTI1_HEADER as u32)) + (frame * volume_bytes) as u64;
-    let skipped = std::io::copy(&mut (&mut stream).take(skip), &mut std::io::sink()).map_err(|e| anyhow!("corrupt data before the voxels: {e}"))?;
+    let skip =
+        (vox_offset as u64 - u64::from(NIFTI1_HEADER as u32)) + (frame * volume_bytes) as u64;
+    let skipped = std::io::copy(&mut (&mut stream).take(skip), &mut std::io::sink())
+        .map_err(|e| anyhow!("corrupt data before the voxels: {e}"))?;
     if skipped != skip {
         bail!("truncated: the file ends before its voxel data (at byte {} of the stream, the voxels start at {})", u64::from(NIFTI1_HEADER as u32) + skipped, vox_offset as u64 + (frame * volume_bytes) as u64);
     }
     // One 3D volume: the header's shape with the 4th dimension dropped.
     let mut one = header.clone();
-    one.dim = [3, dims[0] as u16, dims[1] as u16, dims[2] as u16, 1, 1, 1, 1];
+    one.dim = [
+        3,
+        dims[0] as u16,
+        dims[1] as u16,
+        dims[2] as u16,
+        1,
+        1,
+        1,
+        1,
+    ];
     one.bitpix = (element * 8) as i16;
     let volume = InMemNiftiVolume::from_reader(&mut stream, &one).map_err(|e| match e {
         nifti::NiftiError::IncompatibleLength(got, want) => {
@@ -245,7 +280,8 @@ fn read_stream<R: Read>(mut stream: R, frame: usize) -> Result<Volume> {
     })?;
     // The rest of the stream is read too (later volumes, a gzip trailer), so that a cut or
     // corrupt .nii.gz is an error even when the voxels asked for came out whole.
-    std::io::copy(&mut stream, &mut std::io::sink()).map_err(|e| anyhow!("corrupt or truncated file after the voxels ({e})"))?;
+    std::io::copy(&mut stream, &mut std::io::sink())
+        .map_err(|e| anyhow!("corrupt or truncated file after the voxels ({e})"))?;
     let voxels = typed(volume, datatype)?;
     debug_assert_eq!(voxels.len(), dims.iter().product::<usize>());
     let (slope, inter) = (f64::from(header.scl_slope), f64::from(header.scl_inter));
@@ -258,7 +294,14 @@ fn read_stream<R: Read>(mut stream: R, frame: usize) -> Result<Volume> {
     } else {
         Some((slope, inter))
     };
-    Ok(Volume { dims, datatype, scaling, orientation: Orientation::from_header(&header, dims)?, frames, voxels })
+    Ok(Volume {
+        dims,
+        datatype,
+        scaling,
+        orientation: Orientation::from_header(&header, dims)?,
+        frames,
+        voxels,
+    })
 }
 
 /// Bytes per voxel of the data types read; the others are refused by name.
@@ -309,7 +352,11 @@ impl Volume {
     /// Every value of `plane` (from this volume's or a same-shaped volume's orientation), row-major.
     pub fn plane_values(&self, plane: &Plane) -> Result<Vec<f64>> {
         if plane.volume_dims != self.dims {
-            bail!("slice of a {:?} volume asked of a {:?} one", plane.volume_dims, self.dims);
+            bail!(
+                "slice of a {:?} volume asked of a {:?} one",
+                plane.volume_dims,
+                self.dims
+            );
         }
         Ok(plane.voxels().map(|ijk| self.value(ijk)).collect())
     }
@@ -328,11 +375,19 @@ impl Volume {
         }
         let values = self.plane_values(plane)?;
         if values.iter().any(|v| !v.is_finite()) {
-            bail!("slice {} holds NaN or infinite voxels; fix the volume", plane.describe());
+            bail!(
+                "slice {} holds NaN or infinite voxels; fix the volume",
+                plane.describe()
+            );
         }
         let grey: Vec<u8> = match window {
-            Some(win) => values.iter().map(|&x| window_to_u8(x, win, false)).collect(),
-            None if self.datatype == NiftiType::Uint8 && self.scaling.is_none() => values.iter().map(|&v| v as u8).collect(),
+            Some(win) => values
+                .iter()
+                .map(|&x| window_to_u8(x, win, false))
+                .collect(),
+            None if self.datatype == NiftiType::Uint8 && self.scaling.is_none() => {
+                values.iter().map(|&v| v as u8).collect()
+            }
             None => crate::image_io::min_max_f64_to_u8(&values),
         };
         RgbImage::from_grey(w, h, &grey).map_err(|e| anyhow!("{e}"))
@@ -353,7 +408,11 @@ impl Volume {
             }
             labels.push(v as u16);
         }
-        Ok(crate::image_io::LabelMask { width: plane.width, height: plane.height, labels })
+        Ok(crate::image_io::LabelMask {
+            width: plane.width,
+            height: plane.height,
+            labels,
+        })
     }
 }
 

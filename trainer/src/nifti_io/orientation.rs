@@ -46,7 +46,9 @@ impl std::str::FromStr for Axis {
             "0" => Ok(Axis::Stored(0)),
             "1" => Ok(Axis::Stored(1)),
             "2" => Ok(Axis::Stored(2)),
-            other => Err(format!("axis {other:?}: expected x, y, z (world directions) or 0, 1, 2 (stored axes)")),
+            other => Err(format!(
+                "axis {other:?}: expected x, y, z (world directions) or 0, 1, 2 (stored axes)"
+            )),
         }
     }
 }
@@ -70,7 +72,10 @@ pub struct SliceSpec {
 impl Default for SliceSpec {
     /// The middle axial slice.
     fn default() -> Self {
-        SliceSpec { axis: Axis::Z, index: None }
+        SliceSpec {
+            axis: Axis::Z,
+            index: None,
+        }
     }
 }
 
@@ -84,7 +89,10 @@ impl std::str::FromStr for SliceSpec {
             }
             None => (s, None),
         };
-        Ok(SliceSpec { axis: axis.parse()?, index })
+        Ok(SliceSpec {
+            axis: axis.parse()?,
+            index,
+        })
     }
 }
 
@@ -116,8 +124,21 @@ impl Orientation {
         } else if h.qform_code > 0 {
             (qform(h), "qform")
         } else {
-            let zoom = |i: usize| if h.pixdim[i] == 0.0 { 1.0 } else { f64::from(h.pixdim[i]).abs() };
-            ([[-zoom(1), 0.0, 0.0], [0.0, zoom(2), 0.0], [0.0, 0.0, zoom(3)]], "default")
+            let zoom = |i: usize| {
+                if h.pixdim[i] == 0.0 {
+                    1.0
+                } else {
+                    f64::from(h.pixdim[i]).abs()
+                }
+            };
+            (
+                [
+                    [-zoom(1), 0.0, 0.0],
+                    [0.0, zoom(2), 0.0],
+                    [0.0, 0.0, zoom(3)],
+                ],
+                "default",
+            )
         };
         let axes = io_orientation(&m).ok_or_else(|| anyhow!("bad NIfTI header: the {source} matrix {m:?} is degenerate (no direction for some axis); fix the header or set {source}_code 0"))?;
         Ok(Orientation { dims, axes })
@@ -125,12 +146,18 @@ impl Orientation {
 
     /// nibabel's axis codes, e.g. `"LPS"`.
     pub fn codes(&self) -> String {
-        self.axes.iter().map(|&(w, s)| CODES[w][usize::from(s < 0)]).collect()
+        self.axes
+            .iter()
+            .map(|&(w, s)| CODES[w][usize::from(s < 0)])
+            .collect()
     }
 
     /// The stored axis running along world axis `w`.
     fn stored_axis_of(&self, w: usize) -> usize {
-        self.axes.iter().position(|&(world, _)| world == w).expect("io_orientation assigns every world axis once")
+        self.axes
+            .iter()
+            .position(|&(world, _)| world == w)
+            .expect("io_orientation assigns every world axis once")
     }
 
     /// The plane of `spec`: which stored voxel each image pixel shows.
@@ -150,10 +177,23 @@ impl Orientation {
         // Display runs towards L, P, I: against a stored axis pointing to R, A, S.
         let run = |w: usize| {
             let a = self.stored_axis_of(w);
-            Run { axis: a, len: self.dims[a], reversed: self.axes[a].1 > 0 }
+            Run {
+                axis: a,
+                len: self.dims[a],
+                reversed: self.axes[a].1 > 0,
+            }
         };
         let (cols, rows) = (run(in_plane[0]), run(in_plane[1]));
-        Ok(Plane { volume_dims: self.dims, stored_axis: stored, world_axis: world, index, width: cols.len, height: rows.len, cols, rows })
+        Ok(Plane {
+            volume_dims: self.dims,
+            stored_axis: stored,
+            world_axis: world,
+            index,
+            width: cols.len,
+            height: rows.len,
+            cols,
+            rows,
+        })
     }
 }
 
@@ -204,7 +244,10 @@ impl Plane {
 
     /// `z:40 (stored axis 2, 512x512)`, for messages and names.
     pub fn describe(&self) -> String {
-        format!("{}:{} (stored axis {}, {}x{})", WORLD[self.world_axis], self.index, self.stored_axis, self.width, self.height)
+        format!(
+            "{}:{} (stored axis {}, {}x{})",
+            WORLD[self.world_axis], self.index, self.stored_axis, self.width, self.height
+        )
     }
 
     /// The world axis letter the slice is cut along.
@@ -215,16 +258,36 @@ impl Plane {
 
 /// The qform: rotation from the quaternion, columns scaled by pixdim, the third by qfac.
 fn qform(h: &NiftiHeader) -> Mat3 {
-    let (b, c, d) = (f64::from(h.quatern_b), f64::from(h.quatern_c), f64::from(h.quatern_d));
+    let (b, c, d) = (
+        f64::from(h.quatern_b),
+        f64::from(h.quatern_c),
+        f64::from(h.quatern_d),
+    );
     let a = (1.0 - (b * b + c * c + d * d)).max(0.0).sqrt();
     let r = [
-        [a * a + b * b - c * c - d * d, 2.0 * (b * c - a * d), 2.0 * (b * d + a * c)],
-        [2.0 * (b * c + a * d), a * a + c * c - b * b - d * d, 2.0 * (c * d - a * b)],
-        [2.0 * (b * d - a * c), 2.0 * (c * d + a * b), a * a + d * d - c * c - b * b],
+        [
+            a * a + b * b - c * c - d * d,
+            2.0 * (b * c - a * d),
+            2.0 * (b * d + a * c),
+        ],
+        [
+            2.0 * (b * c + a * d),
+            a * a + c * c - b * b - d * d,
+            2.0 * (c * d - a * b),
+        ],
+        [
+            2.0 * (b * d - a * c),
+            2.0 * (c * d + a * b),
+            a * a + d * d - c * c - b * b,
+        ],
     ];
     // qfac is pixdim[0]: -1 flips the third axis; anything else (often 0) counts as 1.
     let qfac = if h.pixdim[0] == -1.0 { -1.0 } else { 1.0 };
-    let zoom = [f64::from(h.pixdim[1]), f64::from(h.pixdim[2]), f64::from(h.pixdim[3]) * qfac];
+    let zoom = [
+        f64::from(h.pixdim[1]),
+        f64::from(h.pixdim[2]),
+        f64::from(h.pixdim[3]) * qfac,
+    ];
     let mut m = r;
     for row in &mut m {
         for (v, z) in row.iter_mut().zip(zoom) {
@@ -235,7 +298,8 @@ fn qform(h: &NiftiHeader) -> Mat3 {
 }
 
 fn det(m: &Mat3) -> f64 {
-    m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+    m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+        - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
         + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
 }
 
@@ -288,7 +352,12 @@ fn io_orientation(m: &Mat3) -> Option<[(usize, i8); 3]> {
     }
     let mut axes = [(0, 1); 3];
     for (stored, out) in axes.iter_mut().enumerate() {
-        let world = (0..3).max_by(|&a, &b| r[a][stored].abs().total_cmp(&r[b][stored].abs()).then(b.cmp(&a)))?;
+        let world = (0..3).max_by(|&a, &b| {
+            r[a][stored]
+                .abs()
+                .total_cmp(&r[b][stored].abs())
+                .then(b.cmp(&a))
+        })?;
         if r[world][stored] == 0.0 {
             return None;
         }
@@ -311,16 +380,42 @@ mod tests {
         assert_eq!(kits, [(2, -1), (1, -1), (0, -1)]);
         // 30 degrees oblique about z still names the closer axis.
         let (c, s) = (30f64.to_radians().cos(), 30f64.to_radians().sin());
-        assert_eq!(io_orientation(&[[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 2.0]]).unwrap(), [(0, 1), (1, 1), (2, 1)]);
-        assert!(io_orientation(&[[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]]).is_none(), "degenerate");
-        assert!(io_orientation(&[[f64::NAN, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]).is_none());
+        assert_eq!(
+            io_orientation(&[[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 2.0]]).unwrap(),
+            [(0, 1), (1, 1), (2, 1)]
+        );
+        assert!(
+            io_orientation(&[[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]]).is_none(),
+            "degenerate"
+        );
+        assert!(
+            io_orientation(&[[f64::NAN, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]).is_none()
+        );
     }
 
     #[test]
     fn slice_specs_parse_strictly() {
-        assert_eq!("z:40".parse::<SliceSpec>().unwrap(), SliceSpec { axis: Axis::World(2), index: Some(40) });
-        assert_eq!("1".parse::<SliceSpec>().unwrap(), SliceSpec { axis: Axis::Stored(1), index: None });
-        assert_eq!(" X : 3".parse::<SliceSpec>().unwrap(), SliceSpec { axis: Axis::World(0), index: Some(3) });
+        assert_eq!(
+            "z:40".parse::<SliceSpec>().unwrap(),
+            SliceSpec {
+                axis: Axis::World(2),
+                index: Some(40)
+            }
+        );
+        assert_eq!(
+            "1".parse::<SliceSpec>().unwrap(),
+            SliceSpec {
+                axis: Axis::Stored(1),
+                index: None
+            }
+        );
+        assert_eq!(
+            " X : 3".parse::<SliceSpec>().unwrap(),
+            SliceSpec {
+                axis: Axis::World(0),
+                index: Some(3)
+            }
+        );
         for bad in ["", "w:1", "z:-1", "z:1.5", "3:0", "z:"] {
             assert!(bad.parse::<SliceSpec>().is_err(), "{bad:?} accepted");
         }
@@ -329,23 +424,57 @@ mod tests {
     #[test]
     fn planes_are_laid_out_for_display() {
         // RAS storage 4x3x2: an axial slice shows columns R->L and rows A->P, both reversed.
-        let o = Orientation { dims: [4, 3, 2], axes: [(0, 1), (1, 1), (2, 1)] };
-        let p = o.plane(SliceSpec { axis: Axis::Z, index: Some(1) }).unwrap();
+        let o = Orientation {
+            dims: [4, 3, 2],
+            axes: [(0, 1), (1, 1), (2, 1)],
+        };
+        let p = o
+            .plane(SliceSpec {
+                axis: Axis::Z,
+                index: Some(1),
+            })
+            .unwrap();
         assert_eq!((p.width, p.height), (4, 3));
         let v: Vec<[usize; 3]> = p.voxels().collect();
-        assert_eq!(v[0], [3, 2, 1], "top-left pixel is the most right, most anterior voxel");
+        assert_eq!(
+            v[0],
+            [3, 2, 1],
+            "top-left pixel is the most right, most anterior voxel"
+        );
         assert_eq!(v[1], [2, 2, 1]);
         assert_eq!(v[4], [3, 1, 1]);
         // LPS storage (DICOM-like) is shown as stored.
-        let lps = Orientation { dims: [4, 3, 2], axes: [(0, -1), (1, -1), (2, 1)] };
-        let p = lps.plane(SliceSpec { axis: Axis::Stored(2), index: None }).unwrap();
+        let lps = Orientation {
+            dims: [4, 3, 2],
+            axes: [(0, -1), (1, -1), (2, 1)],
+        };
+        let p = lps
+            .plane(SliceSpec {
+                axis: Axis::Stored(2),
+                index: None,
+            })
+            .unwrap();
         assert_eq!(p.index, 1, "the middle slice by default");
-        assert_eq!(p.voxels().take(5).collect::<Vec<_>>(), vec![[0, 0, 1], [1, 0, 1], [2, 0, 1], [3, 0, 1], [0, 1, 1]]);
+        assert_eq!(
+            p.voxels().take(5).collect::<Vec<_>>(),
+            vec![[0, 0, 1], [1, 0, 1], [2, 0, 1], [3, 0, 1], [0, 1, 1]]
+        );
         // Sagittal: columns along y (towards P), rows along z (towards I).
-        let p = lps.plane(SliceSpec { axis: Axis::World(0), index: Some(2) }).unwrap();
+        let p = lps
+            .plane(SliceSpec {
+                axis: Axis::World(0),
+                index: Some(2),
+            })
+            .unwrap();
         assert_eq!((p.width, p.height, p.stored_axis), (3, 2, 0));
         assert_eq!(p.voxels().next().unwrap(), [2, 0, 1]);
-        let err = lps.plane(SliceSpec { axis: Axis::Z, index: Some(2) }).unwrap_err().to_string();
+        let err = lps
+            .plane(SliceSpec {
+                axis: Axis::Z,
+                index: Some(2),
+            })
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("0..=1"), "{err}");
     }
 }
