@@ -123,6 +123,9 @@ pub fn list_sets_with(data: &Path, slicing: Slicing) -> Result<Vec<SetDir>> {
                 dir.display()
             );
         }
+        if slicing.window.is_some() {
+            bail!("--window applies to NIfTI volume sets; set {name} holds PNG images, which are used as stored: leave --window out or point --data at the volumes");
+        }
         sets.push(SetDir::png(name, dir));
     }
     if sets.is_empty() {
@@ -442,6 +445,9 @@ pub(crate) mod tests {
         std::fs::create_dir_all(root.join("not-a-set")).unwrap();
         std::fs::write(root.join("README.md"), "x").unwrap();
         let sets = list_sets(&root).unwrap();
+        let windowed = Slicing { window: Some(crate::dicom::Window { centre: 40.0, width: 400.0 }), ..Slicing::default() };
+        let err = format!("{:#}", list_sets_with(&root, windowed).unwrap_err());
+        assert!(err.contains("--window applies to NIfTI volume sets"), "{err}");
         assert_eq!(
             sets.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
             vec!["Z", "a", "b"]
