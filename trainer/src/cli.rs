@@ -60,22 +60,44 @@ pub struct ConvertArgs {
     pub dicom: DicomArgs,
 }
 
-/// How a DICOM file becomes the engine's image.
+/// How a DICOM file or a NIfTI volume becomes the engine's image.
 #[derive(Debug, Clone, Args)]
 pub struct DicomArgs {
-    /// Frame of a multi-frame DICOM file, 0 = the first.
+    /// Frame of a multi-frame DICOM file, or volume of a 4D NIfTI file; 0 = the first.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub frame: u32,
-    /// Grey-level window for DICOM: CENTRE,WIDTH after the rescale (e.g. 40,400 in HU) or a
-    /// preset: abdomen, lung, brain, bone, mediastinum, liver. Default: the file's own window
-    /// for CT and MR, else min-max.
+    /// Grey-level window for DICOM and NIfTI: CENTRE,WIDTH after the rescale (e.g. 40,400 in
+    /// HU) or a preset: abdomen, lung, brain, bone, mediastinum, liver. Default: a DICOM file's
+    /// own window for CT and MR, else min-max (uint8 volumes as stored).
+    #[arg(long, value_name = "C,W|PRESET")]
+    pub window: Option<crate::dicom::Window>,
+    /// Slice of a NIfTI volume: AXIS[:INDEX], AXIS = x, y, z (world directions from the
+    /// header's sform/qform) or 0, 1, 2 (stored axes), INDEX as stored; default z, middle slice.
+    #[arg(long, value_name = "AXIS[:INDEX]")]
+    pub slice: Option<crate::nifti_io::SliceSpec>,
+}
+
+impl DicomArgs {
+    pub fn options(&self) -> crate::image_io::ReadOptions {
+        crate::image_io::ReadOptions { frame: self.frame, window: self.window, slice: self.slice }
+    }
+}
+
+/// How the volumes of a NIfTI data tree (MSD or KiTS layout) become 2D examples.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct VolumeArgs {
+    /// Axis the volumes are sliced along: x, y, z (world directions) or 0, 1, 2 (stored axes).
+    #[arg(long, value_name = "AXIS", default_value = "z")]
+    pub axis: crate::nifti_io::Axis,
+    /// Grey-level window for the volumes' slices: CENTRE,WIDTH or a preset (see `segment`);
+    /// default: min-max per slice (uint8 volumes as stored).
     #[arg(long, value_name = "C,W|PRESET")]
     pub window: Option<crate::dicom::Window>,
 }
 
-impl DicomArgs {
-    pub fn options(&self) -> crate::dicom::DicomOptions {
-        crate::dicom::DicomOptions { frame: self.frame, window: self.window }
+impl VolumeArgs {
+    pub fn slicing(&self) -> crate::eval::volume_sets::Slicing {
+        crate::eval::volume_sets::Slicing { axis: self.axis, window: self.window }
     }
 }
 
@@ -243,6 +265,9 @@ pub struct DistillArgs {
 pub struct InspectArgs {
     /// Packed model file.
     pub file: PathBuf,
+    /// Print one JSON object on stdout instead of the text (keys in the README).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -280,6 +305,9 @@ pub struct SegmentArgs {
     /// Print peak resident memory at the end.
     #[arg(long)]
     pub stats: bool,
+    /// Print one JSON object on stdout instead of the text lines (keys in the README).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -287,7 +315,8 @@ pub struct EvalArgs {
     /// Model file (packed or checkpoint).
     #[arg(long)]
     pub model: PathBuf,
-    /// Data tree: <data>/<set>/{images,masks}/*.png.
+    /// Data tree: <data>/<set>/{images,masks}/*.png, or NIfTI volume pairs laid out as MSD
+    /// (imagesTr/, labelsTr/) or KiTS (case_*/{imaging,segmentation}.nii.gz).
     #[arg(long)]
     pub data: PathBuf,
     /// LoRA adapter file.
@@ -315,12 +344,19 @@ pub struct EvalArgs {
     /// zero-shot and adapter runs share them); values are stored exactly, so scores do not change.
     #[arg(long, value_name = "DIR")]
     pub embedding_cache: Option<PathBuf>,
+    #[command(flatten)]
+    pub volumes: VolumeArgs,
+    /// Print the summary as one JSON object on stdout instead of the table (keys in the README);
+    /// the per-target CSV is written either way.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The images of a data tree a training command reads (`selection::Selection`).
 #[derive(Debug, Args, Clone)]
 pub struct DataArgs {
-    /// Data tree `<root>/<set>/{images,masks}` (the evaluation protocol's layout).
+    /// Data tree `<root>/<set>/{images,masks}` (the evaluation protocol's layout), or NIfTI
+    /// volume pairs laid out as MSD or KiTS (see `eval --help`).
     #[arg(long)]
     pub data: PathBuf,
     /// These sets only (repeatable; default: every set under --data).
@@ -331,6 +367,8 @@ pub struct DataArgs {
     pub limit: Option<usize>,
     #[command(flatten)]
     pub split: SplitArgs,
+    #[command(flatten)]
+    pub volumes: VolumeArgs,
 }
 
 impl DataArgs {
@@ -341,6 +379,7 @@ impl DataArgs {
             limit: self.limit,
             split: self.split.split,
             test_share: self.split.test_share,
+            slicing: self.volumes.slicing(),
         }
     }
 }

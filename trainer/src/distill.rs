@@ -38,8 +38,8 @@ use minisam_models::store::{MemoryStore, WeightStore};
 
 use crate::embedding_cache::{Embedding, EmbeddingCache};
 use crate::frozen::{FrozenBackend, FrozenModel};
+use crate::progress::{self, Progress};
 use crate::selection::Selection;
-use crate::image_io;
 use crate::train::loss::binary_kl;
 use crate::train::optim::AdamW;
 use crate::train::rng::Rng;
@@ -198,6 +198,12 @@ fn mask_kl(
 }
 
 pub fn run(opts: &DistillOptions, log: &mut dyn Write) -> Result<DistillReport> {
+    run_with_progress(opts, log, progress::Mode::Plain)
+}
+
+/// [`run`] with step progress shown as `mode` says (a bar draws on stderr; other lines still
+/// go to `log`, above the bar).
+pub fn run_with_progress(opts: &DistillOptions, log: &mut dyn Write, mode: progress::Mode) -> Result<DistillReport> {
     if opts.epochs == 0 {
         bail!("--epochs must be at least 1");
     }
@@ -230,7 +236,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn Write) -> Result<DistillReport> 
     writeln!(log, "student ViT {:?}: {student_params} parameters (teacher encoder {teacher_encoder_params})", opts.student)?;
     writeln!(log, "teacher on {}", teacher.describe())?;
 
-    let images: Vec<PathBuf> = opts.data.images()?.into_iter().map(|(set, file)| set.image_path(&file)).collect();
+    let images = opts.data.images()?;
     if images.is_empty() {
         bail!("no image to distil on under {}", opts.data.root().display());
     }
@@ -247,6 +253,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn Write) -> Result<DistillReport> 
     let s = config.image_size;
     let mut optimizer = AdamW::new(opts.lr, opts.weight_decay);
     let total = opts.max_steps.unwrap_or(usize::MAX).min(images.len() * opts.epochs);
+    let mut progress = Progress::new(mode, "distill", total as u64, std::time::Duration::ZERO);
     let (mut step, mut epoch_losses, mut epoch_kls, mut step_times) = (0usize, Vec::new(), Vec::new(), Vec::new());
     'epochs: for epoch in 0..opts.epochs {
         let mut order: Vec<usize> = (0..images.len()).collect();
@@ -257,7 +264,8 @@ pub fn run(opts: &DistillOptions, log: &mut dyn Write) -> Result<DistillReport> 
                 break;
             }
             let t0 = Instant::now();
-            let image = image_io::read_rgb(&images[i])?;
+            let (set, file) = &images[i];
+            let image = set.read_image(file)?;
             let target = teacher.embedding(&cache, &image)?;
             let geometry = Geometry::new(image.height, image.width, s);
             let input = pipeline::preprocess(config.preprocess, &image, &geometry)?;
@@ -292,11 +300,11 @@ pub fn run(opts: &DistillOptions, log: &mut dyn Write) -> Result<DistillReport> 
                 writeln!(f, "{step},{},{loss:.6},{mse:.6},{kl:.6}", epoch + 1)?;
             }
             let kl_text = if use_mask_kl { format!(" (mse {mse:.4}, mask kl {kl:.4})") } else { String::new() };
-            writeln!(log, "step {step}/{total} epoch {} loss {loss:.4}{kl_text} {:.1} s/step", epoch + 1, step_times.last().copied().unwrap_or(0.0))?;
+            progress.step(log, step as u64, &format!("step {step}/{total} epoch {} loss {loss:.4}{kl_text} {:.1} s/step", epoch + 1, step_times.last().copied().unwrap_or(0.0)))?;
         }
         if count > 0 {
             let mean = sum / count as f64;
-            writeln!(log, "epoch {}: mean loss {mean:.4}", epoch + 1)?;
+            progress.println(log, &format!("epoch {}: mean loss {mean:.4}", epoch + 1))?;
             epoch_losses.push(mean);
             epoch_kls.push(kl_sum / count as f64);
         }
@@ -392,7 +400,7 @@ mod tests {
         format::pack(ck.store(), ck.config(), Provenance::new("tiny_sam.pth", ck.sha256_hex()), &[], &teacher).unwrap();
         let opts = DistillOptions {
             teacher,
-            data: Selection { root: dir.clone(), sets: vec![], limit: None, split: crate::eval::split::Split::All, test_share: 0.5 },
+            data: Selection { root: dir.clone(), sets: vec![], limit: None, split: crate::eval::split::Split::All, test_share: 0.5, slicing: Default::default() },
             student: StudentSpec { embed_dim: 32, depth: 2, num_heads: 2, window_size: 4 },
             epochs: 6,
             max_steps: None,

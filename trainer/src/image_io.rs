@@ -17,6 +17,26 @@ use anyhow::{anyhow, bail, Context, Result};
 use minisam_models::image::{Mask, RgbImage, MAX_IMAGE_SIDE};
 
 pub use crate::dicom::{DicomOptions, Window};
+pub use crate::nifti_io::SliceSpec;
+
+/// How a file becomes the engine's image: the frame of a multi-frame DICOM file or the 3D
+/// volume of a 4D NIfTI file, a grey-level window for both, and a NIfTI volume's slice.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ReadOptions {
+    pub frame: u32,
+    pub window: Option<Window>,
+    /// `None` on a volume: the middle axial slice.
+    pub slice: Option<SliceSpec>,
+}
+
+impl ReadOptions {
+    fn dicom(&self) -> DicomOptions {
+        DicomOptions {
+            frame: self.frame,
+            window: self.window,
+        }
+    }
+}
 
 /// A label image: one `u16` label per pixel, row-major.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,24 +96,34 @@ fn decode<R: Read>(r: R, transformations: png::Transformations) -> Result<Decode
     })
 }
 
-/// Reads an image file (PNG, JPEG, TIFF, BMP or DICOM, recognised by content) as the
-/// protocol's 3-channel uint8 image; a DICOM file's first frame with its default window.
+/// Reads an image file (PNG, JPEG, TIFF, BMP, DICOM or a NIfTI volume, recognised by content)
+/// as the protocol's 3-channel uint8 image; a DICOM file's first frame with its default window,
+/// a volume's middle axial slice.
 pub fn read_rgb(path: &Path) -> Result<RgbImage> {
-    read_rgb_with(path, &DicomOptions::default())
+    read_rgb_with(path, &ReadOptions::default())
 }
 
-/// [`read_rgb`] with a DICOM frame and window; asking for either on a still image is an error
-/// rather than silently ignored.
-pub fn read_rgb_with(path: &Path, opts: &DicomOptions) -> Result<RgbImage> {
+/// [`read_rgb`] with a frame, window and slice; asking for one that does not apply to the file
+/// is an error rather than silently ignored.
+pub fn read_rgb_with(path: &Path, opts: &ReadOptions) -> Result<RgbImage> {
     let mut bytes = Vec::new();
     open(path)?
         .read_to_end(&mut bytes)
         .with_context(|| format!("reading {}", path.display()))?;
     let image = if crate::dicom::looks_like(&bytes) {
-        crate::dicom::read(&bytes, opts)
-    } else if opts.frame != 0 || opts.window.is_some() {
+        if opts.slice.is_some() {
+            Err(anyhow!(
+                "--slice applies to NIfTI volumes only; this is a DICOM file (use --frame)"
+            ))
+        } else {
+            crate::dicom::read(&bytes, &opts.dicom())
+        }
+    } else if crate::nifti_io::looks_like(&bytes) {
+        crate::nifti_io::read(&bytes, opts.frame as usize)
+            .and_then(|v| v.slice_rgb(opts.slice.unwrap_or_default(), opts.window))
+    } else if opts.frame != 0 || opts.window.is_some() || opts.slice.is_some() {
         Err(anyhow!(
-            "--frame and --window apply to DICOM files only; this is a still image"
+            "--frame, --window and --slice apply to DICOM files and NIfTI volumes only; this is a still image"
         ))
     } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
         read_rgb_from(&bytes[..])
@@ -601,11 +631,12 @@ mod tests {
             128,
             "TIFF is recognised by content"
         );
-        let opts = DicomOptions {
+        let opts = ReadOptions {
             frame: 1,
-            window: None,
+            ..ReadOptions::default()
         };
-        assert!(format!("{:#}", read_rgb_with(&p, &opts).unwrap_err()).contains("DICOM files only"));
+        assert!(format!("{:#}", read_rgb_with(&p, &opts).unwrap_err())
+            .contains("DICOM files and NIfTI volumes only"));
         std::fs::remove_file(&p).unwrap();
     }
 }

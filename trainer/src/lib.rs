@@ -2,7 +2,7 @@
 //! (`benches/`) use the same image reading and evaluation protocol as the `minisam` binary.
 //!
 //! Layout: `cli` parses, `commands::*` run one subcommand each, `eval` holds the evaluation
-//! protocol independent of any model, `image_io`/`dicom` turn files into the protocol's 3-channel
+//! protocol independent of any model, `image_io`/`dicom`/`nifti_io` turn files into the protocol's 3-channel
 //! uint8 image, `onnx` (feature `onnx`) imports and cross-checks ONNX exports through tract,
 //! `runtime` holds process facts
 //! (model path, peak memory).
@@ -16,8 +16,10 @@ pub mod embedding_cache;
 pub mod eval;
 pub mod frozen;
 pub mod image_io;
+pub mod nifti_io;
 #[cfg(feature = "onnx")]
 pub mod onnx;
+pub mod progress;
 pub mod runtime;
 pub mod selection;
 pub mod train;

@@ -8,6 +8,7 @@ use anyhow::{bail, Result};
 
 use crate::eval::protocol::{self, SetDir};
 use crate::eval::split::Split;
+use crate::eval::volume_sets::Slicing;
 
 #[derive(Clone, Debug)]
 pub struct Selection {
@@ -19,13 +20,15 @@ pub struct Selection {
     pub split: Split,
     /// Share of each set's images in the test split.
     pub test_share: f64,
+    /// How NIfTI volume sets are sliced (PNG sets ignore it).
+    pub slicing: Slicing,
 }
 
 impl Selection {
     /// Every selected image as (set, file name), in protocol order. Unknown set names are an error
     /// naming the sets that exist.
     pub fn images(&self) -> Result<Vec<(SetDir, String)>> {
-        let all = protocol::list_sets(&self.root)?;
+        let all = protocol::list_sets_with(&self.root, self.slicing)?;
         for s in &self.sets {
             if !all.iter().any(|d| &d.name == s) {
                 let names: Vec<&str> = all.iter().map(|d| d.name.as_str()).collect();
@@ -36,7 +39,7 @@ impl Selection {
         for set in all.into_iter().filter(|d| self.sets.is_empty() || self.sets.contains(&d.name)) {
             let files = protocol::list_images(&set)?;
             let n = self.limit.unwrap_or(files.len()).min(files.len());
-            for file in files.into_iter().take(n).filter(|f| self.split.keeps(&set.name, f, self.test_share)) {
+            for file in files.into_iter().take(n).filter(|f| self.split.keeps(&set.name, set.split_key(f), self.test_share)) {
                 out.push((set.clone(), file));
             }
         }

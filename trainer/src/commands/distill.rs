@@ -24,7 +24,7 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         threads: args.threads.get(),
         backend: args.backend.frozen()?,
     };
-    let r = distill::run(&opts, &mut std::io::stderr())?;
+    let r = distill::run_with_progress(&opts, &mut std::io::stderr(), crate::progress::Mode::for_stderr())?;
     println!(
         "wrote {}: student encoder {} parameters ({:.1}% of the teacher's {}), {} steps at {:.2} s/step, loss {:.4} (first epoch) -> {:.4} (last)",
         opts.output.display(),

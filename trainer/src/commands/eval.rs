@@ -20,7 +20,9 @@ use crate::eval::split::Split;
 use crate::eval::report::{self, Reference};
 use crate::embedding_cache::EmbeddingCache;
 use crate::eval::{self, BoxSegmenter, EvalOptions};
+use crate::progress::{self, Progress};
 use crate::runtime;
+use std::time::Duration;
 
 /// The protocol's model step: single output (multimask off), one box per target; the encoder's
 /// output optionally read from (and written to) an embedding cache.
@@ -113,6 +115,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         limit: args.limit.map(|n| n as usize),
         split: args.split.split,
         test_share: args.split.test_share,
+        slicing: args.volumes.slicing(),
     };
     let plan = eval::plan(&opts)?;
     eprintln!(
@@ -153,9 +156,15 @@ fn run_on<B: BackendExtras>(args: &EvalArgs, plan: &eval::Plan, backend: B) -> R
         None => None,
     };
     let model = ProtocolModel { segmenter: &loaded.segmenter, cache };
+    let images = plan.images.iter().filter(|i| !i.targets.is_empty()).count() as u64;
+    let mut progress = Progress::new(progress::Mode::for_stderr(), "eval", images, Duration::ZERO);
+    let mut done = 0;
     let outcome = eval::execute(&model, plan, |line| {
-        eprintln!("{line}")
+        done += 1;
+        // A line that cannot be written (closed stderr) must not stop the evaluation.
+        let _ = progress.item(&mut std::io::stderr(), done, line);
     })?;
+    progress.finish();
 
     report::write_csv_file(&args.out, &outcome.rows)?;
     let summary = report::summarize(&outcome.rows);
@@ -167,6 +176,11 @@ fn run_on<B: BackendExtras>(args: &EvalArgs, plan: &eval::Plan, backend: B) -> R
         None
     };
     let names: HashMap<(String, u16), String> = plan.names.clone();
+    if args.json {
+        let timings = [eval::median(&outcome.encode_ms), eval::median(&outcome.decode_ms)];
+        let v = summary_json(args, &loaded.description, &summary, &names, reference.as_ref(), &outcome.rows, timings);
+        return runtime::emit(&format!("{v}\n"));
+    }
     print!("{}", report::render(&summary, &names, reference.as_ref()));
     println!(
         "\n{} targets written to {}; median encode {:.1} ms, decode {:.1} ms",
@@ -176,6 +190,46 @@ fn run_on<B: BackendExtras>(args: &EvalArgs, plan: &eval::Plan, backend: B) -> R
         eval::median(&outcome.decode_ms)
     );
     Ok(())
+}
+
+/// `eval --json`: the run's settings, per-set and per-label means (beside the reference when
+/// there is one), every target's Dice and the median timings. NaN (an empty group) is null.
+fn summary_json(
+    args: &EvalArgs,
+    description: &str,
+    summary: &report::Summary,
+    names: &HashMap<(String, u16), String>,
+    reference: Option<&Reference>,
+    rows: &[report::Row],
+    [encode_ms, decode_ms]: [f64; 2],
+) -> serde_json::Value {
+    let num = |v: f64| if v.is_finite() { serde_json::json!(v) } else { serde_json::Value::Null };
+    serde_json::json!({
+        "model": args.model.display().to_string(),
+        "model_description": description,
+        "data": args.data.display().to_string(),
+        "prompt": args.prompt.name(),
+        "split": format!("{:?}", args.split.split).to_lowercase(),
+        "csv": args.out.display().to_string(),
+        "sets": summary.per_set.iter().map(|(set, m)| serde_json::json!({
+            "set": set,
+            "targets": m.n,
+            "mean_dice": num(m.mean),
+            "reference": reference.and_then(|r| r.per_set.get(set)).copied(),
+        })).collect::<Vec<_>>(),
+        "labels": summary.per_label.iter().map(|(set, label, m)| serde_json::json!({
+            "set": set,
+            "label": label,
+            "name": names.get(&(set.clone(), *label)),
+            "targets": m.n,
+            "mean_dice": num(m.mean),
+        })).collect::<Vec<_>>(),
+        "all_targets": { "targets": summary.all_targets.n, "mean_dice": num(summary.all_targets.mean) },
+        "mean_of_sets": num(summary.all_datasets),
+        "median_encode_ms": num(encode_ms),
+        "median_decode_ms": num(decode_ms),
+        "results": rows.iter().map(|r| serde_json::json!({ "set": r.set, "image": r.image, "label": r.label, "dice": r.dice })).collect::<Vec<_>>(),
+    })
 }
 
 #[cfg(test)]
@@ -225,6 +279,27 @@ mod tests {
             .unwrap();
         assert!(found.ends_with("reference/boxes-jitter.json"));
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn the_json_summary_has_the_documented_keys() {
+        let a = args(&["--data", "d", "--json"]);
+        assert!(a.json);
+        let rows = vec![
+            report::Row { set: "s".into(), image: "a.png".into(), label: 1, dice: 0.5 },
+            report::Row { set: "s".into(), image: "a.png".into(), label: 2, dice: 1.0 },
+        ];
+        let summary = report::summarize(&rows);
+        let names = HashMap::from([(("s".to_string(), 1u16), "kidney".to_string())]);
+        let text = summary_json(&a, "LiteMedSAM", &summary, &names, None, &rows, [12.5, f64::NAN]).to_string();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!((v["prompt"].as_str(), v["split"].as_str(), v["csv"].as_str()), (Some("box"), Some("all"), Some("results.csv")));
+        assert_eq!((v["sets"][0]["set"].as_str(), v["sets"][0]["targets"].as_u64(), v["sets"][0]["mean_dice"].as_f64()), (Some("s"), Some(2), Some(0.75)));
+        assert!(v["sets"][0]["reference"].is_null());
+        assert_eq!((v["labels"][0]["name"].as_str(), v["labels"][1]["name"].is_null()), (Some("kidney"), true));
+        assert_eq!((v["all_targets"]["targets"].as_u64(), v["mean_of_sets"].as_f64()), (Some(2), Some(0.75)));
+        assert_eq!((v["median_encode_ms"].as_f64(), v["median_decode_ms"].is_null()), (Some(12.5), true), "NaN is null");
+        assert_eq!(v["results"][1]["dice"].as_f64(), Some(1.0));
     }
 
     #[test]

@@ -36,6 +36,12 @@ pub fn run(args: &InspectArgs) -> Result<()> {
         let a = AdapterFile::open(&args.file)
             .with_context(|| format!("{} is not a valid adapter file", args.file.display()))?;
         let (version, manifest_len, manifest_crc) = header(&args.file)?;
+        if args.json {
+            let mut v = adapter_json(&a);
+            v["file"] = args.file.display().to_string().into();
+            v["header"] = header_json("MSAMLORA", version, manifest_len, manifest_crc);
+            return crate::runtime::emit(&format!("{v}\n"));
+        }
         let mut text = format!("file: {}\n", args.file.display());
         text += &format!("header: magic MSAMLORA, version {version}, manifest {manifest_len} bytes, manifest crc32 {manifest_crc:08x}\n");
         text += &render_adapter(&a);
@@ -45,6 +51,26 @@ pub fn run(args: &InspectArgs) -> Result<()> {
         .with_context(|| format!("{} is not a valid packed model (to inspect a checkpoint, pack it first with `minisam pack`)", args.file.display()))?;
     let (version, manifest_len, manifest_crc) = header(&args.file)?;
     let p = model.provenance();
+    if args.json {
+        let tensors = model.tensors();
+        let v = serde_json::json!({
+            "kind": "model",
+            "file": args.file.display().to_string(),
+            "header": header_json("MSAMPACK", version, manifest_len, manifest_crc),
+            "sha256": model.file_sha256(),
+            "config": model.config(),
+            "provenance": p,
+            "tensors": tensors.iter().map(|t| serde_json::json!({
+                "name": t.name, "shape": t.shape, "dtype": format!("{:?}", t.dtype), "bytes": t.bytes, "crc32": format!("{:08x}", t.crc32),
+            })).collect::<Vec<_>>(),
+            "total": {
+                "tensors": tensors.len(),
+                "parameters": tensors.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum::<u64>(),
+                "bytes": tensors.iter().map(|t| t.bytes).sum::<u64>(),
+            },
+        });
+        return crate::runtime::emit(&format!("{v}\n"));
+    }
     let mut text = format!("file: {}\n", args.file.display());
     text += &format!("header: magic MSAMPACK, version {version}, manifest {manifest_len} bytes, manifest crc32 {manifest_crc:08x}\n");
     text += &format!("sha256: {}\n", model.file_sha256());
@@ -55,6 +81,36 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     );
     text += &render_tensors(&model.tensors());
     crate::runtime::emit(&text)
+}
+
+/// The fixed header as JSON (`header` key of `inspect --json`).
+fn header_json(magic: &str, version: u32, manifest_bytes: u32, manifest_crc32: u32) -> serde_json::Value {
+    serde_json::json!({ "magic": magic, "version": version, "manifest_bytes": manifest_bytes, "manifest_crc32": format!("{manifest_crc32:08x}") })
+}
+
+/// An adapter's identity, manifest fields and factor table as JSON (`inspect --json`).
+pub fn adapter_json(a: &AdapterFile) -> serde_json::Value {
+    let m = a.manifest();
+    let bytes: u64 = m.tensors.iter().map(|t| t.a.len + t.b.len).sum();
+    serde_json::json!({
+        "kind": "adapter",
+        "sha256": a.sha256_hex(),
+        "name": m.name,
+        "modality": m.modality,
+        "base_model_sha256": m.base_model_sha256,
+        "rank": m.rank,
+        "alpha": m.alpha,
+        "scale": m.scale(),
+        "targets": m.targets,
+        "training_set_sha256": m.training_set_sha256,
+        "created": m.created,
+        "val_dice": m.val_dice,
+        "trainer_version": m.trainer_version,
+        "layers": m.tensors.iter().map(|t| serde_json::json!({
+            "name": t.name, "in_features": t.in_features, "out_features": t.out_features, "bytes": t.a.len + t.b.len, "crc32": format!("{:08x}", t.crc32),
+        })).collect::<Vec<_>>(),
+        "total": { "layers": m.tensors.len(), "parameters": bytes / 4, "bytes": bytes },
+    })
 }
 
 /// An adapter's identity, manifest fields and factor table.
@@ -183,11 +239,15 @@ mod tests {
         let f = std::env::temp_dir()
             .join(format!("minisam-test-{}-inspect.lora", std::process::id()));
         std::fs::write(&f, a.bytes()).unwrap();
-        run(&InspectArgs { file: f.clone() }).unwrap();
+        run(&InspectArgs { file: f.clone(), json: false }).unwrap();
+        let v = adapter_json(&a);
+        assert_eq!((v["kind"].as_str(), v["name"].as_str(), v["rank"].as_u64()), (Some("adapter"), Some("random-3"), Some(2)));
+        assert_eq!(v["layers"][0]["out_features"], 24);
+        assert_eq!(v["total"]["parameters"], 64);
         let mut damaged = a.bytes().to_vec();
         damaged[30] ^= 4;
         std::fs::write(&f, &damaged).unwrap();
-        let err = format!("{:#}", run(&InspectArgs { file: f.clone() }).unwrap_err());
+        let err = format!("{:#}", run(&InspectArgs { file: f.clone(), json: false }).unwrap_err());
         assert!(err.contains("not a valid adapter file"), "{err}");
         std::fs::remove_file(&f).unwrap();
     }
@@ -197,7 +257,7 @@ mod tests {
         let f =
             std::env::temp_dir().join(format!("minisam-test-{}-inspect.msam", std::process::id()));
         std::fs::write(&f, b"MSAMPACK but truncated").unwrap();
-        let err = format!("{:#}", run(&InspectArgs { file: f.clone() }).unwrap_err());
+        let err = format!("{:#}", run(&InspectArgs { file: f.clone(), json: true }).unwrap_err());
         assert!(err.contains("not a valid packed model"), "{err}");
         std::fs::remove_file(&f).unwrap();
     }

@@ -46,14 +46,20 @@ pub fn run(args: &SegmentArgs) -> Result<()> {
 /// The rest of `run` on whichever backend was selected.
 fn run_on<B: BackendExtras>(args: &SegmentArgs, image: &RgbImage, prompts: &Prompts, model_path: &Path, backend: B) -> Result<()> {
     let mut loaded = super::model::load(model_path, backend)?;
-    println!(
-        "model: {} ({}), loaded in {:.0} ms",
-        model_path.display(),
-        loaded.description,
-        loaded.load_ms
-    );
+    // With --json, stdout carries one JSON object and nothing else.
+    let human = !args.json;
+    if human {
+        println!(
+            "model: {} ({}), loaded in {:.0} ms",
+            model_path.display(),
+            loaded.description,
+            loaded.load_ms
+        );
+    }
     if let Some(line) = runtime::bind_adapter(&mut loaded.segmenter, args.adapter.as_deref())? {
-        println!("{line}");
+        if human {
+            println!("{line}");
+        }
     }
     let t0 = Instant::now();
     let emb = loaded
@@ -81,6 +87,30 @@ fn run_on<B: BackendExtras>(args: &SegmentArgs, image: &RgbImage, prompts: &Prom
         MaskValue::Visible255
     };
     image_io::write_mask(&args.output, mask, value)?;
+    let backend_name = loaded.segmenter.backend().name();
+    if args.json {
+        let report = serde_json::json!({
+            "image": args.image.display().to_string(),
+            "frame": args.dicom.frame,
+            "slice": args.dicom.slice.map(|s| s.to_string()),
+            "width": image.width,
+            "height": image.height,
+            "model": model_path.display().to_string(),
+            "model_description": loaded.description,
+            "adapter": args.adapter.as_ref().map(|p| p.display().to_string()),
+            "mask": args.output.display().to_string(),
+            "mask_pixels": mask.area(),
+            "iou": seg.iou[best],
+            "ious": seg.iou,
+            "kept": best,
+            "encode_ms": encode_ms,
+            "decode_ms": decode_ms,
+            "backend": backend_name,
+            "threads": (backend_name == "cpu").then(|| args.threads.get()),
+            "peak_rss_mib": if args.stats { runtime::peak_rss_kib().map(|k| k as f64 / 1024.0) } else { None },
+        });
+        return runtime::emit(&format!("{report}\n"));
+    }
     println!(
         "mask: {} ({}x{}, {} px inside), predicted IoU {:.4}",
         args.output.display(),

@@ -36,7 +36,7 @@ pub fn options(args: &TrainArgs) -> Result<TrainOptions> {
 
 pub fn run(args: &TrainArgs) -> Result<()> {
     let opts = options(args)?;
-    let report = train::run(&opts, &mut std::io::stderr())?;
+    let report = train::run_with_progress(&opts, &mut std::io::stderr(), crate::progress::Mode::for_stderr())?;
     println!(
         "wrote {} (sha256 {}): {} trainable parameters ({:.2}% of {}), {} steps at {:.1} s/step, val Dice {}",
         opts.output.display(),

@@ -9,6 +9,7 @@ pub mod dice;
 pub mod protocol;
 pub mod report;
 pub mod split;
+pub mod volume_sets;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -18,7 +19,6 @@ use anyhow::{bail, Context, Result};
 use minisam_models::image::{Mask, RgbImage};
 use minisam_models::prompt::BoxPrompt;
 
-use crate::image_io;
 use protocol::{JitterBoxes, PromptKind, SetDir, Target};
 use report::Row;
 use split::Split;
@@ -41,6 +41,8 @@ pub struct EvalOptions<'a> {
     pub split: Split,
     /// Share of each set's images in the test split (see [`split`]).
     pub test_share: f64,
+    /// How NIfTI volume sets are sliced (PNG sets ignore it).
+    pub slicing: volume_sets::Slicing,
 }
 
 /// One image and the prompts of its targets, in protocol order.
@@ -80,7 +82,7 @@ pub fn plan(opts: &EvalOptions) -> Result<Plan> {
     if opts.prompt == PromptKind::BoxJitter && opts.jitter.is_none() {
         bail!("--prompt box-jitter needs the reference boxes: pass --jitter-boxes FILE (boxes-jitter.json)");
     }
-    let sets = protocol::list_sets(opts.data)?;
+    let sets = protocol::list_sets_with(opts.data, opts.slicing)?;
     let mut images = Vec::new();
     let mut names = HashMap::new();
     for (si, set) in sets.iter().enumerate() {
@@ -90,10 +92,10 @@ pub fn plan(opts: &EvalOptions) -> Result<Plan> {
         let files = protocol::list_images(set)?;
         let n = opts.limit.unwrap_or(files.len()).min(files.len());
         for file in files.into_iter().take(n) {
-            if !opts.split.keeps(&set.name, &file, opts.test_share) {
+            if !opts.split.keeps(&set.name, set.split_key(&file), opts.test_share) {
                 continue;
             }
-            let mask = image_io::read_labels(&set.mask_path(&file))?;
+            let mask = set.read_labels(&file)?;
             let mut targets = Vec::new();
             for t in protocol::targets(&mask) {
                 let prompt = match (opts.prompt, opts.jitter) {
@@ -148,8 +150,8 @@ pub fn execute<M: BoxSegmenter>(
         }
         let set = &plan.sets[ip.set];
         let context = || format!("set {}, image {}", set.name, ip.image);
-        let mask = image_io::read_labels(&set.mask_path(&ip.image))?;
-        let image = image_io::read_rgb(&set.image_path(&ip.image))?;
+        let mask = set.read_labels(&ip.image)?;
+        let image = set.read_image(&ip.image)?;
         if (image.width, image.height) != (mask.width, mask.height) {
             bail!(
                 "{}: image is {}x{} but its mask is {}x{}",
@@ -270,7 +272,7 @@ mod tests {
     fn the_train_and_test_splits_plan_disjoint_images_that_make_up_the_tree() {
         let root = tree("split");
         let images = |split: Split| -> Vec<String> {
-            let opts = EvalOptions { data: &root, prompt: PromptKind::Box, jitter: None, limit: None, split, test_share: 0.5 };
+            let opts = EvalOptions { data: &root, prompt: PromptKind::Box, jitter: None, limit: None, split, test_share: 0.5, slicing: volume_sets::Slicing::default() };
             let p = plan(&opts).map(|p| p.images.iter().map(|i| format!("{}/{}", p.sets[i.set].name, i.image)).collect());
             // A side of the split with no target at all is an error, as for a whole tree.
             p.unwrap_or_default()
@@ -300,6 +302,7 @@ mod tests {
             limit: None,
             split: Split::All,
             test_share: split::DEFAULT_TEST_SHARE,
+            slicing: volume_sets::Slicing::default(),
         };
         let p = plan(&opts).unwrap();
         let counts: Vec<usize> = p.images.iter().map(|i| i.targets.len()).collect();
@@ -374,6 +377,7 @@ mod tests {
             limit: None,
             split: Split::All,
             test_share: split::DEFAULT_TEST_SHARE,
+            slicing: volume_sets::Slicing::default(),
         };
         let p = plan(&opts).unwrap();
         assert!(p.images.iter().flat_map(|i| &i.targets).all(|(_, b)| *b
@@ -435,6 +439,7 @@ mod tests {
             limit: None,
             split: Split::All,
             test_share: split::DEFAULT_TEST_SHARE,
+            slicing: volume_sets::Slicing::default(),
         })
         .unwrap();
         let err = format!(

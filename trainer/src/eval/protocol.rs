@@ -8,29 +8,70 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::image_io::LabelMask;
+use minisam_models::image::RgbImage;
+
+use super::volume_sets::{self, Layout, Slicing};
 
 /// Targets with fewer pixels than this are skipped (protocol "Targets").
 pub const MIN_TARGET_PIXELS: usize = 16;
 
-/// One dataset folder: `<data>/<name>/{images,masks}`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One dataset folder: `<data>/<name>/{images,masks}`, or a tree of NIfTI volume pairs
+/// (`volume_sets`) whose "images" are labelled slices.
+#[derive(Clone, Debug, PartialEq)]
 pub struct SetDir {
     pub name: String,
     pub dir: PathBuf,
+    pub layout: Layout,
+    /// How volumes are cut into slices (unused by PNG sets).
+    pub slicing: Slicing,
 }
 
 impl SetDir {
-    pub fn image_path(&self, file: &str) -> PathBuf {
-        self.dir.join("images").join(file)
+    /// A PNG set `<dir>/{images,masks}`.
+    pub fn png(name: String, dir: PathBuf) -> SetDir {
+        SetDir { name, dir, layout: Layout::Png, slicing: Slicing::default() }
     }
+    /// The file an image comes from (for a slice: its volume).
+    pub fn image_path(&self, file: &str) -> PathBuf {
+        match self.layout {
+            Layout::Png => self.dir.join("images").join(file),
+            _ => volume_sets::image_volume(self, file),
+        }
+    }
+    /// The file an image's labels come from (for a slice: its label volume).
     pub fn mask_path(&self, file: &str) -> PathBuf {
-        self.dir.join("masks").join(file)
+        match self.layout {
+            Layout::Png => self.dir.join("masks").join(file),
+            _ => volume_sets::label_volume(self, file),
+        }
+    }
+    /// The image as the engine sees it.
+    pub fn read_image(&self, file: &str) -> Result<RgbImage> {
+        match self.layout {
+            Layout::Png => crate::image_io::read_rgb(&self.image_path(file)),
+            _ => volume_sets::read_image(self, file),
+        }
+    }
+    /// The image's label mask.
+    pub fn read_labels(&self, file: &str) -> Result<LabelMask> {
+        match self.layout {
+            Layout::Png => crate::image_io::read_labels(&self.mask_path(file)),
+            _ => volume_sets::read_labels(self, file),
+        }
+    }
+    /// What decides the image's side of the train/test split: the file, or for a slice its
+    /// volume (a patient's slices never straddle the split).
+    pub fn split_key<'a>(&self, file: &'a str) -> &'a str {
+        match self.layout {
+            Layout::Png => file,
+            _ => volume_sets::volume_name(file),
+        }
     }
 }
 
 /// Names of the entries of `dir` (directories if `dirs`, else files), sorted in byte order.
 /// Names that are not UTF-8 are refused: they end up in the CSV.
-fn sorted_entries(dir: &Path, dirs: bool) -> Result<Vec<String>> {
+pub(crate) fn sorted_entries(dir: &Path, dirs: bool) -> Result<Vec<String>> {
     let mut names = Vec::new();
     let entries = std::fs::read_dir(dir)
         .with_context(|| format!("cannot list {}: check the --data path", dir.display()))?;
@@ -50,13 +91,30 @@ fn sorted_entries(dir: &Path, dirs: bool) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// The sets under `data`: every subdirectory holding an `images/` folder, in byte order of names.
-/// A set without `masks/` is an error (it cannot be scored); hidden folders are ignored.
+/// The sets under `data` with volumes sliced along the default axis (see [`list_sets_with`]).
 pub fn list_sets(data: &Path) -> Result<Vec<SetDir>> {
+    list_sets_with(data, Slicing::default())
+}
+
+/// The sets under `data`, in byte order of names: every subdirectory holding an `images/`
+/// folder, or volume pairs in the MSD or KiTS layout (`volume_sets`); `data` itself may be one
+/// volume set. A set without `masks/` is an error (it cannot be scored); hidden folders are
+/// ignored.
+pub fn list_sets_with(data: &Path, slicing: Slicing) -> Result<Vec<SetDir>> {
+    if let Some(set) = volume_sets::detect(data, slicing) {
+        return Ok(vec![set]);
+    }
     let mut sets = Vec::new();
     for name in sorted_entries(data, true)? {
         let dir = data.join(&name);
-        if name.starts_with('.') || !dir.join("images").is_dir() {
+        if name.starts_with('.') {
+            continue;
+        }
+        if let Some(set) = volume_sets::detect(&dir, slicing) {
+            sets.push(set);
+            continue;
+        }
+        if !dir.join("images").is_dir() {
             continue;
         }
         if !dir.join("masks").is_dir() {
@@ -65,16 +123,23 @@ pub fn list_sets(data: &Path) -> Result<Vec<SetDir>> {
                 dir.display()
             );
         }
-        sets.push(SetDir { name, dir });
+        if slicing.window.is_some() {
+            bail!("--window applies to NIfTI volume sets; set {name} holds PNG images, which are used as stored: leave --window out or point --data at the volumes");
+        }
+        sets.push(SetDir::png(name, dir));
     }
     if sets.is_empty() {
-        bail!("no data set found in {}: expected <data>/<set>/images/*.png and <data>/<set>/masks/*.png", data.display());
+        bail!("no data set found in {}: expected <data>/<set>/images/*.png and <data>/<set>/masks/*.png, or NIfTI volumes as MSD (imagesTr/, labelsTr/) or KiTS (case_*/imaging.nii.gz, segmentation.nii.gz) lay them out", data.display());
     }
     Ok(sets)
 }
 
-/// The `*.png` files of a set's `images/`, byte order; each must have a mask of the same name.
+/// The images of a set in protocol order: a PNG set's `*.png` files (byte order, each with a
+/// mask of the same name), a volume set's labelled slices.
 pub fn list_images(set: &SetDir) -> Result<Vec<String>> {
+    if set.layout != Layout::Png {
+        return volume_sets::list_slices(set);
+    }
     let images: Vec<String> = sorted_entries(&set.dir.join("images"), false)?
         .into_iter()
         .filter(|n| n.ends_with(".png"))
@@ -380,6 +445,9 @@ pub(crate) mod tests {
         std::fs::create_dir_all(root.join("not-a-set")).unwrap();
         std::fs::write(root.join("README.md"), "x").unwrap();
         let sets = list_sets(&root).unwrap();
+        let windowed = Slicing { window: Some(crate::dicom::Window { centre: 40.0, width: 400.0 }), ..Slicing::default() };
+        let err = format!("{:#}", list_sets_with(&root, windowed).unwrap_err());
+        assert!(err.contains("--window applies to NIfTI volume sets"), "{err}");
         assert_eq!(
             sets.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
             vec!["Z", "a", "b"]

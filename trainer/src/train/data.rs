@@ -2,23 +2,21 @@
 //! target (label > 0 with at least 16 pixels, as `crate::eval::protocol` defines), a validation
 //! split by image (all targets of an image on the same side) and a hash naming the training set.
 
-use std::path::PathBuf;
-
 use anyhow::{bail, Result};
 use sha2::{Digest, Sha256};
 
 use super::rng::Rng;
-use crate::eval::protocol;
+use crate::eval::protocol::{self, SetDir};
+use crate::eval::volume_sets::{self, Layout};
 use crate::selection::Selection;
-use crate::image_io;
 
 /// One target of one image.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Example {
     pub set: String,
     pub file: String,
-    pub image: PathBuf,
-    pub mask: PathBuf,
+    /// The set the image is read from (`SetDir::read_image`, `read_labels`).
+    pub source: SetDir,
     pub label: u16,
     /// Tight inclusive box `[x0, y0, x1, y1]`.
     pub tight: [usize; 4],
@@ -28,10 +26,10 @@ pub struct Example {
 pub fn collect(selection: &Selection) -> Result<Vec<Example>> {
     let mut out = Vec::new();
     for (set, file) in selection.images()? {
-        let mask = image_io::read_labels(&set.mask_path(&file))?;
+        let mask = set.read_labels(&file)?;
         for t in protocol::targets(&mask) {
             let b = t.tight_box;
-            out.push(Example { set: set.name.clone(), image: set.image_path(&file), mask: set.mask_path(&file), file: file.clone(), label: t.label, tight: [b.x0, b.y0, b.x1, b.y1] });
+            out.push(Example { set: set.name.clone(), source: set.clone(), file: file.clone(), label: t.label, tight: [b.x0, b.y0, b.x1, b.y1] });
         }
     }
     if out.is_empty() {
@@ -41,11 +39,13 @@ pub fn collect(selection: &Selection) -> Result<Vec<Example>> {
 }
 
 /// `(train, val)`: images shuffled with `seed`, the first `fraction` of them (at least one when
-/// `fraction > 0` and there are two images or more) held out for validation.
+/// `fraction > 0` and there are two images or more) held out for validation. The slices of a
+/// volume count as one image, so a patient is never on both sides.
 pub fn split(examples: Vec<Example>, fraction: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
+    let key = |e: &Example| (e.set.clone(), e.source.split_key(&e.file).to_string());
     let mut images: Vec<(String, String)> = Vec::new();
     for e in &examples {
-        let key = (e.set.clone(), e.file.clone());
+        let key = key(e);
         if !images.contains(&key) {
             images.push(key);
         }
@@ -56,16 +56,22 @@ pub fn split(examples: Vec<Example>, fraction: f64, seed: u64) -> (Vec<Example>,
         held = held.clamp(1, images.len() - 1);
     }
     let val_images = &images[..held.min(images.len())];
-    examples.into_iter().partition(|e| !val_images.contains(&(e.set.clone(), e.file.clone())))
+    examples.into_iter().partition(|e| !val_images.contains(&key(e)))
 }
 
 /// Lower-case hex SHA-256 over the training examples: for each, `set/file:label` and the bytes
-/// of its mask file, so the same names with different annotations hash differently.
+/// of its mask file (of a volume's slice: its labels as little-endian u16), so the same names
+/// with different annotations hash differently.
 pub fn training_set_sha256(examples: &[Example]) -> Result<String> {
     let mut h = Sha256::new();
     for e in examples {
         h.update(format!("{}/{}:{}\n", e.set, e.file, e.label).as_bytes());
-        h.update(std::fs::read(&e.mask).map_err(|err| anyhow::anyhow!("reading {}: {err}", e.mask.display()))?);
+        if e.source.layout == Layout::Png {
+            let mask = e.source.mask_path(&e.file);
+            h.update(std::fs::read(&mask).map_err(|err| anyhow::anyhow!("reading {}: {err}", mask.display()))?);
+        } else {
+            h.update(volume_sets::label_bytes(&e.source, &e.file)?);
+        }
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
@@ -73,9 +79,10 @@ pub fn training_set_sha256(examples: &[Example]) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn example(file: &str, label: u16) -> Example {
-        Example { set: "s".into(), file: file.into(), image: PathBuf::new(), mask: PathBuf::new(), label, tight: [0; 4] }
+        Example { set: "s".into(), file: file.into(), source: SetDir::png("s".into(), PathBuf::new()), label, tight: [0; 4] }
     }
 
     #[test]

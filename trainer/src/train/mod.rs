@@ -20,7 +20,7 @@ mod tests;
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use minisam_models::adapter::{self, AdapterMeta, LinearShape, LoraFactors};
@@ -34,8 +34,8 @@ use minisam_models::prompt::{BoxPrompt, Prompts};
 use crate::embedding_cache::EmbeddingCache;
 use crate::frozen::{FrozenBackend, FrozenModel};
 use crate::eval::dice::dice;
+use crate::progress::{self, fmt_duration, Progress};
 use crate::selection::Selection;
-use crate::image_io;
 use augment::{augment, AugmentOptions};
 use checkpoint::TrainState;
 use data::Example;
@@ -129,10 +129,10 @@ fn init_factors(layers: &[LinearShape], rank: usize, seed: u64) -> Vec<LoraFacto
 
 /// An example's image and target mask (`[h, w]` 0/1).
 fn load_example(e: &Example) -> Result<(RgbImage, Vec<u8>, Vec<u16>)> {
-    let image = image_io::read_rgb(&e.image)?;
-    let labels = image_io::read_labels(&e.mask)?;
+    let image = e.source.read_image(&e.file)?;
+    let labels = e.source.read_labels(&e.file)?;
     if (labels.width, labels.height) != (image.width, image.height) {
-        bail!("{}: mask is {}x{}, image {}x{}", e.mask.display(), labels.width, labels.height, image.width, image.height);
+        bail!("{}: mask is {}x{}, image {}x{}", e.source.mask_path(&e.file).display(), labels.width, labels.height, image.width, image.height);
     }
     let mask = labels.labels.iter().map(|&l| u8::from(l == e.label)).collect();
     Ok((image, mask, labels.labels))
@@ -185,15 +185,6 @@ fn validate(model: &SamModel<TapeBackend>, tape: &TapeBackend, frozen: Option<&F
     Ok(total / examples.len().max(1) as f64)
 }
 
-fn fmt_duration(s: f64) -> String {
-    let s = s.max(0.0).round() as u64;
-    if s >= 3600 {
-        format!("{}h{:02}m", s / 3600, s / 60 % 60)
-    } else {
-        format!("{}m{:02}s", s / 60, s % 60)
-    }
-}
-
 fn snapshot(tape: &TapeBackend) -> Result<Vec<(String, Vec<f32>)>> {
     tape.parameters().into_iter().map(|p| Ok((p.name.clone(), tape.param_values(&p.name)?))).collect()
 }
@@ -205,8 +196,14 @@ fn restore(tape: &TapeBackend, values: &[(String, Vec<f32>)]) -> Result<()> {
     Ok(())
 }
 
-/// Runs training as `opts` says and writes the adapter; progress goes to `log`.
+/// Runs training as `opts` says and writes the adapter; progress goes to `log` as lines.
 pub fn run(opts: &TrainOptions, log: &mut dyn Write) -> Result<TrainReport> {
+    run_with_progress(opts, log, progress::Mode::Plain)
+}
+
+/// [`run`] with step progress shown as `mode` says (a bar draws on stderr; other lines still
+/// go to `log`, above the bar).
+pub fn run_with_progress(opts: &TrainOptions, log: &mut dyn Write, mode: progress::Mode) -> Result<TrainReport> {
     if opts.rank == 0 || opts.accum == 0 || opts.epochs == 0 {
         bail!("--rank, --accum and --epochs must be at least 1");
     }
@@ -278,6 +275,7 @@ pub fn run(opts: &TrainOptions, log: &mut dyn Write) -> Result<TrainReport> {
     let steps_per_epoch = train.len().div_ceil(opts.accum);
     let total_steps = opts.max_steps.unwrap_or(usize::MAX).min(steps_per_epoch * opts.epochs);
     let mut step_times = Vec::new();
+    let mut progress = Progress::new(mode, "train", total_steps as u64, Duration::ZERO).without_timing();
     'epochs: while state.epoch < opts.epochs && state.step < total_steps {
         let mut order: Vec<usize> = (0..train.len()).collect();
         Rng::new(opts.seed, 0xe90c + state.epoch as u64).shuffle(&mut order);
@@ -310,15 +308,15 @@ pub fn run(opts: &TrainOptions, log: &mut dyn Write) -> Result<TrainReport> {
             step_times.push(dt);
             let mean = step_times.iter().sum::<f64>() / step_times.len() as f64;
             let val = state.best_val_dice.map_or("-".into(), |d| format!("{d:.4}"));
-            writeln!(
-                log,
+            let line = format!(
                 "step {}/{total_steps} epoch {} loss {:.4} best val Dice {val} {:.1} s/step ETA {}",
                 state.step,
                 state.epoch + 1,
                 loss_sum / chunk.len() as f64,
                 dt,
                 fmt_duration(mean * (total_steps - state.step) as f64)
-            )?;
+            );
+            progress.step(log, state.step as u64, &line)?;
             if let Some(path) = &opts.checkpoint {
                 state.params = snapshot(&tape)?;
                 state.save(path)?;
@@ -341,13 +339,13 @@ pub fn run(opts: &TrainOptions, log: &mut dyn Write) -> Result<TrainReport> {
             } else {
                 state.evals_since_best += 1;
             }
-            writeln!(log, "epoch {}: val Dice {d:.4} (best {:.4})", state.epoch, state.best_val_dice.unwrap_or(d))?;
+            progress.println(log, &format!("epoch {}: val Dice {d:.4} (best {:.4})", state.epoch, state.best_val_dice.unwrap_or(d)))?;
             if let Some(path) = &opts.checkpoint {
                 state.params = snapshot(&tape)?;
                 state.save(path)?;
             }
             if state.evals_since_best >= opts.patience {
-                writeln!(log, "early stop: no improvement for {} epochs", opts.patience)?;
+                progress.println(log, &format!("early stop: no improvement for {} epochs", opts.patience))?;
                 break 'epochs;
             }
         }

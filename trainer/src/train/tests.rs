@@ -37,7 +37,7 @@ fn synthetic_tree(dir: &Path) {
 fn options(dir: &Path, output: &str) -> TrainOptions {
     TrainOptions {
         model: tiny_sam(),
-        data: crate::selection::Selection { root: dir.to_path_buf(), sets: vec![], limit: None, split: crate::eval::split::Split::All, test_share: 0.5 },
+        data: crate::selection::Selection { root: dir.to_path_buf(), sets: vec![], limit: None, split: crate::eval::split::Split::All, test_share: 0.5, slicing: Default::default() },
         output: dir.join(output),
         name: "tiny-test".into(),
         modality: "US".into(),
