@@ -14,6 +14,7 @@ use minisam_models::prompt::{BoxPrompt, Prompts};
 use minisam_models::sam::{ImageEmbedding, Segmenter};
 
 use super::cuda::BackendExtras;
+use super::eval_report;
 use crate::cli::EvalArgs;
 use crate::eval::protocol::{self, JitterBoxes, PromptKind};
 use crate::eval::split::Split;
@@ -153,9 +154,10 @@ fn run_on<B: BackendExtras>(args: &EvalArgs, plan: &eval::Plan, backend: B) -> R
         None => None,
     };
     let model = ProtocolModel { segmenter: &loaded.segmenter, cache };
-    let outcome = eval::execute(&model, plan, |line| {
+    let mut worst = eval_report::Worst::new(args);
+    let outcome = eval::execute_observed(&model, plan, |line| {
         eprintln!("{line}")
-    })?;
+    }, |scored| worst.observe(scored))?;
 
     report::write_csv_file(&args.out, &outcome.rows)?;
     let summary = report::summarize(&outcome.rows);
@@ -175,6 +177,7 @@ fn run_on<B: BackendExtras>(args: &EvalArgs, plan: &eval::Plan, backend: B) -> R
         eval::median(&outcome.encode_ms),
         eval::median(&outcome.decode_ms)
     );
+    eval_report::write(args, &loaded.description, &outcome, &names, reference.as_ref(), worst)?;
     Ok(())
 }
 

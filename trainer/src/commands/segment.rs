@@ -7,12 +7,13 @@ use anyhow::{Context, Result};
 use std::path::Path;
 
 use minisam_models::cuda::SelectedBackend;
-use minisam_models::image::RgbImage;
+use minisam_models::image::{Mask, RgbImage};
 use minisam_models::prompt::Prompts;
 
 use super::cuda::BackendExtras;
 use crate::cli::SegmentArgs;
 use crate::image_io::{self, MaskValue};
+use crate::overlay;
 use crate::runtime;
 
 pub fn run(args: &SegmentArgs) -> Result<()> {
@@ -81,6 +82,9 @@ fn run_on<B: BackendExtras>(args: &SegmentArgs, image: &RgbImage, prompts: &Prom
         MaskValue::Visible255
     };
     image_io::write_mask(&args.output, mask, value)?;
+    if let Some(path) = &args.overlay {
+        write_overlay(path, image, mask, prompts)?;
+    }
     println!(
         "mask: {} ({}x{}, {} px inside), predicted IoU {:.4}",
         args.output.display(),
@@ -110,6 +114,15 @@ fn run_on<B: BackendExtras>(args: &SegmentArgs, image: &RgbImage, prompts: &Prom
             println!("{line}");
         }
     }
+    Ok(())
+}
+
+/// The mask and prompts drawn over the image the engine saw, as an RGB PNG.
+fn write_overlay(path: &Path, image: &RgbImage, mask: &Mask, prompts: &Prompts) -> Result<()> {
+    let layers = overlay::Layers { prediction: mask, truth: None, prompts };
+    let picture = overlay::render(image, &layers, &overlay::Style::for_image(image.width, image.height))?;
+    image_io::write_rgb(path, &picture)?;
+    println!("overlay: {}", path.display());
     Ok(())
 }
 
