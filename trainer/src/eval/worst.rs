@@ -124,9 +124,15 @@ mod tests {
     #[test]
     fn ties_keep_the_earliest_and_zero_keeps_nothing() {
         let mut w = WorstTargets::new(2);
+        let mut made = 0;
         for i in 0..5 {
-            w.offer("s", 0.5, || Ok(i)).unwrap();
+            w.offer("s", 0.5, || {
+                made += 1;
+                Ok(i)
+            })
+            .unwrap();
         }
+        assert_eq!(made, 2, "a tie with the least bad kept is not drawn");
         let kept: Vec<usize> = w.into_worst_first()["s"].iter().map(|(_, i)| *i).collect();
         assert_eq!(kept, vec![0, 1]);
         let mut none = WorstTargets::new(0);
