@@ -84,7 +84,11 @@ pub fn render(image: &RgbImage, layers: &Layers, style: &Style) -> Result<RgbIma
     let pred = &layers.prediction.data;
     for (i, &v) in pred.iter().enumerate() {
         if v != 0 {
-            blend(&mut out.data[3 * i..3 * i + 3], style.fill, style.fill_alpha);
+            blend(
+                &mut out.data[3 * i..3 * i + 3],
+                style.fill,
+                style.fill_alpha,
+            );
         }
     }
     paint_where(&mut out, &contour(pred, w, h, style.stroke), style.contour);
@@ -223,7 +227,11 @@ mod tests {
                 u8::from((x0..=x1).contains(&x) && (y0..=y1).contains(&y))
             })
             .collect();
-        Mask { width: w, height: h, data }
+        Mask {
+            width: w,
+            height: h,
+            data,
+        }
     }
 
     fn at(img: &RgbImage, x: usize, y: usize) -> Rgb {
@@ -242,10 +250,19 @@ mod tests {
         let (w, h) = (24, 20);
         let image = gradient(w, h);
         let mask = rect_mask(w, h, (6, 5, 15, 12));
-        let prompts = Prompts::with_box(BoxPrompt { x0: 3.0, y0: 2.0, x1: 19.0, y1: 16.0 });
+        let prompts = Prompts::with_box(BoxPrompt {
+            x0: 3.0,
+            y0: 2.0,
+            x1: 19.0,
+            y1: 16.0,
+        });
         let style = Style::for_image(w, h);
         assert_eq!(style.stroke, 1);
-        let layers = Layers { prediction: &mask, truth: None, prompts: &prompts };
+        let layers = Layers {
+            prediction: &mask,
+            truth: None,
+            prompts: &prompts,
+        };
         let out = render(&image, &layers, &style).unwrap();
         for y in 0..h {
             for x in 0..w {
@@ -302,22 +319,51 @@ mod tests {
     fn truth_contour_points_and_wide_strokes() {
         let (w, h) = (1100, 40);
         let image = gradient(w, h);
-        let empty = Mask { width: w, height: h, data: vec![0; w * h] };
+        let empty = Mask {
+            width: w,
+            height: h,
+            data: vec![0; w * h],
+        };
         let truth = rect_mask(w, h, (100, 10, 200, 30));
         let prompts = Prompts {
-            boxes: vec![BoxPrompt { x0: 500.0, y0: 5.0, x1: 600.0, y1: 35.0 }],
+            boxes: vec![BoxPrompt {
+                x0: 500.0,
+                y0: 5.0,
+                x1: 600.0,
+                y1: 35.0,
+            }],
             points: vec![
-                Point { x: 20.0, y: 20.0, label: PointLabel::Foreground },
-                Point { x: 60.0, y: 20.0, label: PointLabel::Background },
+                Point {
+                    x: 20.0,
+                    y: 20.0,
+                    label: PointLabel::Foreground,
+                },
+                Point {
+                    x: 60.0,
+                    y: 20.0,
+                    label: PointLabel::Background,
+                },
             ],
         };
         let style = Style::for_image(w, h);
-        assert_eq!((style.stroke, style.point_radius), (3, 9), "1100 px wide: 3 px lines");
-        let layers = Layers { prediction: &empty, truth: Some(&truth), prompts: &prompts };
+        assert_eq!(
+            (style.stroke, style.point_radius),
+            (3, 9),
+            "1100 px wide: 3 px lines"
+        );
+        let layers = Layers {
+            prediction: &empty,
+            truth: Some(&truth),
+            prompts: &prompts,
+        };
         let out = render(&image, &layers, &style).unwrap();
         assert_eq!(at(&out, 100, 20), style.truth);
         assert_eq!(at(&out, 102, 20), style.truth, "3 px wide");
-        assert_eq!(at(&out, 103, 20), at(&image, 103, 20), "truth is not filled");
+        assert_eq!(
+            at(&out, 103, 20),
+            at(&image, 103, 20),
+            "truth is not filled"
+        );
         assert_eq!(at(&out, 502, 20), style.box_edge);
         assert_eq!(at(&out, 503, 20), at(&image, 503, 20));
         assert_eq!(at(&out, 20, 20), style.positive);
@@ -331,15 +377,49 @@ mod tests {
     #[test]
     fn boxes_past_the_edge_are_clamped_and_sizes_must_match() {
         let image = gradient(10, 8);
-        let empty = Mask { width: 10, height: 8, data: vec![0; 80] };
-        let prompts = Prompts::with_box(BoxPrompt { x0: -5.0, y0: 2.0, x1: 30.0, y1: 5.0 });
+        let empty = Mask {
+            width: 10,
+            height: 8,
+            data: vec![0; 80],
+        };
+        let prompts = Prompts::with_box(BoxPrompt {
+            x0: -5.0,
+            y0: 2.0,
+            x1: 30.0,
+            y1: 5.0,
+        });
         let style = Style::for_image(10, 8);
-        let out = render(&image, &Layers { prediction: &empty, truth: None, prompts: &prompts }, &style).unwrap();
+        let out = render(
+            &image,
+            &Layers {
+                prediction: &empty,
+                truth: None,
+                prompts: &prompts,
+            },
+            &style,
+        )
+        .unwrap();
         assert_eq!(at(&out, 0, 3), style.box_edge);
         assert_eq!(at(&out, 9, 3), style.box_edge);
         assert_eq!(at(&out, 4, 3), at(&image, 4, 3));
-        let small = Mask { width: 5, height: 8, data: vec![0; 40] };
-        let err = render(&image, &Layers { prediction: &small, truth: None, prompts: &prompts }, &style).unwrap_err();
-        assert!(err.to_string().contains("5x8") && err.to_string().contains("10x8"), "{err}");
+        let small = Mask {
+            width: 5,
+            height: 8,
+            data: vec![0; 40],
+        };
+        let err = render(
+            &image,
+            &Layers {
+                prediction: &small,
+                truth: None,
+                prompts: &prompts,
+            },
+            &style,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("5x8") && err.to_string().contains("10x8"),
+            "{err}"
+        );
     }
 }

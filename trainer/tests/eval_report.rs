@@ -35,7 +35,9 @@ fn tables<'a>(html: &'a str, open: &str) -> Vec<Vec<Vec<String>>> {
                 .map(|tr| {
                     tr.split("<td")
                         .skip(1)
-                        .map(|td| strip_tags(&td[td.find('>').unwrap() + 1..td.find("</td>").unwrap()]))
+                        .map(|td| {
+                            strip_tags(&td[td.find('>').unwrap() + 1..td.find("</td>").unwrap()])
+                        })
                         .collect()
                 })
                 .collect()
@@ -105,8 +107,14 @@ fn eval_report_on_the_tiny_fixtures() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);
     let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "eval failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(stdout.contains(&format!("report: {}", dir.join("index.html").display())), "{stdout}");
+    assert!(
+        run.status.success(),
+        "eval failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(
+        stdout.contains(&format!("report: {}", dir.join("index.html").display())),
+        "{stdout}"
+    );
     let html = std::fs::read_to_string(dir.join("index.html")).unwrap();
 
     // Self-contained: nothing fetched, nothing run.
@@ -116,9 +124,15 @@ fn eval_report_on_the_tiny_fixtures() {
         .chain(attribute_values(&html, "href"))
         .filter(|l| !l.starts_with('#'))
         .collect();
-    assert!(links.len() >= 2 + 2 * (3 + 5), "histograms and overlays (img + link each): {links:?}");
+    assert!(
+        links.len() >= 2 + 2 * (3 + 5),
+        "histograms and overlays (img + link each): {links:?}"
+    );
     for l in &links {
-        assert!(!l.contains("..") && !l.starts_with('/'), "{l} leaves the report folder");
+        assert!(
+            !l.contains("..") && !l.starts_with('/'),
+            "{l} leaves the report folder"
+        );
         assert!(dir.join(l).is_file(), "{l} is referenced but missing");
     }
     let svgs = links.iter().filter(|l| l.ends_with(".svg")).count();
@@ -151,7 +165,10 @@ fn eval_report_on_the_tiny_fixtures() {
     assert_eq!(bins.len(), 2);
     for (set_bins, (name, n, _)) in bins.iter().zip(&text_sets) {
         assert_eq!(set_bins.len(), 20);
-        let total: usize = set_bins.iter().map(|r| r[1].parse::<usize>().unwrap()).sum();
+        let total: usize = set_bins
+            .iter()
+            .map(|r| r[1].parse::<usize>().unwrap())
+            .sum();
         assert_eq!(total, *n, "histogram of {name}");
     }
 
@@ -165,16 +182,31 @@ fn eval_report_on_the_tiny_fixtures() {
             .map(|s| s[..s.find('<').unwrap()].parse().unwrap())
             .collect();
         assert_eq!(shown.len(), (*n).min(5), "overlays of {name}");
-        assert!(shown.windows(2).all(|w| w[0] <= w[1]), "worst first: {shown:?}");
+        assert!(
+            shown.windows(2).all(|w| w[0] <= w[1]),
+            "worst first: {shown:?}"
+        );
     }
-    let rows: Vec<f64> = csv.lines().skip(1).filter(|l| l.starts_with("us-tiny,")).map(|l| l.rsplit(',').next().unwrap().parse().unwrap()).collect();
+    let rows: Vec<f64> = csv
+        .lines()
+        .skip(1)
+        .filter(|l| l.starts_with("us-tiny,"))
+        .map(|l| l.rsplit(',').next().unwrap().parse().unwrap())
+        .collect();
     let mut sorted = rows.clone();
     sorted.sort_by(f64::total_cmp);
-    let shown: Vec<f64> = sections[1].split("<b>Dice ").skip(1).map(|s| s[..s.find('<').unwrap()].parse().unwrap()).collect();
+    let shown: Vec<f64> = sections[1]
+        .split("<b>Dice ")
+        .skip(1)
+        .map(|s| s[..s.find('<').unwrap()].parse().unwrap())
+        .collect();
     assert_eq!(rows.len(), 7);
     for (page, csv) in shown.iter().zip(&sorted[..5]) {
         // The page rounds to 4 decimals, the CSV to 6.
-        assert!((page - csv).abs() <= 0.5e-4 + 1e-6, "us-tiny shows its 5 lowest: {shown:?} vs {sorted:?}");
+        assert!(
+            (page - csv).abs() <= 0.5e-4 + 1e-6,
+            "us-tiny shows its 5 lowest: {shown:?} vs {sorted:?}"
+        );
     }
     std::fs::remove_dir_all(&out).unwrap();
 }

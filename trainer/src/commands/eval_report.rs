@@ -18,7 +18,11 @@ pub struct Worst(WorstTargets<WorstTarget>);
 
 impl Worst {
     pub fn new(args: &EvalArgs) -> Self {
-        Worst(WorstTargets::new(if args.report.is_some() { html::WORST_PER_SET } else { 0 }))
+        Worst(WorstTargets::new(if args.report.is_some() {
+            html::WORST_PER_SET
+        } else {
+            0
+        }))
     }
 
     pub fn observe(&mut self, s: &Scored) -> Result<()> {
@@ -45,7 +49,10 @@ pub fn write(
         .map(|(set, kept)| (set, kept.into_iter().map(|(_, t)| t).collect()))
         .collect();
     let mut facts = vec![
-        ("model", format!("{} ({model_description})", args.model.display())),
+        (
+            "model",
+            format!("{} ({model_description})", args.model.display()),
+        ),
         ("data", args.data.display().to_string()),
         ("prompt", args.prompt.name().to_string()),
         ("images", images_line(args)),
@@ -63,7 +70,13 @@ pub fn write(
     if let Some(a) = &args.adapter {
         facts.insert(1, ("adapter", a.display().to_string()));
     }
-    let page = html::Report { facts, rows: &outcome.rows, names, reference, worst: &worst };
+    let page = html::Report {
+        facts,
+        rows: &outcome.rows,
+        names,
+        reference,
+        worst: &worst,
+    };
     let index = html::write(dir, &page)?;
     println!("report: {}", index.display());
     Ok(())
@@ -77,6 +90,10 @@ fn images_line(args: &EvalArgs) -> String {
     };
     match args.split.split {
         Split::All => which,
-        side => format!("{which}, {side:?} side of the split (test share {})", args.split.test_share).to_lowercase(),
+        side => format!(
+            "{which}, {side:?} side of the split (test share {})",
+            args.split.test_share
+        )
+        .to_lowercase(),
     }
 }

@@ -16,7 +16,11 @@ pub fn bins(dice: &[f64]) -> [usize; BINS] {
     let mut counts = [0usize; BINS];
     for &d in dice {
         let i = (d * BINS as f64).floor();
-        let i = if i.is_nan() { 0 } else { (i.max(0.0) as usize).min(BINS - 1) };
+        let i = if i.is_nan() {
+            0
+        } else {
+            (i.max(0.0) as usize).min(BINS - 1)
+        };
         counts[i] += 1;
     }
     counts
@@ -30,11 +34,17 @@ pub fn bin_start(i: usize) -> f64 {
 /// The histogram as a standalone SVG document of `width` x `height` pixels.
 pub fn svg(title: &str, counts: &[usize; BINS], width: u32, height: u32) -> Result<String> {
     let mut out = String::new();
-    draw(&mut out, title, counts, (width, height)).map_err(|e| anyhow!("drawing the Dice histogram of {title}: {e}"))?;
+    draw(&mut out, title, counts, (width, height))
+        .map_err(|e| anyhow!("drawing the Dice histogram of {title}: {e}"))?;
     Ok(out)
 }
 
-fn draw(out: &mut String, title: &str, counts: &[usize; BINS], size: (u32, u32)) -> Result<(), Box<dyn std::error::Error>> {
+fn draw(
+    out: &mut String,
+    title: &str,
+    counts: &[usize; BINS],
+    size: (u32, u32),
+) -> Result<(), Box<dyn std::error::Error>> {
     let root = SVGBackend::with_string(out, size).into_drawing_area();
     root.fill(&WHITE)?;
     let top = counts.iter().copied().max().unwrap_or(0).max(1) as u32;
@@ -55,9 +65,18 @@ fn draw(out: &mut String, title: &str, counts: &[usize; BINS], size: (u32, u32))
         .draw()?;
     let bar = RGBColor(30, 144, 255).filled();
     let gap = 0.1 / BINS as f64;
-    chart.draw_series(counts.iter().enumerate().filter(|(_, &c)| c > 0).map(|(i, &c)| {
-        Rectangle::new([(bin_start(i) + gap, 0), (bin_start(i + 1) - gap, c as u32)], bar)
-    }))?;
+    chart.draw_series(
+        counts
+            .iter()
+            .enumerate()
+            .filter(|(_, &c)| c > 0)
+            .map(|(i, &c)| {
+                Rectangle::new(
+                    [(bin_start(i) + gap, 0), (bin_start(i + 1) - gap, c as u32)],
+                    bar,
+                )
+            }),
+    )?;
     root.present()?;
     Ok(())
 }

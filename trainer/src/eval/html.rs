@@ -36,12 +36,35 @@ pub struct WorstTarget {
 /// outlined in its own colour, the box prompt drawn.
 pub fn worst_target(s: &Scored) -> Result<WorstTarget> {
     let (w, h) = (s.truth.width, s.truth.height);
-    let truth = Mask { width: w, height: h, data: s.truth.labels.iter().map(|&l| u8::from(l == s.label)).collect() };
+    let truth = Mask {
+        width: w,
+        height: h,
+        data: s
+            .truth
+            .labels
+            .iter()
+            .map(|&l| u8::from(l == s.label))
+            .collect(),
+    };
     let prompts = Prompts::with_box(s.prompt);
-    let layers = Layers { prediction: s.prediction, truth: Some(&truth), prompts: &prompts };
-    let overlay = overlay::render(s.image, &layers, &Style::for_image(w, h))
-        .with_context(|| format!("overlay of set {}, image {}, label {}", s.set, s.image_name, s.label))?;
-    Ok(WorstTarget { image: s.image_name.to_string(), label: s.label, dice: s.dice, overlay })
+    let layers = Layers {
+        prediction: s.prediction,
+        truth: Some(&truth),
+        prompts: &prompts,
+    };
+    let overlay =
+        overlay::render(s.image, &layers, &Style::for_image(w, h)).with_context(|| {
+            format!(
+                "overlay of set {}, image {}, label {}",
+                s.set, s.image_name, s.label
+            )
+        })?;
+    Ok(WorstTarget {
+        image: s.image_name.to_string(),
+        label: s.label,
+        dice: s.dice,
+        overlay,
+    })
 }
 
 /// Everything the page shows.
@@ -62,14 +85,35 @@ pub fn write(dir: &Path, report: &Report) -> Result<PathBuf> {
     let summary = report::summarize(report.rows);
     let mut sections = String::new();
     for (i, (set, _)) in summary.per_set.iter().enumerate() {
-        let dice: Vec<f64> = report.rows.iter().filter(|r| &r.set == set).map(|r| r.dice).collect();
+        let dice: Vec<f64> = report
+            .rows
+            .iter()
+            .filter(|r| &r.set == set)
+            .map(|r| r.dice)
+            .collect();
         let stem = format!("{i:02}-{}", file_safe(set));
         let counts = histogram::bins(&dice);
         let hist = format!("hist/{stem}.svg");
-        write_file(dir, &hist, histogram::svg(set, &counts, 380, 230)?.as_bytes())?;
+        write_file(
+            dir,
+            &hist,
+            histogram::svg(set, &counts, 380, 230)?.as_bytes(),
+        )?;
         let mut figures = String::new();
-        for (rank, t) in report.worst.get(set).map(Vec::as_slice).unwrap_or(&[]).iter().enumerate() {
-            let png = format!("worst/{stem}/{}-{}-label{}.png", rank + 1, image_stem(&t.image), t.label);
+        for (rank, t) in report
+            .worst
+            .get(set)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+            .iter()
+            .enumerate()
+        {
+            let png = format!(
+                "worst/{stem}/{}-{}-label{}.png",
+                rank + 1,
+                image_stem(&t.image),
+                t.label
+            );
             let path = dir.join(&png);
             create_parent(&path)?;
             image_io::write_rgb(&path, &t.overlay)?;
@@ -160,7 +204,10 @@ fn ref_cells(reference: Option<&Reference>, ours: f64, theirs: Option<f64>) -> S
             } else {
                 ""
             };
-            format!("<td class=\"num\">{}</td><td class=\"num{class}\">{delta:+.4}</td>", num(r))
+            format!(
+                "<td class=\"num\">{}</td><td class=\"num{class}\">{delta:+.4}</td>",
+                num(r)
+            )
         }
     }
 }
@@ -180,7 +227,12 @@ fn set_table(report: &Report, summary: &Summary) -> String {
         ref_heads(r)
     );
     for (i, (set, m)) in summary.per_set.iter().enumerate() {
-        let dice: Vec<f64> = report.rows.iter().filter(|x| &x.set == set).map(|x| x.dice).collect();
+        let dice: Vec<f64> = report
+            .rows
+            .iter()
+            .filter(|x| &x.set == set)
+            .map(|x| x.dice)
+            .collect();
         let _ = writeln!(
             t,
             "<tr><td><a href=\"#set-{i}\">{}</a></td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>{}</tr>",
@@ -218,7 +270,12 @@ fn label_table(report: &Report, summary: &Summary) -> String {
         ref_heads(r)
     );
     for (set, label, m) in &summary.per_label {
-        let dice: Vec<f64> = report.rows.iter().filter(|x| &x.set == set && x.label == *label).map(|x| x.dice).collect();
+        let dice: Vec<f64> = report
+            .rows
+            .iter()
+            .filter(|x| &x.set == set && x.label == *label)
+            .map(|x| x.dice)
+            .collect();
         let theirs = r.and_then(|r| r.per_label.get(&(set.clone(), *label)).copied());
         let _ = writeln!(
             t,
@@ -280,7 +337,13 @@ fn esc(s: &str) -> String {
 fn file_safe(name: &str) -> String {
     let safe: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     safe.trim_start_matches('.').to_string()
 }
@@ -296,7 +359,8 @@ fn image_stem(name: &str) -> String {
 
 fn create_parent(path: &Path) -> Result<()> {
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("cannot create the report folder {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create the report folder {}", parent.display()))?;
     }
     Ok(())
 }
@@ -312,7 +376,12 @@ mod tests {
     use super::*;
 
     fn row(set: &str, image: &str, label: u16, dice: f64) -> Row {
-        Row { set: set.into(), image: image.into(), label, dice }
+        Row {
+            set: set.into(),
+            image: image.into(),
+            label,
+            dice,
+        }
     }
 
     fn temp(tag: &str) -> PathBuf {
@@ -323,7 +392,9 @@ mod tests {
 
     /// The cells of the table with `id`, tags stripped (entities kept), row by row.
     fn table_cells(html: &str, id: &str) -> Vec<Vec<String>> {
-        let start = html.find(&format!("<table id=\"{id}\">")).expect("table present");
+        let start = html
+            .find(&format!("<table id=\"{id}\">"))
+            .expect("table present");
         let body = &html[start..start + html[start..].find("</table>").unwrap()];
         body.split("<tr")
             .skip(2)
@@ -351,26 +422,64 @@ mod tests {
 
     #[test]
     fn tables_match_the_summary_and_the_reference() {
-        let rows = [row("b<&>", "1.png", 1, 0.9), row("b<&>", "2.png", 1, 0.5), row("b<&>", "2.png", 2, 0.1), row("a", "x.png", 1, 0.8)];
+        let rows = [
+            row("b<&>", "1.png", 1, 0.9),
+            row("b<&>", "2.png", 1, 0.5),
+            row("b<&>", "2.png", 2, 0.1),
+            row("a", "x.png", 1, 0.8),
+        ];
         let md = "## Tree `t`\n\n| dataset | n | litemedsam box |\n|---|---|---|\n| a | 1 | 0.7000 |\n\n\
                   | dataset | label | n | litemedsam box |\n|---|---|---|---|\n| a | 1 x | 1 | 0.75 |\n";
         let reference = Reference::parse(md, "t", "litemedsam box").unwrap();
         let names = HashMap::from([(("b<&>".to_string(), 2), "tumour".to_string())]);
         let worst = HashMap::new();
         let dir = temp("tables");
-        let report = Report { facts: vec![("model", "m.msam".into())], rows: &rows, names: &names, reference: Some(&reference), worst: &worst };
+        let report = Report {
+            facts: vec![("model", "m.msam".into())],
+            rows: &rows,
+            names: &names,
+            reference: Some(&reference),
+            worst: &worst,
+        };
         let index = write(&dir, &report).unwrap();
         let html = std::fs::read_to_string(index).unwrap();
         let sets = table_cells(&html, "sets");
-        assert_eq!(sets[0], ["b&lt;&amp;&gt;", "3", "0.5000", "0.5000", "–", "–"].map(String::from));
-        assert_eq!(sets[1], ["a", "1", "0.8000", "0.8000", "0.7000", "+0.1000"].map(String::from));
-        assert_eq!(sets[2][..4], ["ALL (targets)", "4", "0.5750", "0.6500"].map(String::from));
+        assert_eq!(
+            sets[0],
+            ["b&lt;&amp;&gt;", "3", "0.5000", "0.5000", "–", "–"].map(String::from)
+        );
+        assert_eq!(
+            sets[1],
+            ["a", "1", "0.8000", "0.8000", "0.7000", "+0.1000"].map(String::from)
+        );
+        assert_eq!(
+            sets[2][..4],
+            ["ALL (targets)", "4", "0.5750", "0.6500"].map(String::from)
+        );
         assert_eq!(sets[2][4], "–", "a partial tree has no ALL reference");
-        assert_eq!(sets[3][..3], ["ALL (datasets)", "", "0.6500"].map(String::from));
+        assert_eq!(
+            sets[3][..3],
+            ["ALL (datasets)", "", "0.6500"].map(String::from)
+        );
         let labels = table_cells(&html, "labels");
-        assert_eq!(labels[1], ["b&lt;&amp;&gt;", "2 tumour", "1", "0.1000", "0.1000", "–", "–"].map(String::from));
+        assert_eq!(
+            labels[1],
+            [
+                "b&lt;&amp;&gt;",
+                "2 tumour",
+                "1",
+                "0.1000",
+                "0.1000",
+                "–",
+                "–"
+            ]
+            .map(String::from)
+        );
         assert_eq!(labels[2][5..], ["0.7500", "+0.0500"].map(String::from));
-        assert!(html.contains("b&lt;&amp;&gt;") && !html.contains("b<&>"), "names are escaped");
+        assert!(
+            html.contains("b&lt;&amp;&gt;") && !html.contains("b<&>"),
+            "names are escaped"
+        );
         assert!(dir.join("hist/00-b___.svg").is_file() && dir.join("hist/01-a.svg").is_file());
         std::fs::remove_dir_all(&dir).unwrap();
     }

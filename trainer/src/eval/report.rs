@@ -194,10 +194,17 @@ fn fmt_ref(r: Option<&Reference>, v: Option<f64>) -> String {
 
 /// The reference when its ALL rows compare with `summary`'s: they are over its whole tree, so
 /// only when every one of its sets was run, and no other.
-pub fn whole_tree_reference<'r>(summary: &Summary, reference: Option<&'r Reference>) -> Option<&'r Reference> {
+pub fn whole_tree_reference<'r>(
+    summary: &Summary,
+    reference: Option<&'r Reference>,
+) -> Option<&'r Reference> {
     reference.filter(|r| {
         let ref_sets = r.per_set.keys().filter(|k| !k.starts_with("ALL")).count();
-        ref_sets == summary.per_set.len() && summary.per_set.iter().all(|(s, _)| r.per_set.contains_key(s))
+        ref_sets == summary.per_set.len()
+            && summary
+                .per_set
+                .iter()
+                .all(|(s, _)| r.per_set.contains_key(s))
     })
 }
 

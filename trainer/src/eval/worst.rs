@@ -49,7 +49,11 @@ pub struct WorstTargets<T> {
 
 impl<T> WorstTargets<T> {
     pub fn new(keep: usize) -> Self {
-        WorstTargets { keep, arrivals: 0, sets: HashMap::new() }
+        WorstTargets {
+            keep,
+            arrivals: 0,
+            sets: HashMap::new(),
+        }
     }
 
     /// Would a target of `set` scoring `dice` be kept now?
@@ -57,7 +61,11 @@ impl<T> WorstTargets<T> {
         if self.keep == 0 {
             return false;
         }
-        match self.sets.get(set).and_then(|h| h.peek().map(|top| (h.len(), top.dice))) {
+        match self
+            .sets
+            .get(set)
+            .and_then(|h| h.peek().map(|top| (h.len(), top.dice)))
+        {
             Some((len, least_bad)) if len >= self.keep => dice.total_cmp(&least_bad).is_lt(),
             _ => true,
         }
@@ -71,7 +79,11 @@ impl<T> WorstTargets<T> {
             return Ok(());
         }
         let heap = self.sets.entry(set.to_string()).or_default();
-        heap.push(Kept { dice, arrival, item: make()? });
+        heap.push(Kept {
+            dice,
+            arrival,
+            item: make()?,
+        });
         if heap.len() > self.keep {
             heap.pop();
         }
@@ -83,7 +95,11 @@ impl<T> WorstTargets<T> {
         self.sets
             .into_iter()
             .map(|(set, heap)| {
-                let list = heap.into_sorted_vec().into_iter().map(|k| (k.dice, k.item)).collect();
+                let list = heap
+                    .into_sorted_vec()
+                    .into_iter()
+                    .map(|k| (k.dice, k.item))
+                    .collect();
                 (set, list)
             })
             .collect()
@@ -99,7 +115,9 @@ mod tests {
         let mut w = WorstTargets::new(3);
         let mut made = 0;
         // A deterministic shuffle of 0..50 in two sets.
-        let scores: Vec<(usize, f64)> = (0..100).map(|i| (i % 2, ((i * 37) % 100) as f64 / 100.0)).collect();
+        let scores: Vec<(usize, f64)> = (0..100)
+            .map(|i| (i % 2, ((i * 37) % 100) as f64 / 100.0))
+            .collect();
         for (i, (set, dice)) in scores.iter().enumerate() {
             let set = ["a", "b"][*set];
             w.offer(set, *dice, || {
@@ -111,7 +129,11 @@ mod tests {
         assert!(made < 40, "{made} items made for 100 offers of 3-of-50");
         let kept = w.into_worst_first();
         for (set, parity) in [("a", 0), ("b", 1)] {
-            let mut all: Vec<f64> = scores.iter().filter(|(s, _)| *s == parity).map(|(_, d)| *d).collect();
+            let mut all: Vec<f64> = scores
+                .iter()
+                .filter(|(s, _)| *s == parity)
+                .map(|(_, d)| *d)
+                .collect();
             all.sort_by(f64::total_cmp);
             let got: Vec<f64> = kept[set].iter().map(|(d, _)| *d).collect();
             assert_eq!(got, all[..3], "set {set}");
@@ -136,7 +158,8 @@ mod tests {
         let kept: Vec<usize> = w.into_worst_first()["s"].iter().map(|(_, i)| *i).collect();
         assert_eq!(kept, vec![0, 1]);
         let mut none = WorstTargets::new(0);
-        none.offer("s", 0.0, || -> Result<()> { panic!("made with keep 0") }).unwrap();
+        none.offer("s", 0.0, || -> Result<()> { panic!("made with keep 0") })
+            .unwrap();
         assert!(none.into_worst_first().is_empty());
     }
 
