@@ -56,8 +56,11 @@ fn attribute_values(html: &str, attr: &str) -> Vec<String> {
         .collect()
 }
 
-/// The text summary's two tables: (name columns, n, dice) per row, split at the blank line.
-fn text_tables(stdout: &str) -> (Vec<(String, usize, String)>, Vec<(String, usize, String)>) {
+/// A row of the text summary: its name columns joined, n, and the Dice as printed.
+type TextRow = (String, usize, String);
+
+/// The text summary's two tables (per set, per label), split at the blank line.
+fn text_tables(stdout: &str) -> (Vec<TextRow>, Vec<TextRow>) {
     let mut per_set = Vec::new();
     let mut per_label = Vec::new();
     let mut second = false;

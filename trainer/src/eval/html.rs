@@ -118,10 +118,10 @@ pub fn write(dir: &Path, report: &Report) -> Result<PathBuf> {
             create_parent(&path)?;
             image_io::write_rgb(&path, &t.overlay)?;
             let name = label_name(report.names, set, t.label);
-            let _ = write!(
+            let _ = writeln!(
                 figures,
                 "<figure><a href=\"{png}\"><img src=\"{png}\" alt=\"overlay of {alt}\"></a>\
-                 <figcaption><b>Dice {:.4}</b><br>{} · {}</figcaption></figure>\n",
+                 <figcaption><b>Dice {:.4}</b><br>{} · {}</figcaption></figure>",
                 t.dice,
                 esc(&t.image),
                 esc(&name),
