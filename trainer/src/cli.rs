@@ -295,6 +295,10 @@ pub struct SegmentArgs {
     /// Write the mask as 0/1 instead of 0/255 (the reference's golden mask files).
     #[arg(long = "mask-01")]
     pub mask_01: bool,
+    /// Also write an RGB PNG of the image as the engine saw it with the mask filled and outlined
+    /// and the prompts drawn (box; positive points green, negative red).
+    #[arg(long, value_name = "FILE")]
+    pub overlay: Option<PathBuf>,
     /// Ask the decoder for 3 masks and keep the one with the best predicted IoU.
     #[arg(long)]
     pub multimask: bool,
@@ -350,6 +354,10 @@ pub struct EvalArgs {
     /// the per-target CSV is written either way.
     #[arg(long)]
     pub json: bool,
+    /// Write an HTML report to DIR/index.html: Dice tables per set and label, a Dice histogram
+    /// per set, overlays of each set's 5 worst targets. Self-contained (no network).
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
 }
 
 /// The images of a data tree a training command reads (`selection::Selection`).

@@ -3,7 +3,7 @@
 //!
 //! Layout: `cli` parses, `commands::*` run one subcommand each, `eval` holds the evaluation
 //! protocol independent of any model, `image_io`/`dicom`/`nifti_io` turn files into the protocol's 3-channel
-//! uint8 image, `onnx` (feature `onnx`) imports and cross-checks ONNX exports through tract,
+//! uint8 image, `overlay` draws masks and prompts over an image for people, `onnx` (feature `onnx`) imports and cross-checks ONNX exports through tract,
 //! `runtime` holds process facts
 //! (model path, peak memory).
 
@@ -19,6 +19,7 @@ pub mod image_io;
 pub mod nifti_io;
 #[cfg(feature = "onnx")]
 pub mod onnx;
+pub mod overlay;
 pub mod progress;
 pub mod runtime;
 pub mod selection;

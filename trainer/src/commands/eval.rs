@@ -14,6 +14,7 @@ use minisam_models::prompt::{BoxPrompt, Prompts};
 use minisam_models::sam::{ImageEmbedding, Segmenter};
 
 use super::cuda::BackendExtras;
+use super::eval_report;
 use crate::cli::EvalArgs;
 use crate::eval::protocol::{self, JitterBoxes, PromptKind};
 use crate::eval::split::Split;
@@ -159,11 +160,17 @@ fn run_on<B: BackendExtras>(args: &EvalArgs, plan: &eval::Plan, backend: B) -> R
     let images = plan.images.iter().filter(|i| !i.targets.is_empty()).count() as u64;
     let mut progress = Progress::new(progress::Mode::for_stderr(), "eval", images, Duration::ZERO);
     let mut done = 0;
-    let outcome = eval::execute(&model, plan, |line| {
-        done += 1;
-        // A line that cannot be written (closed stderr) must not stop the evaluation.
-        let _ = progress.item(&mut std::io::stderr(), done, line);
-    })?;
+    let mut worst = eval_report::Worst::new(args);
+    let outcome = eval::execute_observed(
+        &model,
+        plan,
+        |line| {
+            done += 1;
+            // A line that cannot be written (closed stderr) must not stop the evaluation.
+            let _ = progress.item(&mut std::io::stderr(), done, line);
+        },
+        |scored| worst.observe(scored),
+    )?;
     progress.finish();
 
     report::write_csv_file(&args.out, &outcome.rows)?;
@@ -189,6 +196,7 @@ fn run_on<B: BackendExtras>(args: &EvalArgs, plan: &eval::Plan, backend: B) -> R
         eval::median(&outcome.encode_ms),
         eval::median(&outcome.decode_ms)
     );
+    eval_report::write(args, &loaded.description, &outcome, &names, reference.as_ref(), worst)?;
     Ok(())
 }
 

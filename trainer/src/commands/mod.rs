@@ -4,6 +4,7 @@ pub mod convert;
 pub mod cuda;
 pub mod distill;
 pub mod eval;
+pub mod eval_report;
 pub mod inspect;
 pub mod model;
 pub mod onnx_check;

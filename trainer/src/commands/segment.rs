@@ -7,12 +7,13 @@ use anyhow::{Context, Result};
 use std::path::Path;
 
 use minisam_models::cuda::SelectedBackend;
-use minisam_models::image::RgbImage;
+use minisam_models::image::{Mask, RgbImage};
 use minisam_models::prompt::Prompts;
 
 use super::cuda::BackendExtras;
 use crate::cli::SegmentArgs;
 use crate::image_io::{self, MaskValue};
+use crate::overlay;
 use crate::runtime;
 
 pub fn run(args: &SegmentArgs) -> Result<()> {
@@ -87,6 +88,9 @@ fn run_on<B: BackendExtras>(args: &SegmentArgs, image: &RgbImage, prompts: &Prom
         MaskValue::Visible255
     };
     image_io::write_mask(&args.output, mask, value)?;
+    if let Some(path) = &args.overlay {
+        write_overlay(path, image, mask, prompts)?;
+    }
     let backend_name = loaded.segmenter.backend().name();
     if args.json {
         let report = serde_json::json!({
@@ -99,6 +103,7 @@ fn run_on<B: BackendExtras>(args: &SegmentArgs, image: &RgbImage, prompts: &Prom
             "model_description": loaded.description,
             "adapter": args.adapter.as_ref().map(|p| p.display().to_string()),
             "mask": args.output.display().to_string(),
+            "overlay": args.overlay.as_ref().map(|p| p.display().to_string()),
             "mask_pixels": mask.area(),
             "iou": seg.iou[best],
             "ious": seg.iou,
@@ -140,6 +145,15 @@ fn run_on<B: BackendExtras>(args: &SegmentArgs, image: &RgbImage, prompts: &Prom
             println!("{line}");
         }
     }
+    Ok(())
+}
+
+/// The mask and prompts drawn over the image the engine saw, as an RGB PNG.
+fn write_overlay(path: &Path, image: &RgbImage, mask: &Mask, prompts: &Prompts) -> Result<()> {
+    let layers = overlay::Layers { prediction: mask, truth: None, prompts };
+    let picture = overlay::render(image, &layers, &overlay::Style::for_image(image.width, image.height))?;
+    image_io::write_rgb(path, &picture)?;
+    println!("overlay: {}", path.display());
     Ok(())
 }
 

@@ -6,10 +6,13 @@
 //! behind [`BoxSegmenter`] so the whole loop is tested with a fake model.
 
 pub mod dice;
+pub mod histogram;
+pub mod html;
 pub mod protocol;
 pub mod report;
 pub mod split;
 pub mod volume_sets;
+pub mod worst;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,6 +22,7 @@ use anyhow::{bail, Context, Result};
 use minisam_models::image::{Mask, RgbImage};
 use minisam_models::prompt::BoxPrompt;
 
+use crate::image_io::LabelMask;
 use protocol::{JitterBoxes, PromptKind, SetDir, Target};
 use report::Row;
 use split::Split;
@@ -136,11 +140,32 @@ pub struct Outcome {
     pub decode_ms: Vec<f64>,
 }
 
+/// One scored target with everything that made its score, lent to an observer of [`execute_observed`]
+/// (the report keeps the worst ones' pictures) for the time of the call.
+pub struct Scored<'a> {
+    pub set: &'a str,
+    pub image_name: &'a str,
+    /// The image as the model saw it.
+    pub image: &'a RgbImage,
+    /// The image's label mask; the target is `label`.
+    pub truth: &'a LabelMask,
+    pub label: u16,
+    pub prompt: BoxPrompt,
+    pub prediction: &'a Mask,
+    pub dice: f64,
+}
+
 /// Encodes each image with targets once and scores each target; `progress` gets one line per image.
-pub fn execute<M: BoxSegmenter>(
+pub fn execute<M: BoxSegmenter>(model: &M, plan: &Plan, progress: impl FnMut(&str)) -> Result<Outcome> {
+    execute_observed(model, plan, progress, |_| Ok(()))
+}
+
+/// [`execute`], showing each scored target to `observe` as it is scored (an error stops the run).
+pub fn execute_observed<M: BoxSegmenter>(
     model: &M,
     plan: &Plan,
     mut progress: impl FnMut(&str),
+    mut observe: impl FnMut(&Scored) -> Result<()>,
 ) -> Result<Outcome> {
     let mut out = Outcome::default();
     let total = plan.images.len();
@@ -176,6 +201,16 @@ pub fn execute<M: BoxSegmenter>(
             out.decode_ms.push(t1.elapsed().as_secs_f64() * 1e3);
             let d = dice::dice(&pred.data, &mask.labels, t.label).with_context(context)?;
             line.push_str(&format!(" label {} dice {d:.4}", t.label));
+            observe(&Scored {
+                set: &set.name,
+                image_name: &ip.image,
+                image: &image,
+                truth: &mask,
+                label: t.label,
+                prompt: *prompt,
+                prediction: &pred,
+                dice: d,
+            })?;
             out.rows.push(Row {
                 set: set.name.clone(),
                 image: ip.image.clone(),
@@ -454,6 +489,38 @@ mod tests {
             .unwrap_err()
         );
         assert!(err.contains("4x4") && err.contains("8x8"), "{err}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn the_observer_sees_each_scored_target_with_what_made_its_score() {
+        let root = tree("observe");
+        let opts = EvalOptions {
+            data: &root,
+            prompt: PromptKind::Box,
+            jitter: None,
+            limit: None,
+            split: Split::All,
+            test_share: split::DEFAULT_TEST_SHARE,
+            slicing: volume_sets::Slicing::default(),
+        };
+        let p = plan(&opts).unwrap();
+        let model = BoxFiller { encodes: Cell::new(0) };
+        let mut seen = Vec::new();
+        let out = execute_observed(&model, &p, |_| {}, |s| {
+            let recomputed = dice::dice(&s.prediction.data, &s.truth.labels, s.label)?;
+            assert_eq!(recomputed, s.dice);
+            assert_eq!((s.image.width, s.image.height), (s.truth.width, s.truth.height));
+            let inside = s.prediction.data[s.prompt.y0 as usize * 8 + s.prompt.x0 as usize];
+            assert_eq!(inside, 1, "the prediction is the one made from this prompt");
+            seen.push((s.set.to_string(), s.image_name.to_string(), s.label, s.dice));
+            Ok(())
+        })
+        .unwrap();
+        let rows: Vec<_> = out.rows.iter().map(|r| (r.set.clone(), r.image.clone(), r.label, r.dice)).collect();
+        assert_eq!(seen, rows);
+        let err = execute_observed(&model, &p, |_| {}, |_| anyhow::bail!("disk full")).unwrap_err();
+        assert!(format!("{err:#}").contains("disk full"));
         std::fs::remove_dir_all(&root).unwrap();
     }
 

@@ -192,6 +192,22 @@ fn fmt_ref(r: Option<&Reference>, v: Option<f64>) -> String {
     }
 }
 
+/// The reference when its ALL rows compare with `summary`'s: they are over its whole tree, so
+/// only when every one of its sets was run, and no other.
+pub fn whole_tree_reference<'r>(
+    summary: &Summary,
+    reference: Option<&'r Reference>,
+) -> Option<&'r Reference> {
+    reference.filter(|r| {
+        let ref_sets = r.per_set.keys().filter(|k| !k.starts_with("ALL")).count();
+        ref_sets == summary.per_set.len()
+            && summary
+                .per_set
+                .iter()
+                .all(|(s, _)| r.per_set.contains_key(s))
+    })
+}
+
 /// The printed summary. `names` maps (set, label) to the label's name from labels.json.
 pub fn render(
     summary: &Summary,
@@ -219,15 +235,7 @@ pub fn render(
             fmt_ref(reference, rv)
         );
     }
-    // The reference's ALL rows are over its whole tree: only comparable when we ran every set.
-    let whole_tree = reference.filter(|r| {
-        let ref_sets = r.per_set.keys().filter(|k| !k.starts_with("ALL")).count();
-        ref_sets == summary.per_set.len()
-            && summary
-                .per_set
-                .iter()
-                .all(|(s, _)| r.per_set.contains_key(s))
-    });
+    let whole_tree = whole_tree_reference(summary, reference);
     let at = whole_tree.and_then(|r| r.per_set.get("ALL (targets)").copied());
     let ad = whole_tree.and_then(|r| r.per_set.get("ALL (datasets)").copied());
     let _ = writeln!(
