@@ -102,6 +102,12 @@ impl CpuBackend {
         self.buffers.take(len)
     }
 
+    /// An output buffer from the pool for an op whose kernel writes every element: not zeroed
+    /// (`BufferPool::take_for_overwrite`).
+    fn buffer_for_overwrite(&self, len: usize) -> Vec<f32> {
+        self.buffers.take_for_overwrite(len)
+    }
+
     /// A pooled tensor, if `data` holds exactly the elements `shape` needs.
     fn tensor(&self, shape: Vec<usize>, data: Vec<f32>) -> Result<CpuTensor> {
         let mut t = CpuTensor::new(shape, data)?;
@@ -111,7 +117,7 @@ impl CpuBackend {
 
     /// A pooled copy of `src`.
     fn copy_of(&self, shape: &[usize], src: &[f32]) -> Result<CpuTensor> {
-        let mut data = self.buffer(src.len());
+        let mut data = self.buffer_for_overwrite(src.len());
         data.copy_from_slice(src);
         self.tensor(shape.to_vec(), data)
     }
@@ -186,15 +192,26 @@ fn add_broadcast(be: &CpuBackend, op: &str, a: &CpuTensor, b_shape: &[usize], b:
     if b_shape.len() > a.shape.len() || a.shape[a.shape.len() - b_shape.len()..] != *b_shape {
         return Err(Error::Shape(format!("{op}: shape {b_shape:?} is not a suffix of {:?}", a.shape)));
     }
-    let mut out = be.copy_of(&a.shape, &a.data)?;
-    if !b.is_empty() {
-        out.data.par_chunks_mut(b.len()).for_each(|chunk| {
-            for (x, &y) in chunk.iter_mut().zip(b) {
-                *x += y;
-            }
-        });
+    if b.is_empty() {
+        return be.copy_of(&a.shape, &a.data);
     }
-    Ok(out)
+    // One pass writing `a + b` (a copy of `a` followed by `+= b` read and wrote it twice), in
+    // fixed-size chunks so that a same-shape add (the residuals) is split over the threads too.
+    const CHUNK: usize = 1 << 14;
+    let period = b.len();
+    let mut out = be.buffer_for_overwrite(a.data.len());
+    out.par_chunks_mut(CHUNK).zip(a.data.par_chunks(CHUNK)).enumerate().for_each(|(chunk, (dst, src))| {
+        let (mut done, mut j) = (0, (chunk * CHUNK) % period);
+        while done < dst.len() {
+            let len = (period - j).min(dst.len() - done);
+            for ((d, &x), &y) in dst[done..done + len].iter_mut().zip(&src[done..done + len]).zip(&b[j..j + len]) {
+                *d = x + y;
+            }
+            done += len;
+            j = 0;
+        }
+    });
+    be.tensor(a.shape.clone(), out)
 }
 
 /// Row-major strides of `shape`.
@@ -222,7 +239,7 @@ fn permute_tensor(be: &CpuBackend, t: &CpuTensor, perm: &[usize]) -> Result<CpuT
     if rank == 0 || t.data.is_empty() {
         return be.copy_of(&out_shape, &t.data);
     }
-    let mut data = be.buffer(t.data.len());
+    let mut data = be.buffer_for_overwrite(t.data.len());
     let inner = out_shape[rank - 1];
     let inner_stride = src_strides[rank - 1];
     data.par_chunks_mut(inner).enumerate().for_each(|(row, dst)| {
@@ -401,7 +418,7 @@ impl Backend for CpuBackend {
         }
         let mut shape = x.shape.clone();
         *shape.last_mut().unwrap() = n;
-        let mut out = self.buffer(m * n);
+        let mut out = self.buffer_for_overwrite(m * n);
         self.run(|| gemm::linear(&x.data, m, k, w.matrix(), n, bias.map(|b| &b.data[..]), kernel_activation(act), &mut out));
         self.tensor(shape, out)
     }
@@ -446,7 +463,7 @@ impl Backend for CpuBackend {
         if sb[0] != batch || b_k != k {
             return Err(Error::Shape(format!("matmul: {sa:?} by {sb:?} (transpose_b = {transpose_b})")));
         }
-        let mut out = self.buffer(batch * m * n);
+        let mut out = self.buffer_for_overwrite(batch * m * n);
         self.run(|| gemm::matmul(&a.data, &b.data, batch, m, k, n, transpose_b, &mut out));
         self.tensor(vec![batch, m, n], out)
     }
@@ -467,7 +484,7 @@ impl Backend for CpuBackend {
             }
         }
         let (oh, ow) = (conv::output_size(h, kh, stride, padding), conv::output_size(wd, kw, stride, padding));
-        let mut out = self.buffer(batch * c_out * oh * ow);
+        let mut out = self.buffer_for_overwrite(batch * c_out * oh * ow);
         self.run(|| {
             let bias = bias.map(|b| &b.data[..]);
             conv::conv2d(&x.data, batch, c_in, h, wd, w.matrix(), c_out, kh, kw, bias, stride, padding, groups, kernel_activation(act), &mut out)
@@ -498,7 +515,7 @@ impl Backend for CpuBackend {
         if gamma.shape != [dim] || beta.shape != [dim] {
             return Err(Error::Shape(format!("layer_norm: input {:?}, gamma {:?}, beta {:?}", x.shape, gamma.shape, beta.shape)));
         }
-        let mut out = self.buffer(x.data.len());
+        let mut out = self.buffer_for_overwrite(x.data.len());
         self.run(|| norm::layer_norm(&x.data, rows, dim, &gamma.data, &beta.data, eps, &mut out));
         self.tensor(x.shape.clone(), out)
     }
@@ -509,7 +526,7 @@ impl Backend for CpuBackend {
         if gamma.shape != [channels] || beta.shape != [channels] {
             return Err(Error::Shape(format!("layer_norm_nchw: input {xs:?}, gamma {:?}, beta {:?}", gamma.shape, beta.shape)));
         }
-        let mut out = self.buffer(x.data.len());
+        let mut out = self.buffer_for_overwrite(x.data.len());
         self.run(|| norm::layer_norm_channels(&x.data, batch, channels, spatial, &gamma.data, &beta.data, eps, &mut out));
         self.tensor(x.shape.clone(), out)
     }
@@ -543,7 +560,7 @@ impl Backend for CpuBackend {
             return Err(Error::Shape(format!("attention: q {qs:?}, k {ks:?}, v {:?}", v.shape)));
         }
         let bias = attention_bias(&bias, bh, nq, nk)?;
-        let mut out = self.buffer(bh * nq * d);
+        let mut out = self.buffer_for_overwrite(bh * nq * d);
         self.run(|| attention::attention(&q.data, &k.data, &v.data, bh, nq, nk, d, scale, bias, &mut out));
         self.tensor(q.shape.clone(), out)
     }
@@ -675,6 +692,16 @@ mod tests {
     fn add_broadcasts_suffix_shapes() {
         let mut rng = rng();
         let be = backend();
+        // The large shape spans several of the add's chunks, with chunk edges inside a period.
+        let large = random_tensor(&mut rng, &[5, 3001, 7]);
+        for b_shape in [vec![5, 3001, 7], vec![3001, 7], vec![7], vec![]] {
+            let b = random_tensor(&mut rng, &b_shape);
+            let sum = be.add(&large, &b).unwrap();
+            assert_eq!(sum.shape, large.shape);
+            for (i, &value) in sum.data.iter().enumerate() {
+                assert_eq!(value, large.data[i] + b.data[i % b.data.len()], "b {b_shape:?} at {i}");
+            }
+        }
         let a = random_tensor(&mut rng, &[2, 3, 4]);
         for b_shape in [vec![2, 3, 4], vec![3, 4], vec![4], vec![]] {
             let b = random_tensor(&mut rng, &b_shape);
