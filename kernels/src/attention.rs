@@ -16,6 +16,9 @@ use rayon::prelude::*;
 use crate::fastmath::exp_nonpositive;
 use crate::simd::Isa;
 
+#[cfg(target_arch = "x86_64")]
+mod small_avx512;
+
 /// Queries per task.
 const QUERY_BLOCK: usize = 32;
 /// Keys per online-softmax step.
@@ -70,6 +73,13 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], bh: usize, nq: usize, nk: usiz
 // q is [bh, nq, d], k and v are [bh, nk, d], out is [bh, nq, d] (shapes already checked, d > 0).
 #[allow(clippy::too_many_arguments)]
 fn run_tasks(q: &[f32], k: &[f32], v: &[f32], nq: usize, nk: usize, d: usize, scale: f32, bias: Bias, isa: Isa, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && (1..=small_avx512::MAX_KEYS).contains(&nk) {
+        // SAFETY: `isa` is one the CPU supports; the shapes were checked by `attention`, d > 0
+        // since `out` is not empty.
+        unsafe { small_avx512::attention(q, k, v, nq, nk, d, scale, bias, out) };
+        return;
+    }
     out.par_chunks_mut(nq * d).enumerate().for_each(|(b, out_b)| {
         out_b.par_chunks_mut(QUERY_BLOCK * d).enumerate().for_each_init(Scratch::default, |scratch, (block, out_block)| {
             let task = Task {
@@ -400,6 +410,42 @@ mod tests {
             run_tasks(&q, &k, &v, nq, nk, d, 0.3, Bias::None, isa, &mut out);
             let err = relative_error(&out, &reference);
             assert!(err <= 1e-5, "{isa:?}: relative error {err}");
+        }
+    }
+
+    /// The AVX-512 short-key path against the f64 reference and against the online path, on
+    /// key counts around its 16-lane chunks and its limit, head sizes with ragged chunks, and
+    /// both bias kinds (the online path is forced by naming the portable build).
+    #[test]
+    fn short_key_path_matches_naive_and_online_on_edge_shapes() {
+        if !crate::simd::supported().contains(&Isa::Avx512) {
+            eprintln!("SKIP: this CPU has no AVX-512F");
+            return;
+        }
+        let mut rng = rng();
+        for &(kh, kw) in &[(1, 1), (3, 5), (4, 4), (1, 17), (7, 7), (14, 14), (15, 17), (16, 16), (1, 257)] {
+            for &(nq, d) in &[(1, 8), (49, 32), (70, 64), (131, 80), (5, 100)] {
+                let nk = kh * kw;
+                let bh = 3;
+                let q = random(&mut rng, bh * nq * d, 1.5);
+                let k = random(&mut rng, bh * nk * d, 1.5);
+                let v = random(&mut rng, bh * nk * d, 1.0);
+                let rel_h = random(&mut rng, bh * nq * kh, 2.0);
+                let rel_w = random(&mut rng, bh * nq * kw, 2.0);
+                let table = random(&mut rng, 2 * nq * nk, 2.0);
+                let biases = [
+                    (Bias::RelPos { rel_h: &rel_h, rel_w: &rel_w, kh, kw }, naive(&q, &k, &v, bh, nq, nk, d, 0.2, &|b, i, j| rel_h[(b * nq + i) * kh + j / kw] as f64 + rel_w[(b * nq + i) * kw + j % kw] as f64)),
+                    (Bias::Table { table: &table, heads: 2 }, naive(&q, &k, &v, bh, nq, nk, d, 0.2, &|b, i, j| table[((b % 2) * nq + i) * nk + j] as f64)),
+                ];
+                for (bias, reference) in biases {
+                    let mut short = vec![f32::NAN; bh * nq * d];
+                    run_tasks(&q, &k, &v, nq, nk, d, 0.2, bias, Isa::Avx512, &mut short);
+                    let mut online = vec![f32::NAN; bh * nq * d];
+                    run_tasks(&q, &k, &v, nq, nk, d, 0.2, bias, Isa::Portable, &mut online);
+                    let (err, err_online) = (relative_error(&short, &reference), relative_error(&online, &reference));
+                    assert!(err <= 1e-5, "nk={nk} ({kh}x{kw}) nq={nq} d={d}: relative error {err} (online path: {err_online})");
+                }
+            }
         }
     }
 

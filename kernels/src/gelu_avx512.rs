@@ -12,11 +12,11 @@
 
 use std::arch::x86_64::*;
 
+use crate::fastmath::avx512::exp_nonpositive16;
+
 /// Above this `|x|/√2`, `erfc` is below f32's range (`e^{-z²}` underflows): the lanes are clamped
 /// here so that the reciprocal and the polynomial never see infinity.
 const Z_CLAMP: f32 = 10.0;
-/// Arguments of `exp` below this give 0 (as in `fastmath::exp_nonpositive`).
-const EXP_FLOOR: f32 = -87.0;
 
 /// `xs[i] = gelu(xs[i])` in place.
 ///
@@ -59,22 +59,4 @@ unsafe fn gelu16(x: __m512) -> __m512 {
     let negative = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_setzero_ps());
     let phi = _mm512_mask_blend_ps(negative, _mm512_sub_ps(_mm512_set1_ps(1.0), half_erfc), half_erfc);
     _mm512_mul_ps(x, phi)
-}
-
-/// `e^a` for `a ≤ 0` lane-wise (NaN lanes give 0; the caller's final product with `x` restores
-/// the NaN): `2^n · e^r`, `n = round(a·log2 e)`, degree-7 Taylor polynomial on `|r| ≤ ln2/2`.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn exp_nonpositive16(a: __m512) -> __m512 {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let in_range = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(a, _mm512_set1_ps(EXP_FLOOR));
-    let a = _mm512_max_ps(a, _mm512_set1_ps(EXP_FLOOR));
-    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(a, _mm512_set1_ps(std::f32::consts::LOG2_E)));
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), a));
-    let mut poly = _mm512_set1_ps(1.0 / 5040.0);
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(c));
-    }
-    _mm512_maskz_mov_ps(in_range, _mm512_scalef_ps(poly, n))
 }

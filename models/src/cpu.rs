@@ -240,6 +240,10 @@ fn permute_tensor(be: &CpuBackend, t: &CpuTensor, perm: &[usize]) -> Result<CpuT
         return be.copy_of(&out_shape, &t.data);
     }
     let mut data = be.buffer_for_overwrite(t.data.len());
+    if let Some((batch, rows, cols)) = as_batched_transpose(&t.shape, perm) {
+        transpose_batched(&t.data, batch, rows, cols, &mut data);
+        return be.tensor(out_shape, data);
+    }
     let inner = out_shape[rank - 1];
     let inner_stride = src_strides[rank - 1];
     data.par_chunks_mut(inner).enumerate().for_each(|(row, dst)| {
@@ -259,6 +263,62 @@ fn permute_tensor(be: &CpuBackend, t: &CpuTensor, perm: &[usize]) -> Result<CpuT
         }
     });
     be.tensor(out_shape, data)
+}
+
+/// `Some((batch, rows, cols))` when permuting `shape` by `perm` moves the data as a batched
+/// matrix transpose, `[batch, rows, cols] → [batch, cols, rows]` (NCHW ↔ NHWC and the like):
+/// unit axes are dropped and input axes that stay adjacent and in order are merged first.
+// shape: any rank; perm: a valid permutation of its axes.
+fn as_batched_transpose(shape: &[usize], perm: &[usize]) -> Option<(usize, usize, usize)> {
+    // Renumber the non-unit axes 0.., so that "adjacent in the input" is "consecutive numbers".
+    let mut renumbered = vec![None; shape.len()];
+    let mut sizes = Vec::new();
+    for (axis, &size) in shape.iter().enumerate() {
+        if size != 1 {
+            renumbered[axis] = Some(sizes.len());
+            sizes.push(size);
+        }
+    }
+    // Runs of consecutive input axes, in output order.
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for axis in perm.iter().filter_map(|&p| renumbered[p]) {
+        match runs.last_mut() {
+            Some(run) if run.end == axis => run.end += 1,
+            _ => runs.push(axis..axis + 1),
+        }
+    }
+    let size = |run: &std::ops::Range<usize>| sizes[run.clone()].iter().product::<usize>();
+    match runs.as_slice() {
+        [cols, rows] if rows.start == 0 => Some((1, size(rows), size(cols))),
+        [batch, cols, rows] if batch.start == 0 && rows.start < cols.start => Some((size(batch), size(rows), size(cols))),
+        _ => None,
+    }
+}
+
+/// `dst[b, c, r] = src[b, r, c]` in square tiles, so that both sides are read and written a
+/// cache line at a time (the generic permute gathered every element with a stride of `rows`).
+// src: [batch, rows, cols]; dst: [batch, cols, rows].
+fn transpose_batched(src: &[f32], batch: usize, rows: usize, cols: usize, dst: &mut [f32]) {
+    const TILE: usize = 32;
+    debug_assert!(src.len() == batch * rows * cols && dst.len() == src.len());
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    dst.par_chunks_mut(cols * rows).zip(src.par_chunks(rows * cols)).for_each(|(dst, src)| {
+        // One task: TILE output rows (input columns) of one batch item.
+        dst.par_chunks_mut(TILE * rows).enumerate().for_each(|(tile, out)| {
+            let c0 = tile * TILE;
+            let width = out.len() / rows;
+            for r0 in (0..rows).step_by(TILE) {
+                for c in 0..width {
+                    let out_row = &mut out[c * rows..(c + 1) * rows];
+                    for r in r0..(r0 + TILE).min(rows) {
+                        out_row[r] = src[r * cols + c0 + c];
+                    }
+                }
+            }
+        });
+    });
 }
 
 /// Maps the networks' attention bias onto the kernel's, checking its shapes.
@@ -640,6 +700,32 @@ mod tests {
                 assert_eq!(value, t.data[ravel(&in_idx, &shape)], "shape {shape:?} perm {perm:?} at {out_idx:?}");
             }
         }
+        // The batched-transpose fast path: NCHW <-> NHWC, unit axes, tiles with ragged edges.
+        for (shape, perm) in [
+            (vec![2, 37, 5, 9], vec![0, 2, 3, 1]),
+            (vec![2, 5, 9, 37], vec![0, 3, 1, 2]),
+            (vec![1, 70, 33], vec![0, 2, 1]),
+            (vec![40, 1, 65], vec![2, 1, 0]),
+            (vec![3, 1, 4, 1, 35], vec![3, 4, 1, 0, 2]),
+        ] {
+            let t = random_tensor(&mut rng, &shape);
+            let out = be.permute(&t, &perm).unwrap();
+            let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+            assert_eq!(out.shape, out_shape);
+            for (o, &value) in out.data.iter().enumerate() {
+                let out_idx = unravel(o, &out_shape);
+                let mut in_idx = vec![0; shape.len()];
+                for (axis, &p) in perm.iter().enumerate() {
+                    in_idx[p] = out_idx[axis];
+                }
+                assert_eq!(value, t.data[ravel(&in_idx, &shape)], "shape {shape:?} perm {perm:?} at {out_idx:?}");
+            }
+        }
+        assert_eq!(as_batched_transpose(&[2, 3, 4, 5], &[0, 2, 3, 1]), Some((2, 3, 20)));
+        assert_eq!(as_batched_transpose(&[2, 3, 4, 5], &[0, 3, 1, 2]), Some((2, 12, 5)));
+        assert_eq!(as_batched_transpose(&[3, 1, 4, 1, 35], &[3, 4, 1, 0, 2]), Some((1, 12, 35)));
+        assert_eq!(as_batched_transpose(&[2, 3, 4], &[1, 0, 2]), None, "inner axis kept: not a transpose");
+        assert_eq!(as_batched_transpose(&[2, 3, 4], &[2, 0, 1]), Some((1, 6, 4)));
         let t = random_tensor(&mut rng, &[2, 3]);
         assert!(be.permute(&t, &[0, 0]).is_err());
         assert!(be.permute(&t, &[1]).is_err());
