@@ -413,7 +413,7 @@ impl Backend for CpuBackend {
         let inner: usize = t.shape[axis + 1..].iter().product();
         let mut shape = t.shape.clone();
         shape[axis] = len;
-        let mut data = self.buffer(shape.iter().product());
+        let mut data = self.buffer_for_overwrite(shape.iter().product());
         if inner != 0 && dim != 0 && len != 0 {
             let piece = len * inner;
             for (dst, outer) in data.chunks_exact_mut(piece).zip(t.data.chunks_exact(dim * inner)) {
@@ -438,7 +438,7 @@ impl Backend for CpuBackend {
         let inner: usize = first.shape[axis + 1..].iter().product();
         let mut shape = first.shape.clone();
         shape[axis] = ts.iter().map(|t| t.shape[axis]).sum();
-        let mut data = self.buffer(shape.iter().product());
+        let mut data = self.buffer_for_overwrite(shape.iter().product());
         let mut at = 0;
         for o in 0..outer {
             for t in ts {
@@ -454,12 +454,20 @@ impl Backend for CpuBackend {
         let s = expect_rank("pad_hw", "input", &t.shape, 4)?;
         let (b, h, w, c) = (s[0], s[1], s[2], s[3]);
         let (oh, ow) = (h + pad_h, w + pad_w);
-        let mut data = self.buffer(b * oh * ow * c);
-        for bi in 0..b {
-            for y in 0..h {
-                let src = &t.data[((bi * h + y) * w) * c..][..w * c];
-                data[((bi * oh + y) * ow) * c..][..w * c].copy_from_slice(src);
-            }
+        // Every element is written once: the image rows copied, the padding zeroed.
+        let mut data = self.buffer_for_overwrite(b * oh * ow * c);
+        if !data.is_empty() {
+            self.run(|| {
+                data.par_chunks_mut(ow * c).enumerate().for_each(|(row, dst)| {
+                    let (bi, y) = (row / oh, row % oh);
+                    if y < h {
+                        dst[..w * c].copy_from_slice(&t.data[((bi * h + y) * w) * c..][..w * c]);
+                        dst[w * c..].fill(0.0);
+                    } else {
+                        dst.fill(0.0);
+                    }
+                });
+            });
         }
         self.tensor(vec![b, oh, ow, c], data)
     }
@@ -764,6 +772,8 @@ mod tests {
         let mut rng = rng();
         let be = backend();
         let t = random_tensor(&mut rng, &[2, 3, 4, 5]);
+        // A NaN-filled buffer of the padded size waits in the pool: the padding must be written.
+        drop(be.scale(&CpuTensor::new(vec![250], vec![f32::NAN; 250]).unwrap(), 1.0).unwrap());
         let p = be.pad_hw(&t, 2, 1).unwrap();
         assert_eq!(p.shape, [2, 5, 5, 5]);
         for (o, &value) in p.data.iter().enumerate() {
