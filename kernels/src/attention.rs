@@ -473,6 +473,41 @@ mod tests {
         attention(&[], &[0.0; 16], &[0.0; 16], 1, 0, 2, 8, 1.0, Bias::None, &mut out);
     }
 
+    /// Not a pass/fail test: the short-key AVX-512 path against the online path compiled for
+    /// AVX2 on TinyViT's windows (LiteMedSAM stage 1: 361 windows x 4 heads of 49 tokens; stage 2:
+    /// 25 x 5 of 196), alternating, medians of 7 (`cargo test -p minisam-kernels --release
+    /// window_throughput -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn window_throughput() {
+        if !crate::simd::supported().contains(&Isa::Avx512) {
+            eprintln!("SKIP: this CPU has no AVX-512F");
+            return;
+        }
+        let mut rng = rng();
+        for (bh, window, d) in [(361 * 4, 7, 32), (25 * 5, 14, 32)] {
+            let n = window * window;
+            let q = random(&mut rng, bh * n * d, 1.0);
+            let k = random(&mut rng, bh * n * d, 1.0);
+            let v = random(&mut rng, bh * n * d, 1.0);
+            let table = random(&mut rng, 4 * n * n, 1.0);
+            let bias = Bias::Table { table: &table, heads: 4 };
+            let mut out = vec![0.0f32; bh * n * d];
+            let mut times = [Vec::new(), Vec::new()];
+            for _ in 0..7 {
+                for (slot, isa) in [Isa::Avx512, Isa::Avx2Fma].into_iter().enumerate() {
+                    let start = std::time::Instant::now();
+                    run_tasks(&q, &k, &v, n, n, d, 0.2, bias, isa, &mut out);
+                    times[slot].push(start.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            for t in &mut times {
+                t.sort_by(f64::total_cmp);
+            }
+            println!("{bh} x {n} tokens, d={d}, {} threads: short-key AVX-512 {:.2} ms, online (AVX2 build) {:.2} ms", rayon::current_num_threads(), times[0][3], times[1][3]);
+        }
+    }
+
     /// Not a pass/fail test: prints the throughput (`cargo test -p minisam-kernels --release
     /// attention::tests::throughput -- --ignored --nocapture`).
     #[test]
