@@ -16,6 +16,9 @@ use rayon::prelude::*;
 use crate::fastmath::exp_nonpositive;
 use crate::simd::Isa;
 
+#[cfg(target_arch = "x86_64")]
+mod small_avx512;
+
 /// Queries per task.
 const QUERY_BLOCK: usize = 32;
 /// Keys per online-softmax step.
@@ -70,6 +73,13 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], bh: usize, nq: usize, nk: usiz
 // q is [bh, nq, d], k and v are [bh, nk, d], out is [bh, nq, d] (shapes already checked, d > 0).
 #[allow(clippy::too_many_arguments)]
 fn run_tasks(q: &[f32], k: &[f32], v: &[f32], nq: usize, nk: usize, d: usize, scale: f32, bias: Bias, isa: Isa, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && (1..=small_avx512::MAX_KEYS).contains(&nk) {
+        // SAFETY: `isa` is one the CPU supports; the shapes were checked by `attention`, d > 0
+        // since `out` is not empty.
+        unsafe { small_avx512::attention(q, k, v, nq, nk, d, scale, bias, out) };
+        return;
+    }
     out.par_chunks_mut(nq * d).enumerate().for_each(|(b, out_b)| {
         out_b.par_chunks_mut(QUERY_BLOCK * d).enumerate().for_each_init(Scratch::default, |scratch, (block, out_block)| {
             let task = Task {
@@ -403,6 +413,42 @@ mod tests {
         }
     }
 
+    /// The AVX-512 short-key path against the f64 reference and against the online path, on
+    /// key counts around its 16-lane chunks and its limit, head sizes with ragged chunks, and
+    /// both bias kinds (the online path is forced by naming the portable build).
+    #[test]
+    fn short_key_path_matches_naive_and_online_on_edge_shapes() {
+        if !crate::simd::supported().contains(&Isa::Avx512) {
+            eprintln!("SKIP: this CPU has no AVX-512F");
+            return;
+        }
+        let mut rng = rng();
+        for &(kh, kw) in &[(1, 1), (3, 5), (4, 4), (1, 17), (7, 7), (14, 14), (15, 17), (16, 16), (1, 257)] {
+            for &(nq, d) in &[(1, 8), (49, 32), (70, 64), (131, 80), (5, 100)] {
+                let nk = kh * kw;
+                let bh = 3;
+                let q = random(&mut rng, bh * nq * d, 1.5);
+                let k = random(&mut rng, bh * nk * d, 1.5);
+                let v = random(&mut rng, bh * nk * d, 1.0);
+                let rel_h = random(&mut rng, bh * nq * kh, 2.0);
+                let rel_w = random(&mut rng, bh * nq * kw, 2.0);
+                let table = random(&mut rng, 2 * nq * nk, 2.0);
+                let biases = [
+                    (Bias::RelPos { rel_h: &rel_h, rel_w: &rel_w, kh, kw }, naive(&q, &k, &v, bh, nq, nk, d, 0.2, &|b, i, j| rel_h[(b * nq + i) * kh + j / kw] as f64 + rel_w[(b * nq + i) * kw + j % kw] as f64)),
+                    (Bias::Table { table: &table, heads: 2 }, naive(&q, &k, &v, bh, nq, nk, d, 0.2, &|b, i, j| table[((b % 2) * nq + i) * nk + j] as f64)),
+                ];
+                for (bias, reference) in biases {
+                    let mut short = vec![f32::NAN; bh * nq * d];
+                    run_tasks(&q, &k, &v, nq, nk, d, 0.2, bias, Isa::Avx512, &mut short);
+                    let mut online = vec![f32::NAN; bh * nq * d];
+                    run_tasks(&q, &k, &v, nq, nk, d, 0.2, bias, Isa::Portable, &mut online);
+                    let (err, err_online) = (relative_error(&short, &reference), relative_error(&online, &reference));
+                    assert!(err <= 1e-5, "nk={nk} ({kh}x{kw}) nq={nq} d={d}: relative error {err} (online path: {err_online})");
+                }
+            }
+        }
+    }
+
     /// The contract the CUDA kernel (kernels/attention.cu) mirrors: a query row whose scores are
     /// all -inf gives NaN (as PyTorch), the other rows are unaffected.
     #[test]
@@ -425,6 +471,41 @@ mod tests {
         let mut out: Vec<f32> = vec![];
         attention(&[], &[], &[], 0, 4, 4, 8, 1.0, Bias::None, &mut out);
         attention(&[], &[0.0; 16], &[0.0; 16], 1, 0, 2, 8, 1.0, Bias::None, &mut out);
+    }
+
+    /// Not a pass/fail test: the short-key AVX-512 path against the online path compiled for
+    /// AVX2 on TinyViT's windows (LiteMedSAM stage 1: 361 windows x 4 heads of 49 tokens; stage 2:
+    /// 25 x 5 of 196), alternating, medians of 7 (`cargo test -p minisam-kernels --release
+    /// window_throughput -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn window_throughput() {
+        if !crate::simd::supported().contains(&Isa::Avx512) {
+            eprintln!("SKIP: this CPU has no AVX-512F");
+            return;
+        }
+        let mut rng = rng();
+        for (bh, window, d) in [(361 * 4, 7, 32), (25 * 5, 14, 32)] {
+            let n = window * window;
+            let q = random(&mut rng, bh * n * d, 1.0);
+            let k = random(&mut rng, bh * n * d, 1.0);
+            let v = random(&mut rng, bh * n * d, 1.0);
+            let table = random(&mut rng, 4 * n * n, 1.0);
+            let bias = Bias::Table { table: &table, heads: 4 };
+            let mut out = vec![0.0f32; bh * n * d];
+            let mut times = [Vec::new(), Vec::new()];
+            for _ in 0..7 {
+                for (slot, isa) in [Isa::Avx512, Isa::Avx2Fma].into_iter().enumerate() {
+                    let start = std::time::Instant::now();
+                    run_tasks(&q, &k, &v, n, n, d, 0.2, bias, isa, &mut out);
+                    times[slot].push(start.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            for t in &mut times {
+                t.sort_by(f64::total_cmp);
+            }
+            println!("{bh} x {n} tokens, d={d}, {} threads: short-key AVX-512 {:.2} ms, online (AVX2 build) {:.2} ms", rayon::current_num_threads(), times[0][3], times[1][3]);
+        }
     }
 
     /// Not a pass/fail test: prints the throughput (`cargo test -p minisam-kernels --release

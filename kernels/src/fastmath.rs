@@ -54,6 +54,34 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     }
 }
 
+/// AVX-512 versions for the intrinsics kernels (`crate::gelu_avx512`, the attention's
+/// small-window path).
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// Arguments below this give 0 (as in [`super::exp_nonpositive`]).
+    const EXP_FLOOR: f32 = -87.0;
+
+    /// `e^a` for `a ≤ 0` lane-wise (NaN lanes give 0; the caller's final product with `x` restores
+    /// the NaN): `2^n · e^r`, `n = round(a·log2 e)`, degree-7 Taylor polynomial on `|r| ≤ ln2/2`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn exp_nonpositive16(a: __m512) -> __m512 {
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        let in_range = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(a, _mm512_set1_ps(EXP_FLOOR));
+        let a = _mm512_max_ps(a, _mm512_set1_ps(EXP_FLOOR));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(a, _mm512_set1_ps(std::f32::consts::LOG2_E)));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), a));
+        let mut poly = _mm512_set1_ps(1.0 / 5040.0);
+        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(c));
+        }
+        _mm512_maskz_mov_ps(in_range, _mm512_scalef_ps(poly, n))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,4 +107,32 @@ mod tests {
         assert!(exp_nonpositive(f32::NAN).is_nan());
     }
 
+    /// The AVX-512 exponential: same bound as the scalar one; below the floor, -inf and NaN
+    /// give 0 (its callers rely on that for masked lanes).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_exp_matches_f64_exp() {
+        use std::arch::x86_64::*;
+        if !crate::simd::supported().contains(&crate::simd::Isa::Avx512) {
+            eprintln!("SKIP: this CPU has no AVX-512F");
+            return;
+        }
+        let exp16 = |xs: [f32; 16]| -> [f32; 16] {
+            let mut out = [0.0f32; 16];
+            // SAFETY: AVX-512F checked above; both arrays hold 16 floats.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), avx512::exp_nonpositive16(_mm512_loadu_ps(xs.as_ptr()))) };
+            out
+        };
+        let mut rng = rng();
+        for _ in 0..10_000 {
+            let xs: [f32; 16] = std::array::from_fn(|_| rng.gen_range(-87.0..=0.0));
+            for (x, got) in xs.iter().zip(exp16(xs)) {
+                let want = (*x as f64).exp();
+                assert!(((got as f64 - want) / want).abs() <= 4e-7, "exp({x}) = {got}, want {want}");
+            }
+        }
+        let specials = exp16([0.0, -0.0, -100.0, f32::NEG_INFINITY, f32::NAN, -87.5, -1e30, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(specials[..7], [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        assert!((specials[7] as f64 - (-1.0f64).exp()).abs() <= 4e-7 * (-1.0f64).exp());
+    }
 }

@@ -12,6 +12,8 @@ pub mod conv_backward;
 pub mod fastmath;
 pub mod gemm;
 pub mod gemm_backward;
+#[cfg(target_arch = "x86_64")]
+mod gelu_avx512;
 mod microkernel;
 #[cfg(test)]
 mod gradcheck;

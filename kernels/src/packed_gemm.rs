@@ -244,15 +244,13 @@ fn pack_a(a: &[f32], lda: usize, rows: std::ops::Range<usize>, k0: usize, kc: us
         let panel = &mut dst[ip * kc * mr..(ip + 1) * kc * mr];
         let height = mr.min(rows.end - i0);
         for i in 0..mr {
+            // Strided iterators instead of `panel[p * mr + i]`: no bounds check per element.
+            let column = panel[i..].iter_mut().step_by(mr);
             if i < height {
                 let src = &a[(i0 + i) * lda + k0..][..kc];
-                for (p, &v) in src.iter().enumerate() {
-                    panel[p * mr + i] = v;
-                }
+                column.zip(src).for_each(|(dst, &v)| *dst = v);
             } else {
-                for p in 0..kc {
-                    panel[p * mr + i] = 0.0;
-                }
+                column.for_each(|dst| *dst = 0.0);
             }
         }
     }

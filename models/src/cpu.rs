@@ -102,6 +102,12 @@ impl CpuBackend {
         self.buffers.take(len)
     }
 
+    /// An output buffer from the pool for an op whose kernel writes every element: not zeroed
+    /// (`BufferPool::take_for_overwrite`).
+    fn buffer_for_overwrite(&self, len: usize) -> Vec<f32> {
+        self.buffers.take_for_overwrite(len)
+    }
+
     /// A pooled tensor, if `data` holds exactly the elements `shape` needs.
     fn tensor(&self, shape: Vec<usize>, data: Vec<f32>) -> Result<CpuTensor> {
         let mut t = CpuTensor::new(shape, data)?;
@@ -111,7 +117,7 @@ impl CpuBackend {
 
     /// A pooled copy of `src`.
     fn copy_of(&self, shape: &[usize], src: &[f32]) -> Result<CpuTensor> {
-        let mut data = self.buffer(src.len());
+        let mut data = self.buffer_for_overwrite(src.len());
         data.copy_from_slice(src);
         self.tensor(shape.to_vec(), data)
     }
@@ -186,15 +192,26 @@ fn add_broadcast(be: &CpuBackend, op: &str, a: &CpuTensor, b_shape: &[usize], b:
     if b_shape.len() > a.shape.len() || a.shape[a.shape.len() - b_shape.len()..] != *b_shape {
         return Err(Error::Shape(format!("{op}: shape {b_shape:?} is not a suffix of {:?}", a.shape)));
     }
-    let mut out = be.copy_of(&a.shape, &a.data)?;
-    if !b.is_empty() {
-        out.data.par_chunks_mut(b.len()).for_each(|chunk| {
-            for (x, &y) in chunk.iter_mut().zip(b) {
-                *x += y;
-            }
-        });
+    if b.is_empty() {
+        return be.copy_of(&a.shape, &a.data);
     }
-    Ok(out)
+    // One pass writing `a + b` (a copy of `a` followed by `+= b` read and wrote it twice), in
+    // fixed-size chunks so that a same-shape add (the residuals) is split over the threads too.
+    const CHUNK: usize = 1 << 14;
+    let period = b.len();
+    let mut out = be.buffer_for_overwrite(a.data.len());
+    out.par_chunks_mut(CHUNK).zip(a.data.par_chunks(CHUNK)).enumerate().for_each(|(chunk, (dst, src))| {
+        let (mut done, mut j) = (0, (chunk * CHUNK) % period);
+        while done < dst.len() {
+            let len = (period - j).min(dst.len() - done);
+            for ((d, &x), &y) in dst[done..done + len].iter_mut().zip(&src[done..done + len]).zip(&b[j..j + len]) {
+                *d = x + y;
+            }
+            done += len;
+            j = 0;
+        }
+    });
+    be.tensor(a.shape.clone(), out)
 }
 
 /// Row-major strides of `shape`.
@@ -222,7 +239,11 @@ fn permute_tensor(be: &CpuBackend, t: &CpuTensor, perm: &[usize]) -> Result<CpuT
     if rank == 0 || t.data.is_empty() {
         return be.copy_of(&out_shape, &t.data);
     }
-    let mut data = be.buffer(t.data.len());
+    let mut data = be.buffer_for_overwrite(t.data.len());
+    if let Some((batch, rows, cols)) = as_batched_transpose(&t.shape, perm) {
+        transpose_batched(&t.data, batch, rows, cols, &mut data);
+        return be.tensor(out_shape, data);
+    }
     let inner = out_shape[rank - 1];
     let inner_stride = src_strides[rank - 1];
     data.par_chunks_mut(inner).enumerate().for_each(|(row, dst)| {
@@ -242,6 +263,62 @@ fn permute_tensor(be: &CpuBackend, t: &CpuTensor, perm: &[usize]) -> Result<CpuT
         }
     });
     be.tensor(out_shape, data)
+}
+
+/// `Some((batch, rows, cols))` when permuting `shape` by `perm` moves the data as a batched
+/// matrix transpose, `[batch, rows, cols] → [batch, cols, rows]` (NCHW ↔ NHWC and the like):
+/// unit axes are dropped and input axes that stay adjacent and in order are merged first.
+// shape: any rank; perm: a valid permutation of its axes.
+fn as_batched_transpose(shape: &[usize], perm: &[usize]) -> Option<(usize, usize, usize)> {
+    // Renumber the non-unit axes 0.., so that "adjacent in the input" is "consecutive numbers".
+    let mut renumbered = vec![None; shape.len()];
+    let mut sizes = Vec::new();
+    for (axis, &size) in shape.iter().enumerate() {
+        if size != 1 {
+            renumbered[axis] = Some(sizes.len());
+            sizes.push(size);
+        }
+    }
+    // Runs of consecutive input axes, in output order.
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for axis in perm.iter().filter_map(|&p| renumbered[p]) {
+        match runs.last_mut() {
+            Some(run) if run.end == axis => run.end += 1,
+            _ => runs.push(axis..axis + 1),
+        }
+    }
+    let size = |run: &std::ops::Range<usize>| sizes[run.clone()].iter().product::<usize>();
+    match runs.as_slice() {
+        [cols, rows] if rows.start == 0 => Some((1, size(rows), size(cols))),
+        [batch, cols, rows] if batch.start == 0 && rows.start < cols.start => Some((size(batch), size(rows), size(cols))),
+        _ => None,
+    }
+}
+
+/// `dst[b, c, r] = src[b, r, c]` in square tiles, so that both sides are read and written a
+/// cache line at a time (the generic permute gathered every element with a stride of `rows`).
+// src: [batch, rows, cols]; dst: [batch, cols, rows].
+fn transpose_batched(src: &[f32], batch: usize, rows: usize, cols: usize, dst: &mut [f32]) {
+    const TILE: usize = 32;
+    debug_assert!(src.len() == batch * rows * cols && dst.len() == src.len());
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    dst.par_chunks_mut(cols * rows).zip(src.par_chunks(rows * cols)).for_each(|(dst, src)| {
+        // One task: TILE output rows (input columns) of one batch item.
+        dst.par_chunks_mut(TILE * rows).enumerate().for_each(|(tile, out)| {
+            let c0 = tile * TILE;
+            let width = out.len() / rows;
+            for r0 in (0..rows).step_by(TILE) {
+                for c in 0..width {
+                    let out_row = &mut out[c * rows..(c + 1) * rows];
+                    for r in r0..(r0 + TILE).min(rows) {
+                        out_row[r] = src[r * cols + c0 + c];
+                    }
+                }
+            }
+        });
+    });
 }
 
 /// Maps the networks' attention bias onto the kernel's, checking its shapes.
@@ -336,7 +413,7 @@ impl Backend for CpuBackend {
         let inner: usize = t.shape[axis + 1..].iter().product();
         let mut shape = t.shape.clone();
         shape[axis] = len;
-        let mut data = self.buffer(shape.iter().product());
+        let mut data = self.buffer_for_overwrite(shape.iter().product());
         if inner != 0 && dim != 0 && len != 0 {
             let piece = len * inner;
             for (dst, outer) in data.chunks_exact_mut(piece).zip(t.data.chunks_exact(dim * inner)) {
@@ -361,7 +438,7 @@ impl Backend for CpuBackend {
         let inner: usize = first.shape[axis + 1..].iter().product();
         let mut shape = first.shape.clone();
         shape[axis] = ts.iter().map(|t| t.shape[axis]).sum();
-        let mut data = self.buffer(shape.iter().product());
+        let mut data = self.buffer_for_overwrite(shape.iter().product());
         let mut at = 0;
         for o in 0..outer {
             for t in ts {
@@ -377,12 +454,20 @@ impl Backend for CpuBackend {
         let s = expect_rank("pad_hw", "input", &t.shape, 4)?;
         let (b, h, w, c) = (s[0], s[1], s[2], s[3]);
         let (oh, ow) = (h + pad_h, w + pad_w);
-        let mut data = self.buffer(b * oh * ow * c);
-        for bi in 0..b {
-            for y in 0..h {
-                let src = &t.data[((bi * h + y) * w) * c..][..w * c];
-                data[((bi * oh + y) * ow) * c..][..w * c].copy_from_slice(src);
-            }
+        // Every element is written once: the image rows copied, the padding zeroed.
+        let mut data = self.buffer_for_overwrite(b * oh * ow * c);
+        if !data.is_empty() {
+            self.run(|| {
+                data.par_chunks_mut(ow * c).enumerate().for_each(|(row, dst)| {
+                    let (bi, y) = (row / oh, row % oh);
+                    if y < h {
+                        dst[..w * c].copy_from_slice(&t.data[((bi * h + y) * w) * c..][..w * c]);
+                        dst[w * c..].fill(0.0);
+                    } else {
+                        dst.fill(0.0);
+                    }
+                });
+            });
         }
         self.tensor(vec![b, oh, ow, c], data)
     }
@@ -401,7 +486,7 @@ impl Backend for CpuBackend {
         }
         let mut shape = x.shape.clone();
         *shape.last_mut().unwrap() = n;
-        let mut out = self.buffer(m * n);
+        let mut out = self.buffer_for_overwrite(m * n);
         self.run(|| gemm::linear(&x.data, m, k, w.matrix(), n, bias.map(|b| &b.data[..]), kernel_activation(act), &mut out));
         self.tensor(shape, out)
     }
@@ -446,7 +531,7 @@ impl Backend for CpuBackend {
         if sb[0] != batch || b_k != k {
             return Err(Error::Shape(format!("matmul: {sa:?} by {sb:?} (transpose_b = {transpose_b})")));
         }
-        let mut out = self.buffer(batch * m * n);
+        let mut out = self.buffer_for_overwrite(batch * m * n);
         self.run(|| gemm::matmul(&a.data, &b.data, batch, m, k, n, transpose_b, &mut out));
         self.tensor(vec![batch, m, n], out)
     }
@@ -467,7 +552,7 @@ impl Backend for CpuBackend {
             }
         }
         let (oh, ow) = (conv::output_size(h, kh, stride, padding), conv::output_size(wd, kw, stride, padding));
-        let mut out = self.buffer(batch * c_out * oh * ow);
+        let mut out = self.buffer_for_overwrite(batch * c_out * oh * ow);
         self.run(|| {
             let bias = bias.map(|b| &b.data[..]);
             conv::conv2d(&x.data, batch, c_in, h, wd, w.matrix(), c_out, kh, kw, bias, stride, padding, groups, kernel_activation(act), &mut out)
@@ -498,7 +583,7 @@ impl Backend for CpuBackend {
         if gamma.shape != [dim] || beta.shape != [dim] {
             return Err(Error::Shape(format!("layer_norm: input {:?}, gamma {:?}, beta {:?}", x.shape, gamma.shape, beta.shape)));
         }
-        let mut out = self.buffer(x.data.len());
+        let mut out = self.buffer_for_overwrite(x.data.len());
         self.run(|| norm::layer_norm(&x.data, rows, dim, &gamma.data, &beta.data, eps, &mut out));
         self.tensor(x.shape.clone(), out)
     }
@@ -509,7 +594,7 @@ impl Backend for CpuBackend {
         if gamma.shape != [channels] || beta.shape != [channels] {
             return Err(Error::Shape(format!("layer_norm_nchw: input {xs:?}, gamma {:?}, beta {:?}", gamma.shape, beta.shape)));
         }
-        let mut out = self.buffer(x.data.len());
+        let mut out = self.buffer_for_overwrite(x.data.len());
         self.run(|| norm::layer_norm_channels(&x.data, batch, channels, spatial, &gamma.data, &beta.data, eps, &mut out));
         self.tensor(x.shape.clone(), out)
     }
@@ -543,7 +628,7 @@ impl Backend for CpuBackend {
             return Err(Error::Shape(format!("attention: q {qs:?}, k {ks:?}, v {:?}", v.shape)));
         }
         let bias = attention_bias(&bias, bh, nq, nk)?;
-        let mut out = self.buffer(bh * nq * d);
+        let mut out = self.buffer_for_overwrite(bh * nq * d);
         self.run(|| attention::attention(&q.data, &k.data, &v.data, bh, nq, nk, d, scale, bias, &mut out));
         self.tensor(q.shape.clone(), out)
     }
@@ -623,6 +708,32 @@ mod tests {
                 assert_eq!(value, t.data[ravel(&in_idx, &shape)], "shape {shape:?} perm {perm:?} at {out_idx:?}");
             }
         }
+        // The batched-transpose fast path: NCHW <-> NHWC, unit axes, tiles with ragged edges.
+        for (shape, perm) in [
+            (vec![2, 37, 5, 9], vec![0, 2, 3, 1]),
+            (vec![2, 5, 9, 37], vec![0, 3, 1, 2]),
+            (vec![1, 70, 33], vec![0, 2, 1]),
+            (vec![40, 1, 65], vec![2, 1, 0]),
+            (vec![3, 1, 4, 1, 35], vec![3, 4, 1, 0, 2]),
+        ] {
+            let t = random_tensor(&mut rng, &shape);
+            let out = be.permute(&t, &perm).unwrap();
+            let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+            assert_eq!(out.shape, out_shape);
+            for (o, &value) in out.data.iter().enumerate() {
+                let out_idx = unravel(o, &out_shape);
+                let mut in_idx = vec![0; shape.len()];
+                for (axis, &p) in perm.iter().enumerate() {
+                    in_idx[p] = out_idx[axis];
+                }
+                assert_eq!(value, t.data[ravel(&in_idx, &shape)], "shape {shape:?} perm {perm:?} at {out_idx:?}");
+            }
+        }
+        assert_eq!(as_batched_transpose(&[2, 3, 4, 5], &[0, 2, 3, 1]), Some((2, 3, 20)));
+        assert_eq!(as_batched_transpose(&[2, 3, 4, 5], &[0, 3, 1, 2]), Some((2, 12, 5)));
+        assert_eq!(as_batched_transpose(&[3, 1, 4, 1, 35], &[3, 4, 1, 0, 2]), Some((1, 12, 35)));
+        assert_eq!(as_batched_transpose(&[2, 3, 4], &[1, 0, 2]), None, "inner axis kept: not a transpose");
+        assert_eq!(as_batched_transpose(&[2, 3, 4], &[2, 0, 1]), Some((1, 6, 4)));
         let t = random_tensor(&mut rng, &[2, 3]);
         assert!(be.permute(&t, &[0, 0]).is_err());
         assert!(be.permute(&t, &[1]).is_err());
@@ -661,6 +772,8 @@ mod tests {
         let mut rng = rng();
         let be = backend();
         let t = random_tensor(&mut rng, &[2, 3, 4, 5]);
+        // A NaN-filled buffer of the padded size waits in the pool: the padding must be written.
+        drop(be.scale(&CpuTensor::new(vec![250], vec![f32::NAN; 250]).unwrap(), 1.0).unwrap());
         let p = be.pad_hw(&t, 2, 1).unwrap();
         assert_eq!(p.shape, [2, 5, 5, 5]);
         for (o, &value) in p.data.iter().enumerate() {
@@ -675,6 +788,16 @@ mod tests {
     fn add_broadcasts_suffix_shapes() {
         let mut rng = rng();
         let be = backend();
+        // The large shape spans several of the add's chunks, with chunk edges inside a period.
+        let large = random_tensor(&mut rng, &[5, 3001, 7]);
+        for b_shape in [vec![5, 3001, 7], vec![3001, 7], vec![7], vec![]] {
+            let b = random_tensor(&mut rng, &b_shape);
+            let sum = be.add(&large, &b).unwrap();
+            assert_eq!(sum.shape, large.shape);
+            for (i, &value) in sum.data.iter().enumerate() {
+                assert_eq!(value, large.data[i] + b.data[i % b.data.len()], "b {b_shape:?} at {i}");
+            }
+        }
         let a = random_tensor(&mut rng, &[2, 3, 4]);
         for b_shape in [vec![2, 3, 4], vec![3, 4], vec![4], vec![]] {
             let b = random_tensor(&mut rng, &b_shape);
