@@ -22,10 +22,14 @@ pub mod arena;
 pub mod backend;
 pub mod check;
 pub mod compile;
+pub mod cudarc_driver;
 pub mod device;
+pub mod driver;
 pub mod graph;
 pub mod params;
 pub mod select;
+#[cfg(feature = "gpusim")]
+pub mod sim_driver;
 
 pub use backend::{CudaBackend, CudaTensor, CudaVector, CudaWeight};
 pub use compile::MmaPrecision;
