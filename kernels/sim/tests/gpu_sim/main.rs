@@ -336,3 +336,11 @@ fn backend_tiny_sam_end_to_end_f16() {
 fn backend_tiny_sam_end_to_end_f32() {
     backend::tiny_sam_parity(MmaPrecision::F32, rng("backend_f32").gen());
 }
+
+/// LiteMedSAM through the simulator takes longer than CI's budget on 2 shared cores (a first
+/// attempt ran over 12 minutes without finishing); run it by hand with `-- --ignored`.
+#[test]
+#[ignore = "over 12 min on 2 shared cores; run with --ignored"]
+fn backend_lite_medsam_end_to_end_bf16() {
+    backend::lite_medsam_parity(MmaPrecision::Bf16, rng("backend_lite_medsam").gen());
+}
