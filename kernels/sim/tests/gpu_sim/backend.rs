@@ -85,7 +85,10 @@ pub fn lite_medsam_parity(precision: MmaPrecision, seed: u64) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../../shared/weights/lite_medsam.pth");
     if !path.exists() {
-        eprintln!("SKIP: {} not found (shared weights are not part of the repository)", path.display());
+        eprintln!(
+            "SKIP: {} not found (shared weights are not part of the repository)",
+            path.display()
+        );
         return;
     }
     let ckpt = Checkpoint::open(&path).expect("lite_medsam.pth imports");
@@ -94,7 +97,11 @@ pub fn lite_medsam_parity(precision: MmaPrecision, seed: u64) {
         .map(|i| {
             let (x, y) = ((i % w) as f32, (i / w) as f32);
             let inside = ((x - 120.0) / 50.0).powi(2) + ((y - 140.0) / 35.0).powi(2) <= 1.0;
-            if inside { 200 + (i % 7) as u8 } else { 40 + ((i * 37) % 23) as u8 }
+            if inside {
+                200 + (i % 7) as u8
+            } else {
+                40 + ((i * 37) % 23) as u8
+            }
         })
         .collect();
     let image = RgbImage::from_grey(w, h, &grey).unwrap();
@@ -143,16 +150,15 @@ fn parity(
 
     // Frames replayed from the captured graph (a second, different frame among them) against the
     // same frames launched kernel by kernel; the same kernels, so equal to rounding.
-    let eager = Segmenter::load(
-        sim_backend(precision, false, seed ^ 1),
-        ckpt,
-        ckpt.config(),
-    )
-    .unwrap();
+    let eager =
+        Segmenter::load(sim_backend(precision, false, seed ^ 1), ckpt, ckpt.config()).unwrap();
     let worst = graph_replay(&sim, &eager, &[image.clone(), mirrored(&image)]).unwrap();
     let status = sim.backend().graph_status();
     eprintln!("{precision:?}: graph replay vs eager: max embedding rel err {worst:.2e}; {status}");
-    assert!(worst <= 1e-6, "graph replay differs from eager frames: {worst:.2e}");
+    assert!(
+        worst <= 1e-6,
+        "graph replay differs from eager frames: {worst:.2e}"
+    );
     assert!(status.contains("captured"), "{status}");
 
     // The arena cut to the frames' high-water mark (as minisamd does after its warm-up), and the
@@ -166,5 +172,8 @@ fn parity(
         p.embedding_rel_error,
         p.min_mask_iou
     );
-    eprintln!("{precision:?}: all checks in {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "{precision:?}: all checks in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }
