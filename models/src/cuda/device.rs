@@ -314,7 +314,7 @@ impl Device {
         }
         let want = limit.map_or(available, |b| b.min(available));
         let (free, _total) = self.driver.mem_get_info()?;
-        if (free as u64) < want {
+        if free < want {
             return Err(Error::Backend(format!(
                 "the GPU has {:.1} MiB free but the activation arena needs {:.1} MiB under --vram-budget {:.1} MiB; lower the budget or free the GPU",
                 free as f64 / MIB,
