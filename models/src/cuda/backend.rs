@@ -14,6 +14,7 @@ use cudarc::driver::LaunchConfig;
 
 use super::compile::MmaPrecision;
 use super::device::{grid_for, Arg, Block, CudaOptions, Device, DeviceParam, VramReport};
+use super::driver::Driver;
 use super::graph::FrameGraphs;
 use super::params::*;
 use crate::backend::{Activation, AttentionBias, Backend, Conv2dSpec, FrameFn, Lora};
@@ -96,6 +97,13 @@ impl CudaBackend {
     pub fn new(options: CudaOptions) -> Result<Self> {
         let graphs = FrameGraphs::new(options.graphs);
         Ok(Self { graphs, dev: Device::open(options)? })
+    }
+
+    /// The same backend on another [`Driver`] (`options.device` unused): the SIMT simulator's in
+    /// CI (`cuda::sim_driver`, feature `gpusim`), so the code above runs unmodified without a GPU.
+    pub fn with_driver(options: CudaOptions, driver: Arc<dyn Driver>) -> Result<Self> {
+        let graphs = FrameGraphs::new(options.graphs);
+        Ok(Self { graphs, dev: Device::with_driver(options, driver)? })
     }
 
     /// One line for logs: device, architecture, precision, where the kernels came from.
@@ -412,11 +420,8 @@ impl Backend for CudaBackend {
             p.out_shape[axis] = as_i64(out_shape[axis]);
             p.src_stride[axis] = as_i64(strides[src_axis]);
         }
-        let mut args = cudarc::driver::CudaStream::launch_builder(&self.dev.stream, &self.dev.kernels.permute);
-        let (src, dst) = (t.ptr(), out.ptr());
-        use cudarc::driver::PushKernelArg;
-        args.arg(&src).arg(&dst).arg(&p);
-        unsafe { args.launch(grid_for(n)) }.map_err(|e| super::device::driver_err("launching permute", e))?;
+        let args = [Arg::U64(t.ptr()), Arg::U64(out.ptr()), Arg::record(&p)];
+        self.dev.launch_args("permute", &self.dev.kernels.permute, grid_for(n), &args)?;
         Ok(out)
     }
 

@@ -1,16 +1,17 @@
-//! The device side of the CUDA backend: context, stream, loaded kernels, and every byte of VRAM
-//! the backend owns (parameters, counted against the budget one by one, and the activation
-//! arena, sized once). Kept apart from the `Backend` impl so that the op code reads as shapes
-//! and launches only.
+//! The device side of the CUDA backend: the driver (a GPU, or the simulator), loaded kernels, and
+//! every byte of VRAM the backend owns (parameters, counted against the budget one by one, and
+//! the activation arena, sized once). Kept apart from the `Backend` impl so that the op code reads
+//! as shapes and launches only.
 
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::result as drv;
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
-use cudarc::nvrtc::Ptx;
+use cudarc::driver::{DeviceRepr, LaunchConfig};
 
 use super::arena::Arena;
-use super::compile::{self, MmaPrecision};
+pub use super::cudarc_driver::{driver_err, driver_present};
+use super::cudarc_driver::CudarcDriver;
+use super::compile::MmaPrecision;
+use super::driver::{DeviceGraph, DeviceMemory, Driver, KernelId};
 use crate::{Error, Result};
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -73,10 +74,6 @@ impl std::fmt::Display for VramReport {
     }
 }
 
-pub fn driver_err(what: &str, e: drv::DriverError) -> Error {
-    Error::Backend(format!("CUDA {what}: {e:?}"))
-}
-
 /// Budget accounting shared by every parameter and the arena.
 #[derive(Debug, Default)]
 struct Ledger {
@@ -87,7 +84,7 @@ struct Ledger {
 
 /// A parameter's device memory; gives its bytes back to the ledger when dropped.
 pub struct DeviceParam {
-    _slice: CudaSlice<u8>,
+    _memory: Box<dyn DeviceMemory>,
     pub ptr: u64,
     bytes: u64,
     ledger: Arc<Mutex<Ledger>>,
@@ -102,7 +99,7 @@ impl Drop for DeviceParam {
 
 /// The arena's device memory and its free list.
 pub struct ArenaBacking {
-    _slice: CudaSlice<u8>,
+    _memory: Box<dyn DeviceMemory>,
     pub arena: Arena,
 }
 
@@ -128,25 +125,68 @@ impl Drop for Block {
 /// Every kernel entry point, looked up once at start-up.
 pub struct Kernels {
     /// Indexed by weight kind (f32, f16, NF4).
-    pub gemm_tc: [CudaFunction; 3],
-    pub gemm_simt: [CudaFunction; 3],
+    pub gemm_tc: [KernelId; 3],
+    pub gemm_simt: [KernelId; 3],
     /// (largest head dim, kernel), ascending.
-    pub attention: Vec<(usize, CudaFunction)>,
-    pub layer_norm_rows: CudaFunction,
-    pub layer_norm_nchw: CudaFunction,
-    pub permute: CudaFunction,
-    pub copy_block: CudaFunction,
-    pub pad_hw: CudaFunction,
-    pub add_broadcast: CudaFunction,
-    pub scale_act: CudaFunction,
-    pub resize_bilinear: CudaFunction,
-    pub conv2d_direct: CudaFunction,
+    pub attention: Vec<(usize, KernelId)>,
+    pub layer_norm_rows: KernelId,
+    pub layer_norm_nchw: KernelId,
+    pub permute: KernelId,
+    pub copy_block: KernelId,
+    pub pad_hw: KernelId,
+    pub add_broadcast: KernelId,
+    pub scale_act: KernelId,
+    pub resize_bilinear: KernelId,
+    pub conv2d_direct: KernelId,
 }
 
-/// Context, stream, kernels and memory of one CUDA backend.
+/// Every kernel the backend launches, as `(module, kernel)`, in the order [`Kernels`] takes them.
+const KERNEL_NAMES: [(&str, &str); 19] = [
+    ("nf4_gemm", "gemm_tc_f32w"),
+    ("nf4_gemm", "gemm_tc_f16w"),
+    ("nf4_gemm", "gemm_tc_nf4w"),
+    ("nf4_gemm", "gemm_simt_f32w"),
+    ("nf4_gemm", "gemm_simt_f16w"),
+    ("nf4_gemm", "gemm_simt_nf4w"),
+    ("attention", "attention_d32"),
+    ("attention", "attention_d64"),
+    ("attention", "attention_d96"),
+    ("attention", "attention_d128"),
+    ("norm", "layer_norm_rows"),
+    ("norm", "layer_norm_nchw"),
+    ("elementwise", "permute"),
+    ("elementwise", "copy_block"),
+    ("elementwise", "pad_hw"),
+    ("elementwise", "add_broadcast"),
+    ("elementwise", "scale_act"),
+    ("resize", "resize_bilinear"),
+    ("conv", "conv2d_direct"),
+];
+
+impl Kernels {
+    fn from_ids(ids: &[KernelId]) -> Result<Self> {
+        let ids: &[KernelId; 19] = ids.try_into().map_err(|_| Error::Backend(format!("the driver loaded {} kernels for {} names", ids.len(), KERNEL_NAMES.len())))?;
+        let [t0, t1, t2, s0, s1, s2, a32, a64, a96, a128, ln_rows, ln_nchw, permute, copy_block, pad_hw, add_broadcast, scale_act, resize_bilinear, conv2d_direct] = *ids;
+        Ok(Kernels {
+            gemm_tc: [t0, t1, t2],
+            gemm_simt: [s0, s1, s2],
+            attention: vec![(32, a32), (64, a64), (96, a96), (128, a128)],
+            layer_norm_rows: ln_rows,
+            layer_norm_nchw: ln_nchw,
+            permute,
+            copy_block,
+            pad_hw,
+            add_broadcast,
+            scale_act,
+            resize_bilinear,
+            conv2d_direct,
+        })
+    }
+}
+
+/// The driver, kernels and memory of one CUDA backend.
 pub struct Device {
-    pub ctx: Arc<CudaContext>,
-    pub stream: Arc<CudaStream>,
+    driver: Arc<dyn Driver>,
     pub kernels: Kernels,
     pub options: CudaOptions,
     pub name: String,
@@ -158,85 +198,19 @@ pub struct Device {
     arena: Mutex<Option<Arc<ArenaBacking>>>,
 }
 
-/// Whether libcuda can be loaded at all (cudarc panics on first use when it cannot).
-pub fn driver_present() -> bool {
-    std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false)
-}
-
 impl Device {
-    /// Opens device `options.device`, compiles (or loads cached) kernels for its architecture.
-    /// Every failure is an `Err` naming the cause; cudarc panics are caught and reported too.
+    /// Opens GPU `options.device` through libcuda and compiles (or loads cached) kernels for its
+    /// architecture. Every failure is an `Err` naming the cause.
     pub fn open(options: CudaOptions) -> Result<Self> {
-        if !driver_present() {
-            return Err(Error::Backend("no CUDA driver: libcuda.so could not be loaded".into()));
-        }
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Self::open_inner(options))) {
-            Ok(r) => r,
-            Err(p) => {
-                let why = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
-                Err(Error::Backend(format!("CUDA initialisation failed inside cudarc: {why}")))
-            }
-        }
+        let driver = CudarcDriver::open(options.device)?;
+        Self::with_driver(options, Arc::new(driver))
     }
 
-    fn open_inner(options: CudaOptions) -> Result<Self> {
-        let count = CudaContext::device_count().map_err(|e| driver_err("cuInit / device count (is a GPU visible to this process?)", e))?;
-        if count <= 0 {
-            return Err(Error::Backend("no CUDA device found".into()));
-        }
-        if options.device >= count as usize {
-            return Err(Error::Backend(format!("CUDA device {} asked for, but only {count} present", options.device)));
-        }
-        let ctx = CudaContext::new(options.device).map_err(|e| driver_err("context creation", e))?;
-        // One stream, ordered: the arena's reuse rule (see arena.rs) needs nothing more, and
-        // cudarc's per-buffer events would only add work to every launch.
-        unsafe { ctx.disable_event_tracking() };
-        let (major, minor) = ctx.compute_capability().map_err(|e| driver_err("compute capability", e))?;
-        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        if major < 8 {
-            return Err(Error::Backend(format!(
-                "{name} has compute capability {major}.{minor}; the CUDA backend needs 8.0 or newer (bf16 tensor cores: Ampere, Orin, Hopper)"
-            )));
-        }
-        let arch = (major * 10 + minor) as u32;
-        // A stream of our own rather than the legacy default stream, which cannot be captured
-        // into a CUDA graph.
-        let stream = ctx.new_stream().map_err(|e| driver_err("stream creation", e))?;
-        let mut cached_modules = 0;
-        let mut modules = std::collections::HashMap::new();
-        for src in compile::SOURCES {
-            let (ptx, cached) = compile::ptx_for(src, arch, options.precision)?;
-            cached_modules += cached as usize;
-            let module = ctx.load_module(Ptx::from_src(ptx)).map_err(|e| driver_err(&format!("loading the {} kernels (driver older than the PTX?)", src.name), e))?;
-            modules.insert(src.name, module);
-        }
-        let f = |module: &str, name: &str| -> Result<CudaFunction> {
-            modules[module].load_function(name).map_err(|e| driver_err(&format!("kernel {name} in {module}.cu"), e))
-        };
-        let kernels = Kernels {
-            gemm_tc: [f("nf4_gemm", "gemm_tc_f32w")?, f("nf4_gemm", "gemm_tc_f16w")?, f("nf4_gemm", "gemm_tc_nf4w")?],
-            gemm_simt: [f("nf4_gemm", "gemm_simt_f32w")?, f("nf4_gemm", "gemm_simt_f16w")?, f("nf4_gemm", "gemm_simt_nf4w")?],
-            attention: vec![
-                (32, f("attention", "attention_d32")?),
-                (64, f("attention", "attention_d64")?),
-                (96, f("attention", "attention_d96")?),
-                (128, f("attention", "attention_d128")?),
-            ],
-            layer_norm_rows: f("norm", "layer_norm_rows")?,
-            layer_norm_nchw: f("norm", "layer_norm_nchw")?,
-            permute: f("elementwise", "permute")?,
-            copy_block: f("elementwise", "copy_block")?,
-            pad_hw: f("elementwise", "pad_hw")?,
-            add_broadcast: f("elementwise", "add_broadcast")?,
-            scale_act: f("elementwise", "scale_act")?,
-            resize_bilinear: f("resize", "resize_bilinear")?,
-            conv2d_direct: f("conv", "conv2d_direct")?,
-        };
-        Ok(Self { ctx, stream, kernels, options, name, arch, cached_modules, ledger: Arc::default(), arena: Mutex::new(None) })
-    }
-
-    fn bind(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(|e| driver_err("binding the context", e))
+    /// The backend's device on any [`Driver`] (the simulator's, in CI).
+    pub fn with_driver(options: CudaOptions, driver: Arc<dyn Driver>) -> Result<Self> {
+        let loaded = driver.load_kernels(options.precision, &KERNEL_NAMES)?;
+        let kernels = Kernels::from_ids(&loaded.ids)?;
+        Ok(Self { name: driver.name(), arch: driver.arch(), driver, kernels, options, cached_modules: loaded.cached_modules, ledger: Arc::default(), arena: Mutex::new(None) })
     }
 
     /// Uploads a parameter (weight, bias, table) after checking it fits the budget.
@@ -259,18 +233,16 @@ impl Device {
             l.params_peak = l.params_peak.max(l.params);
         }
         // From here on, a failure must give the bytes back: the guard does it on drop.
-        let upload = || -> Result<CudaSlice<u8>> {
-            self.bind()?;
-            if bytes.is_empty() {
-                self.stream.alloc_zeros::<u8>(1).map_err(|e| driver_err("allocation", e))
-            } else {
-                self.stream.clone_htod(bytes).map_err(|e| driver_err(&format!("uploading {what}"), e))
-            }
+        let upload = || -> Result<Box<dyn DeviceMemory>> {
+            let memory = self.driver.alloc_zeroed(bytes.len())?;
+            // SAFETY: the allocation holds at least bytes.len() bytes.
+            unsafe { self.driver.htod(memory.ptr(), bytes) }.map_err(|e| Error::Backend(format!("uploading {what}: {e}")))?;
+            Ok(memory)
         };
         match upload() {
-            Ok(slice) => {
-                let ptr = raw_ptr(&slice, &self.stream);
-                Ok(DeviceParam { _slice: slice, ptr, bytes: size, ledger: self.ledger.clone() })
+            Ok(memory) => {
+                let ptr = memory.ptr();
+                Ok(DeviceParam { _memory: memory, ptr, bytes: size, ledger: self.ledger.clone() })
             }
             Err(e) => {
                 self.ledger.lock().unwrap_or_else(|p| p.into_inner()).params -= size;
@@ -283,17 +255,13 @@ impl Device {
     /// the graph is launched). Thread-local mode: another thread's unrelated CUDA calls neither
     /// join the graph nor break the capture.
     pub fn begin_capture(&self) -> Result<()> {
-        self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(|e| driver_err("beginning a graph capture", e))
+        self.driver.begin_capture()
     }
 
     /// Ends the capture begun by [`Device::begin_capture`] (also after a failed launch, to leave
     /// capture mode) and instantiates the graph.
-    pub fn end_capture(&self) -> Result<CudaGraph> {
-        match self.stream.end_capture(sys::CUgraphInstantiate_flags(0)) {
-            Ok(Some(g)) => Ok(g),
-            Ok(None) => Err(Error::Backend("CUDA graph capture recorded nothing".into())),
-            Err(e) => Err(driver_err("ending a graph capture", e)),
-        }
+    pub fn end_capture(&self) -> Result<Box<dyn DeviceGraph>> {
+        self.driver.end_capture()
     }
 
     /// The arena, reserved on first use with all of the budget not taken by parameters, less
@@ -345,9 +313,8 @@ impl Device {
             )));
         }
         let want = limit.map_or(available, |b| b.min(available));
-        self.bind()?;
-        let (free, _total) = self.ctx.mem_get_info().map_err(|e| driver_err("memory info", e))?;
-        if (free as u64) < want {
+        let (free, _total) = self.driver.mem_get_info()?;
+        if free < want {
             return Err(Error::Backend(format!(
                 "the GPU has {:.1} MiB free but the activation arena needs {:.1} MiB under --vram-budget {:.1} MiB; lower the budget or free the GPU",
                 free as f64 / MIB,
@@ -355,10 +322,10 @@ impl Device {
                 budget as f64 / MIB
             )));
         }
-        let slice = self.stream.alloc_zeros::<u8>(want as usize).map_err(|e| driver_err(&format!("allocating the {:.1} MiB activation arena", want as f64 / MIB), e))?;
-        let base = raw_ptr(&slice, &self.stream);
+        let memory = self.driver.alloc_zeroed(want as usize).map_err(|e| Error::Backend(format!("allocating the {:.1} MiB activation arena: {e}", want as f64 / MIB)))?;
+        let base = memory.ptr();
         l.arena_bytes = want;
-        Ok(Arc::new(ArenaBacking { _slice: slice, arena: Arena::new(base, want as usize) }))
+        Ok(Arc::new(ArenaBacking { _memory: memory, arena: Arena::new(base, want as usize) }))
     }
 
     /// A block of `floats` f32 from the arena (NaN-filled when poisoning).
@@ -379,7 +346,8 @@ impl Device {
         let block = Block { backing, offset, size };
         if self.options.poison && bytes > 0 {
             // 0xFF bytes are a NaN in f32.
-            unsafe { drv::memset_d8_async(block.ptr(), 0xff, bytes, self.stream.cu_stream()) }.map_err(|e| driver_err("poisoning", e))?;
+            // SAFETY: the block holds `bytes` bytes.
+            unsafe { self.driver.memset_d8(block.ptr(), 0xff, bytes) }?;
         }
         Ok(block)
     }
@@ -388,10 +356,9 @@ impl Device {
         if data.is_empty() {
             return Ok(());
         }
-        self.bind()?;
-        // SAFETY: dst is a block of at least data.len() floats; from pageable memory the driver
-        // stages the copy before returning, so `data` may be dropped afterwards.
-        unsafe { drv::memcpy_htod_async(dst, data, self.stream.cu_stream()) }.map_err(|e| driver_err("host-to-device copy", e))
+        // SAFETY: dst is a block of at least data.len() floats; the driver stages the copy before
+        // returning, so `data` may be dropped afterwards.
+        unsafe { self.driver.htod(dst, f32_bytes(data)) }
     }
 
     pub fn download_f32(&self, src: u64, len: usize) -> Result<Vec<f32>> {
@@ -399,10 +366,12 @@ impl Device {
         if len == 0 {
             return Ok(out);
         }
-        self.bind()?;
-        // SAFETY: src holds at least len floats; the stream is synchronised before `out` is read.
-        unsafe { drv::memcpy_dtoh_async(&mut out, src, self.stream.cu_stream()) }.map_err(|e| driver_err("device-to-host copy", e))?;
-        self.sync()?;
+        let mut bytes = vec![0u8; len * 4];
+        // SAFETY: src holds at least len floats; dtoh synchronises before returning.
+        unsafe { self.driver.dtoh(&mut bytes, src) }?;
+        for (v, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+            *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
         Ok(out)
     }
 
@@ -410,33 +379,27 @@ impl Device {
         if floats == 0 {
             return Ok(());
         }
-        self.bind()?;
-        unsafe { drv::memcpy_dtod_async(dst, src, floats * 4, self.stream.cu_stream()) }.map_err(|e| driver_err("device-to-device copy", e))
+        // SAFETY: both are blocks of at least `floats` floats.
+        unsafe { self.driver.dtod(dst, src, floats * 4) }
     }
 
     /// Waits for all queued work; asynchronous kernel faults surface here.
     pub fn sync(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| driver_err("kernel execution", e))
+        self.driver.synchronize()
     }
 
     /// Launches `f` with one by-value parameter record.
-    pub fn launch_record<P: DeviceRepr>(&self, what: &str, f: &CudaFunction, cfg: LaunchConfig, p: &P) -> Result<()> {
-        let mut b = self.stream.launch_builder(f);
-        b.arg(p);
-        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| driver_err(&format!("launching {what}"), e))
+    pub fn launch_record<P: DeviceRepr>(&self, what: &str, f: &KernelId, cfg: LaunchConfig, p: &P) -> Result<()> {
+        self.launch_args(what, f, cfg, &[Arg::record(p)])
     }
 
     /// Launches `f` with a list of arguments (device addresses and scalars, each 8 or 4 bytes).
-    pub fn launch_args(&self, what: &str, f: &CudaFunction, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-        let mut b = self.stream.launch_builder(f);
-        for a in args {
-            match a {
-                Arg::U64(v) => b.arg(v),
-                Arg::I64(v) => b.arg(v),
-                Arg::F32(v) => b.arg(v),
-            };
-        }
-        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| driver_err(&format!("launching {what}"), e))
+    pub fn launch_args(&self, what: &str, f: &KernelId, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        let bytes: Vec<Vec<u8>> = args.iter().map(Arg::to_bytes).collect();
+        let params: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        // SAFETY: the backend builds each launch's arguments for the kernel's signature, with
+        // device addresses of live blocks and parameters sized for the launch's geometry.
+        unsafe { self.driver.launch(*f, cfg, &params) }.map_err(|e| Error::Backend(format!("launching {what}: {e}")))
     }
 
     pub fn report(&self) -> VramReport {
@@ -446,10 +409,9 @@ impl Device {
     }
 }
 
-/// The device address of `slice` (event tracking is off, so the guard cudarc returns is inert).
-fn raw_ptr(slice: &CudaSlice<u8>, stream: &CudaStream) -> u64 {
-    let (ptr, _sync) = slice.device_ptr(stream);
-    ptr
+fn f32_bytes(data: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any byte is a valid u8; the length is exact.
+    unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) }
 }
 
 /// One kernel argument of [`Device::launch_args`].
@@ -457,6 +419,27 @@ pub enum Arg {
     U64(u64),
     I64(i64),
     F32(f32),
+    /// A by-value parameter record's bytes (`#[repr(C)]`, laid out as the C struct).
+    Record(Vec<u8>),
+}
+
+impl Arg {
+    /// A parameter record by value.
+    pub fn record<P: DeviceRepr>(p: &P) -> Arg {
+        // SAFETY: DeviceRepr records are `#[repr(C)]` plain data without padding (params.rs),
+        // read for exactly their size.
+        Arg::Record(unsafe { std::slice::from_raw_parts(p as *const P as *const u8, std::mem::size_of::<P>()) }.to_vec())
+    }
+
+    /// The bytes cuLaunchKernel copies for this parameter.
+    fn to_bytes(&self) -> Vec<u8> {
+        match self {
+            Arg::U64(v) => v.to_ne_bytes().to_vec(),
+            Arg::I64(v) => v.to_ne_bytes().to_vec(),
+            Arg::F32(v) => v.to_ne_bytes().to_vec(),
+            Arg::Record(b) => b.clone(),
+        }
+    }
 }
 
 /// A 1-D grid-stride launch over `n` elements.

@@ -16,20 +16,14 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cudarc::driver::CudaGraph;
-
 use super::backend::{CudaBackend, CudaTensor};
-use super::device::{driver_err, ArenaBacking};
+use super::device::ArenaBacking;
+use super::driver::DeviceGraph;
 use crate::backend::FrameFn;
 use crate::{Error, Result};
 
-/// A captured graph; access is serialised by [`FrameGraphs`]'s mutex.
-struct Graph(CudaGraph);
-
-// SAFETY: CUDA graph objects may be used from any thread as long as calls on one graph are
-// serialised (CUDA driver API, "Graph object thread safety"); every use goes through the
-// mutex of `FrameGraphs`.
-unsafe impl Send for Graph {}
+/// A captured graph; access is serialised by [`FrameGraphs`]'s mutex (as `DeviceGraph` asks).
+struct Graph(Box<dyn DeviceGraph>);
 
 /// Arena bytes kept out of the free list while a graph may replay on them.
 struct Reservation {
@@ -157,7 +151,7 @@ impl CudaBackend {
         let (output, graph) = (output?, Graph(graph?));
         let pieces = span.map(|(lo, hi)| backing.arena.lock().claim_free(lo, hi)).unwrap_or_default();
         let span = Reservation { backing, pieces };
-        graph.0.upload().map_err(|e| driver_err("uploading the encoder graph", e))?;
+        graph.0.upload().map_err(|e| Error::Backend(format!("uploading the encoder graph: {e}")))?;
         Ok(FrameGraph { graph, key, input, output, _span: span })
     }
 
@@ -168,7 +162,7 @@ impl CudaBackend {
             return Err(Error::Shape(format!("frame input of {} values for a graph captured on {:?}", input.len(), g.input.shape())));
         }
         dev.upload_f32(g.input.ptr(), input)?;
-        g.graph.0.launch().map_err(|e| driver_err("launching the encoder graph", e))?;
+        g.graph.0.launch().map_err(|e| Error::Backend(format!("launching the encoder graph: {e}")))?;
         let out = self.tensor(g.output.shape().to_vec())?;
         dev.copy_d2d(out.ptr(), g.output.ptr(), out.numel())?;
         Ok(out)
