@@ -113,10 +113,9 @@ pub fn foreign_slots(node: &NodeProto, constant: &dyn Fn(usize) -> bool) -> Resu
         "FusedMatMul" => {
             // alpha * op(A) @ op(B); the weight is B (A would be a weight on the left, which no
             // SAM layer has: passed on as input 0 for the grammar to refuse).
-            if int_attr(node, "transBatchA") != 0 || int_attr(node, "transBatchB") != 0 {
-                if (0..n).any(constant) {
-                    bail!("node `{}` ({}) transposes batch axes of a weight (transBatchA/transBatchB), which no SAM layer does", node.name, qualified(node));
-                }
+            let batch_transposed = int_attr(node, "transBatchA") != 0 || int_attr(node, "transBatchB") != 0;
+            if batch_transposed && (0..n).any(constant) {
+                bail!("node `{}` ({}) transposes batch axes of a weight (transBatchA/transBatchB), which no SAM layer does", node.name, qualified(node));
             }
             let alpha = float_attr(node, "alpha", 1.0);
             let mut slots = vec![Slot::plain(0, "MatMul", 0), Slot::plain(1, "MatMul", 1)];
