@@ -121,11 +121,13 @@ impl<'a> Cursor<'a> {
             [r, c] if (w.op == "MatMul" || w.op == "Gemm") && w.input == 1 => (*r, *c),
             _ => return Self::mismatch(w, &expected),
         };
-        let (fan_in, out, values) = if w.op == "Gemm" && w.trans_b {
+        let (fan_in, out, mut values) = if w.op == "Gemm" && w.trans_b {
             (cols, rows, w.values.clone())
         } else {
             (rows, cols, transpose(&w.shape, &w.values, &[1, 0])?.1)
         };
+        // `alpha * (x @ W) + b` is `x @ (alpha * W) + b` (a fused scale, or Gemm's alpha).
+        scale_values(&mut values, w.scale);
         if input.is_some_and(|i| i != fan_in) {
             return Self::mismatch(w, &format!("{expected} [_, {}]", input.unwrap_or(0)));
         }
@@ -136,7 +138,9 @@ impl<'a> Cursor<'a> {
         if !is_bias {
             return Self::mismatch(b, &format!("linear bias {name} [{out}]"));
         }
-        self.emit(name, vec![out], b.values.clone());
+        let mut bias = b.values.clone();
+        scale_values(&mut bias, b.scale);
+        self.emit(name, vec![out], bias);
         Ok((fan_in, out))
     }
 
@@ -177,6 +181,11 @@ impl<'a> Cursor<'a> {
         Ok(u)
     }
 
+    /// Passes over the next use: a constant the export derives and the model does not keep.
+    pub fn skip(&mut self) {
+        self.at += 1;
+    }
+
     /// The next use, to be interpreted by the caller (folded or derived constants).
     pub fn next_use(&mut self, expected: &str) -> Result<&'a ParamUse> {
         self.take(expected)
@@ -192,5 +201,11 @@ impl<'a> Cursor<'a> {
             None => Ok(()),
             Some(u) => bail!("{} is not part of a supported {what}", u.describe()),
         }
+    }
+}
+
+fn scale_values(values: &mut [f32], scale: f32) {
+    if scale != 1.0 {
+        values.iter_mut().for_each(|v| *v *= scale);
     }
 }

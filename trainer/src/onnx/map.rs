@@ -21,6 +21,8 @@ use super::graph::ParamUse;
 pub struct Sections {
     pub encoder: Option<&'static str>,
     pub decoder: bool,
+    /// The decoder picks one mask (`SamOnnxModel(return_single_mask=True)`).
+    pub single_mask: bool,
 }
 
 /// Maps one graph's uses; the file may hold an encoder, a decoder, or both in that order.
@@ -41,7 +43,7 @@ pub fn map_graph(uses: &[ParamUse]) -> Result<(Vec<Named>, Sections)> {
             let u = c.peek().map(ParamUse::describe).unwrap_or_default();
             bail!("{u} starts neither a SAM image encoder (a Conv over 3 channels) nor the SAM decoder export (the prompt encoder's [2, D/2] Gaussian matrix)");
         }
-        decoder(&mut c)?;
+        sections.single_mask = decoder(&mut c)?;
         sections.decoder = true;
     }
     c.finish("SAM export")?;
@@ -227,10 +229,16 @@ fn rename_pending(c: &mut Cursor, from: usize, attn: &str, norm: &str) {
     }
 }
 
-fn decoder(c: &mut Cursor) -> Result<()> {
+/// The official decoder export; returns whether it is the single-mask variant.
+fn decoder(c: &mut Cursor) -> Result<bool> {
     let pe = "prompt_encoder";
     let g = c.next_use("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix")?;
     let d = 2 * g.shape[1];
+    // SAM multiplies `coords @ G` by 2π; onnxruntime fuses that factor into the product.
+    let two_pi = std::f32::consts::TAU;
+    if !((g.scale - 1.0).abs() < 1e-6 || (g.scale - two_pi).abs() < 1e-5 * two_pi) {
+        bail!("{} scales the positional encoding's product by {}: SAM's is 1 or 2π", g.describe(), g.scale);
+    }
     c.push(format!("{pe}.pe_layer.positional_encoding_gaussian_matrix"), g.shape.clone(), g.values.clone());
     c.raw(&format!("{pe}.not_a_point_embed.weight"), &[1, d], "the prompt encoder's not_a_point_embed")?;
     for i in 0..4 {
@@ -303,5 +311,18 @@ fn decoder(c: &mut Cursor) -> Result<()> {
     if j == 0 {
         bail!("the decoder export has no IoU prediction head after its hypernetwork MLPs");
     }
-    Ok(())
+    Ok(single_mask_reweight(c, rows - 1))
+}
+
+/// `SamOnnxModel(return_single_mask=True)` ends with `score_reweight` `[[1000, 0, …]]` (one
+/// per mask token), added to the IoU predictions as `(num_points - 2.5) * score_reweight` to
+/// pick the single-mask output when the prompt has more than two points, the best of the
+/// others otherwise. An export with a fixed point count folds the product (`[[2500, 0, …]]` for
+/// 5 points). Consumed when present.
+fn single_mask_reweight(c: &mut Cursor, mask_tokens: usize) -> bool {
+    let is_reweight = c.peek().is_some_and(|u| u.numel() == mask_tokens && u.values[0] != 0.0 && u.values[0] % 500.0 == 0.0 && u.values[1..].iter().all(|&v| v == 0.0));
+    if is_reweight {
+        c.skip();
+    }
+    is_reweight
 }
