@@ -21,6 +21,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Result};
 use dicom_dictionary_std::tags;
+use dicom_object::file::ReadPreamble;
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
 use dicom_pixeldata::{PixelDecoder, PlanarConfiguration};
 use dicom_transfer_syntax_registry::{TransferSyntaxIndex, TransferSyntaxRegistry};
@@ -138,6 +139,29 @@ pub struct Samples {
     pub frames: u32,
 }
 
+const EXPLICIT_BIG_ENDIAN: &str = "1.2.840.10008.1.2.2";
+/// JPEG Baseline and Extended: the DCT processes whose decoder converts YCbCr.
+const JPEG_DCT: &[&str] = &["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"];
+
+/// Whether a JPEG stream has a JFIF (APP0 "JFIF") or Adobe (APP14 "Adobe") marker before its
+/// first scan: the markers that tell a decoder whether 3 components are YCbCr or RGB.
+fn jpeg_has_colour_marker(stream: &[u8]) -> bool {
+    let mut i = 2; // after SOI
+    while i + 4 <= stream.len() && stream[i] == 0xFF {
+        let marker = stream[i + 1];
+        if marker == 0xDA {
+            return false; // start of scan: no marker came before it
+        }
+        let len = usize::from(u16::from_be_bytes([stream[i + 2], stream[i + 3]]));
+        let body = stream.get(i + 4..i + 2 + len).unwrap_or(&[]);
+        if (marker == 0xE0 && body.starts_with(b"JFIF")) || (marker == 0xEE && body.starts_with(b"Adobe")) {
+            return true;
+        }
+        i += 2 + len;
+    }
+    false
+}
+
 /// An error and its sources, `outer: inner: ...`: dicom-pixeldata's top-level message ("Could not
 /// decode pixel data") hides the codec's reason (e.g. an unsupported sample precision).
 fn causes(e: &dyn std::error::Error) -> String {
@@ -166,8 +190,13 @@ impl File {
             bail!("not a DICOM file (no DICM marker at byte 128)");
         }
         crate::dicom_lengths::check(bytes)?;
+        // The preamble is always skipped, never detected: detection looks for `DICM` 128 bytes
+        // into what it is given, so a file with a second `DICM` at byte 256 had its meta group
+        // read from there, not where the bounds pass above checked it (fuzz finding
+        // `second_dicm_at_256`: a 305-byte file made dicom-object zero-fill 3.4 GiB).
         let obj = OpenFileOptions::new()
-            .from_reader(&bytes[128..])
+            .read_preamble(ReadPreamble::Always)
+            .from_reader(bytes)
             .map_err(|e| {
                 anyhow!("not a readable DICOM file ({e}); check that it is complete, or convert the file to explicit VR little endian (e.g. `gdcmconv --raw`)")
             })?;
@@ -184,6 +213,43 @@ impl File {
             obj,
             ts: format!("transfer syntax {name} ({uid})"),
         })
+    }
+
+    /// Whether dicom-rs holds the pixel data as 16-bit words (VR OW read as `U16`).
+    fn pixel_data_is_words(&self) -> bool {
+        matches!(
+            self.obj.get(tags::PIXEL_DATA).map(|e| e.value()),
+            Some(dicom_core::DicomValue::Primitive(dicom_core::PrimitiveValue::U16(_)))
+        )
+    }
+
+    /// Frame `frame` of an encapsulated JPEG decoded with no colour transform, when its stream
+    /// has neither a JFIF (APP0) nor an Adobe (APP14) marker; `None` when it has one (the
+    /// markers then say what the components are, and the codec's output stands).
+    fn jpeg_frame_without_transform(&self, frame: u32, frames: u32, w: usize, h: usize) -> Result<Option<Vec<u8>>> {
+        let Some(fragments) = self.obj.get(tags::PIXEL_DATA).and_then(|e| e.value().fragments()) else {
+            return Ok(None);
+        };
+        // A single frame may span several fragments; several frames have one fragment each.
+        let stream: Vec<u8> = if frames == 1 {
+            fragments.concat()
+        } else if fragments.len() == frames as usize {
+            fragments[frame as usize].clone()
+        } else {
+            bail!(self.fail(format!("{} fragments for {frames} frames: cannot tell which hold frame {frame} of this RGB JPEG", fragments.len())));
+        };
+        if jpeg_has_colour_marker(&stream) {
+            return Ok(None);
+        }
+        let mut decoder = jpeg_decoder::Decoder::new(&stream[..]);
+        decoder.set_color_transform(jpeg_decoder::ColorTransform::None);
+        let pixels = decoder
+            .decode()
+            .map_err(|e| self.fail(format!("cannot decode the RGB JPEG frame {frame}: {e}")))?;
+        if pixels.len() != w * h * 3 {
+            bail!(self.fail(format!("the RGB JPEG frame {frame} holds {} bytes, {w}x{h} RGB needs {}", pixels.len(), w * h * 3)));
+        }
+        Ok(Some(pixels))
     }
 
     fn fail(&self, why: impl std::fmt::Display) -> anyhow::Error {
@@ -283,6 +349,22 @@ impl File {
                 .map(|c| i64::from(u32::from_ne_bytes([c[0], c[1], c[2], c[3]])))
                 .collect(),
         };
+        // 32-bit samples of a big-endian file: dicom-rs reads pixel data of VR OW as 16-bit
+        // words and turns each into native order, so a 32-bit sample arrives with its two halves
+        // swapped (found on real RT dose exports; 16-bit samples are whole words and unaffected).
+        if bytes_per == 4 && ts_uid == EXPLICIT_BIG_ENDIAN && self.pixel_data_is_words() {
+            for v in &mut values {
+                *v = ((*v & 0xFFFF) << 16) | (*v >> 16);
+            }
+        }
+        // An RGB JPEG without a JFIF or Adobe marker: DICOM's RGB says its components are R, G
+        // and B (PS3.5 8.2.1), but the JPEG decoder assumes YCbCr for any 3-component stream
+        // without markers and converts. Decode that frame again with no colour transform.
+        if photometric == "RGB" && spp == 3 && bytes_per == 1 && JPEG_DCT.contains(&ts_uid.as_str()) {
+            if let Some(rgb) = self.jpeg_frame_without_transform(frame, frames, w, h)? {
+                values = rgb.into_iter().map(i64::from).collect();
+            }
+        }
         // Keep Bits Stored, sign-extended for signed data (high bits may hold overlays).
         let mask = (1i64 << stored) - 1;
         for v in &mut values {
@@ -735,5 +817,20 @@ pub(crate) mod tests {
         )
         .unwrap();
         assert_eq!(img.data[0], window_to_u8(100.0, w, false));
+    }
+}
+
+
+#[cfg(test)]
+mod meta_placement {
+    /// Fuzz finding: a second `DICM` 256 bytes in made dicom-object's preamble detection skip
+    /// another 128 bytes, so it parsed a meta group the bounds pass never saw and zero-filled
+    /// 3.4 GiB for it. The file must now fail quickly, on the meta group at byte 132.
+    #[test]
+    fn a_second_dicm_marker_does_not_move_the_meta_group() {
+        let bytes = include_bytes!("../../benches/fuzz/regressions/dicom_reader/second_dicm_at_256");
+        let started = std::time::Instant::now();
+        let err = super::read(bytes, &super::DicomOptions { frame: 0, window: None }).unwrap_err();
+        assert!(started.elapsed().as_secs_f64() < 1.0, "took {:?}: {err:#}", started.elapsed());
     }
 }

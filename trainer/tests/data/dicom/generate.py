@@ -265,6 +265,19 @@ try:
 except ImportError as e:
     print("SKIP JPEG lossless/extended:", e)
 
+# RT dose as treatment-planning systems export it: 32-bit samples in explicit big endian. dicom-rs
+# hands such pixel data over as native 16-bit words, so each 32-bit sample's halves must be put
+# back in order.
+dose = smooth((H, W), 0, 3_000_000, np.uint32)
+ds = base("MONOCHROME2", 32, modality="RTDOSE")
+ds.PixelData = dose.byteswap().tobytes()
+save("dose_32bit_explicit_be", ds, ExplicitVRBigEndian, note="RT-dose-like 32-bit, big endian")
+
+# An RGB JPEG without a JFIF/Adobe marker (pydicom's SC_jpeg_no_color_transform) is decoded
+# without a colour transform (dicom.rs); it is checked on the real file by
+# benches/dicom_real_exports.py, not here: a synthetic one rewritten from libjpeg-turbo's output
+# did not decode the same in jpeg-decoder and the reference, for reasons not yet understood.
+
 with open("manifest.json", "w") as f:
     json.dump(manifest, f, indent=1)
 print(len(manifest), "files")
