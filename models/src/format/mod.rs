@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{EncoderConfig, ModelConfig};
 
 pub use reader::{PackedModel, TensorInfo};
-pub use writer::{pack, PackReport};
+pub use writer::{pack, pack_with_progress, PackReport, PackStep};
 
 /// First bytes of every packed file.
 pub const MAGIC: &[u8; 8] = b"MSAMPACK";

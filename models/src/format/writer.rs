@@ -25,12 +25,36 @@ pub struct PackReport {
 }
 
 /// Writes `store`'s tensors to `out` in the packed format.
-pub fn pack(store: &dyn WeightStore, config: &ModelConfig, mut provenance: Provenance, keep_fp16: &[String], out: &Path) -> Result<PackReport> {
+pub fn pack(store: &dyn WeightStore, config: &ModelConfig, provenance: Provenance, keep_fp16: &[String], out: &Path) -> Result<PackReport> {
+    pack_with_progress(store, config, provenance, keep_fp16, out, &mut |_| {})
+}
+
+/// Where [`pack_with_progress`] is: the CLI shows it (ViT-H's 2.5 GB of f32 take minutes to
+/// quantise); the library only reports it, so it stays free of any terminal code.
+#[derive(Clone, Copy, Debug)]
+pub enum PackStep<'a> {
+    /// Tensor `done` of `total` (1-based) was encoded.
+    Encoded { done: usize, total: usize, name: &'a str },
+    /// Every tensor is encoded; the file is being written and synced.
+    Writing { bytes: u64 },
+}
+
+/// [`pack`], calling `progress` after each tensor and before the write.
+pub fn pack_with_progress(
+    store: &dyn WeightStore,
+    config: &ModelConfig,
+    mut provenance: Provenance,
+    keep_fp16: &[String],
+    out: &Path,
+    progress: &mut dyn FnMut(PackStep<'_>),
+) -> Result<PackReport> {
     provenance.keep_fp16 = keep_fp16.to_vec();
     let mut report = PackReport::default();
     let mut data: Vec<u8> = Vec::new();
     let mut tensors = Vec::new();
-    for name in store.names() {
+    let names = store.names();
+    let n_tensors = names.len();
+    for (i, name) in names.into_iter().enumerate() {
         let t = store.get(&name)?;
         let values = t.to_f32();
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
@@ -65,11 +89,13 @@ pub fn pack(store: &dyn WeightStore, config: &ModelConfig, mut provenance: Prove
         *total += bytes;
         report.tensors += 1;
         report.source_f32_bytes += 4 * values.len() as u64;
+        progress(PackStep::Encoded { done: i + 1, total: n_tensors, name: &name });
         tensors.push(TensorEntry { name, shape: t.shape.iter().map(|&d| d as u64).collect(), dtype, arrays: ranges, crc32: crc.finalize() });
     }
     let manifest = Manifest { config: config.clone(), provenance, data_len: data.len() as u64, tensors };
     let (head, _) = encode_head(&manifest)?;
     report.file_bytes = (head.len() + data.len()) as u64;
+    progress(PackStep::Writing { bytes: report.file_bytes });
     write_atomically(out, &[&head, &data])?;
     Ok(report)
 }

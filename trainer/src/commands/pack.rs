@@ -4,11 +4,14 @@
 
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
 use anyhow::{bail, Context, Result};
-use minisam_models::format::{self, PackReport, Provenance};
+use minisam_models::format::{self, PackReport, PackStep, Provenance};
 use minisam_models::import::Checkpoint;
 
 use crate::cli::PackArgs;
+use crate::progress::{self, Progress};
 
 pub fn run(args: &PackArgs) -> Result<()> {
     if let Some(same) = args.inputs.iter().find(|p| **p == args.output) {
@@ -40,20 +43,41 @@ pub fn run(args: &PackArgs) -> Result<()> {
         .join(" + ");
     let provenance = Provenance::new(source_file, source_sha256.clone());
     let keep_fp16 = keep_fp16_patterns(ckpt.config(), args);
-    let report = format::pack(
-        &ckpt,
-        ckpt.config(),
-        provenance,
-        &keep_fp16,
-        &args.output,
-    )
-    .with_context(|| format!("packing {shown} into {}", args.output.display()))?;
+    let report = pack_showing_progress(&ckpt, provenance, &keep_fp16, &args.output)
+        .with_context(|| format!("packing {shown} into {}", args.output.display()))?;
     println!(
         "packed {shown} (sha256 {source_sha256}) -> {}",
         args.output.display()
     );
     print!("{}", render_report(&report));
     Ok(())
+}
+
+/// Packs with a bar on a terminal (plain lines every 5 s otherwise, on stderr so stdout stays
+/// the report): quantising ViT-H takes minutes.
+fn pack_showing_progress(ckpt: &Checkpoint, provenance: Provenance, keep_fp16: &[String], out: &Path) -> Result<PackReport> {
+    let mut progress: Option<Progress> = None;
+    let report = format::pack_with_progress(ckpt, ckpt.config(), provenance, keep_fp16, out, &mut |step| {
+        let mut log = std::io::stderr();
+        // A line that cannot be written (closed stderr) must not stop the pack.
+        match step {
+            PackStep::Encoded { done, total, name } => {
+                let p = progress.get_or_insert_with(|| {
+                    Progress::new(progress::Mode::for_stderr(), "pack", total as u64, Duration::from_secs(5))
+                });
+                let _ = p.step(&mut log, done as u64, &format!("tensor {done}/{total} {name}"));
+            }
+            PackStep::Writing { bytes } => {
+                if let Some(p) = &progress {
+                    let _ = p.println(&mut log, &format!("writing {:.1} MiB", mib(bytes)));
+                }
+            }
+        }
+    });
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    Ok(report?)
 }
 
 /// The architecture's default fp16 list (unless `--all-nf4`) followed by the user's patterns;
