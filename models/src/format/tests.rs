@@ -248,3 +248,21 @@ fn tiny_vit_encoders_and_every_decoder_attention_stay_fp16_by_default() {
         assert_eq!(matches!(data, TensorData::Nf4(_)), !fp16, "{name}");
     }
 }
+
+#[test]
+fn pack_reports_every_tensor_then_the_write() {
+    let mut steps = Vec::new();
+    let path = temp("progress.msam");
+    let report = pack_with_progress(&store(), &config(), Provenance::new("x", "y"), &[], &path, &mut |step| {
+        steps.push(match step {
+            PackStep::Encoded { done, total, name } => format!("{done}/{total} {name}"),
+            PackStep::Writing { bytes } => format!("write {bytes}"),
+        })
+    })
+    .unwrap();
+    let n = store().0.len();
+    assert_eq!(steps.len(), n + 1, "{steps:?}");
+    assert_eq!(steps[0], format!("1/{n} enc.blocks.0.attn.qkv.weight"));
+    assert!(steps[n - 1].starts_with(&format!("{n}/{n} ")), "{steps:?}");
+    assert_eq!(steps[n], format!("write {}", report.file_bytes));
+}
