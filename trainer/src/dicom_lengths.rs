@@ -109,7 +109,18 @@ fn check_data_set(data_set: &[u8], ts: &dicom_encoding::TransferSyntax) -> Resul
     while let Some(token) = reader.advance() {
         let token = token.map_err(|e| anyhow!("not a readable DICOM data set ({e})"))?;
         let (what, len, decoder) = match token {
-            LazyDataToken::LazyValue { header, decoder } => (format!("element {}", header.tag), header.len.0, decoder),
+            LazyDataToken::LazyValue { header, decoder } => {
+                let unit = binary_unit(header.vr);
+                if header.len.is_defined() && header.len.0 % unit != 0 {
+                    bail!(
+                        "data set element {} ({}) declares {} bytes, not a whole number of its {unit}-byte values: the file is damaged",
+                        header.tag,
+                        header.vr,
+                        header.len.0
+                    );
+                }
+                (format!("element {}", header.tag), header.len.0, decoder)
+            }
             LazyDataToken::LazyItemValue { len, decoder } => ("pixel data fragment".to_string(), len, decoder),
             _ => continue,
         };
@@ -122,6 +133,22 @@ fn check_data_set(data_set: &[u8], ts: &dicom_encoding::TransferSyntax) -> Resul
             .map_err(|e| anyhow!("not a readable DICOM data set ({e})"))?;
     }
     Ok(())
+}
+
+/// Bytes per value of a binary VR (1 for the rest). dicom-parser reads `len / unit` values of
+/// such an element, so a length that is not a multiple leaves the last `len % unit` bytes unread
+/// and the next header is decoded from inside this value: the real parse then walks a different
+/// structure from the one this pass checked (fuzz finding `ul_length_not_multiple_of_4`: a UL of
+/// 122 bytes, after which dicom-object met a 4 GiB length this pass never saw). PS3.5 requires
+/// these lengths to be multiples, so only damaged files are refused.
+fn binary_unit(vr: dicom_core::VR) -> u32 {
+    use dicom_core::VR;
+    match vr {
+        VR::US | VR::SS | VR::OW => 2,
+        VR::UL | VR::SL | VR::FL | VR::AT | VR::OL | VR::OF => 4,
+        VR::FD | VR::OD | VR::SV | VR::UV | VR::OV => 8,
+        _ => 1,
+    }
 }
 
 #[cfg(test)]
@@ -178,5 +205,26 @@ mod tests {
         // One byte short of what the last element declares.
         f.pop();
         assert!(check(&f).is_err());
+    }
+
+    #[test]
+    fn fuzz_finding_a_ul_of_122_bytes_is_refused_before_the_parses_diverge() {
+        let bytes = include_bytes!("../../benches/fuzz/regressions/dicom_reader/ul_length_not_multiple_of_4");
+        let err = check(bytes).unwrap_err().to_string();
+        assert!(err.contains("(UL) declares 122 bytes, not a whole number of its 4-byte values"), "{err}");
+    }
+
+    #[test]
+    fn binary_values_must_be_whole() {
+        let us = |declared: u32, value: &[u8]| {
+            let mut f = head();
+            f.extend_from_slice(&[0x28, 0x00, 0x10, 0x00, b'U', b'S']);
+            f.extend_from_slice(&(declared as u16).to_le_bytes());
+            f.extend_from_slice(value);
+            f
+        };
+        check(&us(2, &[32, 0])).unwrap();
+        let err = check(&us(3, &[32, 0, 0])).unwrap_err().to_string();
+        assert!(err.contains("(0028,0010) (US) declares 3 bytes"), "{err}");
     }
 }
