@@ -41,7 +41,17 @@ impl FrozenModel {
         let (store, config, sha) = (file.store(), file.config(), Some(file.sha256_hex()));
         Ok(match selected {
             SelectedBackend::Cpu(b) => Self::Cpu(Box::new(Segmenter::load_with_identity(b, store, config, sha)?)),
-            SelectedBackend::Cuda(b) => Self::Cuda(Box::new(Segmenter::load_with_identity(*b, store, config, sha)?)),
+            SelectedBackend::Cuda(b) => match Segmenter::load_with_identity(*b, store, config, sha.clone()) {
+                Ok(s) => Self::Cuda(Box::new(s)),
+                // `auto` promises a run: a model that does not fit the VRAM budget (or any other
+                // CUDA fault while loading) means the CPU, said once, as the daemon does.
+                Err(e) if backend.choice == BackendChoice::Auto => {
+                    eprintln!("minisam: the CUDA backend cannot hold this model ({e}); --backend auto uses the CPU");
+                    let cpu = CpuBackend::new(threads).map_err(|e| anyhow!("{e}"))?;
+                    Self::Cpu(Box::new(Segmenter::load_with_identity(cpu, store, config, sha)?))
+                }
+                Err(e) => return Err(anyhow!("--backend cuda: {e}")),
+            },
         })
     }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use minisam_models::backend::Backend;
-use minisam_models::cuda::SelectedBackend;
+use super::model::{Loaded, LoadedOn};
 use minisam_models::adapter::AdapterFile;
 use minisam_models::image::{Mask, RgbImage};
 use minisam_models::pipeline::Geometry;
@@ -130,16 +130,15 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     );
 
     let threads = args.threads.get();
-    match args.backend.select(threads)? {
-        SelectedBackend::Cpu(b) => run_on(args, &plan, b),
-        SelectedBackend::Cuda(b) => run_on(args, &plan, *b),
+    match super::model::load_selected(&args.backend, threads, &args.model)? {
+        LoadedOn::Cpu(loaded) => run_on(args, &plan, loaded),
+        LoadedOn::Cuda(loaded) => run_on(args, &plan, loaded),
     }
 }
 
-/// The rest of `run` on whichever backend was selected.
-fn run_on<B: BackendExtras>(args: &EvalArgs, plan: &eval::Plan, backend: B) -> Result<()> {
+/// The rest of `run` on whichever backend holds the model.
+fn run_on<B: BackendExtras>(args: &EvalArgs, plan: &eval::Plan, mut loaded: Loaded<B>) -> Result<()> {
     let threads = args.threads.get();
-    let mut loaded = super::model::load(&args.model, backend)?;
     eprintln!(
         "model: {} ({}), loaded in {:.0} ms, {threads} threads",
         args.model.display(),

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use std::path::Path;
 
-use minisam_models::cuda::SelectedBackend;
+use super::model::{Loaded, LoadedOn};
 use minisam_models::image::{Mask, RgbImage};
 use minisam_models::prompt::Prompts;
 
@@ -38,15 +38,14 @@ pub fn run(args: &SegmentArgs) -> Result<()> {
             )
         })?;
 
-    match args.backend.select(args.threads.get())? {
-        SelectedBackend::Cpu(b) => run_on(args, &image, &prompts, &model_path, b),
-        SelectedBackend::Cuda(b) => run_on(args, &image, &prompts, &model_path, *b),
+    match super::model::load_selected(&args.backend, args.threads.get(), &model_path)? {
+        LoadedOn::Cpu(loaded) => run_on(args, &image, &prompts, &model_path, loaded),
+        LoadedOn::Cuda(loaded) => run_on(args, &image, &prompts, &model_path, loaded),
     }
 }
 
-/// The rest of `run` on whichever backend was selected.
-fn run_on<B: BackendExtras>(args: &SegmentArgs, image: &RgbImage, prompts: &Prompts, model_path: &Path, backend: B) -> Result<()> {
-    let mut loaded = super::model::load(model_path, backend)?;
+/// The rest of `run` on whichever backend holds the model.
+fn run_on<B: BackendExtras>(args: &SegmentArgs, image: &RgbImage, prompts: &Prompts, model_path: &Path, mut loaded: Loaded<B>) -> Result<()> {
     // With --json, stdout carries one JSON object and nothing else.
     let human = !args.json;
     if human {
