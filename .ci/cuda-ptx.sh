@@ -4,7 +4,8 @@
 # Rust code the CUDA backend runs at start-up (`minisam cuda-compile`, models/src/cuda/compile.rs).
 # Any NVRTC error fails the script. The register/spill table comes from NVRTC's embedded ptxas
 # (-Xptxas -v on a real-architecture compile); no standalone ptxas is used or needed.
-# Leaves the PTX cache in target/ptx-cache (benches/gpu/run.sh reuses it on the GPU machine).
+# Leaves the kernel cache (CUBIN for sm_87/sm_90 and PTX, named by NVRTC version) in
+# target/ptx-cache: benches/gpu/run.sh reuses it on the GPU machine, a device image can ship it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -7,7 +7,7 @@
 # On the development machine, first (the device tool carries at most 64 MiB with the tree: build
 # without debug info, and copy MobileSAM in only if it still fits):
 #     CARGO_PROFILE_RELEASE_DEBUG=0 cargo build --release -p minisam && strip target/release/minisam
-#     bash .ci/cuda-ptx.sh                  # fills target/ptx-cache with sm_90 PTX (NVRTC 12.6)
+#     bash .ci/cuda-ptx.sh                  # fills target/ptx-cache with sm_87/sm_90 CUBIN + PTX (NVRTC 12.6)
 #     mkdir -p shared && cp -r ../shared/data shared/     # 25 MiB: Dice parity and GPU training steps
 #     mkdir -p target/gpu-ref && ./target/release/minisam eval --model models/litemedsam-nf4.msam --data ../shared/data \
 #         --backend cpu --out target/gpu-ref/eval-cpu.csv  # the CPU side of the parity, made here

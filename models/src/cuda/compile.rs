@@ -1,17 +1,16 @@
-//! Run-time compilation of the CUDA C kernels in `kernels/*.cu` to PTX through NVRTC, and the
-//! on-disk PTX cache.
+//! Run-time compilation of the CUDA C kernels in `kernels/*.cu` through NVRTC: PTX for the
+//! virtual architecture and CUBIN for the real one, cached on disk by [`super::kernel_cache`].
 //!
 //! The same function compiles for the backend at start-up and for `minisam cuda-compile` (CI
-//! compiles every kernel for sm_87 and sm_90 on a machine without a GPU), so what CI checks is
-//! what runs. PTX targets the virtual architecture (`compute_XY`) and the driver finishes it for
-//! the exact chip when the module loads. A second, optional compile for the real architecture
-//! (`sm_XY`) asks NVRTC's embedded ptxas for its resource report (registers, spills).
+//! compiles every kernel for sm_87 and sm_90 on a machine without a GPU and keeps both images), so
+//! what CI checks is what runs. PTX targets `compute_XY` and the driver finishes it for the exact
+//! chip when the module loads; CUBIN (`sm_XY`) is that chip's code already, and the real-arch
+//! compile also yields NVRTC's embedded ptxas resource report (registers, spills).
 
 use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
+use super::kernel_cache;
 use crate::{Error, Result};
 
 /// One kernel source file, embedded in the binary so that a deployed build needs no source tree.
@@ -131,8 +130,25 @@ fn include_dir() -> Option<PathBuf> {
 /// The result of one NVRTC compile.
 pub struct Compiled {
     pub ptx: String,
+    /// The machine code, for a compile to a real architecture (`sm_XY`).
+    pub cubin: Option<Vec<u8>>,
     /// NVRTC's log (warnings; with `real`, ptxas's resource report).
     pub log: String,
+}
+
+/// The CUBIN of a compiled program; `None` for a virtual-architecture compile (NVRTC then has
+/// none) or any failure to fetch it.
+///
+/// # Safety
+/// `prog` is a live, successfully compiled NVRTC program.
+unsafe fn cubin_of(prog: cudarc::nvrtc::sys::nvrtcProgram) -> Option<Vec<u8>> {
+    use cudarc::nvrtc::sys;
+    let mut size = 0usize;
+    if sys::nvrtcGetCUBINSize(prog, &mut size) != sys::nvrtcResult::NVRTC_SUCCESS || size == 0 {
+        return None;
+    }
+    let mut buf = vec![0u8; size];
+    (sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast()) == sys::nvrtcResult::NVRTC_SUCCESS).then_some(buf)
 }
 
 /// Compiles one source with NVRTC; the error carries NVRTC's log.
@@ -151,9 +167,12 @@ fn nvrtc_compile(src: &KernelSource, opts: &[String]) -> Result<Compiled> {
         let compiled = unsafe { nvrtc::compile_program(prog, opts) };
         let log = unsafe { nvrtc::get_program_log(prog) }.map(|l| c_text(&l)).unwrap_or_default();
         let ptx = compiled.and_then(|()| unsafe { nvrtc::get_ptx(prog) }.map(|p| c_text(&p)));
+        let real = opts.iter().any(|o| o.starts_with("--gpu-architecture=sm_"));
+        // SAFETY: compiled successfully when `ptx` is Ok; destroyed only below.
+        let cubin = if real && ptx.is_ok() { unsafe { cubin_of(prog) } } else { None };
         let _ = unsafe { nvrtc::destroy_program(prog) };
         match ptx {
-            Ok(ptx) => Ok(Compiled { ptx, log }),
+            Ok(ptx) => Ok(Compiled { ptx, cubin, log }),
             Err(e) => Err(Error::Backend(format!("NVRTC failed on kernels/{}.cu ({e:?}) with {opts:?}:\n{log}", src.name))),
         }
     };
@@ -182,53 +201,46 @@ pub fn cache_dir() -> Option<PathBuf> {
     Some(base.join("minisam").join("ptx"))
 }
 
-/// The cache file of one compile: keyed by the source text, the architecture, the options and
-/// the NVRTC version, so an edited kernel, a changed flag or another compiler can never load
-/// stale PTX.
-fn cache_file(dir: &Path, src: &KernelSource, opts: &[String], nvrtc: &str) -> PathBuf {
-    let mut h = Sha256::new();
-    h.update(src.source.as_bytes());
-    h.update([0u8]);
-    h.update(nvrtc.as_bytes());
-    // The include path names a directory of this machine, not an input: a cache filled by CI
-    // must hit on the device (the kernels include no headers).
-    for o in opts.iter().filter(|o| !o.starts_with("--include-path=")) {
-        h.update([0u8]);
-        h.update(o.as_bytes());
-    }
-    let digest = h.finalize();
-    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-    dir.join(format!("{}-{hex}.ptx", src.name))
+/// Loads `src`'s kernels for `arch` through `try_load` (the driver), by the order of
+/// [`super::kernel_cache`]: cached CUBIN, cached PTX, then NVRTC afresh. Returns the module and
+/// whether its image came from the cache.
+pub fn load_module<M>(src: &KernelSource, arch: u32, precision: MmaPrecision, try_load: &mut dyn FnMut(&kernel_cache::KernelImage) -> std::result::Result<M, String>) -> Result<(M, bool)> {
+    let include = include_dir();
+    let cubin_opts = options(arch, precision, true, include.as_deref());
+    let ptx_opts = options(arch, precision, false, include.as_deref());
+    let nvrtc = nvrtc_version();
+    let dir = cache_dir();
+    let mut compile = |kind: kernel_cache::ImageKind| -> Result<Vec<u8>> {
+        match kind {
+            kernel_cache::ImageKind::Cubin => nvrtc_compile(src, &cubin_opts)?
+                .cubin
+                .ok_or_else(|| Error::Backend(format!("NVRTC gave no CUBIN for kernels/{}.cu on sm_{arch}", src.name))),
+            kernel_cache::ImageKind::Ptx => Ok(nvrtc_compile(src, &ptx_opts)?.ptx.into_bytes()),
+        }
+    };
+    let sources = kernel_cache::Sources { dir: dir.as_deref(), nvrtc: nvrtc.as_deref(), cubin_opts: &cubin_opts, ptx_opts: &ptx_opts, compile: &mut compile };
+    kernel_cache::load_with(src, arch, sources, try_load)
 }
 
-/// PTX of `src` for `arch`: from the cache when present, else compiled by NVRTC and cached.
-/// A cache that cannot be written is not an error (read-only home on a device): it only costs
-/// the compile next time. Returns the PTX and whether it came from the cache.
-pub fn ptx_for(src: &KernelSource, arch: u32, precision: MmaPrecision) -> Result<(String, bool)> {
-    let opts = options(arch, precision, false, include_dir().as_deref());
-    // Without NVRTC nothing can be compiled, but PTX cached by a known version may still serve.
-    let nvrtc = nvrtc_version().unwrap_or_else(|| "absent".into());
-    let dir = cache_dir();
-    if let Some(dir) = &dir {
-        if let Ok(ptx) = std::fs::read_to_string(cache_file(dir, src, &opts, &nvrtc)) {
-            if ptx.contains(".entry") {
-                return Ok((ptx, true));
+/// Compiles `src` with `opts` and stores the PTX (and the CUBIN, for a real architecture) in the
+/// cache, under the running NVRTC's version. A cache that cannot be written only costs a
+/// compile at the next start: said once on stderr, not an error.
+fn compile_and_cache(src: &KernelSource, opts: &[String]) -> Result<Compiled> {
+    let compiled = nvrtc_compile(src, opts)?;
+    if let (Some(dir), Some(nvrtc)) = (cache_dir(), nvrtc_version()) {
+        let key = kernel_cache::key(src, opts);
+        let mut images = vec![];
+        match &compiled.cubin {
+            Some(cubin) => images.push((kernel_cache::ImageKind::Cubin, cubin.as_slice())),
+            None => images.push((kernel_cache::ImageKind::Ptx, compiled.ptx.as_bytes())),
+        }
+        for (kind, bytes) in images {
+            if let Err(e) = kernel_cache::store(&dir, &kernel_cache::file_name(src, &key, &nvrtc, kind), bytes) {
+                eprintln!("minisam: cannot cache kernels in {} ({e}); they will be compiled again next start", dir.display());
             }
         }
     }
-    let compiled = nvrtc_compile(src, &opts)?;
-    if let Some(dir) = &dir {
-        let path = cache_file(dir, src, &opts, &nvrtc);
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let written = std::fs::create_dir_all(dir)
-            .and_then(|()| std::fs::write(&tmp, &compiled.ptx))
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            eprintln!("minisam: cannot cache PTX in {} ({e}); it will be compiled again next start", dir.display());
-        }
-    }
-    Ok((compiled.ptx, false))
+    Ok(compiled)
 }
 
 /// ptxas's resource figures for one kernel, parsed from NVRTC's log.
@@ -246,26 +258,31 @@ pub struct KernelResources {
 pub struct CompileReport {
     pub name: &'static str,
     pub ptx_bytes: usize,
+    /// 0 when NVRTC gave no CUBIN.
+    pub cubin_bytes: usize,
     pub entries: usize,
     /// Empty when NVRTC did not report (it runs ptxas only for a real `sm_XY` target).
     pub resources: Vec<KernelResources>,
     pub log: String,
 }
 
-/// Compiles every kernel for `arch` (PTX, filling the cache) and, with `report`, once more for
-/// the real architecture to get ptxas's resource figures. Stops at the first error, which names
-/// the file and holds the log.
+/// Compiles every kernel for `arch` twice, PTX for `compute_XY` and CUBIN for `sm_XY`, and
+/// fills the cache with both (what a device image ships: see [`super::kernel_cache`]); with
+/// `report`, parses ptxas's resource figures from the CUBIN compile. Stops at the first error,
+/// which names the file and holds the log.
 pub fn compile_all(arch: u32, precision: MmaPrecision, report: bool) -> Result<Vec<CompileReport>> {
     let include = include_dir();
     let mut reports = Vec::new();
     for src in SOURCES {
-        let (ptx, _) = ptx_for(src, arch, precision)?;
+        let ptx = compile_and_cache(src, &options(arch, precision, false, include.as_deref()))?.ptx;
         let entries = ptx.matches(".entry").count();
         if entries == 0 {
             return Err(Error::Backend(format!("kernels/{}.cu compiled to PTX with no kernel entry", src.name)));
         }
-        let log = if report { nvrtc_compile(src, &options(arch, precision, true, include.as_deref()))?.log } else { String::new() };
-        reports.push(CompileReport { name: src.name, ptx_bytes: ptx.len(), entries, resources: parse_ptxas(&log), log });
+        let real = compile_and_cache(src, &options(arch, precision, true, include.as_deref()))?;
+        let cubin_bytes = real.cubin.as_ref().map_or(0, Vec::len);
+        let log = if report { real.log } else { String::new() };
+        reports.push(CompileReport { name: src.name, ptx_bytes: ptx.len(), cubin_bytes, entries, resources: parse_ptxas(&log), log });
     }
     Ok(reports)
 }
@@ -355,23 +372,6 @@ mod tests {
     }
 
     #[test]
-    fn cuda_cache_key_changes_with_source_arch_and_options() {
-        let dir = Path::new("/c");
-        let a = KernelSource { name: "k", source: "A" };
-        let b = KernelSource { name: "k", source: "B" };
-        let o87 = options(87, MmaPrecision::Bf16, false, None);
-        let o90 = options(90, MmaPrecision::Bf16, false, None);
-        let f16 = options(87, MmaPrecision::F16, false, None);
-        let base = cache_file(dir, &a, &o87, "12.6");
-        assert_ne!(base, cache_file(dir, &b, &o87, "12.6"));
-        assert_ne!(base, cache_file(dir, &a, &o90, "12.6"));
-        assert_ne!(base, cache_file(dir, &a, &f16, "12.6"));
-        assert_ne!(base, cache_file(dir, &a, &o87, "12.8"), "another NVRTC: another cache entry");
-        assert_eq!(base, cache_file(dir, &a, &o87, "12.6"));
-        assert_eq!(base, cache_file(dir, &a, &options(87, MmaPrecision::Bf16, false, Some(Path::new("/opt/cuda/include"))), "12.6"));
-    }
-
-    #[test]
     fn cuda_ptxas_report_parsing() {
         let log = "ptxas info    : Compiling entry function 'gemm_tc_nf4w' for 'sm_90'\n\
                    ptxas info    : Function properties for gemm_tc_nf4w\n\
@@ -410,19 +410,20 @@ mod tests {
         assert_eq!(r[1].local_memory_problem(), None);
     }
 
-    /// Compiles every kernel for both deployment targets when NVRTC is loadable (CI's
-    /// `.ci/cuda-ptx.sh` puts it on LD_LIBRARY_PATH); skips loudly otherwise.
+    /// Compiles every kernel to PTX and CUBIN when NVRTC is loadable (CI's `.ci/cuda-ptx.sh`
+    /// puts it on LD_LIBRARY_PATH); skips loudly otherwise. sm_87 only: `minisam cuda-compile`
+    /// in the same script covers sm_87 and sm_90 in both precisions.
     #[test]
-    fn cuda_every_kernel_compiles_for_sm87_and_sm90() {
+    fn cuda_every_kernel_compiles_to_ptx_and_cubin() {
         if !nvrtc_available() {
             eprintln!("SKIP: NVRTC not loadable (run .ci/cuda-ptx.sh, which installs it from PyPI)");
             return;
         }
-        // PTX only (the ptxas report doubles the time; `minisam cuda-compile` prints it in CI).
-        for arch in [87, 90] {
-            let reports = compile_all(arch, MmaPrecision::Bf16, false).unwrap_or_else(|e| panic!("sm_{arch}: {e}"));
-            assert_eq!(reports.len(), SOURCES.len());
-            assert!(reports.iter().all(|r| r.entries > 0));
-        }
+        let reports = compile_all(87, MmaPrecision::Bf16, false).unwrap_or_else(|e| panic!("sm_87: {e}"));
+        assert_eq!(reports.len(), SOURCES.len());
+        assert!(reports.iter().all(|r| r.entries > 0 && r.cubin_bytes > 0));
+        // What the driver would be handed at start-up: an ELF image for the exact chip.
+        let cubin = nvrtc_compile(&SOURCES[0], &options(87, MmaPrecision::Bf16, true, include_dir().as_deref())).unwrap().cubin.unwrap();
+        assert!(kernel_cache::ImageKind::Cubin.plausible(&cubin));
     }
 }

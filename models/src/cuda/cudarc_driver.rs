@@ -9,6 +9,7 @@ use cudarc::driver::{sys, CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaS
 use cudarc::nvrtc::Ptx;
 
 use super::compile::{self, MmaPrecision};
+use super::kernel_cache::{ImageKind, KernelImage};
 use super::driver::{DeviceGraph, DeviceMemory, Driver, KernelId, LoadedKernels};
 use crate::{Error, Result};
 
@@ -124,9 +125,17 @@ impl Driver for CudarcDriver {
         let mut cached_modules = 0;
         let mut modules = std::collections::HashMap::new();
         for src in compile::SOURCES {
-            let (ptx, cached) = compile::ptx_for(src, self.arch, precision)?;
+            // CUBIN first, then PTX, then NVRTC afresh (kernel_cache's order): a driver older
+            // than the toolkit that filled the cache refuses its images, and the next one serves.
+            let mut to_driver = |image: &KernelImage| {
+                let ptx = match image.kind {
+                    ImageKind::Cubin => Ptx::from_binary(image.bytes.clone()),
+                    ImageKind::Ptx => Ptx::from_src(String::from_utf8_lossy(&image.bytes).into_owned()),
+                };
+                self.ctx.load_module(ptx).map_err(|e| format!("{e:?}"))
+            };
+            let (module, cached) = compile::load_module(src, self.arch, precision, &mut to_driver)?;
             cached_modules += cached as usize;
-            let module = self.ctx.load_module(Ptx::from_src(ptx)).map_err(|e| driver_err(&format!("loading the {} kernels (driver older than the PTX?)", src.name), e))?;
             modules.insert(src.name, module);
         }
         let mut functions = self.functions.lock().unwrap_or_else(|p| p.into_inner());

@@ -30,6 +30,7 @@ pub mod cudarc_driver;
 pub mod device;
 pub mod driver;
 pub mod graph;
+pub mod kernel_cache;
 pub mod params;
 pub mod select;
 #[cfg(feature = "gpusim")]

@@ -70,8 +70,8 @@ pub fn compile(args: &CudaCompileArgs) -> Result<()> {
     }
     println!("NVRTC {}", compile::nvrtc_version().unwrap_or_else(|| "version unknown".into()));
     match compile::cache_dir() {
-        Some(d) => println!("PTX cache: {}", d.display()),
-        None => println!("PTX cache: none (set MINISAM_PTX_CACHE or XDG_CACHE_HOME)"),
+        Some(d) => println!("kernel cache (CUBIN + PTX): {}", d.display()),
+        None => println!("kernel cache: none (set MINISAM_PTX_CACHE or XDG_CACHE_HOME)"),
     }
     let mut any_report = false;
     let mut unexpected: Vec<String> = Vec::new();
@@ -80,7 +80,7 @@ pub fn compile(args: &CudaCompileArgs) -> Result<()> {
         let arch = compile::parse_arch(arch)?;
         let reports = compile::compile_all(arch, precision, !args.no_report).with_context(|| format!("compiling for sm_{arch}"))?;
         for r in &reports {
-            println!("sm_{arch} {:<12} ok: {} kernels, {} bytes of PTX", r.name, r.entries, r.ptx_bytes);
+            println!("sm_{arch} {:<12} ok: {} kernels, {} bytes of PTX, {} bytes of CUBIN", r.name, r.entries, r.ptx_bytes, r.cubin_bytes);
             for k in &r.resources {
                 any_report = true;
                 let f = |v: Option<u32>| v.map_or("?".to_string(), |v| v.to_string());
