@@ -6,6 +6,7 @@ pub mod autograd;
 pub mod backend;
 pub mod buffer_pool;
 pub mod config;
+pub mod cost;
 pub mod cpu;
 pub mod cuda;
 pub mod error;

@@ -268,6 +268,16 @@ pub struct InspectArgs {
     /// Print one JSON object on stdout instead of the text (keys in the README).
     #[arg(long)]
     pub json: bool,
+    /// Run one frame through a counting backend and print its FLOPs and bytes (encoder,
+    /// decoder), the CPU's achieved rate, and with --peak-tflops/--peak-gbs the roofline floor.
+    #[arg(long, conflicts_with = "json")]
+    pub cost: bool,
+    /// A machine's peak tensor throughput for the roofline floor, e.g. 989 (H200 bf16 dense).
+    #[arg(long, requires = "cost", requires = "peak_gbs")]
+    pub peak_tflops: Option<f64>,
+    /// The same machine's peak memory bandwidth in GB/s, e.g. 4800 (H200 HBM3e).
+    #[arg(long, requires = "cost", requires = "peak_tflops")]
+    pub peak_gbs: Option<f64>,
 }
 
 #[derive(Debug, Args)]

@@ -47,6 +47,9 @@ pub fn run(args: &InspectArgs) -> Result<()> {
         text += &render_adapter(&a);
         return crate::runtime::emit(&text);
     }
+    if args.cost {
+        return crate::runtime::emit(&super::cost_report::run(args)?);
+    }
     let model = PackedModel::open(&args.file)
         .with_context(|| format!("{} is not a valid packed model (to inspect a checkpoint, pack it first with `minisam pack`)", args.file.display()))?;
     let (version, manifest_len, manifest_crc) = header(&args.file)?;

@@ -1,6 +1,7 @@
 //! One module per subcommand; each turns parsed arguments into a run and its printed report.
 
 pub mod convert;
+pub mod cost_report;
 pub mod cuda;
 pub mod distill;
 pub mod eval;
