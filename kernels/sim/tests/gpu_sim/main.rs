@@ -489,6 +489,21 @@ fn backend_tiny_sam_end_to_end_f32() {
     backend::tiny_sam_parity(MmaPrecision::F32, rng("backend_f32").gen());
 }
 
+#[test]
+fn backend_attention_checks_pick_the_tensor_cores_bf16() {
+    backend::attention_op_checks(MmaPrecision::Bf16, rng("backend_attention_bf16").gen());
+}
+
+#[test]
+fn backend_attention_checks_pick_the_tensor_cores_f16() {
+    backend::attention_op_checks(MmaPrecision::F16, rng("backend_attention_f16").gen());
+}
+
+#[test]
+fn backend_attention_checks_stay_f32_in_f32_mode() {
+    backend::attention_op_checks(MmaPrecision::F32, rng("backend_attention_f32").gen());
+}
+
 /// LiteMedSAM through the simulator takes longer than CI's budget on 2 shared cores (a first
 /// attempt ran over 12 minutes without finishing); run it by hand with `-- --ignored`.
 #[test]
