@@ -169,7 +169,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_d128(const AttnP
 // inputs are f32 (the backend's tensors), so the tiles are staged as f32 and rounded to 16 bits
 // while building fragments (as gemm_tc does); ldmatrix needs 16-bit elements in shared memory and
 // so does not fit here. Row stride DP + 4 floats: the V fragment reads (rows 2t, 2t+1, column g)
-// then hit 32 distinct banks for DP = 32, 64 and 80.
+// then hit 32 distinct banks (2t·(DP + 4) = 8t mod 32 for every DP here, plus g < 8).
 //
 // Query rows past Nq compute on zero Q rows and are not stored; keys past Nk are zero-filled by
 // cp.async (so 0 * V stays 0, never 0 * poison) and get -inf scores.
