@@ -105,6 +105,9 @@ pub struct LaunchOptions {
     /// Swap the A fragment registers a1 and a2 of every `mma.sync` (as a kernel that packed its
     /// fragments wrongly would).
     pub swap_mma_a12: bool,
+    /// Make every `cp.async.wait_group` a no-op (as a kernel that forgot its wait would be): the
+    /// copies land only when their thread exits.
+    pub skip_cp_async_wait: bool,
     /// OS threads that share the launch's blocks (0 or 1: the calling thread only). The results
     /// are the same for any count.
     pub threads: u32,
@@ -295,7 +298,7 @@ impl Kernel {
                 Order::Forward => 1,
                 Order::Reverse => 2,
             },
-            mutations: options.swap_mma_a12 as u32,
+            mutations: options.swap_mma_a12 as u32 | (options.skip_cp_async_wait as u32) << 1,
             seed: options.seed,
             skip_barrier_site: options.skip_barrier_site.map_or(-1, |s| s as i32),
             threads: options.threads,

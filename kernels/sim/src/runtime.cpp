@@ -385,6 +385,9 @@ void cp_async_commit_group() {
 }
 
 void cp_async_wait_group(unsigned n) {
+    // The mutation deletes every wait of the launch: copies then land only when their thread
+    // exits, as late as a GPU may land them.
+    if (sim().launch->options.mutations & MSIM_MUTATE_SKIP_CP_ASYNC_WAIT) return;
     Thread& t = *sim().current;
     complete_copies(t, t.committed_groups >= n ? t.committed_groups - n : 0, false);
 }

@@ -5,8 +5,10 @@
 //! Precision: GEMM-shaped operations (linear, matmul, dense and transposed convolutions) run on
 //! the tensor cores with bf16 operands (fp16 on request) and f32 accumulation, or on the CUDA
 //! cores in f32 with [`MmaPrecision::F32`] and whenever K < 32 (the prompt encoder's K = 2
-//! Fourier features would lose their phase to 16-bit operands for no speed gain). Everything else
-//! (attention, norms, convolutions with groups, resizes) is f32.
+//! Fourier features would lose their phase to 16-bit operands for no speed gain). Attention follows
+//! the same modes: on the tensor cores (FlashAttention-2 style, f32 softmax and accumulation) for
+//! head dims 16 to 80, else in f32. Everything else (norms, convolutions with groups, resizes) is
+//! f32.
 
 use std::sync::Arc;
 
@@ -753,8 +755,18 @@ impl Backend for CudaBackend {
                 p.kw = as_i64(sw[2]);
             }
         }
-        let Some((_, kernel)) = self.dev.kernels.attention.iter().find(|(dp, _)| d <= *dp) else {
-            return Err(Error::Backend(format!("attention: head dim {d} above the CUDA kernel's 128")));
+        // The tensor cores in the GEMMs' tensor-core modes, for head dims of at least one k16 step
+        // (the models' 16, 32, 64, 80): 64 query rows per block. Below 16 (the tiny decoders' 2-
+        // and 4-wide heads) most of each mma would multiply padding; above 80, and in the f32
+        // mode, the f32 kernel: 128 query rows per block.
+        let tc = self.dev.options.precision != MmaPrecision::F32 && d >= 16;
+        let tc_kernel = if tc { self.dev.kernels.attention_tc.iter().find(|(dp, _)| d <= *dp) } else { None };
+        let (kernel, rows_per_block) = match tc_kernel {
+            Some((_, kernel)) => (kernel, 64),
+            None => match self.dev.kernels.attention.iter().find(|(dp, _)| d <= *dp) {
+                Some((_, kernel)) => (kernel, 128),
+                None => return Err(Error::Backend(format!("attention: head dim {d} above the CUDA kernel's 128"))),
+            },
         };
         let out = self.tensor(q.shape.clone())?;
         p.out = out.ptr();
@@ -762,7 +774,7 @@ impl Backend for CudaBackend {
             if bh > 65_535 {
                 return Err(Error::Backend(format!("attention: {bh} batch-heads exceed the launch grid")));
             }
-            let cfg = LaunchConfig { grid_dim: (nq.div_ceil(128) as u32, bh as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig { grid_dim: (nq.div_ceil(rows_per_block) as u32, bh as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
             self.dev.launch_record("attention", kernel, cfg, &p)?;
         }
         Ok(out)

@@ -127,8 +127,10 @@ pub struct Kernels {
     /// Indexed by weight kind (f32, f16, NF4).
     pub gemm_tc: [KernelId; 3],
     pub gemm_simt: [KernelId; 3],
-    /// (largest head dim, kernel), ascending.
+    /// (largest head dim, kernel), ascending: the f32 CUDA-core attention.
     pub attention: Vec<(usize, KernelId)>,
+    /// (largest head dim, kernel), ascending: the tensor-core (FlashAttention-2 style) attention.
+    pub attention_tc: Vec<(usize, KernelId)>,
     pub layer_norm_rows: KernelId,
     pub layer_norm_nchw: KernelId,
     pub permute: KernelId,
@@ -141,7 +143,7 @@ pub struct Kernels {
 }
 
 /// Every kernel the backend launches, as `(module, kernel)`, in the order [`Kernels`] takes them.
-const KERNEL_NAMES: [(&str, &str); 19] = [
+const KERNEL_NAMES: [(&str, &str); 23] = [
     ("nf4_gemm", "gemm_tc_f32w"),
     ("nf4_gemm", "gemm_tc_f16w"),
     ("nf4_gemm", "gemm_tc_nf4w"),
@@ -152,6 +154,10 @@ const KERNEL_NAMES: [(&str, &str); 19] = [
     ("attention", "attention_d64"),
     ("attention", "attention_d96"),
     ("attention", "attention_d128"),
+    ("attention", "attention_tc_d16"),
+    ("attention", "attention_tc_d32"),
+    ("attention", "attention_tc_d64"),
+    ("attention", "attention_tc_d80"),
     ("norm", "layer_norm_rows"),
     ("norm", "layer_norm_nchw"),
     ("elementwise", "permute"),
@@ -165,12 +171,13 @@ const KERNEL_NAMES: [(&str, &str); 19] = [
 
 impl Kernels {
     fn from_ids(ids: &[KernelId]) -> Result<Self> {
-        let ids: &[KernelId; 19] = ids.try_into().map_err(|_| Error::Backend(format!("the driver loaded {} kernels for {} names", ids.len(), KERNEL_NAMES.len())))?;
-        let [t0, t1, t2, s0, s1, s2, a32, a64, a96, a128, ln_rows, ln_nchw, permute, copy_block, pad_hw, add_broadcast, scale_act, resize_bilinear, conv2d_direct] = *ids;
+        let ids: &[KernelId; 23] = ids.try_into().map_err(|_| Error::Backend(format!("the driver loaded {} kernels for {} names", ids.len(), KERNEL_NAMES.len())))?;
+        let [t0, t1, t2, s0, s1, s2, a32, a64, a96, a128, tc16, tc32, tc64, tc80, ln_rows, ln_nchw, permute, copy_block, pad_hw, add_broadcast, scale_act, resize_bilinear, conv2d_direct] = *ids;
         Ok(Kernels {
             gemm_tc: [t0, t1, t2],
             gemm_simt: [s0, s1, s2],
             attention: vec![(32, a32), (64, a64), (96, a96), (128, a128)],
+            attention_tc: vec![(16, tc16), (32, tc32), (64, tc64), (80, tc80)],
             layer_norm_rows: ln_rows,
             layer_norm_nchw: ln_nchw,
             permute,

@@ -4,6 +4,7 @@
 //! into a failure; and the unmodified CUDA backend end to end on the tiny SAM through the simulator's
 //! driver. `cargo test --release --test gpu_sim`.
 
+mod attention_tc;
 mod backend;
 mod common;
 mod gemm;
@@ -145,8 +146,155 @@ fn mutation_every_attention_barrier_is_needed() {
                 others::attention_case(sim, &mut rng, dp, true)?;
             }
         }
+        // The tensor-core body's one barrier (after the cp.async wait) guards both the tile's
+        // visibility across warps and the reuse of the stage the next copies fill.
+        for dp in [16, 80] {
+            let large = attention_tc::Shape {
+                large: true,
+                ..Default::default()
+            };
+            attention_tc::case(sim, &mut rng, dp, large)?;
+        }
         Ok(())
     });
+}
+
+/// Max error and max error/bound over a test's draws, printed for the record.
+fn report(test: &str, outcomes: &[attention_tc::Outcome]) {
+    let err = outcomes.iter().fold(0.0f64, |m, o| m.max(o.max_err));
+    let ratio = outcomes.iter().fold(0.0f64, |m, o| m.max(o.max_ratio));
+    eprintln!(
+        "{test}: {} draws, max |error| {err:.3e}, max error/bound {ratio:.3}",
+        outcomes.len()
+    );
+}
+
+/// The tensor-core attention, bf16 operands: every instance at its own head dim (the models'
+/// 16, 32, 64, 80) and at padded ones, every bias mode, partial query and key tiles.
+#[test]
+fn attention_tc_bf16_every_head_dim_and_bias_mode() {
+    let mut rng = rng("attention_tc_bf16");
+    let mut outcomes = Vec::new();
+    for dp in [16, 32, 64, 80] {
+        for mode in 0..3 {
+            let shape = attention_tc::Shape {
+                d: Some(dp),
+                mode: Some(mode),
+                ..Default::default()
+            };
+            outcomes.push(
+                attention_tc::case(&Sim::default().seeded(rng.gen()), &mut rng, dp, shape).unwrap(),
+            );
+        }
+        for _ in 0..4 {
+            outcomes.push(
+                attention_tc::case(
+                    &Sim::default().seeded(rng.gen()),
+                    &mut rng,
+                    dp,
+                    Default::default(),
+                )
+                .unwrap(),
+            );
+        }
+    }
+    report("attention_tc_bf16", &outcomes);
+}
+
+/// The same with fp16 operands (-DMINISAM_MMA_F16).
+#[test]
+fn attention_tc_f16_every_head_dim() {
+    let mut rng = rng("attention_tc_f16");
+    let mut outcomes = Vec::new();
+    for dp in [16, 32, 64, 80] {
+        for _ in 0..3 {
+            outcomes.push(
+                attention_tc::case(
+                    &Sim::with_variant("f16").seeded(rng.gen()),
+                    &mut rng,
+                    dp,
+                    Default::default(),
+                )
+                .unwrap(),
+            );
+        }
+    }
+    report("attention_tc_f16", &outcomes);
+}
+
+/// A query row whose scores are all -inf gives NaN (as the CPU backend), its neighbours in the
+/// same warp and quad are unaffected.
+#[test]
+fn attention_tc_row_of_minus_infinity_gives_nan() {
+    let mut rng = rng("attention_tc_dead_row");
+    for dp in [16, 32, 64, 80] {
+        let shape = attention_tc::Shape {
+            dead_row: true,
+            ..Default::default()
+        };
+        attention_tc::case(&Sim::default().seeded(rng.gen()), &mut rng, dp, shape).unwrap();
+    }
+}
+
+/// Long key sequences (ViT-B/L/H's global attention has 4096): the online softmax across many
+/// key tiles, with the running max changing on the way.
+#[test]
+fn attention_tc_long_key_sequence() {
+    let mut rng = rng("attention_tc_long");
+    let mut outcomes = Vec::new();
+    // ViT-B's global attention (64 x 64 keys, rel-pos), and other long rows in the other modes.
+    for (dp, mode, nk, kw) in [
+        (64, 2, 4096, 64),
+        (80, 0, rng.gen_range(1500..2600), 1),
+        (32, 1, rng.gen_range(1500..2600), 1),
+    ] {
+        let shape = attention_tc::Shape {
+            d: Some(dp),
+            nq: Some(rng.gen_range(40..80)),
+            nk: Some(nk),
+            kw: Some(kw),
+            mode: Some(mode),
+            ..Default::default()
+        };
+        outcomes.push(
+            attention_tc::case(&Sim::default().seeded(rng.gen()), &mut rng, dp, shape).unwrap(),
+        );
+    }
+    report("attention_tc_long", &outcomes);
+}
+
+/// Deleting the cp.async wait, or packing the mma A fragments wrongly, must fail the checks.
+#[test]
+fn mutation_attention_tc_missing_wait_and_swapped_fragments_fail() {
+    let seed = rng("attention_tc_mutants").gen::<u64>();
+    let large = attention_tc::Shape {
+        large: true,
+        ..Default::default()
+    };
+    let run = |options: minisam_gpusim::LaunchOptions| {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let sim = Sim {
+            options,
+            ..Sim::default()
+        };
+        for dp in [16, 32, 64, 80] {
+            attention_tc::case(&sim, &mut rng, dp, large)?;
+        }
+        Ok::<(), String>(())
+    };
+    run(Default::default()).unwrap();
+    let err = run(minisam_gpusim::LaunchOptions {
+        skip_cp_async_wait: true,
+        ..Default::default()
+    })
+    .expect_err("deleting the cp.async wait went unnoticed");
+    eprintln!("without the cp.async wait: {err}");
+    let err = run(minisam_gpusim::LaunchOptions {
+        swap_mma_a12: true,
+        ..Default::default()
+    })
+    .expect_err("swapping mma fragments a1 and a2 went unnoticed");
+    eprintln!("with a1/a2 swapped: {err}");
 }
 
 #[test]
@@ -191,6 +339,10 @@ const CHECKED: &[&str] = &[
     "attention_d64",
     "attention_d96",
     "attention_d128",
+    "attention_tc_d16",
+    "attention_tc_d32",
+    "attention_tc_d64",
+    "attention_tc_d80",
     "layer_norm_rows",
     "layer_norm_nchw",
     "permute",
@@ -335,6 +487,21 @@ fn backend_tiny_sam_end_to_end_f16() {
 #[test]
 fn backend_tiny_sam_end_to_end_f32() {
     backend::tiny_sam_parity(MmaPrecision::F32, rng("backend_f32").gen());
+}
+
+#[test]
+fn backend_attention_checks_pick_the_tensor_cores_bf16() {
+    backend::attention_op_checks(MmaPrecision::Bf16, rng("backend_attention_bf16").gen());
+}
+
+#[test]
+fn backend_attention_checks_pick_the_tensor_cores_f16() {
+    backend::attention_op_checks(MmaPrecision::F16, rng("backend_attention_f16").gen());
+}
+
+#[test]
+fn backend_attention_checks_stay_f32_in_f32_mode() {
+    backend::attention_op_checks(MmaPrecision::F32, rng("backend_attention_f32").gen());
 }
 
 /// LiteMedSAM through the simulator takes longer than CI's budget on 2 shared cores (a first
