@@ -97,8 +97,13 @@ else
     summary "| dice-parity | SKIPPED: no shared/data in the checkout (cp -r ../shared/data shared/) |"
 fi
 
-# Latency and peak VRAM (LiteMedSAM@256, MobileSAM@1024, random ViT-B@1024, NF4 weights).
-step bench 300 "$BIN" cuda-bench "${MODELS[@]}" --random-vit-b --runs 20 --warmup 3
+# Latency and peak VRAM (LiteMedSAM@256, MobileSAM@1024, random ViT-B@1024, NF4 weights), with
+# each encoder's counted GFLOP and its share of the tensor peak (H100/H200 SXM: 989 TFLOP/s bf16
+# dense, datasheet), and LiteMedSAM's roofline floor at the H200's peaks (4800 GB/s HBM3e).
+PEAK=()
+grep -qE 'H100|H200' "$OUT/gpu.txt" && PEAK=(--peak-tflops 989)
+step cost 60 "$BIN" inspect models/litemedsam-nf4.msam --cost --peak-tflops 989 --peak-gbs 4800
+step bench 300 "$BIN" cuda-bench "${MODELS[@]}" --random-vit-b --runs 20 --warmup 3 "${PEAK[@]}"
 grep '^|' /tmp/step-bench.log > "$OUT/bench.md" 2>/dev/null
 
 # PyTorch bf16 peer (official segment_anything ViT-B, random weights) in the same run.

@@ -521,6 +521,10 @@ pub struct CudaBenchArgs {
     pub runs: usize,
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    /// The device's peak tensor throughput in TFLOP/s (e.g. 989 for an H200's bf16 dense), to
+    /// print each encoder's share of it.
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
 }
 
 fn numbers(s: &str, what: &str, syntax: &str, arities: &[usize]) -> Result<Vec<f32>, String> {

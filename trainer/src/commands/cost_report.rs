@@ -32,21 +32,31 @@ fn frame(size: usize) -> RgbImage {
     RgbImage { width: size, height: size, data: data.collect() }
 }
 
-pub fn run(args: &InspectArgs) -> Result<String> {
-    let file = ModelFile::open(&args.file).with_context(|| format!("cannot open model {}", args.file.display()))?;
+/// Counts one encode and one decode of `image` with `prompts` on the CPU backend; returns each
+/// part's cost and CPU seconds.
+pub fn count_frame(file: &ModelFile, image: &RgbImage, prompts: &Prompts, multimask: bool) -> Result<[(Cost, f64); 2]> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let meter = CostMeter::new(CpuBackend::new(threads)?);
     let segmenter = Segmenter::load(meter, file.store(), file.config()).context("building the networks")?;
+    segmenter.backend().take();
+    let t0 = Instant::now();
+    let emb = segmenter.encode(image)?;
+    let encoder = (segmenter.backend().take(), t0.elapsed().as_secs_f64());
+    let t1 = Instant::now();
+    segmenter.decode(&emb, prompts, multimask)?;
+    let decoder = (segmenter.backend().take(), t1.elapsed().as_secs_f64());
+    Ok([encoder, decoder])
+}
+
+pub fn run(args: &InspectArgs) -> Result<String> {
+    let file = ModelFile::open(&args.file).with_context(|| format!("cannot open model {}", args.file.display()))?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let size = file.config().image_size;
     let image = frame(size);
     let prompts = Prompts { boxes: vec![BoxPrompt { x0: size as f32 * 0.25, y0: size as f32 * 0.25, x1: size as f32 * 0.75, y1: size as f32 * 0.75 }], points: vec![] };
-    segmenter.backend().take();
-    let t0 = Instant::now();
-    let emb = segmenter.encode(&image)?;
-    let encoder = Part { name: "encoder", seconds: t0.elapsed().as_secs_f64(), cost: segmenter.backend().take() };
-    let t1 = Instant::now();
-    segmenter.decode(&emb, &prompts, true)?;
-    let decoder = Part { name: "decoder", seconds: t1.elapsed().as_secs_f64(), cost: segmenter.backend().take() };
+    let [(enc, enc_s), (dec, dec_s)] = count_frame(&file, &image, &prompts, true)?;
+    let encoder = Part { name: "encoder", cost: enc, seconds: enc_s };
+    let decoder = Part { name: "decoder", cost: dec, seconds: dec_s };
 
     let mut out = format!("cost of one {size}x{size} frame (one box, multimask), counted on the CPU backend with {threads} threads ({}):\n", file.describe());
     out += "| part    |  GEMM GFLOP |  conv GFLOP |  attn GFLOP | total GFLOP | weights MiB | act. M elements | ops  | CPU ms | CPU GFLOP/s |\n";

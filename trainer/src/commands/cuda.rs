@@ -293,8 +293,11 @@ fn median(v: &mut [f64]) -> f64 {
 pub fn bench(args: &CudaBenchArgs) -> Result<()> {
     let image = read_image(&args.run.image)?;
     let prompts = Prompts::with_box(default_box(&image, args.run.r#box));
-    println!("| model | backend | encode ms | decode ms | end-to-end ms | peak VRAM MiB | runs |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| model | backend | encode ms | decode ms | end-to-end ms | peak VRAM MiB | runs | encoder GFLOP | encoder TFLOP/s | of peak |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    // The encoder's work, counted once per model on the CPU (crate::commands::cost_report), so
+    // each row says what share of the device's peak it reached.
+    let mut counted: Vec<(String, u64)> = Vec::new();
     // Each model twice: encoder frames replayed from a CUDA graph, and launched kernel by kernel.
     for (spec, graphs) in specs(&args.run.model, args.run.random_vit_b).iter().flat_map(|s| [(s, true), (s, false)]) {
         let file = open_model(spec)?;
@@ -322,14 +325,25 @@ pub fn bench(args: &CudaBenchArgs) -> Result<()> {
             }
         }
         let report = seg.backend().vram_report();
+        let flops = match counted.iter().find(|(l, _)| *l == spec.label()) {
+            Some((_, f)) => *f,
+            None => {
+                let [(enc_cost, _), _] = super::cost_report::count_frame(&file, &image, &prompts, false)?;
+                counted.push((spec.label(), enc_cost.flops()));
+                enc_cost.flops()
+            }
+        };
+        let enc_ms = median(&mut enc);
+        let tflops = flops as f64 / (enc_ms * 1e-3) / 1e12;
+        let share = args.peak_tflops.map_or("-".to_string(), |p| format!("{:.1} %", 100.0 * tflops / p));
         println!(
-            "| {} | {label} | {:.2} | {:.2} | {:.2} | {:.1} | {} |",
+            "| {} | {label} | {enc_ms:.2} | {:.2} | {:.2} | {:.1} | {} | {:.2} | {tflops:.2} | {share} |",
             spec.label(),
-            median(&mut enc),
             median(&mut dec),
             median(&mut e2e),
             report.peak_used() as f64 / (1024.0 * 1024.0),
-            args.runs
+            args.runs,
+            flops as f64 / 1e9
         );
     }
     Ok(())
