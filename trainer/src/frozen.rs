@@ -41,7 +41,7 @@ impl FrozenModel {
         let (store, config, sha) = (file.store(), file.config(), Some(file.sha256_hex()));
         Ok(match selected {
             SelectedBackend::Cpu(b) => Self::Cpu(Box::new(Segmenter::load_with_identity(b, store, config, sha)?)),
-            SelectedBackend::Cuda(b) => match Segmenter::load_with_identity(*b, store, config, sha.clone()) {
+            SelectedBackend::Cuda(b) => match Segmenter::load_with_identity(*b, store, config, sha) {
                 Ok(s) => Self::Cuda(Box::new(s)),
                 // `auto` promises a run: a model that does not fit the VRAM budget (or any other
                 // CUDA fault while loading) means the CPU, said once, as the daemon does.
