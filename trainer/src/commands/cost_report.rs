@@ -90,3 +90,27 @@ pub fn run(args: &InspectArgs) -> Result<String> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// The tiny SAM fixture through `inspect --cost`: both parts counted, the floor printed, and
+    /// the encoder's FLOPs equal to what the meter counts for the same frame directly.
+    #[test]
+    fn inspect_cost_counts_both_parts_and_prints_the_floor() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny_sam/tiny_sam.pth");
+        let args = InspectArgs { file: file.clone(), json: false, cost: true, peak_tflops: Some(989.0), peak_gbs: Some(4800.0) };
+        let text = run(&args).unwrap();
+        assert!(text.contains("| encoder |") && text.contains("| decoder |"), "{text}");
+        assert!(text.contains("roofline floor at 989 TFLOP/s and 4800 GB/s"), "{text}");
+        let model = ModelFile::open(&file).unwrap();
+        let size = model.config().image_size;
+        let prompts = Prompts { boxes: vec![BoxPrompt { x0: 1.0, y0: 1.0, x1: size as f32 - 2.0, y1: size as f32 - 2.0 }], points: vec![] };
+        let [(enc, _), (dec, _)] = count_frame(&model, &frame(size), &prompts, true).unwrap();
+        assert!(enc.gemm_flops > 0 && enc.attention_flops > 0 && dec.flops() > 0 && enc.weight_bytes > 0);
+        assert!(text.contains(&format!("{:>11.3} |", enc.flops() as f64 / 1e9)), "{text}");
+    }
+}

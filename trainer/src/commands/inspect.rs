@@ -242,7 +242,7 @@ mod tests {
         let f = std::env::temp_dir()
             .join(format!("minisam-test-{}-inspect.lora", std::process::id()));
         std::fs::write(&f, a.bytes()).unwrap();
-        run(&InspectArgs { file: f.clone(), json: false }).unwrap();
+        run(&InspectArgs { file: f.clone(), json: false, cost: false, peak_tflops: None, peak_gbs: None }).unwrap();
         let v = adapter_json(&a);
         assert_eq!((v["kind"].as_str(), v["name"].as_str(), v["rank"].as_u64()), (Some("adapter"), Some("random-3"), Some(2)));
         assert_eq!(v["layers"][0]["out_features"], 24);
@@ -250,7 +250,7 @@ mod tests {
         let mut damaged = a.bytes().to_vec();
         damaged[30] ^= 4;
         std::fs::write(&f, &damaged).unwrap();
-        let err = format!("{:#}", run(&InspectArgs { file: f.clone(), json: false }).unwrap_err());
+        let err = format!("{:#}", run(&InspectArgs { file: f.clone(), json: false, cost: false, peak_tflops: None, peak_gbs: None }).unwrap_err());
         assert!(err.contains("not a valid adapter file"), "{err}");
         std::fs::remove_file(&f).unwrap();
     }
@@ -260,7 +260,7 @@ mod tests {
         let f =
             std::env::temp_dir().join(format!("minisam-test-{}-inspect.msam", std::process::id()));
         std::fs::write(&f, b"MSAMPACK but truncated").unwrap();
-        let err = format!("{:#}", run(&InspectArgs { file: f.clone(), json: true }).unwrap_err());
+        let err = format!("{:#}", run(&InspectArgs { file: f.clone(), json: true, cost: false, peak_tflops: None, peak_gbs: None }).unwrap_err());
         assert!(err.contains("not a valid packed model"), "{err}");
         std::fs::remove_file(&f).unwrap();
     }
