@@ -140,59 +140,92 @@ fn conv_group_gemm(
     });
 }
 
+/// Kernel taps held on the stack per plane; larger kernels (none in the SAM family) use a
+/// heap buffer.
+const STACK_TAPS: usize = 64;
+
 /// Convolution with one input channel per group (depthwise, optionally with a channel
-/// multiplier), computed directly.
+/// multiplier), computed directly, at the SIMD level the process runs.
 // x: [batch, c_in, h, w]; weight: [c_out, 1, kh, kw]; out: [batch, c_out, oh, ow].
 #[allow(clippy::too_many_arguments)]
 fn conv_depthwise(x: &[f32], batch: usize, c_in: usize, g: Geometry, weight: MatrixRef, c_out: usize, bias: Option<&[f32]>, act: Activation, out: &mut [f32]) {
+    conv_depthwise_at(simd::active(), x, batch, c_in, g, weight, c_out, bias, act, out);
+}
+
+/// [`conv_depthwise`] at a given SIMD level (the tests run every level the CPU has).
+// Shapes as in `conv_depthwise`; isa must be one `simd::supported` lists.
+#[allow(clippy::too_many_arguments)]
+fn conv_depthwise_at(isa: simd::Isa, x: &[f32], batch: usize, c_in: usize, g: Geometry, weight: MatrixRef, c_out: usize, bias: Option<&[f32]>, act: Activation, out: &mut [f32]) {
     let multiplier = c_out / c_in;
     let (in_plane, out_plane) = (g.h * g.w, g.oh * g.ow);
+    let ntaps = g.kh * g.kw;
     debug_assert_eq!(out.len(), batch * c_out * out_plane);
     out.par_chunks_mut(out_plane).enumerate().for_each(|(idx, dst)| {
         let (b, co) = (idx / c_out, idx % c_out);
         let ci = co / multiplier;
         let src = &x[(b * c_in + ci) * in_plane..][..in_plane];
-        let mut taps = vec![0.0f32; g.kh * g.kw];
-        weight.dequantize_range(co * g.kh * g.kw, &mut taps);
-        dst.fill(bias.map_or(0.0, |b| b[co]));
-        // For each kernel column, the output columns whose input column ox*stride + kx - padding
-        // lies inside the image, and the first such input column.
-        let spans: Vec<Option<(usize, usize, usize)>> = (0..g.kw)
-            .map(|kx| {
+        let bias_c = bias.map_or(0.0, |b| b[co]);
+        let mut stack = [0.0f32; STACK_TAPS];
+        let mut heap = Vec::new();
+        let taps: &mut [f32] = if ntaps <= STACK_TAPS {
+            &mut stack[..ntaps]
+        } else {
+            heap.resize(ntaps, 0.0);
+            &mut heap
+        };
+        weight.dequantize_range(co * ntaps, taps);
+        #[cfg(target_arch = "x86_64")]
+        if isa == simd::Isa::Avx512 && g.stride == 1 {
+            let plane = crate::conv_dw_avx512::Plane { h: g.h, w: g.w, kh: g.kh, kw: g.kw, padding: g.padding, oh: g.oh, ow: g.ow };
+            // SAFETY: `isa` is supported (caller's contract); the shapes are the ones asserted
+            // by `conv2d` for this plane.
+            unsafe { crate::conv_dw_avx512::plane(src, plane, taps, bias_c, act, dst) };
+            return;
+        }
+        plane_portable(src, g, taps, bias_c, dst);
+        activation::apply_serial_at(isa, act, dst);
+    });
+}
+
+/// One output plane of a depthwise convolution, any stride: `dst = bias + Σ taps · src` (the
+/// activation is left to the caller).
+// src: [h, w]; taps: [kh, kw]; dst: [oh, ow].
+fn plane_portable(src: &[f32], g: Geometry, taps: &[f32], bias: f32, dst: &mut [f32]) {
+    dst.fill(bias);
+    // Row by row, so the output row stays in L1 while all taps are added.
+    for oy in 0..g.oh {
+        let out_row = &mut dst[oy * g.ow..(oy + 1) * g.ow];
+        for ky in 0..g.kh {
+            let iy = (oy * g.stride + ky) as isize - g.padding as isize;
+            if iy < 0 || iy as usize >= g.h {
+                continue;
+            }
+            let in_row = &src[iy as usize * g.w..][..g.w];
+            for kx in 0..g.kw {
+                // The output columns whose input column ox*stride + kx - padding lies inside the
+                // image, and the first such input column.
                 if g.w + g.padding <= kx {
-                    return None;
+                    continue;
                 }
                 let ox_first = g.padding.saturating_sub(kx).div_ceil(g.stride);
                 let ox_end = ((g.w + g.padding - kx - 1) / g.stride + 1).min(g.ow);
-                (ox_first < ox_end).then(|| (ox_first, ox_end, ox_first * g.stride + kx - g.padding))
-            })
-            .collect();
-        // Row by row, so the output row stays in L1 while all taps are added.
-        for oy in 0..g.oh {
-            let out_row = &mut dst[oy * g.ow..(oy + 1) * g.ow];
-            for ky in 0..g.kh {
-                let iy = (oy * g.stride + ky) as isize - g.padding as isize;
-                if iy < 0 || iy as usize >= g.h {
+                if ox_first >= ox_end {
                     continue;
                 }
-                let in_row = &src[iy as usize * g.w..][..g.w];
-                for (kx, span) in spans.iter().enumerate() {
-                    let Some((ox_first, ox_end, ix_first)) = *span else { continue };
-                    let tap = taps[ky * g.kw + kx];
-                    let seg = &mut out_row[ox_first..ox_end];
-                    if g.stride == 1 {
-                        let in_seg = &in_row[ix_first..ix_first + seg.len()];
-                        seg.iter_mut().zip(in_seg).for_each(|(o, &v)| *o += tap * v);
-                    } else {
-                        for (i, o) in seg.iter_mut().enumerate() {
-                            *o += tap * in_row[ix_first + i * g.stride];
-                        }
+                let ix_first = ox_first * g.stride + kx - g.padding;
+                let tap = taps[ky * g.kw + kx];
+                let seg = &mut out_row[ox_first..ox_end];
+                if g.stride == 1 {
+                    let in_seg = &in_row[ix_first..ix_first + seg.len()];
+                    seg.iter_mut().zip(in_seg).for_each(|(o, &v)| *o += tap * v);
+                } else {
+                    for (i, o) in seg.iter_mut().enumerate() {
+                        *o += tap * in_row[ix_first + i * g.stride];
                     }
                 }
             }
         }
-        activation::apply(act, dst);
-    });
+    }
 }
 
 /// `torch.nn.Conv2d` forward with zero padding, then `act`.
@@ -494,6 +527,52 @@ mod tests {
             check_conv((1, 3, 9, 8, 6, 5, 3, 1, 0, 3), p, false, Activation::None, &mut rng);
             // Padding wider than the kernel reaches.
             check_conv((1, 4, 5, 6, 4, 3, 3, 2, 3, 4), p, true, Activation::None, &mut rng);
+        }
+    }
+
+    /// Every SIMD level's depthwise path (AVX-512: the fused register kernel for stride 1)
+    /// against the f64 reference and against the portable build, on random shapes whose rows
+    /// are shorter than, equal to and one past a 16-lane vector, with padding up to and beyond
+    /// the kernel's reach, a channel multiplier, stride 2 and every activation.
+    #[test]
+    fn depthwise_every_simd_level_matches_portable_and_f64() {
+        let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
+        // (batch, c_in, h, w, c_out, kh, kw, stride, padding)
+        let mut cases = vec![(2, 3, 7, 16, 3, 3, 3, 1, 1), (1, 2, 5, 17, 4, 3, 3, 1, 1), (1, 2, 3, 1, 2, 3, 3, 1, 1), (1, 1, 2, 3, 1, 7, 7, 1, 3), (1, 2, 9, 33, 2, 5, 3, 1, 2), (1, 2, 6, 40, 2, 1, 1, 1, 0), (1, 2, 8, 20, 2, 3, 3, 1, 0), (1, 2, 9, 31, 2, 3, 3, 2, 1), (1, 1, 4, 5, 1, 3, 3, 1, 4)];
+        for _ in 0..6 {
+            let k: usize = [1, 3, 5][rng.gen_range(0..3)];
+            let pad = rng.gen_range(0..=k);
+            // At least one output row and column: h + 2·pad >= k.
+            let (h, w) = (rng.gen_range(k.saturating_sub(2 * pad).max(1)..12), rng.gen_range(k.saturating_sub(2 * pad).max(1)..50));
+            cases.push((1, rng.gen_range(1..4), h, w, 0, k, k, 1, pad));
+        }
+        for (batch, c_in, h, w, c_out, kh, kw, stride, pad) in cases {
+            let c_out = if c_out == 0 { c_in } else { c_out };
+            let (oh, ow) = (output_size(h, kh, stride, pad), output_size(w, kw, stride, pad));
+            let g = Geometry { h, w, kh, kw, stride, padding: pad, oh, ow };
+            let x = random(&mut rng, batch * c_in * h * w);
+            let taps = random(&mut rng, c_out * kh * kw);
+            let bias = random(&mut rng, c_out);
+            for act in [Activation::None, Activation::Gelu, Activation::Relu] {
+                for bias in [None, Some(bias.as_slice())] {
+                    let run = |isa| {
+                        let mut out = vec![f32::NAN; batch * c_out * oh * ow];
+                        conv_depthwise_at(isa, &x, batch, c_in, g, MatrixRef::F32(&taps), c_out, bias, act, &mut out);
+                        out
+                    };
+                    let portable = run(simd::Isa::Portable);
+                    let want = naive_conv(&x, batch, c_in, h, w, &taps, c_out, kh, kw, bias, stride, pad, c_in, act);
+                    for isa in simd::supported() {
+                        let got = run(isa);
+                        let e = rel_err(&got, &want);
+                        let case = (batch, c_in, h, w, c_out, kh, kw, stride, pad);
+                        assert!(e <= 1e-5, "{isa:?} {case:?} {act:?} bias {}: rel err {e} against f64", bias.is_some());
+                        for (i, (&a, &b)) in got.iter().zip(&portable).enumerate() {
+                            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{isa:?} {case:?} {act:?}: element {i} {a} vs portable {b}");
+                        }
+                    }
+                }
+            }
         }
     }
 

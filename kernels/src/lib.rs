@@ -8,6 +8,8 @@ pub mod activation_backward;
 pub mod attention;
 pub mod attention_backward;
 pub mod conv;
+#[cfg(target_arch = "x86_64")]
+mod conv_dw_avx512;
 pub mod conv_backward;
 pub mod fastmath;
 pub mod gemm;
