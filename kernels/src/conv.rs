@@ -659,6 +659,32 @@ mod tests {
         }
     }
 
+    /// MBConv's pointwise convolutions at LiteMedSAM's first stage (64 <-> 256 channels on
+    /// 256x256, the expansion with GELU): median of 7 calls after a warm-up, in the rayon pool
+    /// of the process. `cargo test --release -p minisam-kernels --lib pointwise_timings --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn pointwise_timings() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for (c_in, c_out, act) in [(64, 256, Activation::Gelu), (256, 64, Activation::None)] {
+            let (h, w) = (256, 256);
+            let x = random(&mut rng, c_in * h * w);
+            let raw = random(&mut rng, c_out * c_in);
+            let bias = random(&mut rng, c_out);
+            let mut out = vec![0.0; c_out * h * w];
+            let mut times = Vec::new();
+            for _ in 0..8 {
+                let start = std::time::Instant::now();
+                conv2d(&x, 1, c_in, h, w, MatrixRef::F32(&raw), c_out, 1, 1, Some(&bias), 1, 0, 1, act, &mut out);
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+            times.remove(0);
+            times.sort_by(f64::total_cmp);
+            eprintln!("1x1 {c_in}->{c_out} @256x256 {act:?}: median {:.2} ms (min {:.2})", times[3], times[0]);
+        }
+    }
+
     /// Timings of the production shapes with NF4 weights: `cargo test -p minisam-kernels --release
     /// conv_timings -- --ignored --nocapture`.
     #[test]

@@ -258,15 +258,43 @@ fn pack_a(a: &[f32], lda: usize, rows: std::ops::Range<usize>, k0: usize, kc: us
 
 /// Copies columns `cols` × rows `k0..k0+kc` of a row-major B into `[panel][kc][nr]`, zero past
 /// the last column.
+///
+/// Row by row of B, all of the task's panels at once: each row segment is read contiguously
+/// (`cols.len()` floats), not `nr` floats at a time per panel. A 1x1 convolution's B is an NCHW
+/// input whose rows lie a whole plane apart (256 KiB in LiteMedSAM's first stage), so reading
+/// one short piece per row and panel touched a new page and the same few L1 sets every time.
 // b: element (p, j) at b[p * ldb + j]; dst: at least cols.len().div_ceil(nr) * kc * nr floats.
 fn pack_b_row_major(b: &[f32], ldb: usize, cols: std::ops::Range<usize>, k0: usize, kc: usize, nr: usize, dst: &mut [f32]) {
-    for (jp, j0) in cols.clone().step_by(nr).enumerate() {
-        let panel = &mut dst[jp * kc * nr..(jp + 1) * kc * nr];
-        let width = nr.min(cols.end - j0);
-        for (p, row) in panel.chunks_exact_mut(nr).enumerate() {
-            row[..width].copy_from_slice(&b[(k0 + p) * ldb + j0..][..width]);
-            row[width..].fill(0.0);
+    let whole = cols.len() / nr;
+    let rest = cols.len() - whole * nr;
+    for p in 0..kc {
+        let src = &b[(k0 + p) * ldb + cols.start..][..cols.len()];
+        match nr {
+            32 => scatter_row::<32>(src, whole, kc, p, dst),
+            16 => scatter_row::<16>(src, whole, kc, p, dst),
+            8 => scatter_row::<8>(src, whole, kc, p, dst),
+            _ => {
+                for jp in 0..whole {
+                    dst[(jp * kc + p) * nr..][..nr].copy_from_slice(&src[jp * nr..][..nr]);
+                }
+            }
         }
+        if rest > 0 {
+            let row = &mut dst[(whole * kc + p) * nr..][..nr];
+            row[..rest].copy_from_slice(&src[whole * nr..]);
+            row[rest..].fill(0.0);
+        }
+    }
+}
+
+/// Row `p` of the first `whole` panels: `dst[jp][p][..N] = src[jp * N..][..N]`, as fixed-length
+/// copies the compiler turns into vector moves (a run-time length was a `memcpy` call per row).
+// src: at least whole * N floats; dst: [panel][kc][N].
+fn scatter_row<const N: usize>(src: &[f32], whole: usize, kc: usize, p: usize, dst: &mut [f32]) {
+    for (jp, chunk) in src[..whole * N].chunks_exact(N).enumerate() {
+        let from: &[f32; N] = chunk.try_into().expect("N floats");
+        let to: &mut [f32; N] = (&mut dst[(jp * kc + p) * N..][..N]).try_into().expect("N floats");
+        *to = *from;
     }
 }
 
