@@ -26,6 +26,7 @@ mod packed_gemm;
 pub mod resize;
 pub mod resize_backward;
 pub mod simd;
+pub mod transpose;
 pub mod weights;
 
 pub use activation::Activation;

@@ -111,7 +111,7 @@ pub(crate) fn gemm(isa: Isa, m: usize, n: usize, k: usize, a: &[f32], lda: usize
         A_PACKED.with(|cell| match cell.try_borrow_mut() {
             Ok(mut buf) => {
                 ensure_len(&mut buf, padded_rows * k);
-                prepack_a(a, lda, m, k, mr, &mut buf[..padded_rows * k]);
+                prepack_a(isa, a, lda, m, k, mr, &mut buf[..padded_rows * k]);
                 run_all(Some(&buf[..padded_rows * k]));
             }
             Err(_) => run_all(None),
@@ -142,7 +142,7 @@ enum AOperand<'a> {
 /// `[m.div_ceil(mr)][kc][mr]` at offset `k0 * padded_rows`, exactly the panels `pack_a` would
 /// make for any task whose rows start at a multiple of `mr`.
 // a: element (i, p) at a[i * lda + p]; dst: m.div_ceil(mr) * mr * k floats.
-fn prepack_a(a: &[f32], lda: usize, m: usize, k: usize, mr: usize, dst: &mut [f32]) {
+fn prepack_a(isa: Isa, a: &[f32], lda: usize, m: usize, k: usize, mr: usize, dst: &mut [f32]) {
     let padded_rows = m.div_ceil(mr) * mr;
     let blocks: Vec<(usize, &mut [f32])> = {
         let mut rest = dst;
@@ -155,7 +155,7 @@ fn prepack_a(a: &[f32], lda: usize, m: usize, k: usize, mr: usize, dst: &mut [f3
         }
         out
     };
-    blocks.into_par_iter().for_each(|(k0, block)| pack_a(a, lda, 0..m, k0, KC.min(k - k0), mr, block));
+    blocks.into_par_iter().for_each(|(k0, block)| pack_a(isa, a, lda, 0..m, k0, KC.min(k - k0), mr, block));
 }
 
 /// One rectangle of C.
@@ -193,7 +193,7 @@ unsafe fn run_task(
             let kc = KC.min(k - k0);
             let a_panels = match a {
                 AOperand::RowMajor { data, lda } => {
-                    pack_a(data, lda, rows.clone(), k0, kc, mr, a_buf);
+                    pack_a(isa, data, lda, rows.clone(), k0, kc, mr, a_buf);
                     a_buf.as_ptr()
                 }
                 // Rows start at a multiple of mr, so this task's panels are contiguous there.
@@ -239,7 +239,18 @@ unsafe fn run_task(
 
 /// Copies rows `rows` × columns `k0..k0+kc` of A into `[panel][kc][mr]`, zero past the last row.
 // a: element (i, p) at a[i * lda + p]; dst: at least rows.len().div_ceil(mr) * kc * mr floats.
-fn pack_a(a: &[f32], lda: usize, rows: std::ops::Range<usize>, k0: usize, kc: usize, mr: usize, dst: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn pack_a(isa: Isa, a: &[f32], lda: usize, rows: std::ops::Range<usize>, k0: usize, kc: usize, mr: usize, dst: &mut [f32]) {
+    let panels = rows.len().div_ceil(mr);
+    assert!(dst.len() >= panels * kc * mr, "pack_a: dst too short");
+    assert!(kc == 0 || rows.is_empty() || a.len() >= (rows.end - 1) * lda + k0 + kc, "pack_a: A too short");
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && mr <= 16 {
+        // SAFETY: AVX-512 is the active level; the asserts above bound every read and write.
+        unsafe { pack_a_avx512(a.as_ptr(), lda, rows, k0, kc, mr, dst.as_mut_ptr()) };
+        return;
+    }
+    let _ = isa;
     for (ip, i0) in rows.clone().step_by(mr).enumerate() {
         let panel = &mut dst[ip * kc * mr..(ip + 1) * kc * mr];
         let height = mr.min(rows.end - i0);
@@ -251,6 +262,41 @@ fn pack_a(a: &[f32], lda: usize, rows: std::ops::Range<usize>, k0: usize, kc: us
                 column.zip(src).for_each(|(dst, &v)| *dst = v);
             } else {
                 column.for_each(|dst| *dst = 0.0);
+            }
+        }
+    }
+}
+
+/// [`pack_a`] with AVX-512: 16 columns of a panel's rows at a time are transposed in registers
+/// (`transpose16`; rows past the panel's height are zero registers) and stored as 16 `mr`-wide
+/// rows, instead of one strided store per element.
+///
+/// # Safety
+/// AVX-512F; `mr <= 16`; `a` and `dst` as `pack_a` asserts.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_a_avx512(a: *const f32, lda: usize, rows: std::ops::Range<usize>, k0: usize, kc: usize, mr: usize, dst: *mut f32) {
+    use crate::transpose::avx512::{lanes, transpose16};
+    use std::arch::x86_64::*;
+    let row_mask = lanes(mr);
+    let mut r = [_mm512_setzero_ps(); 16];
+    for (ip, i0) in rows.clone().step_by(mr).enumerate() {
+        let panel = dst.add(ip * kc * mr);
+        let height = mr.min(rows.end - i0);
+        for p0 in (0..kc).step_by(16) {
+            let w = 16.min(kc - p0);
+            for (i, reg) in r.iter_mut().enumerate() {
+                *reg = if i >= height {
+                    _mm512_setzero_ps()
+                } else if w == 16 {
+                    _mm512_loadu_ps(a.add((i0 + i) * lda + k0 + p0))
+                } else {
+                    _mm512_maskz_loadu_ps(lanes(w), a.add((i0 + i) * lda + k0 + p0))
+                };
+            }
+            transpose16(&mut r);
+            for (j, reg) in r.iter().enumerate().take(w) {
+                _mm512_mask_storeu_ps(panel.add((p0 + j) * mr), row_mask, *reg);
             }
         }
     }

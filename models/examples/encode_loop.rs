@@ -28,11 +28,14 @@ fn main() {
     let image = RgbImage::from_grey(w, h, &grey).expect("valid frame");
     let mut emb = segmenter.encode(&image).expect("encode");
     let mut times = Vec::new();
+    let fresh_after_first = segmenter.backend().fresh_allocations();
     for _ in 0..encodes {
         let t = Instant::now();
         emb = segmenter.encode(&image).expect("encode");
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    // Buffers the pool had to allocate after the first frame (0 in the steady state).
+    let fresh = segmenter.backend().fresh_allocations() - fresh_after_first;
     let prompts = Prompts::with_box(BoxPrompt { x0: 300.0, y0: 200.0, x1: 500.0, y1: 400.0 });
     let mut dtimes = Vec::new();
     for _ in 0..decodes {
@@ -44,5 +47,5 @@ fn main() {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
-    println!("encode median {:.1} ms over {encodes}, decode median {:.1} ms over {decodes}", median(times), median(dtimes));
+    println!("encode median {:.1} ms over {encodes}, decode median {:.1} ms over {decodes}; pool allocations after the first frame: {fresh}", median(times), median(dtimes));
 }
