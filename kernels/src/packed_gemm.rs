@@ -216,6 +216,8 @@ unsafe fn run_task(
                     let dst = c.add(i0 * ldc + j0);
                     if height == mr && width == nr {
                         microkernel::run(isa, kc, a_panel, b_panel, dst, ldc, k0 > 0);
+                    } else if width == nr && microkernel::run_rows(isa, height, kc, a_panel, b_panel, dst, ldc, k0 > 0) {
+                        // The last row panel, computed for its real rows only.
                     } else {
                         // Ragged edge: the kernel writes a whole tile into scratch.
                         if k0 > 0 {
