@@ -517,6 +517,30 @@ mod tests {
         }
     }
 
+    /// TinyViT's linear layers at LiteMedSAM's stages (tokens x in -> out, GELU where the MLP
+    /// has it): median of 7 calls after a warm-up, 2 threads when run as `cargo test --release
+    /// -p minisam-kernels --lib tinyvit_linear_timings -- --ignored --nocapture` on 2 cores.
+    #[test]
+    #[ignore]
+    fn tinyvit_linear_timings() {
+        let mut rng = rng();
+        for (m, k, n, act) in [(16384, 128, 512, Activation::Gelu), (16384, 512, 128, Activation::None), (4096, 160, 480, Activation::None), (4096, 640, 160, Activation::None)] {
+            let x = random(&mut rng, m * k);
+            let w = random(&mut rng, n * k);
+            let bias = random(&mut rng, n);
+            let mut out = vec![0.0; m * n];
+            let mut times = Vec::new();
+            for _ in 0..8 {
+                let start = std::time::Instant::now();
+                linear(&x, m, k, MatrixRef::F32(&w), n, Some(&bias), act, &mut out);
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+            times.remove(0);
+            times.sort_by(f64::total_cmp);
+            eprintln!("{m}x{k}x{n} {act:?}: median {:.2} ms, {:.1} GFLOP/s", times[3], 2.0 * (m * k * n) as f64 / times[3] / 1e6);
+        }
+    }
+
     /// Not a pass/fail test: prints the throughput (`cargo test -p minisam-kernels --release
     /// gemm::tests::throughput -- --ignored --nocapture`).
     #[test]
