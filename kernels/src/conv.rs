@@ -67,29 +67,59 @@ struct Geometry {
 }
 
 /// Writes the im2col matrix of output columns `p0..p0+ncols` (flattened `oy*ow+ox`).
+///
+/// Each matrix row (one input channel and kernel offset) is written one output row segment at a
+/// time: the input row and the range of output columns whose input column is inside the image
+/// are worked out once per segment, so the copy in between is a plain strided loop and only the
+/// borders are zero-filled (a bounds test per element made this 7% of MobileSAM's encode, whose
+/// stride-2 patch embedding im2cols 512x512 outputs).
 // x: [c, h, w] one group's input; cols: [c*kh*kw, ncols], row (ci*kh+ky)*kw+kx.
 fn im2col(x: &[f32], c: usize, g: Geometry, p0: usize, ncols: usize, cols: &mut [f32]) {
     let plane = g.h * g.w;
+    // Output columns ox whose input column ox*stride + kx - padding lies in 0..w, per kx.
+    let valid_ox = |kx: usize| -> (usize, usize) {
+        if g.w + g.padding <= kx {
+            return (0, 0);
+        }
+        let first = g.padding.saturating_sub(kx).div_ceil(g.stride);
+        let end = ((g.w + g.padding - kx - 1) / g.stride + 1).min(g.ow);
+        (first.min(end), end)
+    };
     cols.par_chunks_mut(ncols).enumerate().for_each(|(row, dst)| {
         let kx = row % g.kw;
         let ky = (row / g.kw) % g.kh;
         let ci = row / (g.kw * g.kh);
         debug_assert!(ci < c);
         let src = &x[ci * plane..(ci + 1) * plane];
-        let (mut oy, mut ox) = (p0 / g.ow, p0 % g.ow);
-        for d in dst.iter_mut() {
+        let (ox_first, ox_end) = valid_ox(kx);
+        let mut done = 0;
+        while done < ncols {
+            let p = p0 + done;
+            let (oy, ox0) = (p / g.ow, p % g.ow);
+            let len = (g.ow - ox0).min(ncols - done);
+            let seg = &mut dst[done..done + len];
             let iy = (oy * g.stride + ky) as isize - g.padding as isize;
-            let ix = (ox * g.stride + kx) as isize - g.padding as isize;
-            *d = if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
-                src[iy as usize * g.w + ix as usize]
+            if iy < 0 || iy as usize >= g.h {
+                seg.fill(0.0);
             } else {
-                0.0
-            };
-            ox += 1;
-            if ox == g.ow {
-                ox = 0;
-                oy += 1;
+                let in_row = &src[iy as usize * g.w..][..g.w];
+                // This segment covers output columns ox0..ox0+len; the valid ones are lo..hi.
+                let (lo, hi) = (ox_first.clamp(ox0, ox0 + len), ox_end.clamp(ox0, ox0 + len));
+                seg[..lo - ox0].fill(0.0);
+                seg[hi - ox0..].fill(0.0);
+                let valid = &mut seg[lo - ox0..hi - ox0];
+                if !valid.is_empty() {
+                    let ix0 = lo * g.stride + kx - g.padding;
+                    if g.stride == 1 {
+                        valid.copy_from_slice(&in_row[ix0..ix0 + valid.len()]);
+                    } else {
+                        for (d, &v) in valid.iter_mut().zip(in_row[ix0..].iter().step_by(g.stride)) {
+                            *d = v;
+                        }
+                    }
+                }
             }
+            done += len;
         }
     });
 }
@@ -564,9 +594,12 @@ mod tests {
                     let want = naive_conv(&x, batch, c_in, h, w, &taps, c_out, kh, kw, bias, stride, pad, c_in, act);
                     for isa in simd::supported() {
                         let got = run(isa);
-                        let e = rel_err(&got, &want);
                         let case = (batch, c_in, h, w, c_out, kh, kw, stride, pad);
-                        assert!(e <= 1e-5, "{isa:?} {case:?} {act:?} bias {}: rel err {e} against f64", bias.is_some());
+                        // Element by element (a relative norm is undefined when ReLU zeroes a
+                        // whole small output).
+                        for (i, (&g, &r)) in got.iter().zip(&want).enumerate() {
+                            assert!((g as f64 - r).abs() <= 1e-5 * (1.0 + r.abs()), "{isa:?} {case:?} {act:?} bias {}: element {i} {g} vs f64 {r}", bias.is_some());
+                        }
                         for (i, (&a, &b)) in got.iter().zip(&portable).enumerate() {
                             assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{isa:?} {case:?} {act:?}: element {i} {a} vs portable {b}");
                         }
