@@ -357,7 +357,7 @@ pub fn conv_transpose2d(
         // The stored weight is [c_in, rows]; the GEMM's A is its transpose [rows, c_in].
         with_buffer(&PRODUCT, rows * c_in, |stored| {
             weight.dequantize_range(0, stored);
-            crate::gemm::transpose_into(stored, c_in, rows, a);
+            crate::transpose::transpose_block(stored, rows, a, c_in, c_in, rows);
         });
         for b in 0..batch {
             let xb = &x[b * c_in * n..(b + 1) * c_in * n];
@@ -367,11 +367,18 @@ pub fn conv_transpose2d(
             let scatter = |row: usize, col0: usize, seg: &mut [f32]| {
                 let (co, ky, kx) = (row / kk, (row % kk) / k, row % k);
                 let bias_c = bias.map_or(0.0, |v| v[co]);
-                for (i, &v) in seg.iter().enumerate() {
-                    let (iy, ix) = ((col0 + i) / w, (col0 + i) % w);
+                // Input pixel (iy, ix) of each column, stepped along instead of divided out per
+                // element (two integer divisions per element were most of the scatter's time).
+                let (mut iy, mut ix) = (col0 / w, col0 % w);
+                for &v in seg.iter() {
                     // SAFETY: (co, iy*k+ky, ix*k+kx) is inside this batch's output and each
                     // (row, column) of the product maps to a distinct output element.
                     unsafe { *ob.at(co * out_plane + (iy * k + ky) * out_w + ix * k + kx) = v + bias_c };
+                    ix += 1;
+                    if ix == w {
+                        ix = 0;
+                        iy += 1;
+                    }
                 }
             };
             with_buffer(&PRODUCT, rows * n, |y| {
