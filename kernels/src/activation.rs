@@ -75,9 +75,20 @@ pub fn apply(act: Activation, xs: &mut [f32]) {
 
 // xs: any flat buffer.
 fn apply_serial(act: Activation, xs: &mut [f32]) {
+    apply_serial_at(crate::simd::active(), act, xs);
+}
+
+/// `act` on every element on the calling thread, with the build for `isa` (which must be one
+/// `simd::supported` lists): for callers already inside a parallel loop, and for tests that
+/// compare levels.
+// xs: any flat buffer.
+pub(crate) fn apply_serial_at(isa: crate::simd::Isa, act: Activation, xs: &mut [f32]) {
+    if act == Activation::None {
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
-    match crate::simd::active() {
-        // SAFETY: `simd::active` only names levels the CPU supports.
+    match isa {
+        // SAFETY: the caller passes a level the CPU supports.
         crate::simd::Isa::Avx512 => return unsafe { apply_serial_avx512(act, xs) },
         crate::simd::Isa::Avx2Fma => return unsafe { apply_serial_avx2(act, xs) },
         _ => {}

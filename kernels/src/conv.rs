@@ -67,29 +67,59 @@ struct Geometry {
 }
 
 /// Writes the im2col matrix of output columns `p0..p0+ncols` (flattened `oy*ow+ox`).
+///
+/// Each matrix row (one input channel and kernel offset) is written one output row segment at a
+/// time: the input row and the range of output columns whose input column is inside the image
+/// are worked out once per segment, so the copy in between is a plain strided loop and only the
+/// borders are zero-filled (a bounds test per element made this 7% of MobileSAM's encode, whose
+/// stride-2 patch embedding im2cols 512x512 outputs).
 // x: [c, h, w] one group's input; cols: [c*kh*kw, ncols], row (ci*kh+ky)*kw+kx.
 fn im2col(x: &[f32], c: usize, g: Geometry, p0: usize, ncols: usize, cols: &mut [f32]) {
     let plane = g.h * g.w;
+    // Output columns ox whose input column ox*stride + kx - padding lies in 0..w, per kx.
+    let valid_ox = |kx: usize| -> (usize, usize) {
+        if g.w + g.padding <= kx {
+            return (0, 0);
+        }
+        let first = g.padding.saturating_sub(kx).div_ceil(g.stride);
+        let end = ((g.w + g.padding - kx - 1) / g.stride + 1).min(g.ow);
+        (first.min(end), end)
+    };
     cols.par_chunks_mut(ncols).enumerate().for_each(|(row, dst)| {
         let kx = row % g.kw;
         let ky = (row / g.kw) % g.kh;
         let ci = row / (g.kw * g.kh);
         debug_assert!(ci < c);
         let src = &x[ci * plane..(ci + 1) * plane];
-        let (mut oy, mut ox) = (p0 / g.ow, p0 % g.ow);
-        for d in dst.iter_mut() {
+        let (ox_first, ox_end) = valid_ox(kx);
+        let mut done = 0;
+        while done < ncols {
+            let p = p0 + done;
+            let (oy, ox0) = (p / g.ow, p % g.ow);
+            let len = (g.ow - ox0).min(ncols - done);
+            let seg = &mut dst[done..done + len];
             let iy = (oy * g.stride + ky) as isize - g.padding as isize;
-            let ix = (ox * g.stride + kx) as isize - g.padding as isize;
-            *d = if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
-                src[iy as usize * g.w + ix as usize]
+            if iy < 0 || iy as usize >= g.h {
+                seg.fill(0.0);
             } else {
-                0.0
-            };
-            ox += 1;
-            if ox == g.ow {
-                ox = 0;
-                oy += 1;
+                let in_row = &src[iy as usize * g.w..][..g.w];
+                // This segment covers output columns ox0..ox0+len; the valid ones are lo..hi.
+                let (lo, hi) = (ox_first.clamp(ox0, ox0 + len), ox_end.clamp(ox0, ox0 + len));
+                seg[..lo - ox0].fill(0.0);
+                seg[hi - ox0..].fill(0.0);
+                let valid = &mut seg[lo - ox0..hi - ox0];
+                if !valid.is_empty() {
+                    let ix0 = lo * g.stride + kx - g.padding;
+                    if g.stride == 1 {
+                        valid.copy_from_slice(&in_row[ix0..ix0 + valid.len()]);
+                    } else {
+                        for (d, &v) in valid.iter_mut().zip(in_row[ix0..].iter().step_by(g.stride)) {
+                            *d = v;
+                        }
+                    }
+                }
             }
+            done += len;
         }
     });
 }
@@ -140,59 +170,92 @@ fn conv_group_gemm(
     });
 }
 
+/// Kernel taps held on the stack per plane; larger kernels (none in the SAM family) use a
+/// heap buffer.
+const STACK_TAPS: usize = 64;
+
 /// Convolution with one input channel per group (depthwise, optionally with a channel
-/// multiplier), computed directly.
+/// multiplier), computed directly, at the SIMD level the process runs.
 // x: [batch, c_in, h, w]; weight: [c_out, 1, kh, kw]; out: [batch, c_out, oh, ow].
 #[allow(clippy::too_many_arguments)]
 fn conv_depthwise(x: &[f32], batch: usize, c_in: usize, g: Geometry, weight: MatrixRef, c_out: usize, bias: Option<&[f32]>, act: Activation, out: &mut [f32]) {
+    conv_depthwise_at(simd::active(), x, batch, c_in, g, weight, c_out, bias, act, out);
+}
+
+/// [`conv_depthwise`] at a given SIMD level (the tests run every level the CPU has).
+// Shapes as in `conv_depthwise`; isa must be one `simd::supported` lists.
+#[allow(clippy::too_many_arguments)]
+fn conv_depthwise_at(isa: simd::Isa, x: &[f32], batch: usize, c_in: usize, g: Geometry, weight: MatrixRef, c_out: usize, bias: Option<&[f32]>, act: Activation, out: &mut [f32]) {
     let multiplier = c_out / c_in;
     let (in_plane, out_plane) = (g.h * g.w, g.oh * g.ow);
+    let ntaps = g.kh * g.kw;
     debug_assert_eq!(out.len(), batch * c_out * out_plane);
     out.par_chunks_mut(out_plane).enumerate().for_each(|(idx, dst)| {
         let (b, co) = (idx / c_out, idx % c_out);
         let ci = co / multiplier;
         let src = &x[(b * c_in + ci) * in_plane..][..in_plane];
-        let mut taps = vec![0.0f32; g.kh * g.kw];
-        weight.dequantize_range(co * g.kh * g.kw, &mut taps);
-        dst.fill(bias.map_or(0.0, |b| b[co]));
-        // For each kernel column, the output columns whose input column ox*stride + kx - padding
-        // lies inside the image, and the first such input column.
-        let spans: Vec<Option<(usize, usize, usize)>> = (0..g.kw)
-            .map(|kx| {
+        let bias_c = bias.map_or(0.0, |b| b[co]);
+        let mut stack = [0.0f32; STACK_TAPS];
+        let mut heap = Vec::new();
+        let taps: &mut [f32] = if ntaps <= STACK_TAPS {
+            &mut stack[..ntaps]
+        } else {
+            heap.resize(ntaps, 0.0);
+            &mut heap
+        };
+        weight.dequantize_range(co * ntaps, taps);
+        #[cfg(target_arch = "x86_64")]
+        if isa == simd::Isa::Avx512 && g.stride == 1 {
+            let plane = crate::conv_dw_avx512::Plane { h: g.h, w: g.w, kh: g.kh, kw: g.kw, padding: g.padding, oh: g.oh, ow: g.ow };
+            // SAFETY: `isa` is supported (caller's contract); the shapes are the ones asserted
+            // by `conv2d` for this plane.
+            unsafe { crate::conv_dw_avx512::plane(src, plane, taps, bias_c, act, dst) };
+            return;
+        }
+        plane_portable(src, g, taps, bias_c, dst);
+        activation::apply_serial_at(isa, act, dst);
+    });
+}
+
+/// One output plane of a depthwise convolution, any stride: `dst = bias + Σ taps · src` (the
+/// activation is left to the caller).
+// src: [h, w]; taps: [kh, kw]; dst: [oh, ow].
+fn plane_portable(src: &[f32], g: Geometry, taps: &[f32], bias: f32, dst: &mut [f32]) {
+    dst.fill(bias);
+    // Row by row, so the output row stays in L1 while all taps are added.
+    for oy in 0..g.oh {
+        let out_row = &mut dst[oy * g.ow..(oy + 1) * g.ow];
+        for ky in 0..g.kh {
+            let iy = (oy * g.stride + ky) as isize - g.padding as isize;
+            if iy < 0 || iy as usize >= g.h {
+                continue;
+            }
+            let in_row = &src[iy as usize * g.w..][..g.w];
+            for kx in 0..g.kw {
+                // The output columns whose input column ox*stride + kx - padding lies inside the
+                // image, and the first such input column.
                 if g.w + g.padding <= kx {
-                    return None;
+                    continue;
                 }
                 let ox_first = g.padding.saturating_sub(kx).div_ceil(g.stride);
                 let ox_end = ((g.w + g.padding - kx - 1) / g.stride + 1).min(g.ow);
-                (ox_first < ox_end).then(|| (ox_first, ox_end, ox_first * g.stride + kx - g.padding))
-            })
-            .collect();
-        // Row by row, so the output row stays in L1 while all taps are added.
-        for oy in 0..g.oh {
-            let out_row = &mut dst[oy * g.ow..(oy + 1) * g.ow];
-            for ky in 0..g.kh {
-                let iy = (oy * g.stride + ky) as isize - g.padding as isize;
-                if iy < 0 || iy as usize >= g.h {
+                if ox_first >= ox_end {
                     continue;
                 }
-                let in_row = &src[iy as usize * g.w..][..g.w];
-                for (kx, span) in spans.iter().enumerate() {
-                    let Some((ox_first, ox_end, ix_first)) = *span else { continue };
-                    let tap = taps[ky * g.kw + kx];
-                    let seg = &mut out_row[ox_first..ox_end];
-                    if g.stride == 1 {
-                        let in_seg = &in_row[ix_first..ix_first + seg.len()];
-                        seg.iter_mut().zip(in_seg).for_each(|(o, &v)| *o += tap * v);
-                    } else {
-                        for (i, o) in seg.iter_mut().enumerate() {
-                            *o += tap * in_row[ix_first + i * g.stride];
-                        }
+                let ix_first = ox_first * g.stride + kx - g.padding;
+                let tap = taps[ky * g.kw + kx];
+                let seg = &mut out_row[ox_first..ox_end];
+                if g.stride == 1 {
+                    let in_seg = &in_row[ix_first..ix_first + seg.len()];
+                    seg.iter_mut().zip(in_seg).for_each(|(o, &v)| *o += tap * v);
+                } else {
+                    for (i, o) in seg.iter_mut().enumerate() {
+                        *o += tap * in_row[ix_first + i * g.stride];
                     }
                 }
             }
         }
-        activation::apply(act, dst);
-    });
+    }
 }
 
 /// `torch.nn.Conv2d` forward with zero padding, then `act`.
@@ -294,7 +357,7 @@ pub fn conv_transpose2d(
         // The stored weight is [c_in, rows]; the GEMM's A is its transpose [rows, c_in].
         with_buffer(&PRODUCT, rows * c_in, |stored| {
             weight.dequantize_range(0, stored);
-            crate::gemm::transpose_into(stored, c_in, rows, a);
+            crate::transpose::transpose_block(stored, rows, a, c_in, c_in, rows);
         });
         for b in 0..batch {
             let xb = &x[b * c_in * n..(b + 1) * c_in * n];
@@ -304,11 +367,18 @@ pub fn conv_transpose2d(
             let scatter = |row: usize, col0: usize, seg: &mut [f32]| {
                 let (co, ky, kx) = (row / kk, (row % kk) / k, row % k);
                 let bias_c = bias.map_or(0.0, |v| v[co]);
-                for (i, &v) in seg.iter().enumerate() {
-                    let (iy, ix) = ((col0 + i) / w, (col0 + i) % w);
+                // Input pixel (iy, ix) of each column, stepped along instead of divided out per
+                // element (two integer divisions per element were most of the scatter's time).
+                let (mut iy, mut ix) = (col0 / w, col0 % w);
+                for &v in seg.iter() {
                     // SAFETY: (co, iy*k+ky, ix*k+kx) is inside this batch's output and each
                     // (row, column) of the product maps to a distinct output element.
                     unsafe { *ob.at(co * out_plane + (iy * k + ky) * out_w + ix * k + kx) = v + bias_c };
+                    ix += 1;
+                    if ix == w {
+                        ix = 0;
+                        iy += 1;
+                    }
                 }
             };
             with_buffer(&PRODUCT, rows * n, |y| {
@@ -497,6 +567,55 @@ mod tests {
         }
     }
 
+    /// Every SIMD level's depthwise path (AVX-512: the fused register kernel for stride 1)
+    /// against the f64 reference and against the portable build, on random shapes whose rows
+    /// are shorter than, equal to and one past a 16-lane vector, with padding up to and beyond
+    /// the kernel's reach, a channel multiplier, stride 2 and every activation.
+    #[test]
+    fn depthwise_every_simd_level_matches_portable_and_f64() {
+        let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
+        // (batch, c_in, h, w, c_out, kh, kw, stride, padding)
+        let mut cases = vec![(2, 3, 7, 16, 3, 3, 3, 1, 1), (1, 2, 5, 17, 4, 3, 3, 1, 1), (1, 2, 3, 1, 2, 3, 3, 1, 1), (1, 1, 2, 3, 1, 7, 7, 1, 3), (1, 2, 9, 33, 2, 5, 3, 1, 2), (1, 2, 6, 40, 2, 1, 1, 1, 0), (1, 2, 8, 20, 2, 3, 3, 1, 0), (1, 2, 9, 31, 2, 3, 3, 2, 1), (1, 1, 4, 5, 1, 3, 3, 1, 4)];
+        for _ in 0..6 {
+            let k: usize = [1, 3, 5][rng.gen_range(0..3)];
+            let pad = rng.gen_range(0..=k);
+            // At least one output row and column: h + 2·pad >= k.
+            let (h, w) = (rng.gen_range(k.saturating_sub(2 * pad).max(1)..12), rng.gen_range(k.saturating_sub(2 * pad).max(1)..50));
+            cases.push((1, rng.gen_range(1..4), h, w, 0, k, k, 1, pad));
+        }
+        for (batch, c_in, h, w, c_out, kh, kw, stride, pad) in cases {
+            let c_out = if c_out == 0 { c_in } else { c_out };
+            let (oh, ow) = (output_size(h, kh, stride, pad), output_size(w, kw, stride, pad));
+            let g = Geometry { h, w, kh, kw, stride, padding: pad, oh, ow };
+            let x = random(&mut rng, batch * c_in * h * w);
+            let taps = random(&mut rng, c_out * kh * kw);
+            let bias = random(&mut rng, c_out);
+            for act in [Activation::None, Activation::Gelu, Activation::Relu] {
+                for bias in [None, Some(bias.as_slice())] {
+                    let run = |isa| {
+                        let mut out = vec![f32::NAN; batch * c_out * oh * ow];
+                        conv_depthwise_at(isa, &x, batch, c_in, g, MatrixRef::F32(&taps), c_out, bias, act, &mut out);
+                        out
+                    };
+                    let portable = run(simd::Isa::Portable);
+                    let want = naive_conv(&x, batch, c_in, h, w, &taps, c_out, kh, kw, bias, stride, pad, c_in, act);
+                    for isa in simd::supported() {
+                        let got = run(isa);
+                        let case = (batch, c_in, h, w, c_out, kh, kw, stride, pad);
+                        // Element by element (a relative norm is undefined when ReLU zeroes a
+                        // whole small output).
+                        for (i, (&g, &r)) in got.iter().zip(&want).enumerate() {
+                            assert!((g as f64 - r).abs() <= 1e-5 * (1.0 + r.abs()), "{isa:?} {case:?} {act:?} bias {}: element {i} {g} vs f64 {r}", bias.is_some());
+                        }
+                        for (i, (&a, &b)) in got.iter().zip(&portable).enumerate() {
+                            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{isa:?} {case:?} {act:?}: element {i} {a} vs portable {b}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn patch_embedding_16x16_stride_16() {
         let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
@@ -577,6 +696,32 @@ mod tests {
                     assert!(e <= 1e-5, "{p:?} c_in {c_in} c_out {c_out} k {k}: rel err {e}");
                 });
             }
+        }
+    }
+
+    /// MBConv's pointwise convolutions at LiteMedSAM's first stage (64 <-> 256 channels on
+    /// 256x256, the expansion with GELU): median of 7 calls after a warm-up, in the rayon pool
+    /// of the process. `cargo test --release -p minisam-kernels --lib pointwise_timings --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn pointwise_timings() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for (c_in, c_out, act) in [(64, 256, Activation::Gelu), (256, 64, Activation::None)] {
+            let (h, w) = (256, 256);
+            let x = random(&mut rng, c_in * h * w);
+            let raw = random(&mut rng, c_out * c_in);
+            let bias = random(&mut rng, c_out);
+            let mut out = vec![0.0; c_out * h * w];
+            let mut times = Vec::new();
+            for _ in 0..8 {
+                let start = std::time::Instant::now();
+                conv2d(&x, 1, c_in, h, w, MatrixRef::F32(&raw), c_out, 1, 1, Some(&bias), 1, 0, 1, act, &mut out);
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+            times.remove(0);
+            times.sort_by(f64::total_cmp);
+            eprintln!("1x1 {c_in}->{c_out} @256x256 {act:?}: median {:.2} ms (min {:.2})", times[3], times[0]);
         }
     }
 

@@ -44,7 +44,7 @@ pub(crate) unsafe fn gelu_in_place(xs: &mut [f32]) {
 /// `x < 0`, `z = |x|/√2`, `erfc(z) = t · e^{P(t) - z²}`, `t = 1/(1 + z/2)`.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn gelu16(x: __m512) -> __m512 {
+pub(crate) unsafe fn gelu16(x: __m512) -> __m512 {
     let z = _mm512_min_ps(_mm512_abs_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2))), _mm512_set1_ps(Z_CLAMP));
     let d = _mm512_fmadd_ps(z, _mm512_set1_ps(0.5), _mm512_set1_ps(1.0));
     // 1/d to ~2^-28 relative: the 14-bit estimate plus one Newton step r + r(1 - d·r).

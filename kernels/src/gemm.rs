@@ -107,19 +107,11 @@ pub fn matmul(a: &[f32], b: &[f32], batch: usize, m: usize, k: usize, n: usize, 
     }
 }
 
-/// `dst = srcᵀ` by 32×32 blocks (cache friendly in both directions).
+/// `dst = srcᵀ`, by `crate::transpose` (16x16 register blocks with AVX-512, 32x32 element
+/// tiles otherwise).
 // src is [rows, cols], dst is [cols, rows].
 pub(crate) fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    const B: usize = 32;
-    for r0 in (0..rows).step_by(B) {
-        for c0 in (0..cols).step_by(B) {
-            for r in r0..(r0 + B).min(rows) {
-                for c in c0..(c0 + B).min(cols) {
-                    dst[c * rows + r] = src[r * cols + c];
-                }
-            }
-        }
-    }
+    crate::transpose::transpose_block(src, cols, dst, rows, rows, cols);
 }
 
 /// `out = act(x · wᵀ + bias)`, `w` in torch `Linear` layout and any stored precision.
@@ -514,6 +506,30 @@ mod tests {
             let err = relative_error(&out, &reference);
             assert!(err <= 1e-5, "matmul m={m} transpose_b={transpose_b}: relative error {err}");
         }
+        }
+    }
+
+    /// TinyViT's linear layers at LiteMedSAM's stages (tokens x in -> out, GELU where the MLP
+    /// has it): median of 7 calls after a warm-up, 2 threads when run as `cargo test --release
+    /// -p minisam-kernels --lib tinyvit_linear_timings -- --ignored --nocapture` on 2 cores.
+    #[test]
+    #[ignore]
+    fn tinyvit_linear_timings() {
+        let mut rng = rng();
+        for (m, k, n, act) in [(16384, 128, 512, Activation::Gelu), (16384, 512, 128, Activation::None), (4096, 160, 480, Activation::None), (4096, 640, 160, Activation::None)] {
+            let x = random(&mut rng, m * k);
+            let w = random(&mut rng, n * k);
+            let bias = random(&mut rng, n);
+            let mut out = vec![0.0; m * n];
+            let mut times = Vec::new();
+            for _ in 0..8 {
+                let start = std::time::Instant::now();
+                linear(&x, m, k, MatrixRef::F32(&w), n, Some(&bias), act, &mut out);
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+            times.remove(0);
+            times.sort_by(f64::total_cmp);
+            eprintln!("{m}x{k}x{n} {act:?}: median {:.2} ms, {:.1} GFLOP/s", times[3], 2.0 * (m * k * n) as f64 / times[3] / 1e6);
         }
     }
 

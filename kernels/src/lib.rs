@@ -8,6 +8,8 @@ pub mod activation_backward;
 pub mod attention;
 pub mod attention_backward;
 pub mod conv;
+#[cfg(target_arch = "x86_64")]
+mod conv_dw_avx512;
 pub mod conv_backward;
 pub mod fastmath;
 pub mod gemm;
@@ -24,6 +26,7 @@ mod packed_gemm;
 pub mod resize;
 pub mod resize_backward;
 pub mod simd;
+pub mod transpose;
 pub mod weights;
 
 pub use activation::Activation;

@@ -111,7 +111,7 @@ pub(crate) fn gemm(isa: Isa, m: usize, n: usize, k: usize, a: &[f32], lda: usize
         A_PACKED.with(|cell| match cell.try_borrow_mut() {
             Ok(mut buf) => {
                 ensure_len(&mut buf, padded_rows * k);
-                prepack_a(a, lda, m, k, mr, &mut buf[..padded_rows * k]);
+                prepack_a(isa, a, lda, m, k, mr, &mut buf[..padded_rows * k]);
                 run_all(Some(&buf[..padded_rows * k]));
             }
             Err(_) => run_all(None),
@@ -142,7 +142,7 @@ enum AOperand<'a> {
 /// `[m.div_ceil(mr)][kc][mr]` at offset `k0 * padded_rows`, exactly the panels `pack_a` would
 /// make for any task whose rows start at a multiple of `mr`.
 // a: element (i, p) at a[i * lda + p]; dst: m.div_ceil(mr) * mr * k floats.
-fn prepack_a(a: &[f32], lda: usize, m: usize, k: usize, mr: usize, dst: &mut [f32]) {
+fn prepack_a(isa: Isa, a: &[f32], lda: usize, m: usize, k: usize, mr: usize, dst: &mut [f32]) {
     let padded_rows = m.div_ceil(mr) * mr;
     let blocks: Vec<(usize, &mut [f32])> = {
         let mut rest = dst;
@@ -155,7 +155,7 @@ fn prepack_a(a: &[f32], lda: usize, m: usize, k: usize, mr: usize, dst: &mut [f3
         }
         out
     };
-    blocks.into_par_iter().for_each(|(k0, block)| pack_a(a, lda, 0..m, k0, KC.min(k - k0), mr, block));
+    blocks.into_par_iter().for_each(|(k0, block)| pack_a(isa, a, lda, 0..m, k0, KC.min(k - k0), mr, block));
 }
 
 /// One rectangle of C.
@@ -193,7 +193,7 @@ unsafe fn run_task(
             let kc = KC.min(k - k0);
             let a_panels = match a {
                 AOperand::RowMajor { data, lda } => {
-                    pack_a(data, lda, rows.clone(), k0, kc, mr, a_buf);
+                    pack_a(isa, data, lda, rows.clone(), k0, kc, mr, a_buf);
                     a_buf.as_ptr()
                 }
                 // Rows start at a multiple of mr, so this task's panels are contiguous there.
@@ -216,6 +216,8 @@ unsafe fn run_task(
                     let dst = c.add(i0 * ldc + j0);
                     if height == mr && width == nr {
                         microkernel::run(isa, kc, a_panel, b_panel, dst, ldc, k0 > 0);
+                    } else if width == nr && microkernel::run_rows(isa, height, kc, a_panel, b_panel, dst, ldc, k0 > 0) {
+                        // The last row panel, computed for its real rows only.
                     } else {
                         // Ragged edge: the kernel writes a whole tile into scratch.
                         if k0 > 0 {
@@ -239,7 +241,18 @@ unsafe fn run_task(
 
 /// Copies rows `rows` × columns `k0..k0+kc` of A into `[panel][kc][mr]`, zero past the last row.
 // a: element (i, p) at a[i * lda + p]; dst: at least rows.len().div_ceil(mr) * kc * mr floats.
-fn pack_a(a: &[f32], lda: usize, rows: std::ops::Range<usize>, k0: usize, kc: usize, mr: usize, dst: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn pack_a(isa: Isa, a: &[f32], lda: usize, rows: std::ops::Range<usize>, k0: usize, kc: usize, mr: usize, dst: &mut [f32]) {
+    let panels = rows.len().div_ceil(mr);
+    assert!(dst.len() >= panels * kc * mr, "pack_a: dst too short");
+    assert!(kc == 0 || rows.is_empty() || a.len() >= (rows.end - 1) * lda + k0 + kc, "pack_a: A too short");
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && mr <= 16 {
+        // SAFETY: AVX-512 is the active level; the asserts above bound every read and write.
+        unsafe { pack_a_avx512(a.as_ptr(), lda, rows, k0, kc, mr, dst.as_mut_ptr()) };
+        return;
+    }
+    let _ = isa;
     for (ip, i0) in rows.clone().step_by(mr).enumerate() {
         let panel = &mut dst[ip * kc * mr..(ip + 1) * kc * mr];
         let height = mr.min(rows.end - i0);
@@ -256,17 +269,80 @@ fn pack_a(a: &[f32], lda: usize, rows: std::ops::Range<usize>, k0: usize, kc: us
     }
 }
 
+/// [`pack_a`] with AVX-512: 16 columns of a panel's rows at a time are transposed in registers
+/// (`transpose16`; rows past the panel's height are zero registers) and stored as 16 `mr`-wide
+/// rows, instead of one strided store per element.
+///
+/// # Safety
+/// AVX-512F; `mr <= 16`; `a` and `dst` as `pack_a` asserts.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_a_avx512(a: *const f32, lda: usize, rows: std::ops::Range<usize>, k0: usize, kc: usize, mr: usize, dst: *mut f32) {
+    use crate::transpose::avx512::{lanes, transpose16};
+    use std::arch::x86_64::*;
+    let row_mask = lanes(mr);
+    let mut r = [_mm512_setzero_ps(); 16];
+    for (ip, i0) in rows.clone().step_by(mr).enumerate() {
+        let panel = dst.add(ip * kc * mr);
+        let height = mr.min(rows.end - i0);
+        for p0 in (0..kc).step_by(16) {
+            let w = 16.min(kc - p0);
+            for (i, reg) in r.iter_mut().enumerate() {
+                *reg = if i >= height {
+                    _mm512_setzero_ps()
+                } else if w == 16 {
+                    _mm512_loadu_ps(a.add((i0 + i) * lda + k0 + p0))
+                } else {
+                    _mm512_maskz_loadu_ps(lanes(w), a.add((i0 + i) * lda + k0 + p0))
+                };
+            }
+            transpose16(&mut r);
+            for (j, reg) in r.iter().enumerate().take(w) {
+                _mm512_mask_storeu_ps(panel.add((p0 + j) * mr), row_mask, *reg);
+            }
+        }
+    }
+}
+
 /// Copies columns `cols` × rows `k0..k0+kc` of a row-major B into `[panel][kc][nr]`, zero past
 /// the last column.
+///
+/// Row by row of B, all of the task's panels at once: each row segment is read contiguously
+/// (`cols.len()` floats), not `nr` floats at a time per panel. A 1x1 convolution's B is an NCHW
+/// input whose rows lie a whole plane apart (256 KiB in LiteMedSAM's first stage), so reading
+/// one short piece per row and panel touched a new page and the same few L1 sets every time.
 // b: element (p, j) at b[p * ldb + j]; dst: at least cols.len().div_ceil(nr) * kc * nr floats.
 fn pack_b_row_major(b: &[f32], ldb: usize, cols: std::ops::Range<usize>, k0: usize, kc: usize, nr: usize, dst: &mut [f32]) {
-    for (jp, j0) in cols.clone().step_by(nr).enumerate() {
-        let panel = &mut dst[jp * kc * nr..(jp + 1) * kc * nr];
-        let width = nr.min(cols.end - j0);
-        for (p, row) in panel.chunks_exact_mut(nr).enumerate() {
-            row[..width].copy_from_slice(&b[(k0 + p) * ldb + j0..][..width]);
-            row[width..].fill(0.0);
+    let whole = cols.len() / nr;
+    let rest = cols.len() - whole * nr;
+    for p in 0..kc {
+        let src = &b[(k0 + p) * ldb + cols.start..][..cols.len()];
+        match nr {
+            32 => scatter_row::<32>(src, whole, kc, p, dst),
+            16 => scatter_row::<16>(src, whole, kc, p, dst),
+            8 => scatter_row::<8>(src, whole, kc, p, dst),
+            _ => {
+                for jp in 0..whole {
+                    dst[(jp * kc + p) * nr..][..nr].copy_from_slice(&src[jp * nr..][..nr]);
+                }
+            }
         }
+        if rest > 0 {
+            let row = &mut dst[(whole * kc + p) * nr..][..nr];
+            row[..rest].copy_from_slice(&src[whole * nr..]);
+            row[rest..].fill(0.0);
+        }
+    }
+}
+
+/// Row `p` of the first `whole` panels: `dst[jp][p][..N] = src[jp * N..][..N]`, as fixed-length
+/// copies the compiler turns into vector moves (a run-time length was a `memcpy` call per row).
+// src: at least whole * N floats; dst: [panel][kc][N].
+fn scatter_row<const N: usize>(src: &[f32], whole: usize, kc: usize, p: usize, dst: &mut [f32]) {
+    for (jp, chunk) in src[..whole * N].chunks_exact(N).enumerate() {
+        let from: &[f32; N] = chunk.try_into().expect("N floats");
+        let to: &mut [f32; N] = (&mut dst[(jp * kc + p) * N..][..N]).try_into().expect("N floats");
+        *to = *from;
     }
 }
 

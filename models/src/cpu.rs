@@ -295,8 +295,9 @@ fn as_batched_transpose(shape: &[usize], perm: &[usize]) -> Option<(usize, usize
     }
 }
 
-/// `dst[b, c, r] = src[b, r, c]` in square tiles, so that both sides are read and written a
-/// cache line at a time (the generic permute gathered every element with a stride of `rows`).
+/// `dst[b, c, r] = src[b, r, c]` in blocks, so that both sides are read and written a cache line
+/// at a time (the generic permute gathered every element with a stride of `rows`); tasks of
+/// TILE output rows.
 // src: [batch, rows, cols]; dst: [batch, cols, rows].
 fn transpose_batched(src: &[f32], batch: usize, rows: usize, cols: usize, dst: &mut [f32]) {
     const TILE: usize = 32;
@@ -309,14 +310,8 @@ fn transpose_batched(src: &[f32], batch: usize, rows: usize, cols: usize, dst: &
         dst.par_chunks_mut(TILE * rows).enumerate().for_each(|(tile, out)| {
             let c0 = tile * TILE;
             let width = out.len() / rows;
-            for r0 in (0..rows).step_by(TILE) {
-                for c in 0..width {
-                    let out_row = &mut out[c * rows..(c + 1) * rows];
-                    for r in r0..(r0 + TILE).min(rows) {
-                        out_row[r] = src[r * cols + c0 + c];
-                    }
-                }
-            }
+            // 16x16 register blocks with AVX-512, element tiles otherwise (the kernels' choice).
+            minisam_kernels::transpose::transpose_block(&src[c0..], cols, out, rows, rows, width);
         });
     });
 }

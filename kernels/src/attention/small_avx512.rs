@@ -24,6 +24,9 @@ pub(super) const MAX_KEYS: usize = 256;
 const QUERY_BLOCK: usize = 64;
 /// Lanes of a zmm register.
 const LANES: usize = 16;
+/// Queries computed together (see `Head::queries`): 4 queries x 4 key chunks is 16 score
+/// accumulators, 4 x 2 value chunks (d = 32) 8, within the 32 zmm registers.
+const QUERIES_PER_PASS: usize = 4;
 
 /// The output pointer shared by tasks that write disjoint query blocks.
 #[derive(Clone, Copy)]
@@ -101,69 +104,81 @@ impl Head<'_> {
             }
         }
         s.scores.clear();
-        s.scores.resize(padded, 0.0);
+        s.scores.resize(QUERIES_PER_PASS * padded, 0.0);
         let tail_mask: __mmask16 = (1u32 << (nk - (padded - LANES))).wrapping_sub(1) as u16;
-        for (r, query) in rows.enumerate() {
-            let q = &self.q[query * d..(query + 1) * d];
-            self.scores(q, &s.keys_t, padded, &mut s.scores);
-            add_bias(self.bias, self.b, self.nq, nk, query, &mut s.scores[..nk]);
-            let sum = softmax_numerators(&mut s.scores, padded, tail_mask);
-            self.weighted_values(&s.scores[..nk], 1.0 / sum, &mut out[r * d..(r + 1) * d]);
+        let mut r = 0;
+        while r + QUERIES_PER_PASS <= rows.len() {
+            self.queries::<QUERIES_PER_PASS>(rows.start + r, &mut s.scores, &s.keys_t, padded, tail_mask, &mut out[r * d..]);
+            r += QUERIES_PER_PASS;
+        }
+        while r < rows.len() {
+            self.queries::<1>(rows.start + r, &mut s.scores, &s.keys_t, padded, tail_mask, &mut out[r * d..]);
+            r += 1;
         }
     }
 
-    /// `scores[j] = scale · q·k_j` for every padded key (zero keys past `nk` give 0).
-    // q: [d]; keys_t: [d][padded]; scores: [padded].
+    /// Queries `query0..query0 + R` into `out[..R * d]`: their scores, softmaxes and weighted
+    /// values computed together, so that every key and value load feeds R FMAs and the R rows'
+    /// accumulators are independent chains (one query alone left the FMA pipes waiting on the
+    /// latency of its own few accumulators).
+    // scores: at least [R][padded]; keys_t: [d][padded]; out: at least [R, d].
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn scores(&self, q: &[f32], keys_t: &[f32], padded: usize, scores: &mut [f32]) {
+    unsafe fn queries<const R: usize>(&self, query0: usize, scores: &mut [f32], keys_t: &[f32], padded: usize, tail_mask: __mmask16, out: &mut [f32]) {
+        let (nk, d) = (self.nk, self.d);
+        let q = self.q.as_ptr().add(query0 * d);
         let chunks = padded / LANES;
         let mut c = 0;
         while c + 4 <= chunks {
-            score_chunks::<4>(q, keys_t, padded, c, self.scale, scores);
+            score_chunks::<R, 4>(q, d, keys_t, padded, c, self.scale, scores.as_mut_ptr());
             c += 4;
         }
         while c < chunks {
-            score_chunks::<1>(q, keys_t, padded, c, self.scale, scores);
+            score_chunks::<R, 1>(q, d, keys_t, padded, c, self.scale, scores.as_mut_ptr());
             c += 1;
         }
-    }
-
-    /// `out = inv_sum · Σ_j probs[j] · v_j`, over `d` in groups of up to four zmm accumulators.
-    // probs: [nk]; out: [d].
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn weighted_values(&self, probs: &[f32], inv_sum: f32, out: &mut [f32]) {
-        let d = self.d;
+        let mut inv_sums = [0.0f32; R];
+        for (i, inv) in inv_sums.iter_mut().enumerate() {
+            let row = &mut scores[i * padded..(i + 1) * padded];
+            add_bias(self.bias, self.b, self.nq, nk, query0 + i, &mut row[..nk]);
+            *inv = 1.0 / softmax_numerators(row, padded, tail_mask);
+        }
         let mut c0 = 0;
         while c0 < d {
+            let probs = scores.as_ptr();
             match (d - c0).div_ceil(LANES) {
-                1 => value_chunks::<1>(probs, self.v, d, c0, inv_sum, out),
-                2 => value_chunks::<2>(probs, self.v, d, c0, inv_sum, out),
-                3 => value_chunks::<3>(probs, self.v, d, c0, inv_sum, out),
-                _ => value_chunks::<4>(probs, self.v, d, c0, inv_sum, out),
+                1 => value_chunks::<R, 1>(probs, padded, nk, self.v, d, c0, &inv_sums, out.as_mut_ptr()),
+                2 => value_chunks::<R, 2>(probs, padded, nk, self.v, d, c0, &inv_sums, out.as_mut_ptr()),
+                3 => value_chunks::<R, 3>(probs, padded, nk, self.v, d, c0, &inv_sums, out.as_mut_ptr()),
+                _ => value_chunks::<R, 4>(probs, padded, nk, self.v, d, c0, &inv_sums, out.as_mut_ptr()),
             }
             c0 += 4 * LANES;
         }
     }
 }
 
-/// Scores of key chunks `c0..c0 + G` (16 keys each) for one query, `G` accumulators.
+/// Scores of key chunks `c0..c0 + G` (16 keys each) for R queries, R·G accumulators.
+// q: R rows of d floats, stride d; keys_t: [d][padded]; scores: R rows of padded floats.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn score_chunks<const G: usize>(q: &[f32], keys_t: &[f32], padded: usize, c0: usize, scale: f32, scores: &mut [f32]) {
-    let mut acc = [_mm512_setzero_ps(); G];
+unsafe fn score_chunks<const R: usize, const G: usize>(q: *const f32, d: usize, keys_t: &[f32], padded: usize, c0: usize, scale: f32, scores: *mut f32) {
+    let mut acc = [[_mm512_setzero_ps(); G]; R];
     let kt = keys_t.as_ptr().add(c0 * LANES);
-    for (p, &qv) in q.iter().enumerate() {
-        let qb = _mm512_set1_ps(qv);
+    for p in 0..d {
         let row = kt.add(p * padded);
-        for (g, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_fmadd_ps(qb, _mm512_loadu_ps(row.add(g * LANES)), *a);
+        let keys: [__m512; G] = std::array::from_fn(|g| _mm512_loadu_ps(row.add(g * LANES)));
+        for (i, acc_i) in acc.iter_mut().enumerate() {
+            let qb = _mm512_set1_ps(*q.add(i * d + p));
+            for (a, &kv) in acc_i.iter_mut().zip(&keys) {
+                *a = _mm512_fmadd_ps(qb, kv, *a);
+            }
         }
     }
     let scale = _mm512_set1_ps(scale);
-    for (g, a) in acc.iter().enumerate() {
-        _mm512_storeu_ps(scores.as_mut_ptr().add((c0 + g) * LANES), _mm512_mul_ps(*a, scale));
+    for (i, acc_i) in acc.iter().enumerate() {
+        for (g, a) in acc_i.iter().enumerate() {
+            _mm512_storeu_ps(scores.add(i * padded + (c0 + g) * LANES), _mm512_mul_ps(*a, scale));
+        }
     }
 }
 
@@ -191,26 +206,33 @@ unsafe fn softmax_numerators(scores: &mut [f32], padded: usize, tail_mask: __mma
     _mm512_reduce_add_ps(sum)
 }
 
-/// `out[c0..c0 + 16G] = inv_sum · Σ_j probs[j] · v[j, c0..]`, the last chunk masked to `d`.
-// probs: [nk]; v: [nk, d]; out: [d].
+/// `out[i][c0..c0 + 16G] = inv_sums[i] · Σ_j probs[i][j] · v[j, c0..]` for R queries, the
+/// last chunk masked to `d`.
+// probs: R rows of `padded` floats (the first nk used); v: [nk, d]; out: R rows of d floats.
+#[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn value_chunks<const G: usize>(probs: &[f32], v: &[f32], d: usize, c0: usize, inv_sum: f32, out: &mut [f32]) {
+unsafe fn value_chunks<const R: usize, const G: usize>(probs: *const f32, padded: usize, nk: usize, v: &[f32], d: usize, c0: usize, inv_sums: &[f32; R], out: *mut f32) {
     let masks: [__mmask16; G] = std::array::from_fn(|g| {
         let lanes = d.saturating_sub(c0 + g * LANES).min(LANES);
         ((1u32 << lanes) - 1) as u16
     });
-    let mut acc = [_mm512_setzero_ps(); G];
-    for (j, &prob) in probs.iter().enumerate() {
-        let pb = _mm512_set1_ps(prob);
+    let mut acc = [[_mm512_setzero_ps(); G]; R];
+    for j in 0..nk {
         let row = v.as_ptr().add(j * d + c0);
-        for g in 0..G {
-            acc[g] = _mm512_fmadd_ps(pb, _mm512_maskz_loadu_ps(masks[g], row.add(g * LANES)), acc[g]);
+        let vals: [__m512; G] = std::array::from_fn(|g| _mm512_maskz_loadu_ps(masks[g], row.add(g * LANES)));
+        for (i, acc_i) in acc.iter_mut().enumerate() {
+            let pb = _mm512_set1_ps(*probs.add(i * padded + j));
+            for (a, &vv) in acc_i.iter_mut().zip(&vals) {
+                *a = _mm512_fmadd_ps(pb, vv, *a);
+            }
         }
     }
-    let inv = _mm512_set1_ps(inv_sum);
-    for g in 0..G {
-        _mm512_mask_storeu_ps(out.as_mut_ptr().add(c0 + g * LANES), masks[g], _mm512_mul_ps(acc[g], inv));
+    for (i, acc_i) in acc.iter().enumerate() {
+        let inv = _mm512_set1_ps(inv_sums[i]);
+        for (g, a) in acc_i.iter().enumerate() {
+            _mm512_mask_storeu_ps(out.add(i * d + c0 + g * LANES), masks[g], _mm512_mul_ps(*a, inv));
+        }
     }
 }
 

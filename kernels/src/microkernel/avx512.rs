@@ -1,6 +1,11 @@
 //! AVX-512 micro-kernel: 12 rows × 32 columns, 24 zmm accumulators + 2 B registers + the
 //! broadcasts (of 32 zmm). Twelve rows amortise each pair of B loads over 24 FMAs, enough to
 //! keep two 512-bit FMA pipes busy from L1.
+//!
+//! [`kernel_height`] computes only the first rows of a tile from the same `[kc][MR]` A panel:
+//! a matrix whose row count is not a multiple of 12 (64 output channels: 5 full panels and 4
+//! rows) then neither multiplies the panel's zero padding nor goes through the driver's scratch
+//! tile and its copies.
 
 use std::arch::x86_64::*;
 
@@ -11,10 +16,37 @@ pub(crate) const NR: usize = 32;
 // a: [kc][MR]; b: [kc][NR]; c: MR rows of NR with stride ldc.
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) {
-    let mut lo = [_mm512_setzero_ps(); MR];
-    let mut hi = [_mm512_setzero_ps(); MR];
+    kernel_rows::<MR>(kc, a, b, c, ldc, accumulate)
+}
+
+/// The first `height` rows of a tile (`1 <= height <= MR`); see [`super::run_rows`].
+// a: [kc][MR]; b: [kc][NR]; c: height rows of NR with stride ldc.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn kernel_height(height: usize, kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) {
+    match height {
+        1 => kernel_rows::<1>(kc, a, b, c, ldc, accumulate),
+        2 => kernel_rows::<2>(kc, a, b, c, ldc, accumulate),
+        3 => kernel_rows::<3>(kc, a, b, c, ldc, accumulate),
+        4 => kernel_rows::<4>(kc, a, b, c, ldc, accumulate),
+        5 => kernel_rows::<5>(kc, a, b, c, ldc, accumulate),
+        6 => kernel_rows::<6>(kc, a, b, c, ldc, accumulate),
+        7 => kernel_rows::<7>(kc, a, b, c, ldc, accumulate),
+        8 => kernel_rows::<8>(kc, a, b, c, ldc, accumulate),
+        9 => kernel_rows::<9>(kc, a, b, c, ldc, accumulate),
+        10 => kernel_rows::<10>(kc, a, b, c, ldc, accumulate),
+        11 => kernel_rows::<11>(kc, a, b, c, ldc, accumulate),
+        _ => kernel_rows::<MR>(kc, a, b, c, ldc, accumulate),
+    }
+}
+
+/// `R` rows of the tile; A's panel keeps its `MR` stride.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_rows<const R: usize>(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) {
+    let mut lo = [_mm512_setzero_ps(); R];
+    let mut hi = [_mm512_setzero_ps(); R];
     if accumulate {
-        for i in 0..MR {
+        for i in 0..R {
             lo[i] = _mm512_loadu_ps(c.add(i * ldc));
             hi[i] = _mm512_loadu_ps(c.add(i * ldc + 16));
         }
@@ -23,13 +55,13 @@ pub(crate) unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32
         let b_lo = _mm512_loadu_ps(b.add(p * NR));
         let b_hi = _mm512_loadu_ps(b.add(p * NR + 16));
         let ap = a.add(p * MR);
-        for i in 0..MR {
+        for i in 0..R {
             let av = _mm512_set1_ps(*ap.add(i));
             lo[i] = _mm512_fmadd_ps(av, b_lo, lo[i]);
             hi[i] = _mm512_fmadd_ps(av, b_hi, hi[i]);
         }
     }
-    for i in 0..MR {
+    for i in 0..R {
         _mm512_storeu_ps(c.add(i * ldc), lo[i]);
         _mm512_storeu_ps(c.add(i * ldc + 16), hi[i]);
     }

@@ -81,6 +81,26 @@ pub(crate) unsafe fn run(isa: Isa, kc: usize, a: *const f32, b: *const f32, c: *
     }
 }
 
+/// The first `height` rows of a full-width tile (`1 <= height <= mr`), for the last row panel of
+/// a matrix whose rows are not a multiple of `mr`: returns `false`, touching nothing, where
+/// `isa`'s kernel has no such variant (the driver then goes through its scratch tile).
+///
+/// # Safety
+/// As [`run`], with `c` pointing to `height` rows.
+#[inline]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn run_rows(isa: Isa, height: usize, kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) -> bool {
+    debug_assert!(height >= 1 && height <= tile_shape(isa).mr);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            avx512::kernel_height(height, kc, a, b, c, ldc, accumulate);
+            true
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,12 +120,22 @@ mod tests {
                 let b: Vec<f32> = (0..kc * nr).map(|_| rng.gen_range(-1.0..1.0)).collect();
                 let ldc = nr + 3;
                 let c0: Vec<f32> = (0..mr * ldc).map(|_| rng.gen_range(-1.0..1.0)).collect();
-                for accumulate in [false, true] {
+                // height == mr: the whole-tile kernel; below it the partial-height variants,
+                // where the ISA has them (rows past `height` must stay untouched).
+                for (height, accumulate) in (1..=mr).rev().flat_map(|h| [(h, false), (h, true)]) {
                     let mut c = c0.clone();
-                    unsafe { run(isa, kc, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), ldc, accumulate) };
+                    if height == mr {
+                        unsafe { run(isa, kc, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), ldc, accumulate) };
+                    } else if !unsafe { run_rows(isa, height, kc, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), ldc, accumulate) } {
+                        continue;
+                    }
                     for i in 0..mr {
                         for j in 0..ldc {
                             let got = c[i * ldc + j] as f64;
+                            if i >= height {
+                                assert_eq!(got, c0[i * ldc + j] as f64, "{isa:?} height {height} wrote row {i}");
+                                continue;
+                            }
                             if j >= nr {
                                 assert_eq!(got, c0[i * ldc + j] as f64, "{isa:?} wrote past the tile at ({i}, {j})");
                                 continue;
@@ -114,7 +144,7 @@ mod tests {
                             for p in 0..kc {
                                 want += a[p * mr + i] as f64 * b[p * nr + j] as f64;
                             }
-                            assert!((got - want).abs() <= 1e-5 * (1.0 + kc as f64).sqrt(), "{isa:?} kc={kc} acc={accumulate} ({i}, {j}): {got} vs {want}");
+                            assert!((got - want).abs() <= 1e-5 * (1.0 + kc as f64).sqrt(), "{isa:?} kc={kc} height={height} acc={accumulate} ({i}, {j}): {got} vs {want}");
                         }
                     }
                 }
