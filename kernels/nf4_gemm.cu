@@ -215,9 +215,10 @@ __device__ __forceinline__ void stage_b(const GemmParams& p, i64 z, i64 n0, i64 
 }
 
 // Writes one finished accumulator: LoRA, bias, activation, residual, then the output layout.
-// Not inlined: it runs once per output (not per k), and 32 inlined copies per kernel would
-// multiply the code size for nothing.
-__device__ __noinline__ void epilogue(const GemmParams& p, i64 z, i64 m, i64 n, float v) {
+// Inlined into one non-unrolled loop (write_tile), so there is one copy per kernel. It used to be a
+// __noinline__ function taking `const GemmParams&`: taking the address of a kernel parameter makes
+// the compiler copy the whole 320 B record to a local-memory stack frame in every thread.
+__device__ __forceinline__ void epilogue(const GemmParams& p, i64 z, i64 m, i64 n, float v) {
     if (m >= p.m || n >= p.n) return;
     if (p.lora_t) {
         float s = 0.0f;
@@ -244,6 +245,32 @@ __device__ __noinline__ void epilogue(const GemmParams& p, i64 z, i64 m, i64 n, 
     if (p.residual) v += p.residual[o];
     p.c[o] = v;
 }
+
+// The block's finished 64 x 64 tile, staged in shared memory (padded rows: the column walk of
+// the NCHW case and the fragment stores fall in distinct banks).
+#define LDC (BN + 1)
+
+// Writes the staged tile through the epilogue. NCHW output is contiguous along m, the other
+// layouts along n: consecutive threads take consecutive addresses of the output either way.
+__device__ __forceinline__ void write_tile(const GemmParams& p, i64 z, i64 m0, i64 n0, const float (*Cs)[LDC]) {
+    const bool m_fast = p.c_mode == C_NCHW;
+#pragma unroll 1
+    for (int idx = threadIdx.x; idx < BM * BN; idx += THREADS) {
+        const int r = m_fast ? idx % BM : idx / BN, c = m_fast ? idx / BM : idx % BN;
+        epilogue(p, z, m0 + r, n0 + c, Cs[r][c]);
+    }
+}
+
+// Shared memory of one block: the operand tiles during the K loop, the output tile after it.
+struct GemmTiles {
+    float As[BM][LDS];
+    float Bs[BN][LDS];
+    float absmax_row[BN];
+};
+union GemmSmem {
+    GemmTiles t;
+    float Cs[BM][LDC];
+};
 
 __device__ __forceinline__ unsigned pack2(float lo, float hi) {
 #ifdef MINISAM_SIM
@@ -286,11 +313,11 @@ __device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, uns
 // Tensor-core body: 4 warps in a 2 x 2 grid, each owning a 32 x 32 piece of the tile as
 // 2 (M) x 4 (N) fragments of m16n8.
 template <int KIND>
-__device__ void gemm_tc(const GemmParams& p) {
-    __shared__ float As[BM][LDS];
-    __shared__ float Bs[BN][LDS];
-    __shared__ float absmax_row[BN];
+__device__ __forceinline__ void gemm_tc(const GemmParams& p) {
+    __shared__ GemmSmem sm;
     __shared__ RowGeom geom;
+    float (*As)[LDS] = sm.t.As;
+    float (*Bs)[LDS] = sm.t.Bs;
     const i64 z = blockIdx.z;
     const i64 m0 = (i64)blockIdx.y * BM, n0 = (i64)blockIdx.x * BN;
     row_geometry(p, m0, geom);
@@ -307,7 +334,7 @@ __device__ void gemm_tc(const GemmParams& p) {
 
     for (i64 k0 = 0; k0 < p.k; k0 += BK) {
         stage_a(p, z, m0, k0, As, geom);
-        stage_b<KIND>(p, z, n0, k0, Bs, absmax_row);
+        stage_b<KIND>(p, z, n0, k0, Bs, sm.t.absmax_row);
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
@@ -337,22 +364,24 @@ __device__ void gemm_tc(const GemmParams& p) {
     for (int i = 0; i < 2; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const i64 m = m0 + wm + i * 16 + g, n = n0 + wn + j * 8 + 2 * t;
-            epilogue(p, z, m, n, acc[i][j][0]);
-            epilogue(p, z, m, n + 1, acc[i][j][1]);
-            epilogue(p, z, m + 8, n, acc[i][j][2]);
-            epilogue(p, z, m + 8, n + 1, acc[i][j][3]);
+            const int r = wm + i * 16 + g, c = wn + j * 8 + 2 * t;
+            sm.Cs[r][c] = acc[i][j][0];
+            sm.Cs[r][c + 1] = acc[i][j][1];
+            sm.Cs[r + 8][c] = acc[i][j][2];
+            sm.Cs[r + 8][c + 1] = acc[i][j][3];
         }
+    __syncthreads();
+    write_tile(p, z, m0, n0, sm.Cs);
 }
 
 // CUDA-core f32 body: each thread owns 4 rows x 8 columns (columns strided by 8 so that a warp
 // reads 8 consecutive B rows without bank conflicts).
 template <int KIND>
-__device__ void gemm_f32(const GemmParams& p) {
-    __shared__ float As[BM][LDS];
-    __shared__ float Bs[BN][LDS];
-    __shared__ float absmax_row[BN];
+__device__ __forceinline__ void gemm_f32(const GemmParams& p) {
+    __shared__ GemmSmem sm;
     __shared__ RowGeom geom;
+    float (*As)[LDS] = sm.t.As;
+    float (*Bs)[LDS] = sm.t.Bs;
     const i64 z = blockIdx.z;
     const i64 m0 = (i64)blockIdx.y * BM, n0 = (i64)blockIdx.x * BN;
     row_geometry(p, m0, geom);
@@ -364,7 +393,7 @@ __device__ void gemm_f32(const GemmParams& p) {
         for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
     for (i64 k0 = 0; k0 < p.k; k0 += BK) {
         stage_a(p, z, m0, k0, As, geom);
-        stage_b<KIND>(p, z, n0, k0, Bs, absmax_row);
+        stage_b<KIND>(p, z, n0, k0, Bs, sm.t.absmax_row);
         __syncthreads();
 #pragma unroll 8
         for (int kk = 0; kk < BK; ++kk) {
@@ -383,7 +412,9 @@ __device__ void gemm_f32(const GemmParams& p) {
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < 8; ++j) epilogue(p, z, m0 + tm + i, n0 + tn + 8 * j, acc[i][j]);
+        for (int j = 0; j < 8; ++j) sm.Cs[tm + i][tn + 8 * j] = acc[i][j];
+    __syncthreads();
+    write_tile(p, z, m0, n0, sm.Cs);
 }
 
 // Grid: (ceil(N / 64), ceil(M / 64), batch_count), block: 128 threads.
