@@ -85,12 +85,15 @@ struct GemmParams {
     i64 bias_div;
     const float* residual;  // added after the activation, same index as c
     i64 act;
-    // LoRA epilogue: c += lora_scale * sum_j lora_t[m, j] * B_lora[n, j]
+    // LoRA epilogue: c += lora_scale * sum_j t[m, j] * B_lora[n, j], with t = x·Aᵀ either given
+    // (lora_t, [M, lora_r], computed by an earlier launch) or computed by this kernel from the
+    // A tiles it stages anyway (lora_a: f32 [lora_r, k], lora_r <= 64; tensor-core body only).
     const float* lora_t;
     WeightRef lora_b;
     i64 lora_r;
     float lora_scale;
     float pad_;
+    const float* lora_a;
 };
 
 __device__ __forceinline__ float f16_to_f32(unsigned short h) {
@@ -211,10 +214,16 @@ struct GemmTiles {
 
 // 16-byte aligned: the destinations of the 16-byte copies (every row of every tile starts at a
 // multiple of 16 bytes from here; shared arrays are otherwise only aligned to their element).
+// After the K loop: the C tile and the fused LoRA's x·Aᵀ rows (33 KiB, within the stages).
+struct OutTiles {
+    float Cs[BM][LDC];
+    float Ts[BM][LDC];
+};
+
 template <int KIND>
 union __align__(16) GemmSmem {
     GemmTiles<KIND> t;
-    float Cs[BM][LDC];
+    OutTiles o;
 };
 
 // What stays fixed over the K loop, decided once per block.
@@ -437,11 +446,12 @@ __device__ __forceinline__ float b_value(const GemmTiles<KIND>& t, const Plan& p
 // Inlined into one non-unrolled loop (write_tile), so there is one copy per kernel. It used to be a
 // __noinline__ function taking `const GemmParams&`: taking the address of a kernel parameter makes
 // the compiler copy the whole 320 B record to a local-memory stack frame in every thread.
-__device__ __forceinline__ void epilogue(const GemmParams& p, i64 z, i64 m, i64 n, float v) {
+// `t_row`: row m of x·Aᵀ for LoRA (null without LoRA).
+__device__ __forceinline__ void epilogue(const GemmParams& p, i64 z, i64 m, i64 n, float v, const float* t_row) {
     if (m >= p.m || n >= p.n) return;
-    if (p.lora_t) {
+    if (t_row) {
         float s = 0.0f;
-        for (i64 j = 0; j < p.lora_r; ++j) s += p.lora_t[m * p.lora_r + j] * load_weight(p.lora_b, n * p.lora_r + j);
+        for (i64 j = 0; j < p.lora_r; ++j) s += t_row[j] * load_weight(p.lora_b, n * p.lora_r + j);
         v += p.lora_scale * s;
     }
     if (p.bias) v += p.bias[(int)n / (int)p.bias_div];
@@ -467,12 +477,14 @@ __device__ __forceinline__ void epilogue(const GemmParams& p, i64 z, i64 m, i64 
 
 // Writes the staged tile through the epilogue. NCHW output is contiguous along m, the other
 // layouts along n: consecutive threads take consecutive addresses of the output either way.
-__device__ __forceinline__ void write_tile(const GemmParams& p, i64 z, i64 m0, i64 n0, const float (*Cs)[LDC]) {
+// `Ts`: the block's rows of x·Aᵀ when this kernel computed them (fused LoRA), else null.
+__device__ __forceinline__ void write_tile(const GemmParams& p, i64 z, i64 m0, i64 n0, const float (*Cs)[LDC], const float (*Ts)[LDC]) {
     const bool m_fast = p.c_mode == C_NCHW;
 #pragma unroll 1
     for (int idx = threadIdx.x; idx < BM * BN; idx += THREADS) {
         const int r = m_fast ? idx % BM : idx / BN, c = m_fast ? idx / BM : idx % BN;
-        epilogue(p, z, m0 + r, n0 + c, Cs[r][c]);
+        const float* t_row = Ts ? Ts[r] : p.lora_t ? p.lora_t + (m0 + r) * p.lora_r : nullptr;
+        epilogue(p, z, m0 + r, n0 + c, Cs[r][c], t_row);
     }
 }
 
@@ -549,8 +561,8 @@ __device__ __forceinline__ void b_fragment(const GemmTiles<KIND>& t, const Plan&
     }
 }
 
-// The K loop shared by both bodies: the pipeline described above, `step(s)` multiplying the tile
-// in stage s.
+// The K loop shared by both bodies: the pipeline described above, `step(s, k0)` multiplying the
+// tile of columns k0.. in stage s.
 template <int KIND, class Step>
 __device__ __forceinline__ void k_loop(const GemmParams& p, const Plan& pl, i64 z, i64 m0, i64 n0, GemmTiles<KIND>& t,
                                        const RowGeom& g, const float* tab, Step step) {
@@ -569,7 +581,7 @@ __device__ __forceinline__ void k_loop(const GemmParams& p, const Plan& pl, i64 
         const int next = kt + S - 1;
         if (next < ktiles) load_tile<KIND>(p, pl, z, m0, n0, (i64)next * BK, next % S, t, g, tab);
         cp_async_commit();
-        step(s);
+        step(s, kt * BK);
         s = s + 1 == S ? 0 : s + 1;
     }
     // Nothing may still land in the stages once they hold the C tile (the last groups are empty,
@@ -600,8 +612,22 @@ __device__ __forceinline__ void gemm_tc(const GemmParams& p) {
         for (int j = 0; j < 4; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+    // Fused LoRA: this warp's 32 rows times LoRA ranks wn .. wn+31 (the two warps that share rows
+    // split the <= 64 ranks), accumulated with the A fragments already built for the main
+    // product; Aᵀ's B fragments are read straight from global memory (r x K f32, small and
+    // shared by every block, so it stays in L2/L1: staging it would not fit the shared memory).
+    // Fragments at ranks >= lora_r are skipped (nf) or zero (a partial fragment).
+    const int lr = p.lora_a ? (int)p.lora_r : 0;
+    const int nf = lr > wn ? min(4, (lr - wn + 7) / 8) : 0;
+    float tacc[2][4][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) tacc[i][j][e] = 0.0f;
 
-    k_loop<KIND>(p, pl, z, m0, n0, sm.t, geom, nf4_table, [&](int s) {
+    k_loop<KIND>(p, pl, z, m0, n0, sm.t, geom, nf4_table, [&](int s, int k0) {
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
             unsigned af[2][4], bf[4][2];
@@ -620,6 +646,20 @@ __device__ __forceinline__ void gemm_tc(const GemmParams& p) {
             for (int i = 0; i < 2; ++i)
 #pragma unroll
                 for (int j = 0; j < 4; ++j) mma16816(acc[i][j], af[i][0], af[i][1], af[i][2], af[i][3], bf[j][0], bf[j][1]);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                if (j < nf) {
+                    const int rank = wn + j * 8 + g, c = k0 + kk + 2 * t;
+                    const float* la = p.lora_a + (i64)rank * p.k;
+                    const int K = (int)p.k;
+                    const bool in = rank < lr;
+                    const float v0 = in && c < K ? la[c] : 0.0f, v1 = in && c + 1 < K ? la[c + 1] : 0.0f;
+                    const float v8 = in && c + 8 < K ? la[c + 8] : 0.0f, v9 = in && c + 9 < K ? la[c + 9] : 0.0f;
+                    const unsigned b0 = pack2(v0, v1), b1 = pack2(v8, v9);
+#pragma unroll
+                    for (int i = 0; i < 2; ++i) mma16816(tacc[i][j], af[i][0], af[i][1], af[i][2], af[i][3], b0, b1);
+                }
+            }
         }
     });
 #pragma unroll
@@ -627,13 +667,19 @@ __device__ __forceinline__ void gemm_tc(const GemmParams& p) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const int r = wm + i * 16 + g, c = wn + j * 8 + 2 * t;
-            sm.Cs[r][c] = acc[i][j][0];
-            sm.Cs[r][c + 1] = acc[i][j][1];
-            sm.Cs[r + 8][c] = acc[i][j][2];
-            sm.Cs[r + 8][c + 1] = acc[i][j][3];
+            sm.o.Cs[r][c] = acc[i][j][0];
+            sm.o.Cs[r][c + 1] = acc[i][j][1];
+            sm.o.Cs[r + 8][c] = acc[i][j][2];
+            sm.o.Cs[r + 8][c + 1] = acc[i][j][3];
+            if (j < nf) {
+                sm.o.Ts[r][c] = tacc[i][j][0];
+                sm.o.Ts[r][c + 1] = tacc[i][j][1];
+                sm.o.Ts[r + 8][c] = tacc[i][j][2];
+                sm.o.Ts[r + 8][c + 1] = tacc[i][j][3];
+            }
         }
     __syncthreads();
-    write_tile(p, z, m0, n0, sm.Cs);
+    write_tile(p, z, m0, n0, sm.o.Cs, p.lora_a ? sm.o.Ts : nullptr);
 }
 
 // CUDA-core f32 body: each thread owns 4 rows x 8 columns (columns strided by 8 so that a warp
@@ -653,7 +699,7 @@ __device__ __forceinline__ void gemm_f32(const GemmParams& p) {
     for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
-    k_loop<KIND>(p, pl, z, m0, n0, sm.t, geom, nf4_table, [&](int s) {
+    k_loop<KIND>(p, pl, z, m0, n0, sm.t, geom, nf4_table, [&](int s, int) {
 #pragma unroll 8
         for (int kk = 0; kk < BK; ++kk) {
             float a[4], b[8];
@@ -670,9 +716,10 @@ __device__ __forceinline__ void gemm_f32(const GemmParams& p) {
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < 8; ++j) sm.Cs[tm + i][tn + 8 * j] = acc[i][j];
+        for (int j = 0; j < 8; ++j) sm.o.Cs[tm + i][tn + 8 * j] = acc[i][j];
     __syncthreads();
-    write_tile(p, z, m0, n0, sm.Cs);
+    // The CUDA-core body does not fuse LoRA: the backend passes it lora_t, never lora_a.
+    write_tile(p, z, m0, n0, sm.o.Cs, nullptr);
 }
 
 // Grid: (ceil(N / 64), ceil(M / 64), batch_count), block: 128 threads.

@@ -67,6 +67,27 @@ fn gemm_cuda_core_f32_every_weight_kind() {
     }
 }
 
+/// LoRA's x·Aᵀ fused into the tensor-core GEMM: ranks from 1 to 64 (multiples of 8 and 16 and
+/// not, one or both of the warps that share rows busy), partial tiles in M, N and K, every weight
+/// kind, bf16 and fp16 operands; and the CUDA-core body on the same cases with t given.
+#[test]
+fn gemm_fused_lora_every_rank_class() {
+    let mut rng = rng("gemm_fused_lora");
+    for (i, r) in [1, 7, 8, 13, 16, 31, 32, 33, 48, 57, 64].into_iter().enumerate() {
+        let kind = [W_F32, W_F16, W_NF4][i % 3];
+        // K a multiple of 64 for NF4's raw-code path every other time, anything >= 32 otherwise.
+        let k = if i % 2 == 0 { 64 * rng.gen_range(1..4) } else { rng.gen_range(32..200) };
+        let case = gemm::GemmCase::linear_with_k(&mut rng, kind, k).with_fused_lora(&mut rng, r);
+        let name = KIND_NAMES[kind as usize];
+        case.check(&Sim::default().seeded(rng.gen()), &format!("gemm_tc_{name}"), Operands::Bf16)
+            .unwrap();
+        case.check(&Sim::with_variant("f16").seeded(rng.gen()), &format!("gemm_tc_{name}"), Operands::F16)
+            .unwrap();
+        case.check(&Sim::default().seeded(rng.gen()), &format!("gemm_simt_{name}"), Operands::F32)
+            .unwrap();
+    }
+}
+
 #[test]
 fn mutation_every_gemm_barrier_is_needed() {
     // Each run draws fresh shapes from one seed, so intact and mutated runs see the same problems.
