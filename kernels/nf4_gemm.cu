@@ -212,14 +212,15 @@ struct GemmTiles {
 // the column walk of the NCHW case falls in distinct banks).
 #define LDC (BN + 1)
 
-// 16-byte aligned: the destinations of the 16-byte copies (every row of every tile starts at a
-// multiple of 16 bytes from here; shared arrays are otherwise only aligned to their element).
-// After the K loop: the C tile and the fused LoRA's x·Aᵀ rows (33 KiB, within the stages).
+// After the K loop: the C tile and the fused LoRA's x·Aᵀ rows (33 KiB, within the 41-47 KiB of
+// the stages they overlay).
 struct OutTiles {
     float Cs[BM][LDC];
     float Ts[BM][LDC];
 };
 
+// 16-byte aligned: the destinations of the 16-byte copies (every row of every tile starts at a
+// multiple of 16 bytes from here; shared arrays are otherwise only aligned to their element).
 template <int KIND>
 union __align__(16) GemmSmem {
     GemmTiles<KIND> t;
@@ -445,7 +446,7 @@ __device__ __forceinline__ float b_value(const GemmTiles<KIND>& t, const Plan& p
 // Writes one finished accumulator: LoRA, bias, activation, residual, then the output layout.
 // Inlined into one non-unrolled loop (write_tile), so there is one copy per kernel. It used to be a
 // __noinline__ function taking `const GemmParams&`: taking the address of a kernel parameter makes
-// the compiler copy the whole 320 B record to a local-memory stack frame in every thread.
+// the compiler copy the whole record (then 320 B) to a local-memory stack frame in every thread.
 // `t_row`: row m of x·Aᵀ for LoRA (null without LoRA).
 __device__ __forceinline__ void epilogue(const GemmParams& p, i64 z, i64 m, i64 n, float v, const float* t_row) {
     if (m >= p.m || n >= p.n) return;
