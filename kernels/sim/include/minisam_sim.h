@@ -82,6 +82,8 @@ void syncwarp(unsigned mask);
 
 // Mutation switches of the running launch (LaunchOptions::mutations).
 bool mutation_swap_mma_a12();
+// A kernel-side hook: nf4_gemm.cu's NF4 table lookup returns the neighbouring entry.
+bool mutation_break_nf4_lookup();
 
 // PTX emulation (ptx.cpp).
 float cvt_f32_f16(unsigned short h);

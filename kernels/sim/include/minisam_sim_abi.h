@@ -17,7 +17,7 @@ typedef struct {
 // Order in which the threads of a block run between two synchronisation points.
 enum { MSIM_ORDER_SHUFFLED = 0, MSIM_ORDER_FORWARD = 1, MSIM_ORDER_REVERSE = 2 };
 // Deliberate faults, for tests that prove the checks can fail.
-enum { MSIM_MUTATE_SWAP_MMA_A12 = 1, MSIM_MUTATE_SKIP_CP_ASYNC_WAIT = 2 };
+enum { MSIM_MUTATE_SWAP_MMA_A12 = 1, MSIM_MUTATE_SKIP_CP_ASYNC_WAIT = 2, MSIM_MUTATE_BREAK_NF4_LOOKUP = 4 };
 
 typedef struct {
     uint32_t order;

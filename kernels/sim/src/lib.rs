@@ -108,6 +108,9 @@ pub struct LaunchOptions {
     /// Make every `cp.async.wait_group` a no-op (as a kernel that forgot its wait would be): the
     /// copies land only when their thread exits.
     pub skip_cp_async_wait: bool,
+    /// Make nf4_gemm.cu's NF4 table lookup return the neighbouring entry (a kernel-side hook in
+    /// its `MINISAM_SIM` branch, as a wrong index or a misordered table would).
+    pub break_nf4_lookup: bool,
     /// OS threads that share the launch's blocks (0 or 1: the calling thread only). The results
     /// are the same for any count.
     pub threads: u32,
@@ -298,7 +301,9 @@ impl Kernel {
                 Order::Forward => 1,
                 Order::Reverse => 2,
             },
-            mutations: options.swap_mma_a12 as u32 | (options.skip_cp_async_wait as u32) << 1,
+            mutations: options.swap_mma_a12 as u32
+                | (options.skip_cp_async_wait as u32) << 1
+                | (options.break_nf4_lookup as u32) << 2,
             seed: options.seed,
             skip_barrier_site: options.skip_barrier_site.map_or(-1, |s| s as i32),
             threads: options.threads,

@@ -420,6 +420,7 @@ void ldmatrix(unsigned* d, int num, bool trans, const void* row_address) {
 void syncwarp(unsigned mask) { warp_exchange(mask, nullptr, 0); }
 
 bool mutation_swap_mma_a12() { return sim().launch->options.mutations & MSIM_MUTATE_SWAP_MMA_A12; }
+bool mutation_break_nf4_lookup() { return sim().launch->options.mutations & MSIM_MUTATE_BREAK_NF4_LOOKUP; }
 
 }  // namespace msim
 

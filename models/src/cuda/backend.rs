@@ -178,6 +178,11 @@ impl CudaBackend {
         WeightRef { data: t.ptr(), absq: 0, scales: 0, kind: W_F32 }
     }
 
+    /// Whether a GEMM of depth `k` runs on the tensor-core body (which alone can fuse LoRA's x·Aᵀ).
+    fn gemm_on_tensor_cores(&self, k: i64) -> bool {
+        self.dev.options.precision != MmaPrecision::F32 && k >= 32
+    }
+
     /// Launches one GEMM; the caller filled every geometric field of `p`.
     fn gemm(&self, p: &GemmParams, kind: i64) -> Result<()> {
         if p.m == 0 || p.n == 0 || p.batch_count == 0 {
@@ -187,7 +192,7 @@ impl CudaBackend {
         if gx > i32::MAX as u64 || gy > 65_535 || p.batch_count > 65_535 {
             return Err(Error::Backend(format!("GEMM of {} x {} x {} (batch {}) exceeds the launch grid", p.m, p.n, p.k, p.batch_count)));
         }
-        let tc = self.dev.options.precision != MmaPrecision::F32 && p.k >= 32;
+        let tc = self.gemm_on_tensor_cores(p.k);
         let table = if tc { &self.dev.kernels.gemm_tc } else { &self.dev.kernels.gemm_simt };
         let cfg = LaunchConfig { grid_dim: (gx as u32, gy as u32, p.batch_count as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         self.dev.launch_record("gemm", &table[kind as usize], cfg, p)
@@ -208,14 +213,18 @@ impl CudaBackend {
         }
         let mut shape = x.shape.clone();
         *shape.last_mut().expect("rank >= 1 checked") = n;
-        // LoRA: t = x·Aᵀ first ([M, r], small), then the main GEMM adds scale·t·Bᵀ in its epilogue.
+        // LoRA: the tensor-core GEMM computes t = x·Aᵀ itself from the x tiles it stages (A f32,
+        // rank <= 64) and adds scale·t·Bᵀ in its epilogue. Otherwise (the f32 CUDA-core body,
+        // K < 32, an fp16/NF4 A or a rank above 64) t ([M, r], small) is a GEMM of its own first.
+        let mut fused = false;
         let lora_t = match lora {
             Some(l) => {
                 let (a_s, b_s) = (&l.a.shape, &l.b.shape);
                 if a_s.len() != 2 || b_s.len() != 2 || a_s[0] != l.rank || a_s[1] != k || b_s[0] != n || b_s[1] != l.rank {
                     return Err(shape_err(format!("linear_lora: A {a_s:?} / B {b_s:?} are not [{}, {k}] / [{n}, {}]", l.rank, l.rank)));
                 }
-                Some(self.linear_impl(x, &l.a, None, Activation::None, None)?)
+                fused = self.gemm_on_tensor_cores(as_i64(k)) && l.a.kind == W_F32 && l.rank <= 64;
+                if fused { None } else { Some(self.linear_impl(x, &l.a, None, Activation::None, None)?) }
             }
             None => None,
         };
@@ -239,8 +248,12 @@ impl CudaBackend {
             act: act_code(act),
             ..Default::default()
         };
-        if let (Some(t), Some(l)) = (&lora_t, lora) {
-            p.lora_t = t.ptr();
+        if let Some(l) = lora {
+            match (&lora_t, fused) {
+                (_, true) => p.lora_a = l.a.wref.data,
+                (Some(t), false) => p.lora_t = t.ptr(),
+                (None, false) => unreachable!("an unfused LoRA has its t"),
+            }
             p.lora_b = l.b.wref;
             p.lora_r = as_i64(l.rank);
             p.lora_scale = l.scale;

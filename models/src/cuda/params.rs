@@ -63,6 +63,7 @@ pub struct GemmParams {
     pub lora_r: i64,
     pub lora_scale: f32,
     pub pad_: f32,
+    pub lora_a: u64,
 }
 
 #[repr(C)]
@@ -135,8 +136,8 @@ mod tests {
     #[test]
     fn cuda_param_records_have_the_c_sizes() {
         assert_eq!(std::mem::size_of::<WeightRef>(), 32);
-        // 31 eight-byte fields + 2 WeightRefs + 2 f32
-        assert_eq!(std::mem::size_of::<GemmParams>(), 8 * 31 + 2 * 32 + 8);
+        // 32 eight-byte fields (lora_a last) + 2 WeightRefs + 2 f32
+        assert_eq!(std::mem::size_of::<GemmParams>(), 8 * 32 + 2 * 32 + 8);
         assert_eq!(std::mem::size_of::<AttnParams>(), 8 * 15 + 8);
         assert_eq!(std::mem::size_of::<PermuteParams>(), 8 * (2 + 2 * MAX_RANK));
         assert_eq!(std::mem::size_of::<ConvParams>(), 8 * 16 + 32);

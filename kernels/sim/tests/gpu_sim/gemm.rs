@@ -47,6 +47,9 @@ pub struct GemmCase {
     bias: Vec<f32>,
     residual: Vec<f32>,
     lora_t: Vec<f32>,
+    /// Fused LoRA: A [r, K], the kernel computes x·Aᵀ (the CUDA-core body gets it computed here
+    /// instead, as the backend does).
+    lora_a: Vec<f32>,
     lora_b: Option<Weight>,
     out_len: usize,
 }
@@ -134,24 +137,34 @@ impl GemmCase {
         } else {
             vec![]
         };
-        let (lora_t, lora_b) = if rng.gen_bool(0.5) {
-            let r = rng.gen_range(1..9);
+        // LoRA half the time; of those, half fused (x·Aᵀ in the kernel, any rank up to 64, most
+        // not multiples of 8 or 16), half with t given (the unfused path's small ranks).
+        let (mut lora_t, mut lora_a, mut lora_b) = (vec![], vec![], None);
+        let mut fused = false;
+        if rng.gen_bool(0.5) {
+            fused = rng.gen_bool(0.5);
+            let r = if fused {
+                rng.gen_range(1..=64)
+            } else {
+                rng.gen_range(1..9)
+            };
             p.lora_r = r as i64;
             p.lora_scale = rng.gen_range(0.25..2.0);
             let lora_kind = pick(rng, &[W_F32, W_F16]);
-            (
-                randn(rng, m * r, 1.0),
-                Some(Weight::random(rng, lora_kind, n * r, 0.5)),
-            )
-        } else {
-            (vec![], None)
-        };
+            if fused {
+                lora_a = randn(rng, r * k, 0.5);
+            } else {
+                lora_t = randn(rng, m * r, 1.0);
+            }
+            lora_b = Some(Weight::random(rng, lora_kind, n * r, 0.5));
+        }
         let what = format!(
-            "linear M={m} N={n} K={k} act={} bias={} residual={} lora_r={}",
+            "linear M={m} N={n} K={k} act={} bias={} residual={} lora_r={}{}",
             p.act,
             !bias.is_empty(),
             !residual.is_empty(),
-            p.lora_r
+            p.lora_r,
+            if fused { " fused" } else { "" }
         );
         Self {
             what,
@@ -161,9 +174,24 @@ impl GemmCase {
             bias,
             residual,
             lora_t,
+            lora_a,
             lora_b,
             out_len: m * n,
         }
+    }
+
+    /// This linear case with a fused LoRA of rank `r` (x·Aᵀ computed by the tensor-core kernel)
+    /// in place of whatever LoRA it drew.
+    pub fn with_fused_lora(mut self, rng: &mut ChaCha8Rng, r: usize) -> Self {
+        let (n, k) = (self.p.n as usize, self.p.k as usize);
+        self.p.lora_r = r as i64;
+        self.p.lora_scale = rng.gen_range(0.25..2.0);
+        self.lora_t = vec![];
+        self.lora_a = randn(rng, r * k, 0.5);
+        let lora_kind = pick(rng, &[W_F32, W_F16]);
+        self.lora_b = Some(Weight::random(rng, lora_kind, n * r, 0.5));
+        self.what = format!("{} -> fused lora_r={r}", self.what);
+        self
     }
 
     /// Batched `matmul` of activations, B transposed or not (B is f32).
@@ -196,6 +224,7 @@ impl GemmCase {
             bias: vec![],
             residual: vec![],
             lora_t: vec![],
+            lora_a: vec![],
             lora_b: None,
             out_len: batch * m * n,
         }
@@ -252,6 +281,7 @@ impl GemmCase {
             bias: randn(rng, cout, 0.5),
             residual: vec![],
             lora_t: vec![],
+            lora_a: vec![],
             lora_b: None,
             out_len: batch * cout * oh * ow,
         }
@@ -288,6 +318,7 @@ impl GemmCase {
             bias: randn(rng, cout, 0.5),
             residual: vec![],
             lora_t: vec![],
+            lora_a: vec![],
             lora_b: None,
             out_len: batch * cout * h * kk * w * kk,
         }
@@ -342,6 +373,21 @@ impl GemmCase {
         for z in 0..p.batch_count as usize {
             for m in 0..mm {
                 let arow: Vec<f64> = (0..kk).map(|k| ops.round(self.a_at(z, m, k))).collect();
+                // Row m of t = x·Aᵀ and of Σ_k |x a|: given, or (fused) from the operands the kernel
+                // multiplies.
+                let r = p.lora_r as usize;
+                let (trow, tabs): (Vec<f64>, Vec<f64>) = if self.lora_a.is_empty() {
+                    let t: Vec<f64> = (0..r).map(|j| self.lora_t[m * r + j] as f64).collect();
+                    (t.clone(), t.iter().map(|v| v.abs()).collect())
+                } else {
+                    (0..r)
+                        .map(|j| {
+                            let la = &self.lora_a[j * kk..(j + 1) * kk];
+                            let prods = arow.iter().zip(la).map(|(&x, &a)| x * ops.round(a));
+                            prods.fold((0.0, 0.0), |(v, s), q| (v + q, s + q.abs()))
+                        })
+                        .unzip()
+                };
                 for n in 0..nn {
                     let (mut v, mut s) = (0.0f64, 0.0f64);
                     for (k, &a) in arow.iter().enumerate() {
@@ -353,14 +399,11 @@ impl GemmCase {
                         s += (a * b).abs();
                     }
                     if let Some(lb) = &self.lora_b {
-                        let r = p.lora_r as usize;
-                        let t: f64 = (0..r)
-                            .map(|j| self.lora_t[m * r + j] as f64 * lb.values[n * r + j] as f64)
-                            .sum();
+                        // With t computed in f32 from K products, its error is within the same
+                        // K-term bound when S counts Σ_j |B| Σ_k |x a| (tabs) rather than |t B|.
+                        let t: f64 = (0..r).map(|j| trow[j] * lb.values[n * r + j] as f64).sum();
                         let ta: f64 = (0..r)
-                            .map(|j| {
-                                (self.lora_t[m * r + j] as f64 * lb.values[n * r + j] as f64).abs()
-                            })
+                            .map(|j| tabs[j] * (lb.values[n * r + j] as f64).abs())
                             .sum();
                         v += p.lora_scale as f64 * t;
                         s += (p.lora_scale as f64).abs() * ta;
@@ -406,6 +449,23 @@ impl GemmCase {
         p.bias = addr(&self.bias);
         p.residual = addr(&self.residual);
         p.lora_t = addr(&self.lora_t);
+        p.lora_a = addr(&self.lora_a);
+        // Only the tensor-core body fuses x·Aᵀ; the backend computes t first for the other (here
+        // in f64, rounded to f32).
+        let host_t: Vec<f32>;
+        if !self.lora_a.is_empty() && !kernel.starts_with("gemm_tc") {
+            let (r, k) = (p.lora_r as usize, p.k as usize);
+            host_t = (0..p.m as usize * r)
+                .map(|i| {
+                    let (m, j) = (i / r, i % r);
+                    (0..k)
+                        .map(|kk| self.a_at(0, m, kk) as f64 * self.lora_a[j * k + kk] as f64)
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            p.lora_t = addr(&host_t);
+            p.lora_a = 0;
+        }
         p.lora_b = self
             .lora_b
             .as_ref()

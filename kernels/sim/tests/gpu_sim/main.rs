@@ -67,6 +67,27 @@ fn gemm_cuda_core_f32_every_weight_kind() {
     }
 }
 
+/// LoRA's x·Aᵀ fused into the tensor-core GEMM: ranks from 1 to 64 (multiples of 8 and 16 and
+/// not, one or both of the warps that share rows busy), partial tiles in M, N and K, every weight
+/// kind, bf16 and fp16 operands; and the CUDA-core body on the same cases with t given.
+#[test]
+fn gemm_fused_lora_every_rank_class() {
+    let mut rng = rng("gemm_fused_lora");
+    for (i, r) in [1, 7, 8, 13, 16, 31, 32, 33, 48, 57, 64].into_iter().enumerate() {
+        let kind = [W_F32, W_F16, W_NF4][i % 3];
+        // K a multiple of 64 for NF4's raw-code path every other time, anything >= 32 otherwise.
+        let k = if i % 2 == 0 { 64 * rng.gen_range(1..4) } else { rng.gen_range(32..200) };
+        let case = gemm::GemmCase::linear_with_k(&mut rng, kind, k).with_fused_lora(&mut rng, r);
+        let name = KIND_NAMES[kind as usize];
+        case.check(&Sim::default().seeded(rng.gen()), &format!("gemm_tc_{name}"), Operands::Bf16)
+            .unwrap();
+        case.check(&Sim::with_variant("f16").seeded(rng.gen()), &format!("gemm_tc_{name}"), Operands::F16)
+            .unwrap();
+        case.check(&Sim::default().seeded(rng.gen()), &format!("gemm_simt_{name}"), Operands::F32)
+            .unwrap();
+    }
+}
+
 #[test]
 fn mutation_every_gemm_barrier_is_needed() {
     // Each run draws fresh shapes from one seed, so intact and mutated runs see the same problems.
@@ -79,7 +100,8 @@ fn mutation_every_gemm_barrier_is_needed() {
         // and K of four tiles, so a warp that runs ahead overwrites a tile the others still read.
         // (A mutant may read a few elements before a buffer: poisoned geometry of -1 is
         // an in-bounds-looking offset of -1 or -2; the heap memory there is mapped.)
-        for kind in [W_F32, W_NF4] {
+        // fp16 weights: the three-stage pipeline (f32 and NF4 have two).
+        for kind in [W_F32, W_F16, W_NF4] {
             for tc in [true, false] {
                 let ops = if tc { Operands::Bf16 } else { Operands::F32 };
                 let kernel = format!(
@@ -113,6 +135,59 @@ fn mutation_swapped_mma_fragment_fails() {
         .check(&swapped, "gemm_tc_f32w", Operands::Bf16)
         .expect_err("swapping mma fragments a1 and a2 went unnoticed");
     eprintln!("with a1/a2 swapped: {err}");
+}
+
+/// The GEMM pipeline's own faults: deleting its `cp.async.wait_group` (the copies then land only
+/// when their thread exits, after the tile was read) and a wrong NF4 table lookup (the
+/// neighbouring entry) must each fail a check. Every weight kind, both bodies, on [N, K] weights
+/// with K = 128 (16-byte copies, and NF4's raw codes decoded in registers) and on a convolution
+/// (the gathered A, NF4 decoded element by element).
+#[test]
+fn mutation_gemm_missing_wait_and_broken_nf4_lookup_fail() {
+    let seed = rng("gemm_pipeline_mutants").gen::<u64>();
+    let run = |options: minisam_gpusim::LaunchOptions, kinds: &[i64]| {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let sim = Sim {
+            options,
+            ..Sim::default()
+        };
+        for &kind in kinds {
+            for tc in [true, false] {
+                let ops = if tc { Operands::Bf16 } else { Operands::F32 };
+                let kernel = format!(
+                    "gemm_{}_{}",
+                    if tc { "tc" } else { "simt" },
+                    KIND_NAMES[kind as usize]
+                );
+                let (m, n) = (rng.gen_range(33..150), rng.gen_range(33..140));
+                gemm::GemmCase::linear_sized(&mut rng, kind, m, n, 128).check(&sim, &kernel, ops)?;
+                gemm::GemmCase::conv_with_pixels(&mut rng, kind, 33).check(&sim, &kernel, ops)?;
+            }
+        }
+        Ok::<(), String>(())
+    };
+    let every = [W_F32, W_F16, W_NF4];
+    run(Default::default(), &every).unwrap();
+    for kind in every {
+        let err = run(
+            minisam_gpusim::LaunchOptions {
+                skip_cp_async_wait: true,
+                ..Default::default()
+            },
+            &[kind],
+        )
+        .expect_err("deleting the GEMM's cp.async wait went unnoticed");
+        eprintln!("without the cp.async wait ({}): {err}", KIND_NAMES[kind as usize]);
+    }
+    let err = run(
+        minisam_gpusim::LaunchOptions {
+            break_nf4_lookup: true,
+            ..Default::default()
+        },
+        &[W_NF4],
+    )
+    .expect_err("a wrong NF4 table lookup went unnoticed");
+    eprintln!("with the NF4 lookup off by one: {err}");
 }
 
 /// Runs `check` `times` with one generator.

@@ -63,6 +63,7 @@ pub struct GemmParams {
     pub lora_r: i64,
     pub lora_scale: f32,
     pub pad_: f32,
+    pub lora_a: u64,
 }
 
 #[repr(C)]
