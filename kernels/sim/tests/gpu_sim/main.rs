@@ -580,7 +580,7 @@ fn backend_attention_checks_stay_f32_in_f32_mode() {
 }
 
 /// LiteMedSAM (the real checkpoint from ../shared; skips without it), one frame on the simulated
-/// backend against the CPU: embedding within the bf16 tolerance, mask IoU >= 0.99. About 4 min
+/// backend against the CPU: embedding within the bf16 tolerance, mask IoU >= 0.99. About 75 s
 /// of CI's 2 cores (one frame, not parity()'s six: replay and the fitted arena are the tiny
 /// SAM's checks; and the mma emulation widens each operand once).
 #[test]
