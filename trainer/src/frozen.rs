@@ -41,17 +41,16 @@ impl FrozenModel {
         let (store, config, sha) = (file.store(), file.config(), Some(file.sha256_hex()));
         Ok(match selected {
             SelectedBackend::Cpu(b) => Self::Cpu(Box::new(Segmenter::load_with_identity(b, store, config, sha)?)),
-            SelectedBackend::Cuda(b) => match Segmenter::load_with_identity(*b, store, config, sha) {
-                Ok(s) => Self::Cuda(Box::new(s)),
-                // `auto` promises a run: a model that does not fit the VRAM budget (or any other
-                // CUDA fault while loading) means the CPU, said once, as the daemon does.
-                Err(e) if backend.choice == BackendChoice::Auto => {
-                    eprintln!("minisam: the CUDA backend cannot hold this model ({e}); --backend auto uses the CPU");
+            SelectedBackend::Cuda(b) => {
+                let on_cpu = || -> Result<_> {
                     let cpu = CpuBackend::new(threads).map_err(|e| anyhow!("{e}"))?;
-                    Self::Cpu(Box::new(Segmenter::load_with_identity(cpu, store, config, sha)?))
+                    Ok(Segmenter::load_with_identity(cpu, store, config, sha)?)
+                };
+                match gpu_or_cpu(backend.choice, Segmenter::load_with_identity(*b, store, config, sha).map_err(anyhow::Error::from), on_cpu)? {
+                    Ok(gpu) => Self::Cuda(Box::new(gpu)),
+                    Err(cpu) => Self::Cpu(Box::new(cpu)),
                 }
-                Err(e) => return Err(anyhow!("--backend cuda: {e}")),
-            },
+            }
         })
     }
 
@@ -69,5 +68,37 @@ impl FrozenModel {
             Self::Cpu(_) => "cpu".into(),
             Self::Cuda(s) => s.backend().describe(),
         }
+    }
+}
+
+/// What a model load does once the GPU tried: its result if it worked; else, under `auto`, the
+/// CPU's (`Err(cpu)`) after one line on stderr, since `auto` promises a run (a model over the
+/// VRAM budget, or any CUDA fault while its weights go up, means the CPU, as in the daemon);
+/// else, under `cuda`, the GPU's error. Shared by the frozen models of `train`/`distill` and by
+/// `segment`/`eval` (`commands::model::load_selected`).
+pub(crate) fn gpu_or_cpu<G, C>(choice: BackendChoice, on_gpu: Result<G>, on_cpu: impl FnOnce() -> Result<C>) -> Result<std::result::Result<G, C>> {
+    match on_gpu {
+        Ok(gpu) => Ok(Ok(gpu)),
+        Err(e) if choice == BackendChoice::Auto => {
+            eprintln!("minisam: the CUDA backend cannot hold this model ({e:#}); --backend auto uses the CPU");
+            on_cpu().map(Err)
+        }
+        Err(e) => Err(e.context("--backend cuda")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_falls_back_to_the_cpu_when_the_gpu_cannot_hold_the_model_and_cuda_does_not() {
+        let over_budget = || Err::<(), _>(anyhow::anyhow!("VRAM budget of 64 MiB exceeded"));
+        let r = gpu_or_cpu(BackendChoice::Auto, over_budget(), || Ok("cpu")).unwrap();
+        assert_eq!(r, Err("cpu"));
+        let e = gpu_or_cpu(BackendChoice::Cuda, over_budget(), || Ok("cpu")).unwrap_err();
+        assert!(format!("{e:#}").contains("--backend cuda: VRAM budget"), "{e:#}");
+        let r = gpu_or_cpu(BackendChoice::Auto, Ok("gpu"), || -> Result<&str> { panic!("the CPU must not load") }).unwrap();
+        assert_eq!(r, Ok("gpu"));
     }
 }

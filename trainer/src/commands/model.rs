@@ -8,9 +8,10 @@ use anyhow::{Context, Result};
 use minisam_models::backend::Backend;
 use minisam_models::config::{EncoderConfig, ModelConfig, Preprocess};
 use minisam_models::cpu::CpuBackend;
-use minisam_models::cuda::{BackendChoice, CudaBackend, SelectedBackend};
+use minisam_models::cuda::{CudaBackend, SelectedBackend};
 
 use crate::cli::BackendArgs;
+use crate::frozen::gpu_or_cpu;
 use minisam_models::load::ModelFile;
 use minisam_models::sam::Segmenter;
 
@@ -60,19 +61,6 @@ pub fn load_selected(args: &BackendArgs, threads: usize, path: &Path) -> Result<
     }
 }
 
-/// The policy of [`load_selected`] once the GPU tried: its result if it worked; else, under
-/// `auto`, the CPU's (`Err(cpu)`) after one line on stderr; else the GPU's error.
-fn gpu_or_cpu<G, C>(choice: BackendChoice, on_gpu: Result<G>, on_cpu: impl FnOnce() -> Result<C>) -> Result<std::result::Result<G, C>> {
-    match on_gpu {
-        Ok(gpu) => Ok(Ok(gpu)),
-        Err(e) if choice == BackendChoice::Auto => {
-            eprintln!("minisam: the CUDA backend cannot hold this model ({e:#}); --backend auto uses the CPU");
-            on_cpu().map(Err)
-        }
-        Err(e) => Err(e.context("--backend cuda")),
-    }
-}
-
 /// "litemedsam" / "mobilesam" for the families the reference table covers, by architecture and
 /// preprocessing (never by file name).
 pub fn family(config: &ModelConfig) -> Option<&'static str> {
@@ -80,21 +68,5 @@ pub fn family(config: &ModelConfig) -> Option<&'static str> {
         (EncoderConfig::TinyVit(_), Preprocess::LiteMedSam) => Some("litemedsam"),
         (EncoderConfig::TinyVit(_), Preprocess::Sam) => Some("mobilesam"),
         _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn auto_falls_back_to_the_cpu_when_the_gpu_cannot_hold_the_model_and_cuda_does_not() {
-        let over_budget = || Err::<(), _>(anyhow::anyhow!("VRAM budget of 64 MiB exceeded"));
-        let r = gpu_or_cpu(BackendChoice::Auto, over_budget(), || Ok("cpu")).unwrap();
-        assert_eq!(r, Err("cpu"));
-        let e = gpu_or_cpu(BackendChoice::Cuda, over_budget(), || Ok("cpu")).unwrap_err();
-        assert!(format!("{e:#}").contains("--backend cuda: VRAM budget"), "{e:#}");
-        let r = gpu_or_cpu(BackendChoice::Auto, Ok("gpu"), || -> Result<&str> { panic!("the CPU must not load") }).unwrap();
-        assert_eq!(r, Ok("gpu"));
     }
 }
