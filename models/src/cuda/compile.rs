@@ -222,23 +222,16 @@ pub fn load_module<M>(src: &KernelSource, arch: u32, precision: MmaPrecision, tr
     kernel_cache::load_with(src, arch, sources, try_load)
 }
 
-/// Compiles `src` with `opts` and stores the PTX (and the CUBIN, for a real architecture) in the
-/// cache, under the running NVRTC's version. A cache that cannot be written only costs a
-/// compile at the next start: said once on stderr, not an error.
+/// Compiles `src` with `opts` and keeps its image in the cache under the running NVRTC's version:
+/// the CUBIN of a real-architecture compile, the PTX of a virtual one.
 fn compile_and_cache(src: &KernelSource, opts: &[String]) -> Result<Compiled> {
     let compiled = nvrtc_compile(src, opts)?;
     if let (Some(dir), Some(nvrtc)) = (cache_dir(), nvrtc_version()) {
-        let key = kernel_cache::key(src, opts);
-        let mut images = vec![];
-        match &compiled.cubin {
-            Some(cubin) => images.push((kernel_cache::ImageKind::Cubin, cubin.as_slice())),
-            None => images.push((kernel_cache::ImageKind::Ptx, compiled.ptx.as_bytes())),
-        }
-        for (kind, bytes) in images {
-            if let Err(e) = kernel_cache::store(&dir, &kernel_cache::file_name(src, &key, &nvrtc, kind), bytes) {
-                eprintln!("minisam: cannot cache kernels in {} ({e}); they will be compiled again next start", dir.display());
-            }
-        }
+        let (kind, bytes) = match &compiled.cubin {
+            Some(cubin) => (kernel_cache::ImageKind::Cubin, cubin.as_slice()),
+            None => (kernel_cache::ImageKind::Ptx, compiled.ptx.as_bytes()),
+        };
+        kernel_cache::keep(&dir, src, opts, &nvrtc, kind, bytes);
     }
     Ok(compiled)
 }

@@ -108,8 +108,7 @@ pub fn cached(dir: &Path, src: &KernelSource, opts: &[String], kind: ImageKind, 
     found
 }
 
-/// Writes an image atomically (temporary file, then rename). A cache that cannot be written is
-/// not an error for the caller (read-only home on a device): it only costs a compile next start.
+/// Writes an image atomically (temporary file, then rename).
 pub fn store(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     let path = dir.join(name);
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
@@ -118,6 +117,14 @@ pub fn store(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     written
+}
+
+/// Stores a freshly compiled image under its name. A cache that cannot be written only costs a
+/// compile at the next start: said once on stderr, not an error.
+pub fn keep(dir: &Path, src: &KernelSource, opts: &[String], nvrtc: &str, kind: ImageKind, bytes: &[u8]) {
+    if let Err(e) = store(dir, &file_name(src, &key(src, opts), nvrtc, kind), bytes) {
+        eprintln!("minisam: cannot cache kernels in {} ({e}); they will be compiled again next start", dir.display());
+    }
 }
 
 /// How [`load_with`] gets what it needs: the cache, the compiler and the driver.
@@ -169,9 +176,7 @@ pub fn load_with<M>(src: &KernelSource, arch: u32, s: Sources<'_>, try_load: &mu
                 }
             };
             if let Some(dir) = s.dir {
-                if let Err(e) = store(dir, &file_name(src, &key(src, opts), nvrtc, kind), &bytes) {
-                    eprintln!("minisam: cannot cache kernels in {} ({e}); they will be compiled again next start", dir.display());
-                }
+                keep(dir, src, opts, nvrtc, kind, &bytes);
             }
             let image = KernelImage { kind, bytes, nvrtc: nvrtc.to_string(), from_cache: false };
             match try_load(&image) {
