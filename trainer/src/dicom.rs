@@ -818,11 +818,7 @@ pub(crate) mod tests {
         .unwrap();
         assert_eq!(img.data[0], window_to_u8(100.0, w, false));
     }
-}
 
-
-#[cfg(test)]
-mod meta_placement {
     /// Fuzz finding: a second `DICM` 256 bytes in made dicom-object's preamble detection skip
     /// another 128 bytes, so it parsed a meta group the bounds pass never saw and zero-filled
     /// 3.4 GiB for it. The file must now fail quickly, on the meta group at byte 132.
@@ -830,7 +826,7 @@ mod meta_placement {
     fn a_second_dicm_marker_does_not_move_the_meta_group() {
         let bytes = include_bytes!("../../benches/fuzz/regressions/dicom_reader/second_dicm_at_256");
         let started = std::time::Instant::now();
-        let err = super::read(bytes, &super::DicomOptions { frame: 0, window: None }).unwrap_err();
+        let err = read(bytes, &DicomOptions { frame: 0, window: None }).unwrap_err();
         assert!(started.elapsed().as_secs_f64() < 1.0, "took {:?}: {err:#}", started.elapsed());
     }
 }
