@@ -52,6 +52,15 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], bh: usize, nq: usize, nk: usiz
     assert_eq!(k.len(), bh * nk * d, "attention: k is not [bh, nk, d]");
     assert_eq!(v.len(), bh * nk * d, "attention: v is not [bh, nk, d]");
     assert_eq!(out.len(), bh * nq * d, "attention: out is not [bh, nq, d]");
+    check_bias(bias, bh, nq, nk);
+    if out.is_empty() {
+        return;
+    }
+    run_tasks(q, k, v, nq, nk, d, scale, bias, crate::simd::active(), out);
+}
+
+/// Panics unless `bias` fits `bh` batch-heads of `nq` queries and `nk` keys.
+fn check_bias(bias: Bias, bh: usize, nq: usize, nk: usize) {
     match bias {
         Bias::None => {}
         Bias::Table { table, heads } => {
@@ -63,10 +72,6 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], bh: usize, nq: usize, nk: usiz
             assert_eq!(rel_w.len(), bh * nq * kw, "attention: rel_w is not [bh, nq, kw]");
         }
     }
-    if out.is_empty() {
-        return;
-    }
-    run_tasks(q, k, v, nq, nk, d, scale, bias, crate::simd::active(), out);
 }
 
 /// Splits the work into (batch-head, query block) tasks and runs them in parallel.
@@ -94,16 +99,47 @@ fn run_tasks(q: &[f32], k: &[f32], v: &[f32], nq: usize, nk: usize, d: usize, sc
                 scale,
                 bias,
             };
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `isa` is one the CPU supports (`simd::supported`).
-                Isa::Avx512 => unsafe { task.run_avx512(scratch, out_block) },
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: as above.
-                Isa::Avx2Fma => unsafe { task.run_avx(scratch, out_block) },
-                _ => task.run(scratch, out_block),
-            }
+            task.run_at(isa, scratch, out_block);
         });
+    });
+}
+
+/// [`attention`] straight from the output of one fused `q | k | v` projection: each task
+/// gathers its batch-head's queries, keys and values into per-thread buffers (a few tens of KiB,
+/// cache-resident), runs the same per-head code as [`attention`] on them, and writes its rows
+/// into the heads-merged output. This replaces four whole-tensor passes through memory (the
+/// permute that splits the heads, the three copies that separate q, k and v, and the permute
+/// that merges the heads again), which cost TinyViT's windowed blocks more than the attention
+/// itself. The arithmetic is exactly [`attention`]'s, so the results are bit-identical.
+// qkv is [batch, n, heads, 3, d] (each head's q, k and v adjacent: TinyViT's layout, and what a
+// `[B, N, heads·3·d]` projection gives when viewed per head); out is [batch, n, heads, d].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_packed(qkv: &[f32], batch: usize, n: usize, heads: usize, d: usize, scale: f32, bias: Bias, out: &mut [f32]) {
+    let bh = batch * heads;
+    assert_eq!(qkv.len(), bh * n * 3 * d, "attention_packed: qkv is not [batch, n, heads, 3, d]");
+    assert_eq!(out.len(), bh * n * d, "attention_packed: out is not [batch, n, heads, d]");
+    check_bias(bias, bh, n, n);
+    if out.is_empty() {
+        return;
+    }
+    let isa = crate::simd::active();
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    (0..bh).into_par_iter().for_each_init(HeadScratch::default, |s, b| {
+        let (window, head) = (b / heads, b % heads);
+        // Row i of this head's part p (0 = q, 1 = k, 2 = v) in the packed layout.
+        let part_row = |p: usize, i: usize| &qkv[(((window * n + i) * heads + head) * 3 + p) * d..][..d];
+        for (p, buf) in [&mut s.q, &mut s.k, &mut s.v].into_iter().enumerate() {
+            buf.clear();
+            (0..n).for_each(|i| buf.extend_from_slice(part_row(p, i)));
+        }
+        s.out.clear();
+        s.out.resize(n * d, 0.0);
+        Head { q: &s.q, k: &s.k, v: &s.v, b, nq: n, nk: n, d, scale, bias }.run(isa, &mut s.buffers, &mut s.out);
+        for (i, row) in s.out.chunks_exact(d).enumerate() {
+            // SAFETY: batch-head b alone writes row i's d floats at this head's place in the
+            // merged output, inside `out` (its length was checked above).
+            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out_ptr.ptr().add(((window * n + i) * heads + head) * d), d) };
+        }
     });
 }
 
@@ -120,6 +156,71 @@ struct Scratch {
     running_sum: Vec<f32>,
 }
 
+
+/// Per-thread buffers of [`attention_packed`]: one batch-head's operands, gathered, and its
+/// output rows before they are scattered into the merged layout.
+#[derive(Default)]
+struct HeadScratch {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    out: Vec<f32>,
+    buffers: HeadBuffers,
+}
+
+/// What either per-head path needs between calls on one thread.
+#[derive(Default)]
+struct HeadBuffers {
+    online: Scratch,
+    #[cfg(target_arch = "x86_64")]
+    short: small_avx512::Scratch,
+}
+
+/// One batch-head's contiguous operands, all its queries: what [`attention_packed`] runs per
+/// task on the calling thread, by the same code [`run_tasks`] picks for the shape.
+struct Head<'a> {
+    /// `[nq, d]`.
+    q: &'a [f32],
+    /// `[nk, d]` each.
+    k: &'a [f32],
+    v: &'a [f32],
+    b: usize,
+    nq: usize,
+    nk: usize,
+    d: usize,
+    scale: f32,
+    bias: Bias<'a>,
+}
+
+impl Head<'_> {
+    // out is [nq, d].
+    fn run(&self, isa: Isa, s: &mut HeadBuffers, out: &mut [f32]) {
+        let (nq, nk, d) = (self.nq, self.nk, self.d);
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 && (1..=small_avx512::MAX_KEYS).contains(&nk) {
+            // SAFETY: `isa` is one the CPU supports; the caller checked the shapes, d > 0.
+            unsafe { small_avx512::one_head(self.q, self.k, self.v, self.b, nq, nk, d, self.scale, self.bias, &mut s.short, out) };
+            return;
+        }
+        for (block, out_block) in out.chunks_mut(QUERY_BLOCK * d).enumerate() {
+            let task = Task { q: &self.q[block * QUERY_BLOCK * d..][..out_block.len()], k: self.k, v: self.v, b: self.b, first_query: block * QUERY_BLOCK, nq, nk, d, scale: self.scale, bias: self.bias };
+            task.run_at(isa, &mut s.online, out_block);
+        }
+    }
+}
+
+/// The output pointer shared by tasks that write disjoint parts of it.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The pointer (a method, so that closures capture the `Sync` wrapper, not the raw field).
+    pub(crate) fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// `acc += Σ_j probs[j] · values[j]`, walking `acc` in register-sized chunks so that each chunk
 /// is loaded and stored once per key block instead of once per key.
@@ -166,6 +267,20 @@ struct Task<'a> {
 }
 
 impl Task<'_> {
+    /// [`Task::run`] built for `isa` (one `simd::supported` lists).
+    // out is [rows, d].
+    fn run_at(&self, isa: Isa, scratch: &mut Scratch, out: &mut [f32]) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` is one the CPU supports (`simd::supported`).
+            Isa::Avx512 => unsafe { self.run_avx512(scratch, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Isa::Avx2Fma => unsafe { self.run_avx(scratch, out) },
+            _ => self.run(scratch, out),
+        }
+    }
+
     /// [`Task::run`] compiled with AVX2 and FMA.
     // out is [rows, d].
     #[cfg(target_arch = "x86_64")]
@@ -444,6 +559,48 @@ mod tests {
                     run_tasks(&q, &k, &v, nq, nk, d, 0.2, bias, Isa::Portable, &mut online);
                     let (err, err_online) = (relative_error(&short, &reference), relative_error(&online, &reference));
                     assert!(err <= 1e-5, "nk={nk} ({kh}x{kw}) nq={nq} d={d}: relative error {err} (online path: {err_online})");
+                }
+            }
+        }
+    }
+
+    /// `attention_packed` against `attention` on q, k and v split out of the same packed tensor
+    /// by hand (and its output merged by hand): the same per-head code on the same numbers, so
+    /// bit for bit. Short windows (the AVX-512 short-key path where the CPU has it), a sequence
+    /// past that path's limit (the online path), ragged head sizes, every bias kind.
+    #[test]
+    fn packed_qkv_matches_split_heads_bit_for_bit() {
+        let mut rng = rng();
+        for &(batch, kh, kw, heads, d) in &[(3, 7, 7, 4, 32), (2, 14, 14, 5, 32), (1, 1, 1, 2, 8), (2, 3, 5, 3, 20), (1, 17, 17, 2, 24)] {
+            let n = kh * kw;
+            let bh = batch * heads;
+            let qkv = random(&mut rng, batch * n * heads * 3 * d, 1.5);
+            // [batch, n, heads, 3, d] -> part p as [batch * heads, n, d].
+            let part = |p: usize| -> Vec<f32> {
+                let mut t = Vec::with_capacity(bh * n * d);
+                for b in 0..bh {
+                    for i in 0..n {
+                        t.extend_from_slice(&qkv[((((b / heads) * n + i) * heads + b % heads) * 3 + p) * d..][..d]);
+                    }
+                }
+                t
+            };
+            let (q, k, v) = (part(0), part(1), part(2));
+            let table = random(&mut rng, heads * n * n, 2.0);
+            let rel_h = random(&mut rng, bh * n * kh, 2.0);
+            let rel_w = random(&mut rng, bh * n * kw, 2.0);
+            for bias in [Bias::None, Bias::Table { table: &table, heads }, Bias::RelPos { rel_h: &rel_h, rel_w: &rel_w, kh, kw }] {
+                let mut split = vec![f32::NAN; bh * n * d];
+                attention(&q, &k, &v, bh, n, n, d, 0.3, bias, &mut split);
+                let mut packed = vec![f32::NAN; bh * n * d];
+                attention_packed(&qkv, batch, n, heads, d, 0.3, bias, &mut packed);
+                for b in 0..bh {
+                    for i in 0..n {
+                        let expected = &split[(b * n + i) * d..][..d];
+                        let got = &packed[(((b / heads) * n + i) * heads + b % heads) * d..][..d];
+                        let same = expected.iter().zip(got).all(|(e, g)| e.to_bits() == g.to_bits());
+                        assert!(same, "batch {batch} n {n} heads {heads} d {d} {bias:?}: batch-head {b} row {i}: {got:?} != {expected:?}");
+                    }
                 }
             }
         }

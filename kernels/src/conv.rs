@@ -55,15 +55,15 @@ fn with_buffer<R>(key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>, len: u
 
 /// Geometry of one convolution, shared by the helpers.
 #[derive(Clone, Copy)]
-struct Geometry {
-    h: usize,
-    w: usize,
-    kh: usize,
-    kw: usize,
-    stride: usize,
-    padding: usize,
-    oh: usize,
-    ow: usize,
+pub(crate) struct Geometry {
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
+    pub(crate) stride: usize,
+    pub(crate) padding: usize,
+    pub(crate) oh: usize,
+    pub(crate) ow: usize,
 }
 
 /// Writes the im2col matrix of output columns `p0..p0+ncols` (flattened `oy*ow+ox`).
@@ -204,27 +204,36 @@ fn conv_depthwise_at(isa: simd::Isa, x: &[f32], batch: usize, c_in: usize, g: Ge
             &mut heap
         };
         weight.dequantize_range(co * ntaps, taps);
-        #[cfg(target_arch = "x86_64")]
-        if isa == simd::Isa::Avx512 && g.stride == 1 {
-            let plane = crate::conv_dw_avx512::Plane { h: g.h, w: g.w, kh: g.kh, kw: g.kw, padding: g.padding, oh: g.oh, ow: g.ow };
-            // SAFETY: `isa` is supported (caller's contract); the shapes are the ones asserted
-            // by `conv2d` for this plane.
-            unsafe { crate::conv_dw_avx512::plane(src, plane, taps, bias_c, act, dst) };
-            return;
-        }
-        plane_portable(src, g, taps, bias_c, dst);
-        activation::apply_serial_at(isa, act, dst);
+        depthwise_plane_rows(isa, src, g, taps, bias_c, act, 0..g.oh, dst);
     });
 }
 
-/// One output plane of a depthwise convolution, any stride: `dst = bias + Σ taps · src` (the
+/// Output rows `rows` of one depthwise plane, `act(bias + Σ taps · src)`, on the calling thread
+/// at level `isa` (one `simd::supported` lists): the AVX-512 kernel for stride 1, the portable
+/// loop otherwise. (`crate::inverted_residual` computes a band of rows at a time.)
+// src: [h, w]; taps: [kh, kw]; dst: [rows.len(), ow]; rows within 0..oh.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn depthwise_plane_rows(isa: simd::Isa, src: &[f32], g: Geometry, taps: &[f32], bias: f32, act: Activation, rows: std::ops::Range<usize>, dst: &mut [f32]) {
+    assert!(rows.end <= g.oh && dst.len() == rows.len() * g.ow && src.len() >= g.h * g.w && taps.len() >= g.kh * g.kw, "depthwise plane: shapes");
+    #[cfg(target_arch = "x86_64")]
+    if isa == simd::Isa::Avx512 && g.stride == 1 {
+        let plane = crate::conv_dw_avx512::Plane { h: g.h, w: g.w, kh: g.kh, kw: g.kw, padding: g.padding, oh: g.oh, ow: g.ow };
+        // SAFETY: `isa` is supported (caller's contract); the assert above bounds the plane.
+        unsafe { crate::conv_dw_avx512::plane(src, plane, taps, bias, act, rows, dst) };
+        return;
+    }
+    plane_portable(src, g, taps, bias, rows, dst);
+    activation::apply_serial_at(isa, act, dst);
+}
+
+/// Output rows `rows` of one depthwise plane, any stride: `dst = bias + Σ taps · src` (the
 /// activation is left to the caller).
-// src: [h, w]; taps: [kh, kw]; dst: [oh, ow].
-fn plane_portable(src: &[f32], g: Geometry, taps: &[f32], bias: f32, dst: &mut [f32]) {
+// src: [h, w]; taps: [kh, kw]; dst: [rows.len(), ow].
+fn plane_portable(src: &[f32], g: Geometry, taps: &[f32], bias: f32, rows: std::ops::Range<usize>, dst: &mut [f32]) {
     dst.fill(bias);
     // Row by row, so the output row stays in L1 while all taps are added.
-    for oy in 0..g.oh {
-        let out_row = &mut dst[oy * g.ow..(oy + 1) * g.ow];
+    for (r, oy) in rows.enumerate() {
+        let out_row = &mut dst[r * g.ow..(r + 1) * g.ow];
         for ky in 0..g.kh {
             let iy = (oy * g.stride + ky) as isize - g.padding as isize;
             if iy < 0 || iy as usize >= g.h {
@@ -731,8 +740,9 @@ mod tests {
     #[ignore]
     fn conv_timings() {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let cases: [(&str, Case); 5] = [
+        let cases: [(&str, Case); 6] = [
             ("1x1 320->256 @64x64", (1, 320, 64, 64, 256, 1, 1, 1, 0, 1)),
+            ("dw3x3 256 @256x256", (1, 256, 256, 256, 256, 3, 3, 1, 1, 256)),
             ("3x3 256->256 @64x64", (1, 256, 64, 64, 256, 3, 3, 1, 1, 1)),
             ("dw3x3 160 @256x256", (1, 160, 256, 256, 160, 3, 3, 1, 1, 160)),
             ("patch16 3->768 @1024", (1, 3, 1024, 1024, 768, 16, 16, 16, 0, 1)),
@@ -745,26 +755,18 @@ mod tests {
             let (oh, ow) = (output_size(h, kh, stride, pad), output_size(w, kw, stride, pad));
             let mut out = vec![f32::NAN; batch * c_out * oh * ow];
             let flops = 2.0 * (batch * c_out * oh * ow * (c_in / groups) * kh * kw) as f64;
-            let start = std::time::Instant::now();
-            conv2d(
-                &x,
-                batch,
-                c_in,
-                h,
-                w,
-                MatrixRef::Nf4(q.view()),
-                c_out,
-                kh,
-                kw,
-                None,
-                stride,
-                pad,
-                groups,
-                Activation::None,
-                &mut out,
-            );
-            let t = start.elapsed().as_secs_f64();
-            eprintln!("{name}: {:.1} ms, {:.1} GFLOP/s", t * 1e3, flops / t / 1e9);
+            // Median of 5 after a warm-up call (which grows the thread-local buffers).
+            let mut times: Vec<f64> = (0..6)
+                .map(|_| {
+                    let start = std::time::Instant::now();
+                    conv2d(&x, batch, c_in, h, w, MatrixRef::Nf4(q.view()), c_out, kh, kw, None, stride, pad, groups, Activation::None, &mut out);
+                    start.elapsed().as_secs_f64()
+                })
+                .skip(1)
+                .collect();
+            times.sort_by(f64::total_cmp);
+            let t = times[2];
+            eprintln!("{name}: {:.2} ms, {:.1} GFLOP/s (median of 5)", t * 1e3, flops / t / 1e9);
         }
         let (c_in, h, w, c_out, k) = (256, 64, 64, 64, 2);
         let x = random(&mut rng, c_in * h * w);

@@ -34,23 +34,25 @@ fn lane_mask(lo: usize, hi: usize) -> __mmask16 {
     (((1u32 << (hi - lo)) - 1) << lo) as __mmask16
 }
 
-/// `dst = act(bias + Σ taps[ky][kx] · src[oy + ky - p][ox + kx - p])` over the plane.
+/// `dst = act(bias + Σ taps[ky][kx] · src[oy + ky - p][ox + kx - p])` for the output rows
+/// `rows` of the plane.
 ///
 /// # Safety
 /// The CPU must support AVX-512F; `src` holds `h * w` floats, `taps` `kh * kw`, `dst`
-/// `oh * ow`, and the geometry is consistent (`oh`, `ow` as above).
-// src: [h, w]; taps: [kh, kw]; dst: [oh, ow].
+/// `rows.len() * ow`, `rows` lies within `0..oh`, and the geometry is consistent (`oh`, `ow` as
+/// above).
+// src: [h, w]; taps: [kh, kw]; dst: [rows.len(), ow].
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn plane(src: &[f32], p: Plane, taps: &[f32], bias: f32, act: Activation, dst: &mut [f32]) {
-    debug_assert!(src.len() >= p.h * p.w && taps.len() >= p.kh * p.kw && dst.len() >= p.oh * p.ow);
+pub(crate) unsafe fn plane(src: &[f32], p: Plane, taps: &[f32], bias: f32, act: Activation, rows: std::ops::Range<usize>, dst: &mut [f32]) {
+    debug_assert!(src.len() >= p.h * p.w && taps.len() >= p.kh * p.kw && dst.len() >= rows.len() * p.ow && rows.end <= p.oh);
     debug_assert!(p.oh + p.kh == p.h + 2 * p.padding + 1 && p.ow + p.kw == p.w + 2 * p.padding + 1);
     let (w, pad) = (p.w as isize, p.padding as isize);
     let bias_v = _mm512_set1_ps(bias);
-    for oy in 0..p.oh {
+    for (r, oy) in rows.enumerate() {
         // Kernel rows whose input row lies inside the image.
         let ky_lo = p.padding.saturating_sub(oy);
         let ky_hi = p.kh.min((p.h + p.padding).saturating_sub(oy));
-        let out_row = dst.as_mut_ptr().add(oy * p.ow);
+        let out_row = dst.as_mut_ptr().add(r * p.ow);
         for ox0 in (0..p.ow).step_by(16) {
             let lanes = 16.min(p.ow - ox0);
             let mut acc = bias_v;

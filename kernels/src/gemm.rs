@@ -91,8 +91,10 @@ pub fn matmul(a: &[f32], b: &[f32], batch: usize, m: usize, k: usize, n: usize, 
         let a_i = &a[bi * m * k..(bi + 1) * m * k];
         let b_i = &b[bi * k * n..(bi + 1) * k * n];
         let out_i = &mut out[bi * m * n..(bi + 1) * m * n];
-        if !transpose_b && m >= PACKED_MIN_ROWS {
-            // b is already the row-major [k, n] the blocked GEMM reads: no transpose.
+        if !transpose_b {
+            // b is already the row-major [k, n] the blocked GEMM reads: no transpose. Also for
+            // a few rows (the decoder's masks: 3 rows against 64K pixel columns), where
+            // transposing b into a fresh buffer for the tile path cost 20 times the product.
             packed_gemm::gemm(simd::active(), m, n, k, a_i, k, BOperand::RowMajor { data: b_i, ldb: n }, out_i, n, &|_, _, _| {});
             continue;
         }
@@ -483,8 +485,9 @@ mod tests {
     #[test]
     fn matmul_both_layouts() {
         let mut rng = rng();
-        // m = 19 takes the dot-product path, m = 45 the blocked GEMM (b read in place or packed).
-        for (batch, m, k, n) in [(3, 19, 45, 23), (2, 45, 300, 37)] {
+        // b as [k, n] always takes the blocked GEMM (m = 3 as the decoder's masks); as [n, k],
+        // m = 19 takes the dot-product path and m = 45 the blocked GEMM.
+        for (batch, m, k, n) in [(3, 19, 45, 23), (2, 45, 300, 37), (1, 3, 32, 1000)] {
         let a = random(&mut rng, batch * m * k);
         let b = random(&mut rng, batch * k * n);
         for transpose_b in [false, true] {

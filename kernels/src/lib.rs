@@ -14,6 +14,7 @@ pub mod conv_backward;
 pub mod fastmath;
 pub mod gemm;
 pub mod gemm_backward;
+pub mod inverted_residual;
 #[cfg(target_arch = "x86_64")]
 mod gelu_avx512;
 mod microkernel;

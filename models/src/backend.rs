@@ -56,6 +56,21 @@ pub struct Lora<B: Backend + ?Sized> {
     pub scale: f32,
 }
 
+/// TinyViT's MBConv, an inverted residual, for [`Backend::inverted_residual`]: a 1x1 `expand`
+/// `[hidden, C, 1, 1]`, a depthwise `depthwise` `[hidden, 1, kernel, kernel]` (stride 1,
+/// padding `kernel / 2`), a 1x1 `project` `[C, hidden, 1, 1]`, each with an optional bias, and
+/// the activation applied after each convolution and after the residual sum.
+pub struct InvertedResidual<'a, B: Backend + ?Sized> {
+    pub expand: &'a B::Weight,
+    pub expand_bias: Option<&'a B::Vector>,
+    pub depthwise: &'a B::Weight,
+    pub depthwise_bias: Option<&'a B::Vector>,
+    pub kernel: usize,
+    pub project: &'a B::Weight,
+    pub project_bias: Option<&'a B::Vector>,
+    pub act: Activation,
+}
+
 /// The computation of one frame for [`Backend::run_frame`]: the backend and the uploaded input in,
 /// the result out.
 pub type FrameFn<'a, B> = &'a dyn Fn(&B, &<B as Backend>::Tensor) -> Result<<B as Backend>::Tensor>;
@@ -151,6 +166,39 @@ pub trait Backend: Send + Sync {
     /// Attention with online softmax: `q: [BH, Nq, D]`, `k, v: [BH, Nk, D]` →
     /// `softmax(scale · q·kᵀ + bias) · v`, `[BH, Nq, D]`. Never materialises `Nq x Nk`.
     fn attention(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, scale: f32, bias: AttentionBias<'_, Self>) -> Result<Self::Tensor>;
+    /// `act(x + project(act(depthwise(act(expand(x))))))` for NCHW `x` (see [`InvertedResidual`]).
+    /// The default composes `conv2d`, `add` and `activation`; a backend may compute it in bands
+    /// of rows so that the `hidden`-channel intermediates never leave the cache (the CPU backend
+    /// does: at LiteMedSAM's first stage each is 64 MiB).
+    fn inverted_residual(&self, x: &Self::Tensor, block: &InvertedResidual<'_, Self>) -> Result<Self::Tensor> {
+        let pointwise = Conv2dSpec { stride: 1, padding: 0, groups: 1 };
+        let expanded = self.conv2d(x, block.expand, block.expand_bias, pointwise, block.act)?;
+        let hidden = self.shape(&expanded)[1];
+        let depthwise = Conv2dSpec { stride: 1, padding: block.kernel / 2, groups: hidden };
+        let filtered = self.conv2d(&expanded, block.depthwise, block.depthwise_bias, depthwise, block.act)?;
+        let projected = self.conv2d(&filtered, block.project, block.project_bias, pointwise, Activation::None)?;
+        self.activation(&self.add(&projected, x)?, block.act)
+    }
+    /// Self-attention straight from one fused projection: `qkv: [B, N, heads·3·d]`, where each
+    /// head's q | k | v are adjacent (TinyViT's `view(B, N, heads, -1).split([d, d, d])`), →
+    /// `[B, N, heads·d]` with the heads merged back in head-major channel order: the head split,
+    /// [`Backend::attention`] on `[B·heads, N, d]` (bias indexed by batch-head `b·heads + h`)
+    /// and the merge, as one operation. The default composes permute, narrow and attention;
+    /// a backend may fuse the split and merge into its kernel (the CPU backend does: they were
+    /// four whole-tensor copies).
+    fn attention_packed(&self, qkv: Self::Tensor, heads: usize, scale: f32, bias: AttentionBias<'_, Self>) -> Result<Self::Tensor> {
+        let (batch, tokens, head_dim) = packed_qkv_dims(self.shape(&qkv), heads)?;
+        let per_head = self.reshape(qkv, &[batch, tokens, heads, 3, head_dim])?;
+        let by_part = self.permute(&per_head, &[3, 0, 2, 1, 4])?; // [3, B, heads, N, d]
+        let part = |index: usize| -> Result<Self::Tensor> {
+            let one = self.narrow(&by_part, 0, index, 1)?;
+            self.reshape(one, &[batch * heads, tokens, head_dim])
+        };
+        let out = self.attention(&part(0)?, &part(1)?, &part(2)?, scale, bias)?;
+        let per_head = self.reshape(out, &[batch, heads, tokens, head_dim])?;
+        let token_major = self.permute(&per_head, &[0, 2, 1, 3])?;
+        self.reshape(token_major, &[batch, tokens, heads * head_dim])
+    }
     /// Bilinear resize of NCHW to `[.., out_h, out_w]`, `align_corners=False` (PyTorch semantics).
     fn resize_bilinear(&self, x: &Self::Tensor, out_h: usize, out_w: usize) -> Result<Self::Tensor>;
 
@@ -163,6 +211,14 @@ pub trait Backend: Send + Sync {
         let _ = key;
         let x = self.from_host(shape, input)?;
         f(self, &x)
+    }
+}
+
+/// `(B, N, d)` of a packed `q | k | v` tensor `[B, N, heads·3·d]` ([`Backend::attention_packed`]).
+pub fn packed_qkv_dims(shape: &[usize], heads: usize) -> Result<(usize, usize, usize)> {
+    match *shape {
+        [batch, tokens, width] if heads > 0 && width > 0 && width % (3 * heads) == 0 => Ok((batch, tokens, width / (3 * heads))),
+        _ => Err(crate::Error::Shape(format!("attention_packed: qkv {shape:?} is not [B, N, heads·3·d] with {heads} heads"))),
     }
 }
 
@@ -263,8 +319,13 @@ pub(crate) mod tests {
         fn scale(&self, a: &CpuTensor, s: f32) -> Result<CpuTensor> {
             self.0.scale(a, s)
         }
-        fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, scale: f32, _bias: AttentionBias<'_, Self>) -> Result<CpuTensor> {
-            self.0.attention(q, k, v, scale, AttentionBias::None)
+        fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, scale: f32, bias: AttentionBias<'_, Self>) -> Result<CpuTensor> {
+            let bias = match bias {
+                AttentionBias::None => AttentionBias::None,
+                AttentionBias::Table(t) => AttentionBias::Table(t),
+                AttentionBias::DecomposedRelPos { rel_h, rel_w } => AttentionBias::DecomposedRelPos { rel_h, rel_w },
+            };
+            self.0.attention(q, k, v, scale, bias)
         }
         fn resize_bilinear(&self, x: &CpuTensor, out_h: usize, out_w: usize) -> Result<CpuTensor> {
             self.0.resize_bilinear(x, out_h, out_w)
@@ -365,6 +426,46 @@ pub(crate) mod tests {
                 assert_eq!(fused.data, composed.data, "the CPU's fused linear_lora must round exactly as the default");
             }
         }
+    }
+
+    /// The CPU backend's banded inverted residual against the trait's default (three
+    /// convolutions, add, activation) on the same CPU kernels: bit for bit, with and without
+    /// biases; a weight of the wrong shape is an error, not a panic.
+    #[test]
+    fn inverted_residual_cpu_equals_default_and_checks_shapes() {
+        let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
+        let (c, h, w, hidden, k) = (6, 11, 13, 24, 3);
+        let mut values = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect() };
+        let (xv, ev, dv, pv) = (values(2 * c * h * w), values(hidden * c), values(hidden * k * k), values(c * hidden));
+        let (eb, db, pb) = (values(hidden), values(hidden), values(c));
+        let stored = [f32_tensor("e", &[hidden, c, 1, 1], &ev), f32_tensor("d", &[hidden, 1, k, k], &dv), f32_tensor("p", &[c, hidden, 1, 1], &pv)];
+        let biases = [f32_tensor("eb", &[hidden], &eb), f32_tensor("db", &[hidden], &db), f32_tensor("pb", &[c], &pb)];
+        let cpu = CpuBackend::new(2).unwrap();
+        let default = DefaultLora::new(2);
+        for with_bias in [true, false] {
+            let run = |b: &dyn Fn(&[f32]) -> Vec<f32>| b(&xv);
+            let on_cpu = run(&|x| {
+                let [e, d, p] = stored.each_ref().map(|t| cpu.weight(t).unwrap());
+                let [eb, db, pb] = biases.each_ref().map(|t| cpu.vector(t).unwrap());
+                let pick = |v| with_bias.then_some(v);
+                let block = InvertedResidual { expand: &e, expand_bias: pick(&eb), depthwise: &d, depthwise_bias: pick(&db), kernel: k, project: &p, project_bias: pick(&pb), act: Activation::Gelu };
+                cpu.to_host(&cpu.inverted_residual(&cpu.from_host(&[2, c, h, w], x).unwrap(), &block).unwrap()).unwrap()
+            });
+            let composed = run(&|x| {
+                let [e, d, p] = stored.each_ref().map(|t| default.weight(t).unwrap());
+                let [eb, db, pb] = biases.each_ref().map(|t| default.vector(t).unwrap());
+                let pick = |v| with_bias.then_some(v);
+                let block = InvertedResidual { expand: &e, expand_bias: pick(&eb), depthwise: &d, depthwise_bias: pick(&db), kernel: k, project: &p, project_bias: pick(&pb), act: Activation::Gelu };
+                default.to_host(&default.inverted_residual(&default.from_host(&[2, c, h, w], x).unwrap(), &block).unwrap()).unwrap()
+            });
+            assert!(on_cpu.iter().zip(&composed).all(|(a, b)| a.to_bits() == b.to_bits()), "bias {with_bias}");
+        }
+        let [e, d, p] = stored.each_ref().map(|t| cpu.weight(t).unwrap());
+        let x = cpu.from_host(&[2, c, h, w], &xv).unwrap();
+        let swapped = InvertedResidual { expand: &p, expand_bias: None, depthwise: &d, depthwise_bias: None, kernel: k, project: &e, project_bias: None, act: Activation::Gelu };
+        assert!(matches!(cpu.inverted_residual(&x, &swapped), Err(crate::Error::Shape(_))));
+        let wrong_kernel = InvertedResidual { expand: &e, expand_bias: None, depthwise: &d, depthwise_bias: None, kernel: 5, project: &p, project_bias: None, act: Activation::Gelu };
+        assert!(matches!(cpu.inverted_residual(&x, &wrong_kernel), Err(crate::Error::Shape(_))));
     }
 
     #[test]

@@ -14,7 +14,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use crate::backend::{Activation, AttentionBias, Backend, Conv2dSpec};
+use crate::backend::{Activation, AttentionBias, Backend, Conv2dSpec, InvertedResidual};
 use crate::store::{StoredTensor, TensorData};
 use crate::Result;
 
@@ -263,6 +263,37 @@ impl<B: Backend> Backend for CostMeter<B> {
         self.c.attention.fetch_add(4 * bh * nq * nk * d, Relaxed);
         self.traffic(&[q, k, v], &out);
         out
+    }
+    fn inverted_residual(&self, x: &B::Tensor, block: &InvertedResidual<'_, Self>) -> Result<B::Tensor> {
+        let inner = InvertedResidual {
+            expand: &block.expand.inner,
+            expand_bias: block.expand_bias,
+            depthwise: &block.depthwise.inner,
+            depthwise_bias: block.depthwise_bias,
+            kernel: block.kernel,
+            project: &block.project.inner,
+            project_bias: block.project_bias,
+            act: block.act,
+        };
+        let out = self.inner.inverted_residual(x, &inner);
+        // Priced as its three convolutions (each output element's multiply-adds), its weights
+        // once each, and x read twice (input and residual) and the output written: the hidden
+        // intermediates are not traffic a fused implementation must make.
+        let pixels = self.inner.shape(x)[2..].iter().product::<usize>() as u64 * self.inner.shape(x)[0] as u64;
+        let (hidden, c) = (block.expand.shape[0] as u64, block.expand.shape[1] as u64);
+        let taps = (block.kernel * block.kernel) as u64;
+        self.c.conv.fetch_add(2 * pixels * (hidden * c + hidden * taps + c * hidden), Relaxed);
+        self.c.weight_bytes.fetch_add(block.expand.bytes + block.depthwise.bytes + block.project.bytes, Relaxed);
+        self.traffic(&[x, x], &out);
+        out
+    }
+    fn attention_packed(&self, qkv: B::Tensor, heads: usize, scale: f32, bias: AttentionBias<'_, Self>) -> Result<B::Tensor> {
+        let (batch, n, d) = crate::backend::packed_qkv_dims(self.inner.shape(&qkv), heads)?;
+        // Priced as `attention`: q·kᵀ and p·v per batch-head, q, k, v read and the output written.
+        self.c.attention.fetch_add(4 * (batch * heads * n * n * d) as u64, Relaxed);
+        self.c.elements.fetch_add((batch * n * heads * 4 * d) as u64, Relaxed);
+        self.c.ops.fetch_add(1, Relaxed);
+        self.inner.attention_packed(qkv, heads, scale, inner_bias(bias))
     }
     fn resize_bilinear(&self, x: &B::Tensor, out_h: usize, out_w: usize) -> Result<B::Tensor> {
         let out = self.inner.resize_bilinear(x, out_h, out_w);

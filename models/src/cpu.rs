@@ -13,9 +13,10 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use minisam_kernels::attention::{self, Bias};
+use minisam_kernels::inverted_residual::{self, InvertedResidualWeights};
 use minisam_kernels::{activation, conv, gemm, norm, resize, MatrixRef};
 
-use crate::backend::{Activation, AttentionBias, Backend, Conv2dSpec, Lora};
+use crate::backend::{Activation, AttentionBias, Backend, Conv2dSpec, InvertedResidual, Lora};
 use crate::buffer_pool::BufferPool;
 use crate::store::{StoredTensor, TensorData};
 use crate::{Error, Result};
@@ -626,6 +627,51 @@ impl Backend for CpuBackend {
         let mut out = self.buffer_for_overwrite(bh * nq * d);
         self.run(|| attention::attention(&q.data, &k.data, &v.data, bh, nq, nk, d, scale, bias, &mut out));
         self.tensor(q.shape.clone(), out)
+    }
+
+    fn inverted_residual(&self, x: &CpuTensor, block: &InvertedResidual<'_, Self>) -> Result<CpuTensor> {
+        let xs = expect_rank("inverted_residual", "input", &x.shape, 4)?;
+        let (batch, c, h, w) = (xs[0], xs[1], xs[2], xs[3]);
+        let hidden = block.expand.shape[0];
+        let k = block.kernel;
+        let shapes_fit = block.expand.shape == [hidden, c, 1, 1]
+            && block.depthwise.shape == [hidden, 1, k, k]
+            && block.project.shape == [c, hidden, 1, 1]
+            && k % 2 == 1
+            && block.expand_bias.is_none_or(|b| b.shape == [hidden])
+            && block.depthwise_bias.is_none_or(|b| b.shape == [hidden])
+            && block.project_bias.is_none_or(|b| b.shape == [c]);
+        if !shapes_fit {
+            let bias_shape = |b: Option<&CpuTensor>| b.map(|b| b.shape.clone());
+            return Err(Error::Shape(format!(
+                "inverted_residual: input {xs:?}, expand {:?} (bias {:?}), depthwise {:?} (bias {:?}, kernel {k}), project {:?} (bias {:?})",
+                block.expand.shape,
+                bias_shape(block.expand_bias),
+                block.depthwise.shape,
+                bias_shape(block.depthwise_bias),
+                block.project.shape,
+                bias_shape(block.project_bias)
+            )));
+        }
+        let weights = InvertedResidualWeights {
+            expand: block.expand.matrix(),
+            expand_bias: block.expand_bias.map(|b| &b.data[..]),
+            depthwise: block.depthwise.matrix(),
+            depthwise_bias: block.depthwise_bias.map(|b| &b.data[..]),
+            project: block.project.matrix(),
+            project_bias: block.project_bias.map(|b| &b.data[..]),
+        };
+        let mut out = self.buffer_for_overwrite(x.data.len());
+        self.run(|| inverted_residual::inverted_residual(&x.data, batch, c, h, w, hidden, k, weights, kernel_activation(block.act), &mut out));
+        self.tensor(x.shape.clone(), out)
+    }
+
+    fn attention_packed(&self, qkv: CpuTensor, heads: usize, scale: f32, bias: AttentionBias<'_, Self>) -> Result<CpuTensor> {
+        let (batch, n, d) = crate::backend::packed_qkv_dims(&qkv.shape, heads)?;
+        let bias = attention_bias(&bias, batch * heads, n, n)?;
+        let mut out = self.buffer_for_overwrite(batch * n * heads * d);
+        self.run(|| attention::attention_packed(&qkv.data, batch, n, heads, d, scale, bias, &mut out));
+        self.tensor(vec![batch, n, heads * d], out)
     }
 
     fn resize_bilinear(&self, x: &CpuTensor, out_h: usize, out_w: usize) -> Result<CpuTensor> {

@@ -15,7 +15,7 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-use super::Bias;
+use super::{Bias, SharedOut};
 use crate::fastmath::avx512::exp_nonpositive16;
 
 /// Longest key sequence this path takes (16 zmm of scores per query row).
@@ -28,22 +28,9 @@ const LANES: usize = 16;
 /// accumulators, 4 x 2 value chunks (d = 32) 8, within the 32 zmm registers.
 const QUERIES_PER_PASS: usize = 4;
 
-/// The output pointer shared by tasks that write disjoint query blocks.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The pointer (a method, so that closures capture the `Sync` wrapper, not the raw field).
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Per-thread buffers, reused across tasks.
 #[derive(Default)]
-struct Scratch {
+pub(super) struct Scratch {
     /// `[d][padded_keys]`: the batch-head's keys, transposed, zero past `nk`.
     keys_t: Vec<f32>,
     /// `[padded_keys]`: one query's scores, then its probabilities (zero past `nk`).
@@ -73,6 +60,19 @@ pub(super) unsafe fn attention(q: &[f32], k: &[f32], v: &[f32], nq: usize, nk: u
             head.run(scratch, rows, out_rows);
         }
     });
+}
+
+/// One batch-head, all `nq` queries, on the calling thread (for a caller that parallelises
+/// over batch-heads itself: `super::attention_packed`).
+///
+/// # Safety
+/// As [`attention`], with `q` `[nq, d]`, `k` and `v` `[nk, d]`, `out` `[nq, d]`; `b` is the
+/// batch-head's index for the bias.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn one_head(q: &[f32], k: &[f32], v: &[f32], b: usize, nq: usize, nk: usize, d: usize, scale: f32, bias: Bias, scratch: &mut Scratch, out: &mut [f32]) {
+    debug_assert!(d > 0 && nk > 0 && nk <= MAX_KEYS && out.len() == nq * d);
+    // SAFETY: the caller vouches for AVX-512F and the shapes.
+    unsafe { Head { q, k, v, b, nq, nk, d, scale, bias }.run(scratch, 0..nq, out) };
 }
 
 /// One batch-head's operands.

@@ -23,7 +23,7 @@
 //! `image_encoder.layers.{i}.blocks.{j}.*`, `image_encoder.layers.{i}.downsample.*`,
 //! `image_encoder.neck.{0..3}`.
 
-use crate::backend::{Activation, AttentionBias, Backend, Conv2dSpec};
+use crate::backend::{Activation, AttentionBias, Backend, Conv2dSpec, InvertedResidual};
 use crate::config::TinyVitConfig;
 use crate::nets::common::{Conv2d, Linear, Norm};
 use crate::nets::neck::Neck;
@@ -285,10 +285,17 @@ impl<B: Backend> MbConv<B> {
 
     /// `x: [B, C, H, W]` → `[B, C, H, W]`.
     fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        let h = self.expand.forward(b, x, Activation::Gelu)?;
-        let h = self.depthwise.forward(b, &h, Activation::Gelu)?;
-        let h = self.project.forward(b, &h, Activation::None)?;
-        b.activation(&b.add(&h, x)?, Activation::Gelu)
+        let block = InvertedResidual {
+            expand: &self.expand.weight,
+            expand_bias: self.expand.bias.as_ref(),
+            depthwise: &self.depthwise.weight,
+            depthwise_bias: self.depthwise.bias.as_ref(),
+            kernel: DEPTHWISE_KERNEL,
+            project: &self.project.weight,
+            project_bias: self.project.bias.as_ref(),
+            act: Activation::Gelu,
+        };
+        b.inverted_residual(x, &block)
     }
 }
 
@@ -418,35 +425,12 @@ impl<B: Backend> WindowAttention<B> {
     fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
         let normed = self.norm.forward(b, x)?;
         let qkv = self.qkv.forward(b, &normed, Activation::None)?;
-        let (q, k, v) = split_heads(b, qkv, self.num_heads, self.key_dim)?;
         let scale = (self.key_dim as f32).powf(-0.5);
-        let out = b.attention(&q, &k, &v, scale, AttentionBias::Table(&self.bias_table))?;
-        let merged = merge_heads(b, out, self.num_heads)?;
+        // The reference views qkv per head and splits each head's slice into q | k | v: the
+        // layout `attention_packed` takes, heads merged again on the way out.
+        let merged = b.attention_packed(qkv, self.num_heads, scale, AttentionBias::Table(&self.bias_table))?;
         self.proj.forward(b, &merged, Activation::None)
     }
-}
-
-/// `qkv: [Bw, N, heads·3·key_dim]` → q, k, v each `[Bw·heads, N, key_dim]`. The reference views
-/// the last axis as `[heads, 3·key_dim]` and splits each head's slice into q | k | v.
-fn split_heads<B: Backend>(b: &B, qkv: B::Tensor, heads: usize, key_dim: usize) -> Result<(B::Tensor, B::Tensor, B::Tensor)> {
-    let (windows, tokens) = (b.shape(&qkv)[0], b.shape(&qkv)[1]);
-    let per_head = b.reshape(qkv, &[windows, tokens, heads, 3, key_dim])?;
-    let by_part = b.permute(&per_head, &[3, 0, 2, 1, 4])?; // [3, Bw, heads, N, key_dim]
-    let part = |index: usize| -> Result<B::Tensor> {
-        let one = b.narrow(&by_part, 0, index, 1)?;
-        b.reshape(one, &[windows * heads, tokens, key_dim])
-    };
-    Ok((part(0)?, part(1)?, part(2)?))
-}
-
-/// `out: [Bw·heads, N, key_dim]` → `[Bw, N, heads·key_dim]` (head-major channels, as the
-/// reference's `transpose(1, 2).reshape(B, N, dh)`).
-fn merge_heads<B: Backend>(b: &B, out: B::Tensor, heads: usize) -> Result<B::Tensor> {
-    let (batch_heads, tokens, key_dim) = (b.shape(&out)[0], b.shape(&out)[1], b.shape(&out)[2]);
-    let windows = batch_heads / heads;
-    let per_head = b.reshape(out, &[windows, heads, tokens, key_dim])?;
-    let token_major = b.permute(&per_head, &[0, 2, 1, 3])?;
-    b.reshape(token_major, &[windows, tokens, heads * key_dim])
 }
 
 /// Reads `attention_biases` `[heads, offsets]` and gathers it into the `[heads, N, N]` table.
@@ -673,33 +657,51 @@ mod tests {
     }
 
     /// Head split as the reference's `view(B, N, heads, -1).split([kd, kd, kd], dim=3)` followed
-    /// by `permute(0, 2, 1, 3)`; merging q back gives the q channels in head-major order.
+    /// by `permute(0, 2, 1, 3)`, and the merge as its `transpose(1, 2).reshape(B, N, dh)`: q, k
+    /// and v cut out of `qkv` by those index rules, attended with `attention`, merged by hand,
+    /// must equal `attention_packed` both on the CPU backend's fused kernel and on the trait's
+    /// default (what the CUDA and autograd backends run).
     #[test]
-    fn tiny_vit_head_split_and_merge_follow_reference_layout() {
+    fn tiny_vit_packed_attention_follows_reference_layout() {
+        use crate::backend::tests::DefaultLora;
         use crate::cpu::CpuBackend;
+        use rand::{Rng, SeedableRng};
 
-        let b = CpuBackend::new(1).expect("cpu backend");
-        let (windows, tokens, heads, kd) = (2usize, 3usize, 2usize, 4usize);
+        let (windows, tokens, heads, kd) = (2usize, 7usize, 3usize, 4usize);
         let width = heads * 3 * kd;
-        let values: Vec<f32> = (0..windows * tokens * width).map(|i| i as f32).collect();
-        let qkv = b.from_host(&[windows, tokens, width], &values).expect("qkv");
-        let (q, k, v) = split_heads(&b, qkv, heads, kd).expect("split");
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(rand::random());
+        let values: Vec<f32> = (0..windows * tokens * width).map(|_| rng.gen_range(-2.0..2.0)).collect();
+        let table: Vec<f32> = (0..heads * tokens * tokens).map(|_| rng.gen_range(-1.0..1.0)).collect();
         let source = |w: usize, n: usize, h: usize, part: usize, d: usize| values[(w * tokens + n) * width + h * 3 * kd + part * kd + d];
-        for (part, tensor) in [&q, &k, &v].into_iter().enumerate() {
-            assert_eq!(b.shape(tensor), &[windows * heads, tokens, kd]);
-            let got = b.to_host(tensor).expect("download");
-            for (w, h, n, d) in
-                (0..windows).flat_map(|w| (0..heads).flat_map(move |h| (0..tokens).flat_map(move |n| (0..kd).map(move |d| (w, h, n, d)))))
-            {
-                assert_eq!(got[((w * heads + h) * tokens + n) * kd + d], source(w, n, h, part, d), "part {part} w {w} h {h} n {n} d {d}");
+        let part = |p: usize| -> Vec<f32> {
+            let mut t = Vec::new();
+            for (w, h, n, d) in (0..windows).flat_map(|w| (0..heads).flat_map(move |h| (0..tokens).flat_map(move |n| (0..kd).map(move |d| (w, h, n, d))))) {
+                t.push(source(w, n, h, p, d));
             }
+            t
+        };
+        let cpu = CpuBackend::new(1).expect("cpu backend");
+        let split = |p: usize| cpu.from_host(&[windows * heads, tokens, kd], &part(p)).expect("upload");
+        let table_t = cpu.vector_from_host(&[heads, tokens, tokens], &table).expect("table");
+        let attended = cpu.to_host(&cpu.attention(&split(0), &split(1), &split(2), 0.5, AttentionBias::Table(&table_t)).expect("attention")).expect("download");
+        let mut expected = vec![0.0f32; windows * tokens * heads * kd];
+        for (w, h, n, d) in (0..windows).flat_map(|w| (0..heads).flat_map(move |h| (0..tokens).flat_map(move |n| (0..kd).map(move |d| (w, h, n, d))))) {
+            expected[(w * tokens + n) * heads * kd + h * kd + d] = attended[((w * heads + h) * tokens + n) * kd + d];
         }
-        let merged = b.to_host(&merge_heads(&b, q, heads).expect("merge")).expect("download");
-        for (w, n, h, d) in
-            (0..windows).flat_map(|w| (0..tokens).flat_map(move |n| (0..heads).flat_map(move |h| (0..kd).map(move |d| (w, n, h, d)))))
-        {
-            assert_eq!(merged[(w * tokens + n) * heads * kd + h * kd + d], source(w, n, h, 0, d));
-        }
+
+        let qkv = cpu.from_host(&[windows, tokens, width], &values).expect("qkv");
+        let fused = cpu.attention_packed(qkv, heads, 0.5, AttentionBias::Table(&table_t)).expect("fused");
+        assert_eq!(cpu.shape(&fused), &[windows, tokens, heads * kd]);
+        assert_eq!(cpu.to_host(&fused).expect("download"), expected, "the CPU backend's fused kernel");
+
+        let default = DefaultLora::new(1);
+        let qkv = default.from_host(&[windows, tokens, width], &values).expect("qkv");
+        let table_d = default.vector_from_host(&[heads, tokens, tokens], &table).expect("table");
+        let composed = default.attention_packed(qkv, heads, 0.5, AttentionBias::Table(&table_d)).expect("default");
+        assert_eq!(default.to_host(&composed).expect("download"), expected, "the trait's default");
+
+        let bad = cpu.from_host(&[windows, tokens, width + 1], &vec![0.0; windows * tokens * (width + 1)]).expect("upload");
+        assert!(cpu.attention_packed(bad, heads, 0.5, AttentionBias::None).is_err(), "a width that is not heads·3·d");
     }
 
     /// Encodes a seeded random image with pixel values in `pixel_range` through the encoder of
