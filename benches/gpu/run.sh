@@ -2,7 +2,8 @@
 # ONE script for a lent GPU machine (H200; /work/.library/device/README.md): every CUDA check
 # and the GPU benchmarks, with binaries built beforehand on the development machine (the device
 # has nvcc and PyTorch but no Rust). Results go to $OUT: run.log (everything), summary.md, gpu.txt,
-# bench.md, peer.md (five files: the device returns at most eight).
+# bench.md (latency table, then each model's per-kernel profile), peer.md (five files: the device
+# returns at most eight).
 #
 # On the development machine, first (the device tool carries at most 64 MiB with the tree: build
 # without debug info, and copy MobileSAM in only if it still fits):
@@ -22,7 +23,7 @@
 #
 # Budget: about 6 minutes on an H200 (kernel checks in 3 precisions, end-to-end parity on
 # LiteMedSAM, MobileSAM and a random ViT-B with their CPU references on 16 cores, graph replay,
-# benchmarks, PyTorch peer), plus about 1 minute for the Dice parity and GPU training steps with the
+# benchmarks with a per-kernel profile of one frame per model, PyTorch peer), plus about 1 minute for the Dice parity and GPU training steps with the
 # CPU reference CSV carried (3 without it). Each step has its own timeout so one hang cannot eat
 # the lease.
 set -uo pipefail
@@ -99,12 +100,20 @@ fi
 
 # Latency and peak VRAM (LiteMedSAM@256, MobileSAM@1024, random ViT-B@1024, NF4 weights), with
 # each encoder's counted GFLOP and its share of the tensor peak (H100/H200 SXM: 989 TFLOP/s bf16
-# dense, datasheet), and LiteMedSAM's roofline floor at the H200's peaks (4800 GB/s HBM3e).
+# dense, datasheet), and LiteMedSAM's roofline floor at the H200's peaks (4800 GB/s HBM3e). After
+# the timed runs, --kernels profiles one more frame per model, kernel by kernel (eager, no graph):
+# every kernel's time, counted GFLOP and MB, TFLOP/s and GB/s beside the peaks (H100 SXM: 3350 GB/s
+# HBM3). It fails the step, not the latency rows, when a profile fails.
 PEAK=()
-grep -qE 'H100|H200' "$OUT/gpu.txt" && PEAK=(--peak-tflops 989)
+grep -qE 'H100|H200' "$OUT/gpu.txt" && PEAK=(--peak-tflops 989 --peak-gbs 3350)
+grep -q 'H200' "$OUT/gpu.txt" && PEAK=(--peak-tflops 989 --peak-gbs 4800)
 step cost 60 "$BIN" inspect models/litemedsam-nf4.msam --cost --peak-tflops 989 --peak-gbs 4800
-step bench 300 "$BIN" cuda-bench "${MODELS[@]}" --random-vit-b --runs 20 --warmup 3 "${PEAK[@]}"
-grep '^|' /tmp/step-bench.log > "$OUT/bench.md" 2>/dev/null
+step bench 300 "$BIN" cuda-bench "${MODELS[@]}" --random-vit-b --runs 20 --warmup 3 --kernels "${PEAK[@]}"
+# bench.md: the latency table, then each per-kernel table under its "### kernels" heading.
+{
+    sed '/^### kernels/,$d' /tmp/step-bench.log | grep '^|'
+    sed -n '/^### kernels/,$p' /tmp/step-bench.log | grep -E '^(###|\||profile failed)' | awk '/^###/ { print ""; print; print ""; next } { print }'
+} > "$OUT/bench.md" 2>/dev/null
 
 # PyTorch bf16 peer (official segment_anything ViT-B, random weights) in the same run.
 if ! python3 -c 'import segment_anything' 2>/dev/null && ls .whl/segment_anything-*.whl >/dev/null 2>&1; then
@@ -114,7 +123,7 @@ step peer-torch 240 python3 benches/peer_torch.py --device cuda --bf16 --runs 20
 grep '^|' /tmp/step-peer-torch.log > "$OUT/peer.md" 2>/dev/null
 
 summary ""
-summary "## ours (encode / decode / end-to-end ms, median; peak VRAM)"
+summary "## ours (encode / decode / end-to-end ms, median; peak VRAM; per-kernel profile of one frame)"
 cat "$OUT/bench.md" 2>/dev/null | tee -a "$OUT/summary.md"
 summary ""
 summary "## PyTorch peer (ViT-B@1024, encode / decode ms, median)"

@@ -70,7 +70,7 @@ pub struct MeteredWeight<W> {
 }
 
 /// The stored size of a parameter: what a kernel must read to use it.
-fn stored_bytes(t: &StoredTensor) -> u64 {
+pub(crate) fn stored_bytes(t: &StoredTensor) -> u64 {
     match &t.data {
         TensorData::F32(v) => 4 * v.len() as u64,
         TensorData::F16(b) => b.len() as u64,

@@ -525,6 +525,14 @@ pub struct CudaBenchArgs {
     /// print each encoder's share of it.
     #[arg(long)]
     pub peak_tflops: Option<f64>,
+    /// After the timed runs, profile one frame (encoder + decoder, kernel by kernel) per model
+    /// and print each kernel's launches, time, counted work and achieved rates as markdown.
+    #[arg(long)]
+    pub kernels: bool,
+    /// The device's peak memory bandwidth in GB/s (e.g. 4800 for an H200's HBM3e), for the
+    /// kernel table's share of it.
+    #[arg(long, requires = "kernels")]
+    pub peak_gbs: Option<f64>,
 }
 
 fn numbers(s: &str, what: &str, syntax: &str, arities: &[usize]) -> Result<Vec<f32>, String> {

@@ -19,6 +19,7 @@ use super::device::{grid_for, Arg, Block, CudaOptions, Device, DeviceParam, Vram
 use super::driver::Driver;
 use super::graph::FrameGraphs;
 use super::params::*;
+use super::profile::{KernelProfile, Work, ACTIVATION_BYTES};
 use crate::backend::{Activation, AttentionBias, Backend, Conv2dSpec, FrameFn, Lora};
 use crate::store::{StoredTensor, TensorData};
 use crate::{Error, Result};
@@ -45,6 +46,8 @@ impl CudaTensor {
 pub struct CudaWeight {
     shape: Vec<usize>,
     kind: i64,
+    /// Its stored size (NF4 with its scales): what a kernel reads to use it once.
+    bytes: u64,
     _parts: Vec<DeviceParam>,
     wref: WeightRef,
 }
@@ -53,6 +56,18 @@ pub struct CudaWeight {
 pub struct CudaVector {
     shape: Vec<usize>,
     param: DeviceParam,
+}
+
+impl CudaVector {
+    /// What a kernel reads to use it once.
+    fn bytes(&self) -> u64 {
+        4 * self.shape.iter().product::<usize>() as u64
+    }
+}
+
+/// The bytes of an optional parameter (a bias), 0 without one.
+fn param_bytes(v: Option<&CudaVector>) -> u64 {
+    v.map_or(0, CudaVector::bytes)
 }
 
 /// The CUDA backend. Build with [`CudaBackend::new`]; see `crate::cuda::select_backend` for the
@@ -163,6 +178,19 @@ impl CudaBackend {
         self.dev.sync()
     }
 
+    /// Runs `run` with every launch timed by device events and its work counted, and returns the
+    /// launches it made (`cuda::profile`). Encoder frames run kernel by kernel meanwhile, as a
+    /// graph's launches cannot be timed one by one; launches other threads make on this backend
+    /// in that time are in the profile too.
+    pub fn profile_kernels<T>(&self, run: impl FnOnce() -> Result<T>) -> Result<(T, KernelProfile)> {
+        self.dev.set_profiling(true);
+        let out = run();
+        self.dev.set_profiling(false);
+        // Read (and drop) the events even when `run` failed, so the next profile starts empty.
+        let profile = self.dev.take_profile();
+        Ok((out?, profile?))
+    }
+
     pub(super) fn tensor(&self, shape: Vec<usize>) -> Result<CudaTensor> {
         // The kernels index inside tensors with 32-bit integers.
         let numel: usize = shape.iter().product();
@@ -183,8 +211,8 @@ impl CudaBackend {
         self.dev.options.precision != MmaPrecision::F32 && k >= 32
     }
 
-    /// Launches one GEMM; the caller filled every geometric field of `p`.
-    fn gemm(&self, p: &GemmParams, kind: i64) -> Result<()> {
+    /// Launches one GEMM; the caller filled every geometric field of `p` and counted its `work`.
+    fn gemm(&self, p: &GemmParams, kind: i64, work: Work) -> Result<()> {
         if p.m == 0 || p.n == 0 || p.batch_count == 0 {
             return Ok(());
         }
@@ -195,7 +223,7 @@ impl CudaBackend {
         let tc = self.gemm_on_tensor_cores(p.k);
         let table = if tc { &self.dev.kernels.gemm_tc } else { &self.dev.kernels.gemm_simt };
         let cfg = LaunchConfig { grid_dim: (gx as u32, gy as u32, p.batch_count as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        self.dev.launch_record("gemm", &table[kind as usize], cfg, p)
+        self.dev.launch_record("gemm", &table[kind as usize], cfg, p, work)
     }
 
     /// `x[M, K] · wᵀ` with the optional LoRA term and epilogue, into a fresh `[.., N]`.
@@ -248,17 +276,30 @@ impl CudaBackend {
             act: act_code(act),
             ..Default::default()
         };
+        // x read, y written, W and the bias read once: CostMeter's linear (which leaves the bias out).
+        let mut work = Work::compute(2 * (m * n * k) as u64, m * k + m * n, w.bytes + param_bytes(bias));
         if let Some(l) = lora {
+            let r = l.rank;
+            // The LoRA update's FLOPs add up to CostMeter's (its default `linear_lora`: x·Aᵀ, then
+            // t·Bᵀ), but not its bytes: the meter prices six operations and their intermediates,
+            // the fused GEMM reads A and B and writes nothing more.
             match (&lora_t, fused) {
-                (_, true) => p.lora_a = l.a.wref.data,
-                (Some(t), false) => p.lora_t = t.ptr(),
+                (_, true) => {
+                    p.lora_a = l.a.wref.data;
+                    work = work.plus(Work::compute(2 * (m * r * (k + n)) as u64, 0, l.a.bytes + l.b.bytes));
+                }
+                (Some(t), false) => {
+                    // x·Aᵀ was its own GEMM above (and counted there); this one reads t.
+                    p.lora_t = t.ptr();
+                    work = work.plus(Work::compute(2 * (m * r * n) as u64, m * r, l.b.bytes));
+                }
                 (None, false) => unreachable!("an unfused LoRA has its t"),
             }
             p.lora_b = l.b.wref;
-            p.lora_r = as_i64(l.rank);
+            p.lora_r = as_i64(r);
             p.lora_scale = l.scale;
         }
-        self.gemm(&p, w.kind)?;
+        self.gemm(&p, w.kind, work)?;
         Ok(out)
     }
 
@@ -270,7 +311,8 @@ impl CudaBackend {
         let (n, blen) = (a.numel(), b_shape.iter().product::<usize>());
         if n > 0 {
             let args = [Arg::U64(a.ptr()), Arg::U64(b_ptr), Arg::U64(out.ptr()), Arg::I64(as_i64(n)), Arg::I64(as_i64(blen.max(1)))];
-            self.dev.launch_args(op, &self.dev.kernels.add_broadcast, grid_for(n), &args)?;
+            // `b` read once however often it is broadcast (CostMeter leaves a vector's out).
+            self.dev.launch_args(op, &self.dev.kernels.add_broadcast, grid_for(n), &args, Work::traffic(2 * n + blen))?;
         }
         Ok(out)
     }
@@ -280,7 +322,7 @@ impl CudaBackend {
         let n = a.numel();
         if n > 0 {
             let args = [Arg::U64(a.ptr()), Arg::U64(out.ptr()), Arg::I64(as_i64(n)), Arg::F32(s), Arg::I64(act_code(act))];
-            self.dev.launch_args("scale_act", &self.dev.kernels.scale_act, grid_for(n), &args)?;
+            self.dev.launch_args("scale_act", &self.dev.kernels.scale_act, grid_for(n), &args, Work::traffic(2 * n))?;
         }
         Ok(out)
     }
@@ -303,7 +345,8 @@ impl CudaBackend {
             Arg::I64(as_i64(dst_dim)),
             Arg::I64(as_i64(dst_off)),
         ];
-        self.dev.launch_args("copy_block", &self.dev.kernels.copy_block, grid_for(n), &args)
+        // Reads only what it copies (as CostMeter prices `narrow`; `concat` adds up the same).
+        self.dev.launch_args("copy_block", &self.dev.kernels.copy_block, grid_for(n), &args, Work::traffic(2 * n))
     }
 }
 
@@ -357,7 +400,7 @@ impl Backend for CudaBackend {
             ),
         };
         let wref = WeightRef { data: parts[0].ptr, absq: parts.get(1).map_or(0, |p| p.ptr), scales: parts.get(2).map_or(0, |p| p.ptr), kind };
-        Ok(CudaWeight { shape: t.shape.clone(), kind, _parts: parts, wref })
+        Ok(CudaWeight { shape: t.shape.clone(), kind, bytes: crate::cost::stored_bytes(t), _parts: parts, wref })
     }
 
     fn vector(&self, t: &StoredTensor) -> Result<CudaVector> {
@@ -436,7 +479,7 @@ impl Backend for CudaBackend {
             p.src_stride[axis] = as_i64(strides[src_axis]);
         }
         let args = [Arg::U64(t.ptr()), Arg::U64(out.ptr()), Arg::record(&p)];
-        self.dev.launch_args("permute", &self.dev.kernels.permute, grid_for(n), &args)?;
+        self.dev.launch_args("permute", &self.dev.kernels.permute, grid_for(n), &args, Work::traffic(2 * n))?;
         Ok(out)
     }
 
@@ -493,7 +536,7 @@ impl Backend for CudaBackend {
             let args = [b, h, w, c, oh, ow].map(|v| Arg::I64(as_i64(v)));
             let mut all = vec![Arg::U64(t.ptr()), Arg::U64(out.ptr())];
             all.extend(args);
-            self.dev.launch_args("pad_hw", &self.dev.kernels.pad_hw, grid_for(n), &all)?;
+            self.dev.launch_args("pad_hw", &self.dev.kernels.pad_hw, grid_for(n), &all, Work::traffic(b * h * w * c + n))?;
         }
         Ok(out)
     }
@@ -538,7 +581,9 @@ impl Backend for CudaBackend {
             bias_div: 1,
             ..Default::default()
         };
-        self.gemm(&p, W_F32)?;
+        // Both operands are activations.
+        let work = Work::compute(2 * (batch * m * n * k) as u64, batch * (m * k + k * n + m * n), 0);
+        self.gemm(&p, W_F32, work)?;
         Ok(out)
     }
 
@@ -560,6 +605,9 @@ impl Backend for CudaBackend {
         let (oh, ow) = ((h + 2 * padding - kh) / stride + 1, (wd + 2 * padding - kw) / stride + 1);
         let out = self.tensor(vec![batch, c_out, oh, ow])?;
         let bias_ptr = bias.map_or(0, |b| b.param.ptr);
+        // Each output element is c_in/groups·kh·kw multiply-adds on either path (CostMeter's count).
+        let outputs = batch * c_out * oh * ow;
+        let work = Work::compute(2 * (outputs * (c_in / groups) * kh * kw) as u64, batch * c_in * h * wd + outputs, w.bytes + param_bytes(bias));
         if groups == 1 {
             // Implicit GEMM: M = output pixels, N = output channels, K = c_in·kh·kw.
             let k = c_in * kh * kw;
@@ -589,7 +637,7 @@ impl Backend for CudaBackend {
                 act: act_code(act),
                 ..Default::default()
             };
-            self.gemm(&p, w.kind)?;
+            self.gemm(&p, w.kind, work)?;
         } else {
             let n = batch * c_out * oh * ow;
             if n > 0 {
@@ -612,7 +660,7 @@ impl Backend for CudaBackend {
                     ow: as_i64(ow),
                     act: act_code(act),
                 };
-                self.dev.launch_record("conv2d_direct", &self.dev.kernels.conv2d_direct, grid_for(n), &p)?;
+                self.dev.launch_record("conv2d_direct", &self.dev.kernels.conv2d_direct, grid_for(n), &p, work)?;
             }
         }
         Ok(out)
@@ -663,7 +711,9 @@ impl Backend for CudaBackend {
             bias_div: as_i64(k * k),
             ..Default::default()
         };
-        self.gemm(&p, w.kind)?;
+        // 2·M·N·K = 2·(output elements)·c_in: CostMeter's count.
+        let work = Work::compute(2 * (batch * h * wd * n * c_in) as u64, batch * c_in * h * wd + batch * n * h * wd, w.bytes + param_bytes(bias));
+        self.gemm(&p, w.kind, work)?;
         Ok(out)
     }
 
@@ -680,7 +730,9 @@ impl Backend for CudaBackend {
             }
             let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
             let args = [Arg::U64(x.ptr()), Arg::U64(out.ptr()), Arg::U64(gamma.param.ptr), Arg::U64(beta.param.ptr), Arg::I64(as_i64(rows)), Arg::I64(as_i64(dim)), Arg::F32(eps)];
-            self.dev.launch_args("layer_norm_rows", &self.dev.kernels.layer_norm_rows, cfg, &args)?;
+            // The affine parameters are read too (CostMeter leaves them out).
+            let work = Work::traffic(2 * rows * dim).plus(Work::compute(0, 0, gamma.bytes() + beta.bytes()));
+            self.dev.launch_args("layer_norm_rows", &self.dev.kernels.layer_norm_rows, cfg, &args, work)?;
         }
         Ok(out)
     }
@@ -705,7 +757,8 @@ impl Backend for CudaBackend {
                 Arg::I64(as_i64(spatial)),
                 Arg::F32(eps),
             ];
-            self.dev.launch_args("layer_norm_nchw", &self.dev.kernels.layer_norm_nchw, cfg, &args)?;
+            let work = Work::traffic(2 * batch * channels * spatial).plus(Work::compute(0, 0, gamma.bytes() + beta.bytes()));
+            self.dev.launch_args("layer_norm_nchw", &self.dev.kernels.layer_norm_nchw, cfg, &args, work)?;
         }
         Ok(out)
     }
@@ -745,8 +798,9 @@ impl Backend for CudaBackend {
             scale,
             ..Default::default()
         };
-        match bias {
-            AttentionBias::None => {}
+        // The bias inputs are read once each (CostMeter leaves them out).
+        let bias_bytes = match bias {
+            AttentionBias::None => 0,
             AttentionBias::Table(table) => {
                 let s = &table.shape;
                 if s.len() != 3 || s[0] == 0 || s[1] != nq || s[2] != nk {
@@ -755,6 +809,7 @@ impl Backend for CudaBackend {
                 p.bias_mode = 1;
                 p.table = table.param.ptr;
                 p.heads = as_i64(s[0]);
+                table.bytes()
             }
             AttentionBias::DecomposedRelPos { rel_h, rel_w } => {
                 let (sh, sw) = (&rel_h.shape, &rel_w.shape);
@@ -766,8 +821,9 @@ impl Backend for CudaBackend {
                 p.rel_w = rel_w.ptr();
                 p.kh = as_i64(sh[2]);
                 p.kw = as_i64(sw[2]);
+                ACTIVATION_BYTES * (rel_h.numel() + rel_w.numel()) as u64
             }
-        }
+        };
         // The tensor cores in the GEMMs' tensor-core modes, for head dims of at least one k16 step
         // (the models' 16, 32, 64, 80): 64 query rows per block. Below 16 (the tiny decoders' 2-
         // and 4-wide heads) most of each mma would multiply padding; above 80, and in the f32
@@ -788,7 +844,10 @@ impl Backend for CudaBackend {
                 return Err(Error::Backend(format!("attention: {bh} batch-heads exceed the launch grid")));
             }
             let cfg = LaunchConfig { grid_dim: (nq.div_ceil(rows_per_block) as u32, bh as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-            self.dev.launch_record("attention", kernel, cfg, &p)?;
+            // q·kᵀ and p·v, 2·nq·nk·d each per batch-head (CostMeter's count); q, k, v read and o
+            // written once, and the bias inputs.
+            let work = Work::compute(4 * (bh * nq * nk * d) as u64, 2 * bh * nq * d + 2 * bh * nk * d, bias_bytes);
+            self.dev.launch_record("attention", kernel, cfg, &p, work)?;
         }
         Ok(out)
     }
@@ -807,7 +866,7 @@ impl Backend for CudaBackend {
         let n = planes * out_h * out_w;
         if n > 0 {
             let args = [Arg::U64(x.ptr()), Arg::U64(out.ptr())].into_iter().chain([planes, h, w, out_h, out_w].map(|v| Arg::I64(as_i64(v)))).collect::<Vec<_>>();
-            self.dev.launch_args("resize_bilinear", &self.dev.kernels.resize_bilinear, grid_for(n), &args)?;
+            self.dev.launch_args("resize_bilinear", &self.dev.kernels.resize_bilinear, grid_for(n), &args, Work::traffic(planes * h * w + n))?;
         }
         Ok(out)
     }

@@ -5,12 +5,12 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 use cudarc::driver::result as drv;
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 
 use super::compile::{self, MmaPrecision};
 use super::kernel_cache::{ImageKind, KernelImage};
-use super::driver::{DeviceGraph, DeviceMemory, Driver, KernelId, LoadedKernels};
+use super::driver::{DeviceEvent, DeviceGraph, DeviceMemory, Driver, KernelId, LoadedKernels};
 use crate::{Error, Result};
 
 pub fn driver_err(what: &str, e: drv::DriverError) -> Error {
@@ -112,6 +112,15 @@ impl DeviceGraph for CudarcGraph {
     }
 }
 
+/// A recorded timing event.
+struct CudarcEvent(CudaEvent);
+
+impl DeviceEvent for CudarcEvent {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
 impl Driver for CudarcDriver {
     fn name(&self) -> String {
         self.name.clone()
@@ -201,6 +210,26 @@ impl Driver for CudarcDriver {
 
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| driver_err("kernel execution", e))
+    }
+
+    fn record_event(&self) -> Result<Box<dyn DeviceEvent>> {
+        self.bind()?;
+        let capture = self.stream.capture_status().map_err(|e| driver_err("querying the stream's capture status", e))?;
+        if capture != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+            return Err(Error::Backend("a timing event cannot be recorded while the stream is being captured".into()));
+        }
+        // CU_EVENT_DEFAULT keeps timing on (cudarc's own default, DISABLE_TIMING, would make
+        // cuEventElapsedTime fail).
+        let event = self.stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| driver_err("recording a timing event", e))?;
+        Ok(Box::new(CudarcEvent(event)))
+    }
+
+    fn elapsed_ms(&self, start: &dyn DeviceEvent, end: &dyn DeviceEvent) -> Result<f32> {
+        fn ours(e: &dyn DeviceEvent) -> Result<&CudaEvent> {
+            e.as_any().downcast_ref::<CudarcEvent>().map(|e| &e.0).ok_or_else(|| Error::Backend("a timing event of another driver".into()))
+        }
+        // Waits for both events, then cuEventElapsedTime (about 0.5 µs resolution).
+        ours(start)?.elapsed_ms(ours(end)?).map_err(|e| driver_err("reading a timing event", e))
     }
 
     fn begin_capture(&self) -> Result<()> {

@@ -3,6 +3,7 @@
 //! the activation arena, sized once). Kept apart from the `Backend` impl so that the op code reads
 //! as shapes and launches only.
 
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{DeviceRepr, LaunchConfig};
@@ -12,6 +13,7 @@ pub use super::cudarc_driver::{driver_err, driver_present};
 use super::cudarc_driver::CudarcDriver;
 use super::compile::MmaPrecision;
 use super::driver::{DeviceGraph, DeviceMemory, Driver, KernelId};
+use super::profile::{KernelProfile, LaunchTiming, PendingLaunch, Work};
 use crate::{Error, Result};
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -203,6 +205,12 @@ pub struct Device {
     pub cached_modules: usize,
     ledger: Arc<Mutex<Ledger>>,
     arena: Mutex<Option<Arc<ArenaBacking>>>,
+    /// The entry point each loaded kernel stands for, so a profile names kernels, not ops.
+    kernel_names: Vec<(KernelId, &'static str)>,
+    /// Whether launches are timed and recorded (`Device::set_profiling`); off, a launch pays
+    /// this one load and nothing else.
+    profiling: AtomicBool,
+    profiled: Mutex<Vec<PendingLaunch>>,
 }
 
 impl Device {
@@ -217,7 +225,20 @@ impl Device {
     pub fn with_driver(options: CudaOptions, driver: Arc<dyn Driver>) -> Result<Self> {
         let loaded = driver.load_kernels(options.precision, &KERNEL_NAMES)?;
         let kernels = Kernels::from_ids(&loaded.ids)?;
-        Ok(Self { name: driver.name(), arch: driver.arch(), driver, kernels, options, cached_modules: loaded.cached_modules, ledger: Arc::default(), arena: Mutex::new(None) })
+        let kernel_names = loaded.ids.iter().zip(KERNEL_NAMES).map(|(&id, (_, name))| (id, name)).collect();
+        Ok(Self {
+            name: driver.name(),
+            arch: driver.arch(),
+            driver,
+            kernels,
+            options,
+            cached_modules: loaded.cached_modules,
+            ledger: Arc::default(),
+            arena: Mutex::new(None),
+            kernel_names,
+            profiling: AtomicBool::new(false),
+            profiled: Mutex::default(),
+        })
     }
 
     /// Uploads a parameter (weight, bias, table) after checking it fits the budget.
@@ -395,18 +416,47 @@ impl Device {
         self.driver.synchronize()
     }
 
-    /// Launches `f` with one by-value parameter record.
-    pub fn launch_record<P: DeviceRepr>(&self, what: &str, f: &KernelId, cfg: LaunchConfig, p: &P) -> Result<()> {
-        self.launch_args(what, f, cfg, &[Arg::record(p)])
+    /// Launches `f` with one by-value parameter record; `work` is what the launch must at least
+    /// do, for profiles.
+    pub fn launch_record<P: DeviceRepr>(&self, what: &str, f: &KernelId, cfg: LaunchConfig, p: &P, work: Work) -> Result<()> {
+        self.launch_args(what, f, cfg, &[Arg::record(p)], work)
     }
 
-    /// Launches `f` with a list of arguments (device addresses and scalars, each 8 or 4 bytes).
-    pub fn launch_args(&self, what: &str, f: &KernelId, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+    /// Launches `f` with a list of arguments (device addresses and scalars, each 8 or 4 bytes);
+    /// `work` is what the launch must at least do, recorded with its time while profiling.
+    pub fn launch_args(&self, what: &str, f: &KernelId, cfg: LaunchConfig, args: &[Arg], work: Work) -> Result<()> {
         let bytes: Vec<Vec<u8>> = args.iter().map(Arg::to_bytes).collect();
         let params: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
         // SAFETY: the backend builds each launch's arguments for the kernel's signature, with
         // device addresses of live blocks and parameters sized for the launch's geometry.
-        unsafe { self.driver.launch(*f, cfg, &params) }.map_err(|e| Error::Backend(format!("launching {what}: {e}")))
+        let launch = || unsafe { self.driver.launch(*f, cfg, &params) }.map_err(|e| Error::Backend(format!("launching {what}: {e}")));
+        if !self.profiling.load(Relaxed) {
+            return launch();
+        }
+        let start = self.driver.record_event()?;
+        launch()?;
+        let end = self.driver.record_event()?;
+        let kernel = self.kernel_names.iter().find(|(id, _)| id == f).map_or("unnamed kernel", |&(_, name)| name);
+        lock(&self.profiled).push(PendingLaunch { kernel, work, start, end });
+        Ok(())
+    }
+
+    /// Turns the per-launch profile on or off (see `cuda::profile`). Launches from every thread
+    /// are recorded while it is on.
+    pub fn set_profiling(&self, on: bool) {
+        self.profiling.store(on, Relaxed);
+    }
+
+    pub fn profiling(&self) -> bool {
+        self.profiling.load(Relaxed)
+    }
+
+    /// The launches recorded since the last call, timed (waits for the last of them to finish).
+    pub fn take_profile(&self) -> Result<KernelProfile> {
+        let pending = std::mem::take(&mut *lock(&self.profiled));
+        let timed = |p: PendingLaunch| Ok(LaunchTiming { kernel: p.kernel, work: p.work, ms: self.driver.elapsed_ms(p.start.as_ref(), p.end.as_ref())? as f64 });
+        let launches = pending.into_iter().map(timed).collect::<Result<_>>()?;
+        Ok(KernelProfile { launches })
     }
 
     pub fn report(&self) -> VramReport {
@@ -414,6 +464,10 @@ impl Device {
         let arena_peak = self.arena.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map_or(0, |a| a.arena.lock().peak() as u64);
         VramReport { budget: self.options.vram_budget, params: l.params, params_peak: l.params_peak, arena: l.arena_bytes, arena_peak }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn f32_bytes(data: &[f32]) -> &[u8] {

@@ -36,6 +36,13 @@ pub trait DeviceGraph: Send {
     fn launch(&self) -> Result<()>;
 }
 
+/// A timestamp taken in stream order by [`Driver::record_event`] (cuEventRecord on an event
+/// created with timing on), for per-kernel timing.
+pub trait DeviceEvent: Send + Sync {
+    /// For [`Driver::elapsed_ms`] to recover its own event type.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
 /// What [`Driver::load_kernels`] found.
 pub struct LoadedKernels {
     /// One per `(module, kernel)` asked for, in order.
@@ -87,6 +94,13 @@ pub trait Driver: Send + Sync {
     unsafe fn launch(&self, kernel: KernelId, cfg: LaunchConfig, params: &[&[u8]]) -> Result<()>;
     /// Waits for every queued operation; a fault in a kernel surfaces here at the latest.
     fn synchronize(&self) -> Result<()>;
+    /// Records a timing event at the current end of the stream: it completes once every operation
+    /// queued before it has. Refused while the stream is being captured (a timing event inside a
+    /// graph cannot be read back; profiles run frames eagerly), without spoiling the capture.
+    fn record_event(&self) -> Result<Box<dyn DeviceEvent>>;
+    /// Milliseconds between two events of this driver, `start` recorded before `end`; waits for
+    /// `end` to complete.
+    fn elapsed_ms(&self, start: &dyn DeviceEvent, end: &dyn DeviceEvent) -> Result<f32>;
     /// Starts recording the stream's work instead of running it (thread-local capture mode: another
     /// thread's calls that are not on the stream neither join the graph nor break the capture).
     fn begin_capture(&self) -> Result<()>;

@@ -97,7 +97,9 @@ impl CudaBackend {
     /// `Backend::run_frame` on the GPU (see the module docs).
     pub(super) fn run_frame_graphed(&self, key: u64, shape: &[usize], input: &[f32], f: FrameFn<'_, CudaBackend>) -> Result<CudaTensor> {
         let graphs = self.graphs();
-        if !graphs.enabled {
+        // A profile times launch by launch, which a graph replay has none of (and a capture
+        // refuses the profile's timing events).
+        if !graphs.enabled || self.device().profiling() {
             return self.run_eager(shape, input, f);
         }
         // Held for the whole frame: one frame at a time may use (or replace) the graph.

@@ -11,6 +11,7 @@
 //! - `arena`: the arena's free list;
 //! - `graph`: CUDA graphs for the encoder's steady-state frame;
 //! - `params`: `#[repr(C)]` kernel parameter records;
+//! - `profile`: per-kernel timing and counted work of a profiled run (`cuda-bench --kernels`);
 //! - `backend`: the [`crate::backend::Backend`] implementation;
 //! - `select`: `auto | cpu | cuda`;
 //! - `check`: per-kernel and end-to-end parity against the CPU backend (needs a GPU).
@@ -32,6 +33,7 @@ pub mod driver;
 pub mod graph;
 pub mod kernel_cache;
 pub mod params;
+pub mod profile;
 pub mod select;
 #[cfg(feature = "gpusim")]
 pub mod sim_driver;
@@ -39,4 +41,5 @@ pub mod sim_driver;
 pub use backend::{CudaBackend, CudaTensor, CudaVector, CudaWeight};
 pub use compile::MmaPrecision;
 pub use device::{CudaOptions, VramReport};
+pub use profile::KernelProfile;
 pub use select::{parse_bytes, select_backend, BackendChoice, SelectedBackend};

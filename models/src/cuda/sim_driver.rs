@@ -14,6 +14,8 @@
 //!   thread.
 //! - Each launch's parameter sizes are checked against the kernel's C++ signature, which the real
 //!   driver cannot do.
+//! - A timing event is the host clock when it is recorded: every operation before it has run by
+//!   then. Events are refused during capture, as `CudarcDriver` refuses them.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,7 +24,7 @@ use cudarc::driver::LaunchConfig;
 use minisam_gpusim::{Dim3, Kernel, LaunchOptions};
 
 use super::compile::MmaPrecision;
-use super::driver::{DeviceGraph, DeviceMemory, Driver, KernelId, LoadedKernels};
+use super::driver::{DeviceEvent, DeviceGraph, DeviceMemory, Driver, KernelId, LoadedKernels};
 use crate::{Error, Result};
 
 /// How the simulator runs kernels.
@@ -66,6 +68,8 @@ enum Op {
 #[derive(Default)]
 struct Stream {
     launches: u64,
+    /// Launches run so far per kernel name, graph replays included.
+    launches_by_kernel: BTreeMap<&'static str, u64>,
     capture: Option<Capture>,
 }
 
@@ -83,6 +87,12 @@ fn sim_err(msg: String) -> Error {
 impl SimDriver {
     pub fn new(options: SimOptions) -> Self {
         Self(Arc::new(Inner { options, kernels: Mutex::default(), stream: Mutex::default(), memory: Mutex::default() }))
+    }
+
+    /// How many times each kernel has run on this device (graph replays included), by name: what
+    /// tests hold a profile's launch counts to.
+    pub fn launches_by_kernel(&self) -> BTreeMap<&'static str, u64> {
+        lock(&self.0.stream).launches_by_kernel.clone()
     }
 }
 
@@ -138,6 +148,7 @@ impl Inner {
                 let mut pointers: Vec<*mut std::ffi::c_void> = storage.iter_mut().map(|w| w.as_mut_ptr() as *mut std::ffi::c_void).collect();
                 let launch = LaunchOptions { seed: self.options.seed ^ stream.launches.wrapping_mul(0x9e37_79b9_7f4a_7c15), threads: self.options.threads, ..Default::default() };
                 stream.launches += 1;
+                *stream.launches_by_kernel.entry(k.name).or_default() += 1;
                 let d = |(x, y, z): (u32, u32, u32)| Dim3(x, y, z);
                 // SAFETY: the parameter count and sizes were checked against the kernel's
                 // signature when the launch was queued; the device addresses are the caller's word
@@ -209,6 +220,17 @@ impl DeviceGraph for SimGraph {
         let mut stream = lock(&self.device.stream);
         self.device.refuse_during_capture(&mut stream, "launching a graph")?;
         self.ops.iter().try_for_each(|op| self.device.execute(&mut stream, op))
+    }
+}
+
+/// A timing event: the host clock when it was recorded. Every queued operation ran to completion
+/// before the call that queued it returned, so that instant is when all the work before the event
+/// completed, which is what a GPU's event marks.
+struct SimEvent(std::time::Instant);
+
+impl DeviceEvent for SimEvent {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 
@@ -309,6 +331,21 @@ impl Driver for SimDriver {
         // Every operation ran when it was queued; all that is left is capture's rule.
         let mut stream = lock(&self.0.stream);
         self.0.refuse_during_capture(&mut stream, "synchronising the stream")
+    }
+
+    fn record_event(&self) -> Result<Box<dyn DeviceEvent>> {
+        // The stream's lock orders the event after every operation queued before it.
+        let stream = lock(&self.0.stream);
+        if stream.capture.is_some() {
+            // Refused without spoiling the capture, as `CudarcDriver` refuses it.
+            return Err(sim_err("a timing event cannot be recorded while the stream is being captured".into()));
+        }
+        Ok(Box::new(SimEvent(std::time::Instant::now())))
+    }
+
+    fn elapsed_ms(&self, start: &dyn DeviceEvent, end: &dyn DeviceEvent) -> Result<f32> {
+        let instant = |e: &dyn DeviceEvent| e.as_any().downcast_ref::<SimEvent>().map(|e| e.0).ok_or_else(|| sim_err("a timing event of another driver".into()));
+        Ok(instant(end)?.saturating_duration_since(instant(start)?).as_secs_f32() * 1e3)
     }
 
     fn begin_capture(&self) -> Result<()> {

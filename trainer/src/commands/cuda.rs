@@ -2,7 +2,8 @@
 //! - `cuda-compile`: every `kernels/*.cu` through NVRTC for the given architectures, exactly as
 //!   the backend compiles them at start-up (fills the PTX cache; CI runs it without a GPU);
 //! - `cuda-check`: per-kernel and end-to-end parity of the CUDA backend with the CPU reference;
-//! - `cuda-bench`: encode / decode / end-to-end latency and peak VRAM on the GPU.
+//! - `cuda-bench`: encode / decode / end-to-end latency and peak VRAM on the GPU; with
+//!   `--kernels`, a per-kernel profile of one frame per model.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -10,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use minisam_models::backend::Backend;
 use minisam_models::cpu::CpuBackend;
-use minisam_models::cuda::{self, check, compile, CudaBackend, CudaOptions, MmaPrecision, SelectedBackend};
+use minisam_models::cuda::{self, check, compile, CudaBackend, CudaOptions, KernelProfile, MmaPrecision, SelectedBackend};
 use minisam_models::image::RgbImage;
 use minisam_models::load::ModelFile;
 use minisam_models::prompt::{BoxPrompt, Prompts};
@@ -298,6 +299,9 @@ pub fn bench(args: &CudaBenchArgs) -> Result<()> {
     // The encoder's work, counted once per model on the CPU (crate::commands::cost_report), so
     // each row says what share of the device's peak it reached.
     let mut counted: Vec<(String, u64)> = Vec::new();
+    // Per-kernel tables (`--kernels`), printed after the latency table, and the profiles that
+    // failed (the latency rows are printed all the same).
+    let (mut kernel_tables, mut failed_profiles) = (Vec::new(), 0);
     // Each model twice: encoder frames replayed from a CUDA graph, and launched kernel by kernel.
     for (spec, graphs) in specs(&args.run.model, args.run.random_vit_b).iter().flat_map(|s| [(s, true), (s, false)]) {
         let file = open_model(spec)?;
@@ -345,8 +349,34 @@ pub fn bench(args: &CudaBenchArgs) -> Result<()> {
             args.runs,
             flops as f64 / 1e9
         );
+        // Once per model (profiles run kernel by kernel, so the graph run's backend serves).
+        if args.kernels && graphs {
+            let title = format!("### kernels of one frame: {} (cuda {}, kernel by kernel, encoder + decoder)", spec.label(), seg.backend().precision().name());
+            match profile_frame(&seg, &image, &prompts) {
+                Ok(profile) => kernel_tables.push(format!("{title}\n\n{}", profile.markdown(args.peak_tflops, args.peak_gbs))),
+                Err(e) => {
+                    failed_profiles += 1;
+                    kernel_tables.push(format!("{title}\n\nprofile failed: {e}\n"));
+                }
+            }
+        }
+    }
+    for table in &kernel_tables {
+        println!("\n{table}");
+    }
+    if failed_profiles > 0 {
+        bail!("{failed_profiles} kernel profile(s) failed");
     }
     Ok(())
+}
+
+/// One frame (encode, then decode the prompts) with every launch timed and its work counted.
+fn profile_frame(seg: &Segmenter<CudaBackend>, image: &RgbImage, prompts: &Prompts) -> minisam_models::Result<KernelProfile> {
+    let ((), profile) = seg.backend().profile_kernels(|| {
+        let emb = seg.encode(image)?;
+        seg.decode(&emb, prompts, false).map(drop)
+    })?;
+    Ok(profile)
 }
 
 #[cfg(test)]
@@ -411,6 +441,17 @@ mod tests {
         assert!(parse(&["--backend", "gpu"]).is_err());
         assert!(parse(&["--vram-budget", "0"]).is_err());
         assert!(parse(&["--vram-budget", "lots"]).is_err());
+    }
+
+    #[test]
+    fn cuda_bench_kernel_profile_flags() {
+        let parse = |extra: &[&str]| Cli::try_parse_from(["minisam", "cuda-bench"].iter().chain(extra));
+        let Command::CudaBench(a) = parse(&["--kernels", "--peak-tflops", "989", "--peak-gbs", "4800"]).unwrap().command else { unreachable!() };
+        assert_eq!((a.kernels, a.peak_tflops, a.peak_gbs), (true, Some(989.0), Some(4800.0)));
+        let Command::CudaBench(a) = parse(&[]).unwrap().command else { unreachable!() };
+        assert!(!a.kernels, "the profile is opt-in");
+        // A bandwidth peak only has the kernel table to go into.
+        assert!(parse(&["--peak-gbs", "4800"]).is_err());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use minisam_models::sam::Segmenter;
 
 /// The committed tiny SAM (official checkpoint layout, random weights; ViT with windowed and
 /// global attention, relative positions, the full prompt encoder and mask decoder).
-fn tiny_sam() -> Checkpoint {
+pub fn tiny_sam() -> Checkpoint {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/tiny_sam/tiny_sam.pth");
     Checkpoint::open(&path).expect("the committed tiny SAM fixture")
@@ -25,7 +25,7 @@ fn tiny_sam() -> Checkpoint {
 
 /// A frame with structure at several scales (not the encoder's input size, so the resize and
 /// padding run too).
-fn test_image() -> RgbImage {
+pub fn test_image() -> RgbImage {
     let grey: Vec<u8> = (0..160 * 120)
         .map(|i| ((i * 37 + i / 160 * 11) % 251) as u8)
         .collect();

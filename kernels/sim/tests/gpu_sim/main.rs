@@ -11,6 +11,7 @@ mod gemm;
 mod mutation;
 mod others;
 mod params;
+mod profile;
 mod simulator;
 
 use common::*;
@@ -577,6 +578,24 @@ fn backend_attention_checks_pick_the_tensor_cores_f16() {
 #[test]
 fn backend_attention_checks_stay_f32_in_f32_mode() {
     backend::attention_op_checks(MmaPrecision::F32, rng("backend_attention_f32").gen());
+}
+
+/// The per-kernel profile of one frame: every launch recorded under its kernel's name, FLOPs
+/// equal to CostMeter's. bf16: LoRA fused into the tensor-core GEMMs, attention on the tensor
+/// cores; f32: every LoRA a GEMM of its own, attention in f32.
+#[test]
+fn backend_kernel_profile_of_a_frame_bf16() {
+    profile::tiny_sam_frame_profile(MmaPrecision::Bf16);
+}
+
+#[test]
+fn backend_kernel_profile_of_a_frame_f32() {
+    profile::tiny_sam_frame_profile(MmaPrecision::F32);
+}
+
+#[test]
+fn backend_timing_events_refused_during_capture() {
+    profile::timing_events_refused_during_capture();
 }
 
 /// LiteMedSAM (the real checkpoint from ../shared; skips without it), one frame on the simulated
