@@ -104,43 +104,108 @@ fn run_tasks(q: &[f32], k: &[f32], v: &[f32], nq: usize, nk: usize, d: usize, sc
     });
 }
 
-/// [`attention`] straight from the output of one fused `q | k | v` projection: each task
-/// gathers its batch-head's queries, keys and values into per-thread buffers (a few tens of KiB,
-/// cache-resident), runs the same per-head code as [`attention`] on them, and writes its rows
-/// into the heads-merged output. This replaces four whole-tensor passes through memory (the
-/// permute that splits the heads, the three copies that separate q, k and v, and the permute
-/// that merges the heads again), which cost TinyViT's windowed blocks more than the attention
-/// itself. The arithmetic is exactly [`attention`]'s, so the results are bit-identical.
-// qkv is [batch, n, heads, 3, d] (each head's q, k and v adjacent: TinyViT's layout, and what a
-// `[B, N, heads·3·d]` projection gives when viewed per head); out is [batch, n, heads, d].
+/// One operand of [`attention_heads`] inside a tensor whose heads are merged into the channels:
+/// row `i` of head `h` of batch `b` is the `d` floats at
+/// `offset + (b · rows + i) · row_stride + h · head_stride`.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadsView<'a> {
+    pub data: &'a [f32],
+    /// Rows (tokens) per batch element.
+    pub rows: usize,
+    pub row_stride: usize,
+    pub head_stride: usize,
+    pub offset: usize,
+}
+
+impl<'a> HeadsView<'a> {
+    /// `[batch, rows, heads, d]`: a projection's output viewed per head.
+    pub fn merged(data: &'a [f32], rows: usize, heads: usize, d: usize) -> Self {
+        Self { data, rows, row_stride: heads * d, head_stride: d, offset: 0 }
+    }
+
+    /// Part `part` (0 = q, 1 = k, 2 = v) of `[batch, rows, heads, 3, d]`: one fused projection
+    /// whose every head holds its q, k and v side by side (TinyViT's layout).
+    pub fn packed_part(data: &'a [f32], rows: usize, heads: usize, d: usize, part: usize) -> Self {
+        Self { data, rows, row_stride: heads * 3 * d, head_stride: 3 * d, offset: part * d }
+    }
+
+    /// Whether `batch` batch elements of `heads` heads of rows of `d` floats lie inside `data`.
+    fn fits(&self, batch: usize, heads: usize, d: usize) -> bool {
+        batch == 0 || self.rows == 0 || heads == 0 || self.offset + ((batch * self.rows - 1) * self.row_stride + (heads - 1) * self.head_stride + d) <= self.data.len()
+    }
+
+    // buf: the rows of (batch, head) one after another, [rows, d].
+    fn gather(&self, batch: usize, head: usize, d: usize, buf: &mut Vec<f32>) {
+        buf.resize(self.rows * d, 0.0);
+        let first = self.offset + batch * self.rows * self.row_stride + head * self.head_stride;
+        for (i, dst) in buf.chunks_exact_mut(d).enumerate() {
+            copy_row(&self.data[first + i * self.row_stride..][..d], dst);
+        }
+    }
+}
+
+/// `dst = src` for one head's row: in 16-float blocks the compiler turns into vector moves (a
+/// `memcpy` call per row of 16 to 80 floats cost more than the copy itself).
+#[inline(always)]
+fn copy_row(src: &[f32], dst: &mut [f32]) {
+    let mut d16 = dst.chunks_exact_mut(16);
+    let mut s16 = src.chunks_exact(16);
+    for (d, s) in (&mut d16).zip(&mut s16) {
+        let block: &[f32; 16] = s.try_into().expect("16 floats");
+        let out: &mut [f32; 16] = d.try_into().expect("16 floats");
+        *out = *block;
+    }
+    for (d, &s) in d16.into_remainder().iter_mut().zip(s16.remainder()) {
+        *d = s;
+    }
+}
+
+/// [`attention`] on operands whose heads are still merged into the channels (as the projections
+/// write them), output merged the same way: each task gathers its batch-head's queries, keys and
+/// values into per-thread buffers (a few tens of KiB, cache-resident), runs the same per-head
+/// code as [`attention`] on them, and writes its rows into the merged output. This replaces the
+/// whole-tensor passes through memory that split the heads (a permute per operand, plus three
+/// copies to separate q, k and v when they come from one projection) and merge them again,
+/// which cost TinyViT's windowed blocks more than the attention itself. The arithmetic is
+/// exactly [`attention`]'s, so the results are bit-identical. Batch-head `b · heads + h` is the
+/// index the bias sees.
+// q: nq = q.rows rows per batch element; k, v: nk = k.rows; out is [batch, nq, heads, d].
 #[allow(clippy::too_many_arguments)]
-pub fn attention_packed(qkv: &[f32], batch: usize, n: usize, heads: usize, d: usize, scale: f32, bias: Bias, out: &mut [f32]) {
-    let bh = batch * heads;
-    assert_eq!(qkv.len(), bh * n * 3 * d, "attention_packed: qkv is not [batch, n, heads, 3, d]");
-    assert_eq!(out.len(), bh * n * d, "attention_packed: out is not [batch, n, heads, d]");
-    check_bias(bias, bh, n, n);
-    if out.is_empty() {
+pub fn attention_heads(q: HeadsView, k: HeadsView, v: HeadsView, batch: usize, heads: usize, d: usize, scale: f32, bias: Bias, out: &mut [f32]) {
+    let (bh, nq, nk) = (batch * heads, q.rows, k.rows);
+    assert!(q.fits(batch, heads, d) && k.fits(batch, heads, d) && v.fits(batch, heads, d) && v.rows == nk, "attention_heads: q, k or v does not hold [batch, rows, heads, d]");
+    assert_eq!(out.len(), bh * nq * d, "attention_heads: out is not [batch, nq, heads, d]");
+    check_bias(bias, bh, nq, nk);
+    if out.is_empty() || nk == 0 {
+        out.fill(f32::NAN);
         return;
     }
     let isa = crate::simd::active();
     let out_ptr = SharedOut(out.as_mut_ptr());
     (0..bh).into_par_iter().for_each_init(HeadScratch::default, |s, b| {
-        let (window, head) = (b / heads, b % heads);
-        // Row i of this head's part p (0 = q, 1 = k, 2 = v) in the packed layout.
-        let part_row = |p: usize, i: usize| &qkv[(((window * n + i) * heads + head) * 3 + p) * d..][..d];
-        for (p, buf) in [&mut s.q, &mut s.k, &mut s.v].into_iter().enumerate() {
-            buf.clear();
-            (0..n).for_each(|i| buf.extend_from_slice(part_row(p, i)));
-        }
-        s.out.clear();
-        s.out.resize(n * d, 0.0);
-        Head { q: &s.q, k: &s.k, v: &s.v, b, nq: n, nk: n, d, scale, bias }.run(isa, &mut s.buffers, &mut s.out);
+        let (batch_index, head) = (b / heads, b % heads);
+        q.gather(batch_index, head, d, &mut s.q);
+        k.gather(batch_index, head, d, &mut s.k);
+        v.gather(batch_index, head, d, &mut s.v);
+        // Every element is written by the head's run: grow, never clear.
+        s.out.resize(nq * d, 0.0);
+        Head { q: &s.q, k: &s.k, v: &s.v, b, nq, nk, d, scale, bias }.run(isa, &mut s.buffers, &mut s.out);
         for (i, row) in s.out.chunks_exact(d).enumerate() {
             // SAFETY: batch-head b alone writes row i's d floats at this head's place in the
             // merged output, inside `out` (its length was checked above).
-            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out_ptr.ptr().add(((window * n + i) * heads + head) * d), d) };
+            let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.ptr().add(((batch_index * nq + i) * heads + head) * d), d) };
+            copy_row(row, dst);
         }
     });
+}
+
+/// [`attention_heads`] on the output of one fused `q | k | v` projection.
+// qkv is [batch, n, heads, 3, d]; out is [batch, n, heads, d].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_packed(qkv: &[f32], batch: usize, n: usize, heads: usize, d: usize, scale: f32, bias: Bias, out: &mut [f32]) {
+    assert_eq!(qkv.len(), batch * heads * n * 3 * d, "attention_packed: qkv is not [batch, n, heads, 3, d]");
+    let part = |p| HeadsView::packed_part(qkv, n, heads, d, p);
+    attention_heads(part(0), part(1), part(2), batch, heads, d, scale, bias, out);
 }
 
 /// Per-thread buffers, reused across tasks.
@@ -603,6 +668,28 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// `attention_heads` on separate heads-merged q, k and v (the mask decoder's projections,
+    /// queries and keys of different lengths, both attention paths) against `attention` on the
+    /// same numbers split by hand: bit for bit.
+    #[test]
+    fn merged_heads_match_split_heads_bit_for_bit() {
+        let mut rng = rng();
+        for &(batch, nq, nk, heads, d) in &[(1, 7, 70, 8, 16), (1, 70, 7, 8, 16), (2, 5, 300, 3, 32), (1, 1, 1, 1, 8)] {
+            let bh = batch * heads;
+            let (q, k, v) = (random(&mut rng, batch * nq * heads * d, 1.5), random(&mut rng, batch * nk * heads * d, 1.5), random(&mut rng, batch * nk * heads * d, 1.0));
+            // [batch, rows, heads, d] -> [batch * heads, rows, d].
+            let split = |t: &[f32], rows: usize| -> Vec<f32> {
+                (0..bh).flat_map(|b| (0..rows).flat_map(move |i| (0..d).map(move |p| (b, i, p)))).map(|(b, i, p)| t[(((b / heads) * rows + i) * heads + b % heads) * d + p]).collect()
+            };
+            let mut expected = vec![f32::NAN; bh * nq * d];
+            attention(&split(&q, nq), &split(&k, nk), &split(&v, nk), bh, nq, nk, d, 0.25, Bias::None, &mut expected);
+            let mut got = vec![f32::NAN; bh * nq * d];
+            let view = |t, rows| HeadsView::merged(t, rows, heads, d);
+            attention_heads(view(&q, nq), view(&k, nk), view(&v, nk), batch, heads, d, 0.25, Bias::None, &mut got);
+            assert_eq!(split(&got, nq).iter().map(|x| x.to_bits()).collect::<Vec<_>>(), expected.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "batch {batch} nq {nq} nk {nk} heads {heads} d {d}");
         }
     }
 

@@ -179,6 +179,28 @@ pub trait Backend: Send + Sync {
         let projected = self.conv2d(&filtered, block.project, block.project_bias, pointwise, Activation::None)?;
         self.activation(&self.add(&projected, x)?, block.act)
     }
+    /// Attention on projections whose heads are merged into the channels: `q: [B, Nq, heads·d]`,
+    /// `k, v: [B, Nk, heads·d]` → `[B, Nq, heads·d]`, i.e. the head split (`view(B, N, heads,
+    /// d).transpose(1, 2)`), [`Backend::attention`] on `[B·heads, N, d]` (bias indexed by
+    /// batch-head `b·heads + h`) and the merge, as one operation. The default composes permute
+    /// and attention; a backend may fuse the split and merge into its kernel (the CPU backend
+    /// does).
+    fn attention_heads(&self, q: Self::Tensor, k: Self::Tensor, v: Self::Tensor, heads: usize, scale: f32, bias: AttentionBias<'_, Self>) -> Result<Self::Tensor> {
+        let (batch, nq, d) = merged_heads_dims(self.shape(&q), heads)?;
+        let (kv_batch, nk, kv_d) = merged_heads_dims(self.shape(&k), heads)?;
+        if (kv_batch, kv_d) != (batch, d) || self.shape(&v) != self.shape(&k) {
+            return Err(crate::Error::Shape(format!("attention_heads: q {:?}, k {:?}, v {:?} with {heads} heads", self.shape(&q), self.shape(&k), self.shape(&v))));
+        }
+        let split = |t: Self::Tensor, rows: usize| -> Result<Self::Tensor> {
+            let per_head = self.reshape(t, &[batch, rows, heads, d])?;
+            let head_major = self.permute(&per_head, &[0, 2, 1, 3])?;
+            self.reshape(head_major, &[batch * heads, rows, d])
+        };
+        let out = self.attention(&split(q, nq)?, &split(k, nk)?, &split(v, nk)?, scale, bias)?;
+        let per_head = self.reshape(out, &[batch, heads, nq, d])?;
+        let token_major = self.permute(&per_head, &[0, 2, 1, 3])?;
+        self.reshape(token_major, &[batch, nq, heads * d])
+    }
     /// Self-attention straight from one fused projection: `qkv: [B, N, heads·3·d]`, where each
     /// head's q | k | v are adjacent (TinyViT's `view(B, N, heads, -1).split([d, d, d])`), →
     /// `[B, N, heads·d]` with the heads merged back in head-major channel order: the head split,
@@ -211,6 +233,14 @@ pub trait Backend: Send + Sync {
         let _ = key;
         let x = self.from_host(shape, input)?;
         f(self, &x)
+    }
+}
+
+/// `(B, N, d)` of a heads-merged tensor `[B, N, heads·d]` ([`Backend::attention_heads`]).
+pub fn merged_heads_dims(shape: &[usize], heads: usize) -> Result<(usize, usize, usize)> {
+    match *shape {
+        [batch, tokens, width] if heads > 0 && width > 0 && width % heads == 0 => Ok((batch, tokens, width / heads)),
+        _ => Err(crate::Error::Shape(format!("attention_heads: {shape:?} is not [B, N, heads·d] with {heads} heads"))),
     }
 }
 
@@ -466,6 +496,37 @@ pub(crate) mod tests {
         assert!(matches!(cpu.inverted_residual(&x, &swapped), Err(crate::Error::Shape(_))));
         let wrong_kernel = InvertedResidual { expand: &e, expand_bias: None, depthwise: &d, depthwise_bias: None, kernel: 5, project: &p, project_bias: None, act: Activation::Gelu };
         assert!(matches!(cpu.inverted_residual(&x, &wrong_kernel), Err(crate::Error::Shape(_))));
+    }
+
+    /// The CPU backend's fused head split and merge against the trait's default (permutes
+    /// around `attention`), bit for bit, on the mask decoder's shapes (7 tokens against 64
+    /// image tokens and back); mismatched operands are an error.
+    #[test]
+    fn attention_heads_cpu_equals_default_and_checks_shapes() {
+        let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
+        let (heads, d) = (8, 16);
+        let mut values = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect() };
+        let tokens = values(7 * heads * d);
+        let image = values(64 * heads * d);
+        let values_image = values(64 * heads * d);
+        let cpu = CpuBackend::new(2).unwrap();
+        let default = DefaultLora::new(2);
+        for (nq, q, nk, k, v) in [(7, &tokens, 64, &image, &values_image), (64, &image, 7, &tokens, &tokens)] {
+            let fused = {
+                let up = |rows, t: &[f32]| cpu.from_host(&[1, rows, heads * d], t).unwrap();
+                cpu.to_host(&cpu.attention_heads(up(nq, q), up(nk, k), up(nk, v), heads, 0.25, AttentionBias::None).unwrap()).unwrap()
+            };
+            let composed = {
+                let up = |rows, t: &[f32]| default.from_host(&[1, rows, heads * d], t).unwrap();
+                default.to_host(&default.attention_heads(up(nq, q), up(nk, k), up(nk, v), heads, 0.25, AttentionBias::None).unwrap()).unwrap()
+            };
+            assert_eq!(fused.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), composed.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{nq} queries, {nk} keys");
+        }
+        let up = |rows, width, t: &[f32]| cpu.from_host(&[1, rows, width], &t[..rows * width]).unwrap();
+        let narrower_k = cpu.attention_heads(up(7, heads * d, &tokens), up(7, heads * d / 2, &tokens), up(7, heads * d, &tokens), heads, 0.25, AttentionBias::None);
+        assert!(matches!(narrower_k, Err(crate::Error::Shape(_))));
+        let indivisible = cpu.attention_heads(up(7, heads * d, &tokens), up(7, heads * d, &tokens), up(7, heads * d, &tokens), 3, 0.25, AttentionBias::None);
+        assert!(matches!(indivisible, Err(crate::Error::Shape(_))));
     }
 
     #[test]

@@ -287,6 +287,15 @@ impl<B: Backend> Backend for CostMeter<B> {
         self.traffic(&[x, x], &out);
         out
     }
+    fn attention_heads(&self, q: B::Tensor, k: B::Tensor, v: B::Tensor, heads: usize, scale: f32, bias: AttentionBias<'_, Self>) -> Result<B::Tensor> {
+        let (batch, nq, d) = crate::backend::merged_heads_dims(self.inner.shape(&q), heads)?;
+        let nk = self.inner.shape(&k)[1];
+        // Priced as `attention`: q·kᵀ and p·v per batch-head, q, k, v read and the output written.
+        self.c.attention.fetch_add(4 * (batch * heads * nq * nk * d) as u64, Relaxed);
+        self.c.elements.fetch_add((batch * heads * d * (2 * nq + 2 * nk)) as u64, Relaxed);
+        self.c.ops.fetch_add(1, Relaxed);
+        self.inner.attention_heads(q, k, v, heads, scale, inner_bias(bias))
+    }
     fn attention_packed(&self, qkv: B::Tensor, heads: usize, scale: f32, bias: AttentionBias<'_, Self>) -> Result<B::Tensor> {
         let (batch, n, d) = crate::backend::packed_qkv_dims(self.inner.shape(&qkv), heads)?;
         // Priced as `attention`: q·kᵀ and p·v per batch-head, q, k, v read and the output written.

@@ -569,7 +569,8 @@ impl Backend for CpuBackend {
                 return Err(Error::Shape(format!("conv_transpose2d: bias {:?} is not [{c_out}]", b.shape)));
             }
         }
-        let mut out = self.buffer(batch * c_out * h * k * wd * k);
+        // Kernel == stride: the scatter writes every output element exactly once.
+        let mut out = self.buffer_for_overwrite(batch * c_out * h * k * wd * k);
         self.run(|| conv::conv_transpose2d(&x.data, batch, c_in, h, wd, w.matrix(), c_out, k, bias.map(|b| &b.data[..]), &mut out));
         self.tensor(vec![batch, c_out, h * k, wd * k], out)
     }
@@ -666,6 +667,19 @@ impl Backend for CpuBackend {
         self.tensor(x.shape.clone(), out)
     }
 
+    fn attention_heads(&self, q: CpuTensor, k: CpuTensor, v: CpuTensor, heads: usize, scale: f32, bias: AttentionBias<'_, Self>) -> Result<CpuTensor> {
+        let (batch, nq, d) = crate::backend::merged_heads_dims(&q.shape, heads)?;
+        let (kv_batch, nk, kv_d) = crate::backend::merged_heads_dims(&k.shape, heads)?;
+        if (kv_batch, kv_d) != (batch, d) || v.shape != k.shape {
+            return Err(Error::Shape(format!("attention_heads: q {:?}, k {:?}, v {:?} with {heads} heads", q.shape, k.shape, v.shape)));
+        }
+        let bias = attention_bias(&bias, batch * heads, nq, nk)?;
+        let mut out = self.buffer_for_overwrite(batch * nq * heads * d);
+        let [qv, kv, vv] = [(&q, nq), (&k, nk), (&v, nk)].map(|(t, rows)| attention::HeadsView::merged(&t.data, rows, heads, d));
+        self.run(|| attention::attention_heads(qv, kv, vv, batch, heads, d, scale, bias, &mut out));
+        self.tensor(vec![batch, nq, heads * d], out)
+    }
+
     fn attention_packed(&self, qkv: CpuTensor, heads: usize, scale: f32, bias: AttentionBias<'_, Self>) -> Result<CpuTensor> {
         let (batch, n, d) = crate::backend::packed_qkv_dims(&qkv.shape, heads)?;
         let bias = attention_bias(&bias, batch * heads, n, n)?;
@@ -681,7 +695,7 @@ impl Backend for CpuBackend {
         }
         let (h, w) = (x.shape[rank - 2], x.shape[rank - 1]);
         let planes: usize = x.shape[..rank - 2].iter().product();
-        let mut out = self.buffer(planes * out_h * out_w);
+        let mut out = self.buffer_for_overwrite(planes * out_h * out_w);
         self.run(|| resize::bilinear(&x.data, planes, h, w, out_h, out_w, &mut out));
         let mut shape = x.shape.clone();
         shape[rank - 2] = out_h;

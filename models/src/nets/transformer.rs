@@ -75,38 +75,14 @@ impl<B: Backend> Attention<B> {
 
     /// `q: [B, Nq, C]`, `k, v: [B, Nk, C]` → `[B, Nq, C]`.
     pub fn forward(&self, b: &B, q: &B::Tensor, k: &B::Tensor, v: &B::Tensor) -> Result<B::Tensor> {
-        let q = self.separate_heads(b, self.q_proj.forward(b, q, Activation::None)?)?;
-        let k = self.separate_heads(b, self.k_proj.forward(b, k, Activation::None)?)?;
-        let v = self.separate_heads(b, self.v_proj.forward(b, v, Activation::None)?)?;
+        let q = self.q_proj.forward(b, q, Activation::None)?;
+        let k = self.k_proj.forward(b, k, Activation::None)?;
+        let v = self.v_proj.forward(b, v, Activation::None)?;
         let scale = 1.0 / (self.head_dim as f32).sqrt();
-        let out = b.attention(&q, &k, &v, scale, AttentionBias::None)?;
-        let out = self.recombine_heads(b, out)?;
+        // The reference's `_separate_heads` / `_recombine_heads` are the split and merge that
+        // `attention_heads` does around the attention.
+        let out = b.attention_heads(q, k, v, self.num_heads, scale, AttentionBias::None)?;
         self.out_proj.forward(b, &out, Activation::None)
-    }
-
-    /// `[B, N, heads·D]` → `[B·heads, N, D]`.
-    fn separate_heads(&self, b: &B, x: B::Tensor) -> Result<B::Tensor> {
-        let (batch, n) = batch_and_tokens(b, &x)?;
-        let x = b.reshape(x, &[batch, n, self.num_heads, self.head_dim])?;
-        let x = b.permute(&x, &[0, 2, 1, 3])?;
-        b.reshape(x, &[batch * self.num_heads, n, self.head_dim])
-    }
-
-    /// `[B·heads, N, D]` → `[B, N, heads·D]`.
-    fn recombine_heads(&self, b: &B, x: B::Tensor) -> Result<B::Tensor> {
-        let (batch_heads, n) = batch_and_tokens(b, &x)?;
-        let batch = batch_heads / self.num_heads;
-        let x = b.reshape(x, &[batch, self.num_heads, n, self.head_dim])?;
-        let x = b.permute(&x, &[0, 2, 1, 3])?;
-        b.reshape(x, &[batch, n, self.num_heads * self.head_dim])
-    }
-}
-
-/// The first two axes of a `[B, N, C]` tensor.
-fn batch_and_tokens<B: Backend>(b: &B, x: &B::Tensor) -> Result<(usize, usize)> {
-    match b.shape(x) {
-        [batch, n, _] => Ok((*batch, *n)),
-        other => Err(Error::Shape(format!("attention expects [B, N, C], got {other:?}"))),
     }
 }
 
