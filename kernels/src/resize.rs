@@ -37,6 +37,22 @@ pub(crate) fn torch_linear_taps(in_size: usize, out_size: usize) -> Vec<LinearTa
 /// Bilinear resize of each plane with PyTorch's `align_corners=False, antialias=False` semantics.
 // x: [planes, h, w]; out: [planes, out_h, out_w].
 pub fn bilinear(x: &[f32], planes: usize, h: usize, w: usize, out_h: usize, out_w: usize, out: &mut [f32]) {
+    bilinear_map(x, planes, h, w, out_h, out_w, out, |v| v);
+}
+
+/// `bilinear(..) > 0` as a 0/1 mask, without the f32 plane in between: a decoded mask at the
+/// frame's resolution (800x540 and more) is one pass instead of a resize, a threshold pass and
+/// the float buffer between them. Same arithmetic as [`bilinear`], so the same decisions.
+// x: [planes, h, w]; out: [planes, out_h, out_w].
+pub fn bilinear_mask(x: &[f32], planes: usize, h: usize, w: usize, out_h: usize, out_w: usize, out: &mut [u8]) {
+    bilinear_map(x, planes, h, w, out_h, out_w, out, |v| u8::from(v > 0.0));
+}
+
+/// [`bilinear`] with each interpolated value passed through `f` on its way out.
+// x: [planes, h, w]; out: [planes, out_h, out_w].
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn bilinear_map<T: Send>(x: &[f32], planes: usize, h: usize, w: usize, out_h: usize, out_w: usize, out: &mut [T], f: impl Fn(f32) -> T + Sync) {
     assert_eq!(x.len(), planes * h * w, "bilinear: x is not [planes, h, w]");
     assert_eq!(out.len(), planes * out_h * out_w, "bilinear: out is not [planes, out_h, out_w]");
     if out.is_empty() {
@@ -53,7 +69,7 @@ pub fn bilinear(x: &[f32], planes: usize, h: usize, w: usize, out_h: usize, out_
             // Same association as torch: interpolate along x within each row, then along y.
             let top = r0[tx.i0] * tx.w0 + r0[tx.i1] * tx.w1;
             let bottom = r1[tx.i0] * tx.w0 + r1[tx.i1] * tx.w1;
-            *o = top * ty.w0 + bottom * ty.w1;
+            *o = f(top * ty.w0 + bottom * ty.w1);
         }
     });
 }
@@ -456,6 +472,19 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn bilinear_mask_is_bilinear_thresholded() {
+        let mut rng = rng();
+        for &(planes, h, w, oh, ow) in &[(1, 173, 256, 540, 800), (2, 7, 5, 13, 11), (1, 1, 1, 3, 4)] {
+            let x: Vec<f32> = (0..planes * h * w).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let mut plane = vec![0.0f32; planes * oh * ow];
+            bilinear(&x, planes, h, w, oh, ow, &mut plane);
+            let mut mask = vec![7u8; planes * oh * ow];
+            bilinear_mask(&x, planes, h, w, oh, ow, &mut mask);
+            assert!(plane.iter().zip(&mask).all(|(&v, &m)| m == u8::from(v > 0.0)), "{planes}x{h}x{w} -> {oh}x{ow}");
+        }
     }
 
     #[test]

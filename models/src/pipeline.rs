@@ -140,25 +140,24 @@ pub fn postprocess(kind: Preprocess, logits: &[f32], low_res: usize, geometry: &
     let (h, w) = geometry.original;
     let s = geometry.input_size;
     let (rh, rw) = geometry.resized;
-    let full = match kind {
+    // The last resize thresholds on the way out (`logits > 0`), so the frame-sized plane is
+    // never held in f32.
+    let mut data = vec![0u8; h * w];
+    match kind {
         Preprocess::LiteMedSam => {
             // The low-res grid is the encoder-input grid (256): crop, then upsample.
             let (ch, cw) = (rh.min(low_res), rw.min(low_res));
             let cropped = crop(logits, low_res, ch, cw);
-            let mut out = vec![0.0f32; h * w];
-            resize::bilinear(&cropped, 1, ch, cw, h, w, &mut out);
-            out
+            resize::bilinear_mask(&cropped, 1, ch, cw, h, w, &mut data);
         }
         Preprocess::Sam => {
             let mut padded = vec![0.0f32; s * s];
             resize::bilinear(logits, 1, low_res, low_res, s, s, &mut padded);
             let cropped = crop(&padded, s, rh, rw);
-            let mut out = vec![0.0f32; h * w];
-            resize::bilinear(&cropped, 1, rh, rw, h, w, &mut out);
-            out
+            resize::bilinear_mask(&cropped, 1, rh, rw, h, w, &mut data);
         }
-    };
-    Ok(Mask { width: w, height: h, data: full.iter().map(|&v| u8::from(v > 0.0)).collect() })
+    }
+    Ok(Mask { width: w, height: h, data })
 }
 
 /// Top-left `rows x cols` of a square `side x side` plane.
