@@ -115,8 +115,9 @@ pub(crate) fn gemm(isa: Isa, m: usize, n: usize, k: usize, a: &[f32], lda: usize
     // Several column chunks read the same rows of A (a convolution's weight against thousands
     // of pixels): pack A once for all of them instead of once per task, which for small `k`
     // cost as much as the product itself.
+    // (Where the kernel reads A in place there is nothing to pack.)
     let padded_rows = m.div_ceil(mr) * mr;
-    if col_chunks > 1 && padded_rows * k <= PREPACK_A_FLOATS {
+    if col_chunks > 1 && padded_rows * k <= PREPACK_A_FLOATS && !microkernel::reads_row_major_a(isa) {
         A_PACKED.with(|cell| match cell.try_borrow_mut() {
             Ok(mut buf) => {
                 ensure_len(&mut buf, padded_rows * k);
@@ -198,9 +199,16 @@ unsafe fn run_task(
             ensure_len(b_buf, col_panels * nr * KC.min(k.max(1)));
         }
         let mut edge = [0.0f32; MAX_TILE];
+        // A row-major A is read in place where the kernel can (its rows are then `lda` apart);
+        // otherwise this task packs its rows into `[kc][mr]` panels per pass.
+        let in_place = match a {
+            AOperand::RowMajor { data, lda } if microkernel::reads_row_major_a(isa) => Some((data.as_ptr(), lda)),
+            _ => None,
+        };
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
             let a_panels = match a {
+                AOperand::RowMajor { .. } if in_place.is_some() => std::ptr::null(),
                 AOperand::RowMajor { data, lda } => {
                     pack_a(isa, data, lda, rows.clone(), k0, kc, mr, a_buf);
                     a_buf.as_ptr()
@@ -221,8 +229,27 @@ unsafe fn run_task(
                 for ip in 0..row_panels {
                     let i0 = rows.start + ip * mr;
                     let height = mr.min(rows.end - i0);
-                    let a_panel = a_panels.add(ip * kc * mr);
                     let dst = c.add(i0 * ldc + j0);
+                    if let Some((a_data, lda)) = in_place {
+                        let a_rows = a_data.add(i0 * lda + k0);
+                        if width == nr {
+                            microkernel::run_row_major_a(isa, height, kc, a_rows, lda, b_panel, dst, ldc, k0 > 0);
+                        } else {
+                            // Ragged edge: the kernel writes `height` whole rows into scratch
+                            // (A has no rows past `height` to read).
+                            if k0 > 0 {
+                                for i in 0..height {
+                                    std::ptr::copy_nonoverlapping(dst.add(i * ldc), edge.as_mut_ptr().add(i * nr), width);
+                                }
+                            }
+                            microkernel::run_row_major_a(isa, height, kc, a_rows, lda, b_panel, edge.as_mut_ptr(), nr, k0 > 0);
+                            for i in 0..height {
+                                std::ptr::copy_nonoverlapping(edge.as_ptr().add(i * nr), dst.add(i * ldc), width);
+                            }
+                        }
+                        continue;
+                    }
+                    let a_panel = a_panels.add(ip * kc * mr);
                     if height == mr && width == nr {
                         microkernel::run(isa, kc, a_panel, b_panel, dst, ldc, k0 > 0);
                     } else if width == nr && microkernel::run_rows(isa, height, kc, a_panel, b_panel, dst, ldc, k0 > 0) {
@@ -428,10 +455,15 @@ mod tests {
                 let w_nk: Vec<f32> = (0..n * k).map(|idx| b[(idx % k) * n + idx / k]).collect();
                 let mut packed = vec![f32::NAN; packed_b_len(isa, n, k)];
                 pack_b_transposed(isa, MatrixRef::F32(&w_nk), n, k, &mut packed);
-                for operand in [BOperand::Packed(&packed), BOperand::RowMajor { data: &b, ldb: n }] {
+                // A also with rows wider than k (lda = k + 3, the extra columns NaN): a kernel
+                // reading A in place must step by lda and never touch them.
+                let lda_wide = k + 3;
+                let a_wide: Vec<f32> = (0..m * lda_wide).map(|idx| if idx % lda_wide < k { a[idx / lda_wide * k + idx % lda_wide] } else { f32::NAN }).collect();
+                let operands = [BOperand::Packed(&packed), BOperand::RowMajor { data: &b, ldb: n }];
+                for (operand, (a_in, lda)) in operands.into_iter().flat_map(|o| [(o, (&a, k)), (o, (&a_wide, lda_wide))]) {
                     let mut c = vec![f32::NAN; m * ldc];
                     let epilogue = |row: usize, _col0: usize, seg: &mut [f32]| seg.iter_mut().for_each(|v| *v += 1.0 + row as f32);
-                    gemm(isa, m, n, k, &a, k, operand, &mut c, ldc, &epilogue);
+                    gemm(isa, m, n, k, a_in, lda, operand, &mut c, ldc, &epilogue);
                     for i in 0..m {
                         for j in 0..ldc {
                             let got = c[i * ldc + j];

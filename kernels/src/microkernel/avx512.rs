@@ -39,10 +39,73 @@ pub(crate) unsafe fn kernel_height(height: usize, kc: usize, a: *const f32, b: *
     }
 }
 
+/// The first `height` rows of a tile with A read in place, row-major with row stride `lda`
+/// (`1 <= height <= MR`); see [`super::run_row_major_a`].
+// a: height rows of kc floats, stride lda; b: [kc][NR]; c: height rows of NR with stride ldc.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn kernel_row_major_a(height: usize, kc: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) {
+    let a = RowMajor { a, lda };
+    match height {
+        1 => kernel_tile::<1, _>(kc, a, b, c, ldc, accumulate),
+        2 => kernel_tile::<2, _>(kc, a, b, c, ldc, accumulate),
+        3 => kernel_tile::<3, _>(kc, a, b, c, ldc, accumulate),
+        4 => kernel_tile::<4, _>(kc, a, b, c, ldc, accumulate),
+        5 => kernel_tile::<5, _>(kc, a, b, c, ldc, accumulate),
+        6 => kernel_tile::<6, _>(kc, a, b, c, ldc, accumulate),
+        7 => kernel_tile::<7, _>(kc, a, b, c, ldc, accumulate),
+        8 => kernel_tile::<8, _>(kc, a, b, c, ldc, accumulate),
+        9 => kernel_tile::<9, _>(kc, a, b, c, ldc, accumulate),
+        10 => kernel_tile::<10, _>(kc, a, b, c, ldc, accumulate),
+        11 => kernel_tile::<11, _>(kc, a, b, c, ldc, accumulate),
+        _ => kernel_tile::<MR, _>(kc, a, b, c, ldc, accumulate),
+    }
+}
+
+/// Where the kernel finds A's value for row `i` at depth `p`.
+trait ALayout: Copy {
+    /// # Safety
+    /// `(i, p)` lies inside the operand the layout was made for.
+    unsafe fn at(self, i: usize, p: usize) -> f32;
+}
+
+/// A packed `[kc][MR]` panel.
+#[derive(Clone, Copy)]
+struct Packed(*const f32);
+
+impl ALayout for Packed {
+    #[inline(always)]
+    unsafe fn at(self, i: usize, p: usize) -> f32 {
+        *self.0.add(p * MR + i)
+    }
+}
+
+/// A row-major matrix read in place: each row's `kc` values are contiguous, rows `lda` apart,
+/// so every value is a broadcast load from one of `R` sequential streams (no packing copy).
+#[derive(Clone, Copy)]
+struct RowMajor {
+    a: *const f32,
+    lda: usize,
+}
+
+impl ALayout for RowMajor {
+    #[inline(always)]
+    unsafe fn at(self, i: usize, p: usize) -> f32 {
+        *self.a.add(i * self.lda + p)
+    }
+}
+
 /// `R` rows of the tile; A's panel keeps its `MR` stride.
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn kernel_rows<const R: usize>(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) {
+    kernel_tile::<R, _>(kc, Packed(a), b, c, ldc, accumulate)
+}
+
+/// `R` rows of the tile, A in either layout.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_tile<const R: usize, A: ALayout>(kc: usize, a: A, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) {
     let mut lo = [_mm512_setzero_ps(); R];
     let mut hi = [_mm512_setzero_ps(); R];
     if accumulate {
@@ -54,9 +117,8 @@ unsafe fn kernel_rows<const R: usize>(kc: usize, a: *const f32, b: *const f32, c
     for p in 0..kc {
         let b_lo = _mm512_loadu_ps(b.add(p * NR));
         let b_hi = _mm512_loadu_ps(b.add(p * NR + 16));
-        let ap = a.add(p * MR);
         for i in 0..R {
-            let av = _mm512_set1_ps(*ap.add(i));
+            let av = _mm512_set1_ps(a.at(i, p));
             lo[i] = _mm512_fmadd_ps(av, b_lo, lo[i]);
             hi[i] = _mm512_fmadd_ps(av, b_hi, hi[i]);
         }

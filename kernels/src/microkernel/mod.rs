@@ -101,6 +101,31 @@ pub(crate) unsafe fn run_rows(isa: Isa, height: usize, kc: usize, a: *const f32,
     }
 }
 
+/// The first `height` rows of a full-width tile with A read in place from a row-major matrix
+/// (row stride `lda`) instead of a packed panel: returns `false`, touching nothing, where `isa`
+/// has no such kernel (the driver then packs A).
+///
+/// # Safety
+/// As [`run_rows`], with `a` pointing to `height` rows of `kc` readable floats, `lda` apart.
+#[inline]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn run_row_major_a(isa: Isa, height: usize, kc: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) -> bool {
+    debug_assert!(height >= 1 && height <= tile_shape(isa).mr);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            avx512::kernel_row_major_a(height, kc, a, lda, b, c, ldc, accumulate);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Whether [`run_row_major_a`] has a kernel for `isa`.
+pub(crate) fn reads_row_major_a(isa: Isa) -> bool {
+    matches!(isa, Isa::Avx512) && cfg!(target_arch = "x86_64")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
