@@ -17,9 +17,13 @@
 //
 // Head dims up to DP are handled by the instance for DP (the rest of the registers stay zero).
 //
-// Compiled by NVRTC with no headers: the 16-bit conversions, the MMA and cp.async are inline PTX,
-// each in a small function whose MINISAM_SIM branch calls the host simulator's emulation of the
-// same instruction (kernels/sim).
+// Compiled by NVRTC with no CUDA headers. The 16-bit conversions, the MMA and cp.async are inline
+// PTX, each in a small function whose MINISAM_SIM branch calls the host simulator's emulation of
+// the same instruction (kernels/sim): those shared with nf4_gemm.cu (pack2, mma16816, cp_async,
+// cp_async_commit) come from tensor_core.cuh, the only header, which NVRTC and the simulator both
+// resolve (see its top comment); the wait this kernel's pipeline needs is below.
+
+#include "tensor_core.cuh"
 
 typedef long long i64;
 
@@ -175,75 +179,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_d128(const AttnP
 // cp.async (so 0 * V stays 0, never 0 * poison) and get -inf scores.
 
 #define TC_BQ 64
-
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-#ifdef MINISAM_SIM
-#ifdef MINISAM_MMA_F16
-    return msim::cvt_rn_satfinite_f16x2_f32(hi, lo);
-#else
-    return msim::cvt_rn_bf16x2_f32(hi, lo);
-#endif
-#else
-    unsigned r;
-#ifdef MINISAM_MMA_F16
-    // .satfinite: beyond ±65504 saturate rather than become inf (see nf4_gemm.cu).
-    asm("cvt.rn.satfinite.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-#else
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-#endif
-    return r;
-#endif
-}
-
-__device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
-#ifdef MINISAM_SIM
-#ifdef MINISAM_MMA_F16
-    msim::mma_m16n8k16_f16(c, a0, a1, a2, a3, b0, b1);
-#else
-    msim::mma_m16n8k16_bf16(c, a0, a1, a2, a3, b0, b1);
-#endif
-#elif defined(MINISAM_MMA_F16)
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
-}
-
-#ifndef MINISAM_SIM
-// cp.async takes a shared-state-space address; a generic pointer to shared memory converts.
-__device__ __forceinline__ unsigned shared_address(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-#endif
-
-// cp.async of `bytes` (4 or 16) bytes, of which the first `src_bytes` come from global memory and
-// the rest are zero-filled (src_bytes = 0: a padded row or column, no global read).
-template <int BYTES>
-__device__ __forceinline__ void cp_async(void* dst, const void* src, unsigned src_bytes) {
-#ifdef MINISAM_SIM
-    msim::cp_async(dst, src, BYTES, src_bytes);
-#else
-    if (BYTES == 16)
-        // .cg: the tile is used once per block, so bypass L1.
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(shared_address(dst)), "l"(src), "r"(src_bytes) : "memory");
-    else
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(shared_address(dst)), "l"(src), "r"(src_bytes) : "memory");
-#endif
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-#ifdef MINISAM_SIM
-    msim::cp_async_commit_group();
-#else
-    asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
 
 // Waits for every copy this thread has issued (the pipeline has one group in flight at the wait).
 __device__ __forceinline__ void cp_async_wait_all_groups() {

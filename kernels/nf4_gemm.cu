@@ -15,10 +15,14 @@
 // and where NF4 is decoded: see "Shared memory and the copy pipeline" below). The finished C tile
 // goes through shared memory once, so that the epilogue is one loop with coalesced stores.
 //
-// Compiled by NVRTC with no headers at all: the 16-bit conversions, the MMA and cp.async are inline PTX,
-// each in a small function whose MINISAM_SIM branch calls the host simulator's emulation of the
-// same instruction (kernels/sim).
+// Compiled by NVRTC with no CUDA headers. The 16-bit conversions, the MMA and cp.async are inline
+// PTX, each in a small function whose MINISAM_SIM branch calls the host simulator's emulation of
+// the same instruction (kernels/sim): those shared with attention.cu (pack2, mma16816, cp_async,
+// cp_async_commit) come from tensor_core.cuh, the only header, which NVRTC and the simulator both
+// resolve (see its top comment); f16_to_f32, lds_pair and the pipeline's wait are below.
 // Index arithmetic inside the tiles is 32-bit (the host refuses tensors of 2^31 elements or more).
+
+#include "tensor_core.cuh"
 
 #define BM 64
 #define BN 64
@@ -253,38 +257,6 @@ __device__ __forceinline__ Plan make_plan(const GemmParams& p, i64 z) {
     return pl;
 }
 
-#ifndef MINISAM_SIM
-// cp.async takes a shared-state-space address; a generic pointer to shared memory converts.
-__device__ __forceinline__ unsigned shared_address(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-#endif
-
-// cp.async of `BYTES` (4 or 16) bytes, of which the first `src_bytes` come from global memory and
-// the rest are zero-filled (src_bytes = 0: padding, no global read).
-template <int BYTES>
-__device__ __forceinline__ void cp_async(void* dst, const void* src, unsigned src_bytes) {
-#ifdef MINISAM_SIM
-    msim::cp_async(dst, src, BYTES, src_bytes);
-#else
-    if (BYTES == 16)
-        // .cg: a tile is read once per block, so bypass L1.
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(shared_address(dst)), "l"(src), "r"(src_bytes) : "memory");
-    else
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(shared_address(dst)), "l"(src), "r"(src_bytes) : "memory");
-#endif
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-#ifdef MINISAM_SIM
-    msim::cp_async_commit_group();
-#else
-    asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-
 // Waits until at most N of this thread's most recent groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -487,44 +459,6 @@ __device__ __forceinline__ void write_tile(const GemmParams& p, i64 z, i64 m0, i
         const float* t_row = Ts ? Ts[r] : p.lora_t ? p.lora_t + (m0 + r) * p.lora_r : nullptr;
         epilogue(p, z, m0 + r, n0 + c, Cs[r][c], t_row);
     }
-}
-
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-#ifdef MINISAM_SIM
-#ifdef MINISAM_MMA_F16
-    return msim::cvt_rn_satfinite_f16x2_f32(hi, lo);
-#else
-    return msim::cvt_rn_bf16x2_f32(hi, lo);
-#endif
-#else
-    unsigned r;
-#ifdef MINISAM_MMA_F16
-    // .satfinite: an activation above 65504 becomes ±65504, not ±inf (which would turn the
-    // whole accumulator, and every later layer, into inf/NaN). bf16 has f32's range.
-    asm("cvt.rn.satfinite.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-#else
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-#endif
-    return r;
-#endif
-}
-
-__device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
-#ifdef MINISAM_SIM
-#ifdef MINISAM_MMA_F16
-    msim::mma_m16n8k16_f16(c, a0, a1, a2, a3, b0, b1);
-#else
-    msim::mma_m16n8k16_bf16(c, a0, a1, a2, a3, b0, b1);
-#endif
-#elif defined(MINISAM_MMA_F16)
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
 }
 
 // Two adjacent 16-bit elements of shared memory as one 32-bit word (element c in the low half).

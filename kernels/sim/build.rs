@@ -12,6 +12,15 @@
 //! The source text is included unchanged except for two mechanical edits on the same line (line
 //! numbers stay right through `#line`): `MSIM_SHARED(name);` after each `__shared__` declaration
 //! (see include/minisam_sim.h), and in the mutant variant the numbered barrier calls.
+//!
+//! Headers of the kernels' own (`kernels/*.cuh`, e.g. `tensor_core.cuh`, the tensor-core helpers
+//! of attention.cu and nf4_gemm.cu) are reached by an ordinary `#include "name.cuh"` in the `.cu`,
+//! resolved through `kernels/` on the include path: NVRTC gets the same text as an in-memory
+//! header (models/src/cuda/compile.rs), and the compilers name the header's own file and lines.
+//! The edits above apply to the `.cu` text only, so a header may hold neither `__shared__` nor
+//! `__syncthreads` (checked here: a barrier in a header would silently escape the mutant build's
+//! numbering), nor a kernel; a source counts as mentioning what its headers mention (the `"f16"`
+//! variant of a source whose `MINISAM_MMA_F16` code sits in a header).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -25,6 +34,8 @@ struct Source {
     /// Byte ranges of code (not comments, not string literals).
     code: Vec<bool>,
     kernels: Vec<String>,
+    /// The text of the `kernels/*.cuh` headers it includes (`#include "name.cuh"`).
+    headers: Vec<String>,
 }
 
 fn main() {
@@ -43,7 +54,16 @@ fn main() {
         .filter(|p| p.extension().is_some_and(|x| x == "cu"))
         .collect();
     cu.sort();
+    // Cargo scans a directory named here for any modified file, which covers kernels/*.cu and the
+    // headers they include; the headers are also named one by one, so that the dependency on
+    // tensor_core.cuh stays explicit should the directory line ever narrow.
     println!("cargo:rerun-if-changed={}", kernels_dir.display());
+    for entry in std::fs::read_dir(&kernels_dir).expect("kernels/ was just read") {
+        let path = entry.expect("directory entry").path();
+        if path.extension().is_some_and(|x| x == "cuh") {
+            println!("cargo:rerun-if-changed={}", path.display());
+        }
+    }
     for dir in ["include", "src"] {
         println!("cargo:rerun-if-changed={}", manifest.join(dir).display());
     }
@@ -55,6 +75,9 @@ fn main() {
         .opt_level(2)
         .define("MINISAM_SIM", "1")
         .include(manifest.join("include"))
+        // `#include "tensor_core.cuh"` in kernels/*.cu: the generated translation units live in
+        // OUT_DIR, so the quoted form's own-directory lookup would not find kernels/.
+        .include(&kernels_dir)
         // Only the kernels' explicit fmaf fuses: the same answer on x86-64 and aarch64 (GCC contracts
         // a*b+c by default on aarch64).
         .flag("-ffp-contract=off")
@@ -112,13 +135,49 @@ impl Source {
             text,
             code,
             kernels: Vec::new(),
+            headers: Vec::new(),
         };
         s.kernels = s.kernel_names();
+        s.headers = s.read_headers();
         s
     }
 
+    /// The `kernels/*.cuh` files named by `#include "..."` lines (the `<...>` form names the
+    /// simulator's stand-ins for CUDA headers in include/, which are not kernel code), each
+    /// checked to hold nothing the per-line edits would have to see.
+    fn read_headers(&self) -> Vec<String> {
+        let dir = self.path.parent().expect("a source sits in a directory");
+        let mut headers = Vec::new();
+        for line in self.text.lines() {
+            let Some(rest) = line.trim_start().strip_prefix("#include") else {
+                continue;
+            };
+            let Some(name) = rest
+                .trim()
+                .strip_prefix('"')
+                .and_then(|r| r.split('"').next())
+            else {
+                continue;
+            };
+            let path = dir.join(name);
+            let header = Source::read(&path);
+            for word in ["__shared__", "__syncthreads", "__global__"] {
+                if let Some(&at) = header.find_code(word).first() {
+                    panic!(
+                        "{}:{}: `{word}` in a header: the simulator's build edits and scans the .cu text only (numbered barriers, MSIM_SHARED, kernel names); keep it in the .cu",
+                        path.display(),
+                        line_of(&header.text, at)
+                    );
+                }
+            }
+            headers.push(header.text);
+            headers.extend(header.headers);
+        }
+        headers
+    }
+
     fn mentions(&self, word: &str) -> bool {
-        self.text.contains(word)
+        self.text.contains(word) || self.headers.iter().any(|h| h.contains(word))
     }
 
     /// Byte offsets of `word` where it stands as a whole identifier in code.

@@ -19,17 +19,42 @@ pub struct KernelSource {
     /// File stem in `kernels/`, also the module name.
     pub name: &'static str,
     pub source: &'static str,
+    /// The `kernels/*.cuh` files it `#include`s, handed to NVRTC with it and hashed into its cache
+    /// key (a test checks this list against the source's `#include "..."` lines).
+    pub headers: &'static [KernelHeader],
 }
+
+/// A header of the kernels' own (`kernels/*.cuh`), embedded like the sources.
+///
+/// Why `#include` plus in-memory headers: each helper is written once, the `.cu` files keep their
+/// own line numbers (NVRTC and the simulator's g++ name the header's file and lines for what is
+/// in it), and nothing is read from disk at run time. NVRTC takes the text through
+/// `nvrtcCreateProgram`'s header list, so `#include "tensor_core.cuh"` resolves without an include
+/// path; the simulator's build (kernels/sim/build.rs) compiles the same line with kernels/ on its
+/// include path. A prelude pasted in front of the source would shift every line of the `.cu`.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelHeader {
+    /// The name the sources include it by, its file name in `kernels/`.
+    pub name: &'static str,
+    pub source: &'static str,
+}
+
+/// The tensor-core helpers (16-bit packing, mma.sync m16n8k16, cp.async) of attention.cu and
+/// nf4_gemm.cu.
+pub const TENSOR_CORE: KernelHeader = KernelHeader { name: "tensor_core.cuh", source: include_str!("../../../kernels/tensor_core.cuh") };
+
+/// Every `kernels/*.cuh` file (checked against the directory by a test).
+pub const HEADERS: &[KernelHeader] = &[TENSOR_CORE];
 
 /// Every `kernels/*.cu` file. A test checks this list against the directory, so a new file
 /// cannot be forgotten by CI.
 pub const SOURCES: &[KernelSource] = &[
-    KernelSource { name: "nf4_gemm", source: include_str!("../../../kernels/nf4_gemm.cu") },
-    KernelSource { name: "attention", source: include_str!("../../../kernels/attention.cu") },
-    KernelSource { name: "norm", source: include_str!("../../../kernels/norm.cu") },
-    KernelSource { name: "elementwise", source: include_str!("../../../kernels/elementwise.cu") },
-    KernelSource { name: "resize", source: include_str!("../../../kernels/resize.cu") },
-    KernelSource { name: "conv", source: include_str!("../../../kernels/conv.cu") },
+    KernelSource { name: "nf4_gemm", source: include_str!("../../../kernels/nf4_gemm.cu"), headers: &[TENSOR_CORE] },
+    KernelSource { name: "attention", source: include_str!("../../../kernels/attention.cu"), headers: &[TENSOR_CORE] },
+    KernelSource { name: "norm", source: include_str!("../../../kernels/norm.cu"), headers: &[] },
+    KernelSource { name: "elementwise", source: include_str!("../../../kernels/elementwise.cu"), headers: &[] },
+    KernelSource { name: "resize", source: include_str!("../../../kernels/resize.cu"), headers: &[] },
+    KernelSource { name: "conv", source: include_str!("../../../kernels/conv.cu"), headers: &[] },
 ];
 
 /// Tensor-core operand precision of the GEMMs (everything else is f32).
@@ -120,7 +145,8 @@ pub fn nvrtc_version() -> Option<String> {
 }
 
 /// CUDA headers for NVRTC, if the environment names them (`MINISAM_CUDA_INCLUDE`, else
-/// `$CUDA_HOME/include`). The kernels include nothing today; the path is passed so that they may.
+/// `$CUDA_HOME/include`). The kernels include no CUDA header today (only their own, given to NVRTC
+/// in memory: [`KernelHeader`]); the path is passed so that they may.
 fn include_dir() -> Option<PathBuf> {
     let explicit = std::env::var_os("MINISAM_CUDA_INCLUDE").map(PathBuf::from);
     let home = std::env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("include"));
@@ -160,9 +186,26 @@ fn nvrtc_compile(src: &KernelSource, opts: &[String]) -> Result<Compiled> {
     }
     let code = CString::new(src.source).map_err(|_| Error::Backend(format!("{}.cu contains a NUL byte", src.name)))?;
     let name = CString::new(format!("{}.cu", src.name)).expect("kernel names have no NUL");
+    let header_texts = src
+        .headers
+        .iter()
+        .map(|h| CString::new(h.source).map_err(|_| Error::Backend(format!("{} contains a NUL byte", h.name))))
+        .collect::<Result<Vec<_>>>()?;
+    let header_names: Vec<CString> = src.headers.iter().map(|h| CString::new(h.name).expect("header names have no NUL")).collect();
     let run = || -> Result<Compiled> {
-        use cudarc::nvrtc::result as nvrtc;
-        let prog = nvrtc::create_program(&code, Some(&name)).map_err(|e| Error::Backend(format!("NVRTC create {}: {e:?}", src.name)))?;
+        use cudarc::nvrtc::{result as nvrtc, sys};
+        let texts: Vec<*const std::ffi::c_char> = header_texts.iter().map(|c| c.as_ptr()).collect();
+        let names: Vec<*const std::ffi::c_char> = header_names.iter().map(|c| c.as_ptr()).collect();
+        let mut prog = std::mem::MaybeUninit::<sys::nvrtcProgram>::uninit();
+        // SAFETY: every pointer is a NUL-terminated string that outlives the call (NVRTC copies
+        // the texts), `texts` and `names` hold `src.headers.len()` entries each, and `prog` is
+        // written on success only, which `result()` checks before it is read.
+        let prog = unsafe {
+            sys::nvrtcCreateProgram(prog.as_mut_ptr(), code.as_ptr(), name.as_ptr(), texts.len() as std::ffi::c_int, texts.as_ptr(), names.as_ptr())
+                .result()
+                .map(|()| prog.assume_init())
+        }
+        .map_err(|e| Error::Backend(format!("NVRTC create {}: {e:?}", src.name)))?;
         // SAFETY: `prog` was just created from `code`/`name`, which outlive it; destroyed once below.
         let compiled = unsafe { nvrtc::compile_program(prog, opts) };
         let log = unsafe { nvrtc::get_program_log(prog) }.map(|l| c_text(&l)).unwrap_or_default();
@@ -353,6 +396,37 @@ mod tests {
         let mut listed: Vec<String> = SOURCES.iter().map(|s| s.name.to_string()).collect();
         listed.sort();
         assert_eq!(on_disk, listed, "kernels/*.cu and compile::SOURCES differ");
+    }
+
+    /// Every `kernels/*.cuh` is in [`HEADERS`], and each source lists exactly the headers its
+    /// `#include "..."` lines name: a header left off would fail NVRTC, one listed but unused
+    /// would split the cache for nothing.
+    #[test]
+    fn cuda_headers_match_the_includes() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().filter(|n| n.ends_with(".cuh")).map(str::to_string))
+            .collect();
+        on_disk.sort();
+        let mut listed: Vec<String> = HEADERS.iter().map(|h| h.name.to_string()).collect();
+        listed.sort();
+        assert_eq!(on_disk, listed, "kernels/*.cuh and compile::HEADERS differ");
+        for src in SOURCES {
+            let mut included: Vec<&str> = src
+                .source
+                .lines()
+                .filter_map(|l| l.trim_start().strip_prefix("#include"))
+                .filter_map(|r| r.trim().strip_prefix('"').and_then(|r| r.split('"').next()))
+                .collect();
+            included.sort_unstable();
+            let mut given: Vec<&str> = src.headers.iter().map(|h| h.name).collect();
+            given.sort_unstable();
+            assert_eq!(included, given, "kernels/{}.cu: its #include lines and its headers in SOURCES differ", src.name);
+        }
+        let tc: Vec<&str> = SOURCES.iter().filter(|s| s.headers.iter().any(|h| h.name == TENSOR_CORE.name)).map(|s| s.name).collect();
+        assert_eq!(tc, ["nf4_gemm", "attention"]);
     }
 
     #[test]

@@ -64,12 +64,19 @@ pub struct KernelImage {
     pub from_cache: bool,
 }
 
-/// The hash of the source and the options that change the output. The include path names a
-/// directory of the compiling machine and `--ptxas-options=-v` only adds a report, so neither
-/// may split the cache between CI and the device.
+/// The hash of the source, the headers it includes and the options that change the output. The
+/// include path names a directory of the compiling machine and `--ptxas-options=-v` only adds a
+/// report, so neither may split the cache between CI and the device. A header's name and text are
+/// hashed after the source (a source without headers hashes as it did before headers existed).
 pub fn key(src: &KernelSource, opts: &[String]) -> String {
     let mut h = Sha256::new();
     h.update(src.source.as_bytes());
+    for header in src.headers {
+        h.update([1u8]);
+        h.update(header.name.as_bytes());
+        h.update([0u8]);
+        h.update(header.source.as_bytes());
+    }
     for o in opts.iter().filter(|o| !o.starts_with("--include-path=") && !o.starts_with("--ptxas-options=")) {
         h.update([0u8]);
         h.update(o.as_bytes());
@@ -200,7 +207,7 @@ pub fn load_with<M>(src: &KernelSource, arch: u32, s: Sources<'_>, try_load: &mu
 mod tests {
     use super::*;
 
-    const SRC: KernelSource = KernelSource { name: "k", source: "extern \"C\" __global__ void f() {}" };
+    const SRC: KernelSource = KernelSource { name: "k", source: "extern \"C\" __global__ void f() {}", headers: &[] };
     const ELF: &[u8] = b"\x7fELF-cubin";
     const PTX: &[u8] = b".version 8.5\n.entry f() {}";
 
@@ -251,8 +258,22 @@ mod tests {
         assert_eq!(key(&SRC, &opts(true)), with("--ptxas-options=-v"));
         assert_ne!(key(&SRC, &opts(true)), key(&SRC, &opts(false)));
         assert_ne!(key(&SRC, &opts(true)), with("-DMINISAM_MMA_F16"));
-        let other = KernelSource { name: "k", source: "changed" };
+        let other = KernelSource { name: "k", source: "changed", headers: &[] };
         assert_ne!(key(&SRC, &opts(true)), key(&other, &opts(true)));
+    }
+
+    /// A change to an included header (kernels/*.cuh) must not serve images of the old text.
+    #[test]
+    fn the_key_covers_the_included_headers() {
+        use super::super::compile::KernelHeader;
+        const H1: KernelHeader = KernelHeader { name: "h.cuh", source: "__device__ int one() { return 1; }" };
+        const H2: KernelHeader = KernelHeader { name: "h.cuh", source: "__device__ int one() { return 2; }" };
+        const RENAMED: KernelHeader = KernelHeader { name: "g.cuh", source: H1.source };
+        let with = |headers: &'static [KernelHeader]| key(&KernelSource { headers, ..SRC }, &opts(true));
+        assert_ne!(with(&[H1]), key(&SRC, &opts(true)));
+        assert_ne!(with(&[H1]), with(&[H2]));
+        assert_ne!(with(&[H1]), with(&[RENAMED]));
+        assert_eq!(with(&[]), key(&SRC, &opts(true)));
     }
 
     #[test]
