@@ -98,11 +98,8 @@ impl Head<'_> {
         let padded = nk.div_ceil(LANES) * LANES;
         s.keys_t.clear();
         s.keys_t.resize(d * padded, 0.0);
-        for j in 0..nk {
-            for (p, &kv) in self.k[j * d..(j + 1) * d].iter().enumerate() {
-                s.keys_t[p * padded + j] = kv;
-            }
-        }
+        // [nk, d] -> [d][padded] with 16x16 register transposes (the padding stays zero).
+        crate::transpose::transpose_block_at(crate::simd::Isa::Avx512, &self.k[..nk * d], d, &mut s.keys_t, padded, nk, d);
         s.scores.clear();
         s.scores.resize(QUERIES_PER_PASS * padded, 0.0);
         let tail_mask: __mmask16 = (1u32 << (nk - (padded - LANES))).wrapping_sub(1) as u16;
