@@ -185,7 +185,7 @@ fn conv_depthwise(x: &[f32], batch: usize, c_in: usize, g: Geometry, weight: Mat
 /// [`conv_depthwise`] at a given SIMD level (the tests run every level the CPU has).
 // Shapes as in `conv_depthwise`; isa must be one `simd::supported` lists.
 #[allow(clippy::too_many_arguments)]
-fn conv_depthwise_at(isa: simd::Isa, x: &[f32], batch: usize, c_in: usize, g: Geometry, weight: MatrixRef, c_out: usize, bias: Option<&[f32]>, act: Activation, out: &mut [f32]) {
+pub(crate) fn conv_depthwise_at(isa: simd::Isa, x: &[f32], batch: usize, c_in: usize, g: Geometry, weight: MatrixRef, c_out: usize, bias: Option<&[f32]>, act: Activation, out: &mut [f32]) {
     let multiplier = c_out / c_in;
     let (in_plane, out_plane) = (g.h * g.w, g.oh * g.ow);
     let ntaps = g.kh * g.kw;

@@ -11,6 +11,7 @@ pub mod conv;
 #[cfg(target_arch = "x86_64")]
 mod conv_dw_avx512;
 pub mod conv_backward;
+pub mod depthwise_nhwc;
 pub mod fastmath;
 pub mod gemm;
 pub mod gemm_backward;

@@ -201,6 +201,20 @@ pub trait Backend: Send + Sync {
         let token_major = self.permute(&per_head, &[0, 2, 1, 3])?;
         self.reshape(token_major, &[batch, nq, heads * d])
     }
+    /// Depthwise convolution of a channels-last tensor: `x: [B, H, W, C]`, `w: [C, 1, k, k]`
+    /// (odd `k`), stride 1, zero padding `k / 2`, optional bias; output `[B, H, W, C]`. The default
+    /// permutes to NCHW and back around [`Backend::conv2d`]; a backend may convolve in place
+    /// (the CPU backend does: TinyViT's `local_conv` runs in every attention block).
+    fn depthwise_conv_nhwc(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Vector>, kernel: usize) -> Result<Self::Tensor> {
+        let channels = match self.shape(x) {
+            [_, _, _, c] => *c,
+            other => return Err(crate::Error::Shape(format!("depthwise_conv_nhwc: input {other:?} is not [B, H, W, C]"))),
+        };
+        let nchw = self.permute(x, &[0, 3, 1, 2])?;
+        let spec = Conv2dSpec { stride: 1, padding: kernel / 2, groups: channels };
+        let out = self.conv2d(&nchw, w, bias, spec, Activation::None)?;
+        self.permute(&out, &[0, 2, 3, 1])
+    }
     /// Self-attention straight from one fused projection: `qkv: [B, N, heads·3·d]`, where each
     /// head's q | k | v are adjacent (TinyViT's `view(B, N, heads, -1).split([d, d, d])`), →
     /// `[B, N, heads·d]` with the heads merged back in head-major channel order: the head split,
@@ -527,6 +541,26 @@ pub(crate) mod tests {
         assert!(matches!(narrower_k, Err(crate::Error::Shape(_))));
         let indivisible = cpu.attention_heads(up(7, heads * d, &tokens), up(7, heads * d, &tokens), up(7, heads * d, &tokens), 3, 0.25, AttentionBias::None);
         assert!(matches!(indivisible, Err(crate::Error::Shape(_))));
+    }
+
+    /// The CPU backend's channels-last depthwise convolution against the trait's default
+    /// (permute, NCHW conv2d, permute back): bit for bit; a weight that is not `[C, 1, k, k]` is an
+    /// error.
+    #[test]
+    fn depthwise_conv_nhwc_cpu_equals_default_and_checks_shapes() {
+        let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
+        let (h, w, c, k) = (9, 14, 40, 3);
+        let mut values = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect() };
+        let (xv, wv, bv) = (values(2 * h * w * c), values(c * k * k), values(c));
+        let (weight, bias) = (f32_tensor("w", &[c, 1, k, k], &wv), f32_tensor("b", &[c], &bv));
+        let cpu = CpuBackend::new(2).unwrap();
+        let default = DefaultLora::new(2);
+        let fused = cpu.to_host(&cpu.depthwise_conv_nhwc(&cpu.from_host(&[2, h, w, c], &xv).unwrap(), &cpu.weight(&weight).unwrap(), Some(&cpu.vector(&bias).unwrap()), k).unwrap()).unwrap();
+        let composed = default.to_host(&default.depthwise_conv_nhwc(&default.from_host(&[2, h, w, c], &xv).unwrap(), &default.weight(&weight).unwrap(), Some(&default.vector(&bias).unwrap()), k).unwrap()).unwrap();
+        assert_eq!(fused.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), composed.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        let x = cpu.from_host(&[2, h, w, c], &xv).unwrap();
+        let wrong = cpu.weight(&f32_tensor("w", &[c, 1, 5, 5], &values(c * 25))).unwrap();
+        assert!(matches!(cpu.depthwise_conv_nhwc(&x, &wrong, None, k), Err(crate::Error::Shape(_))));
     }
 
     #[test]

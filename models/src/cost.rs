@@ -296,6 +296,14 @@ impl<B: Backend> Backend for CostMeter<B> {
         self.c.ops.fetch_add(1, Relaxed);
         self.inner.attention_heads(q, k, v, heads, scale, inner_bias(bias))
     }
+    fn depthwise_conv_nhwc(&self, x: &B::Tensor, w: &Self::Weight, bias: Option<&B::Vector>, kernel: usize) -> Result<B::Tensor> {
+        let out = self.inner.depthwise_conv_nhwc(x, &w.inner, bias, kernel);
+        let outputs = out.as_ref().map_or(0, |o| self.numel(o));
+        self.c.conv.fetch_add(2 * outputs * (kernel * kernel) as u64, Relaxed);
+        self.c.weight_bytes.fetch_add(w.bytes, Relaxed);
+        self.traffic(&[x], &out);
+        out
+    }
     fn attention_packed(&self, qkv: B::Tensor, heads: usize, scale: f32, bias: AttentionBias<'_, Self>) -> Result<B::Tensor> {
         let (batch, n, d) = crate::backend::packed_qkv_dims(self.inner.shape(&qkv), heads)?;
         // Priced as `attention`: q·kᵀ and p·v per batch-head, q, k, v read and the output written.

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use minisam_kernels::attention::{self, Bias};
+use minisam_kernels::depthwise_nhwc;
 use minisam_kernels::inverted_residual::{self, InvertedResidualWeights};
 use minisam_kernels::{activation, conv, gemm, norm, resize, MatrixRef};
 
@@ -678,6 +679,17 @@ impl Backend for CpuBackend {
         let [qv, kv, vv] = [(&q, nq), (&k, nk), (&v, nk)].map(|(t, rows)| attention::HeadsView::merged(&t.data, rows, heads, d));
         self.run(|| attention::attention_heads(qv, kv, vv, batch, heads, d, scale, bias, &mut out));
         self.tensor(vec![batch, nq, heads * d], out)
+    }
+
+    fn depthwise_conv_nhwc(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuTensor>, kernel: usize) -> Result<CpuTensor> {
+        let xs = expect_rank("depthwise_conv_nhwc", "input", &x.shape, 4)?;
+        let (batch, h, wd, c) = (xs[0], xs[1], xs[2], xs[3]);
+        if kernel % 2 == 0 || w.shape != [c, 1, kernel, kernel] || bias.is_some_and(|b| b.shape != [c]) {
+            return Err(Error::Shape(format!("depthwise_conv_nhwc: input {xs:?}, weight {:?}, bias {:?}, kernel {kernel}", w.shape, bias.map(|b| &b.shape))));
+        }
+        let mut out = self.buffer_for_overwrite(x.data.len());
+        self.run(|| depthwise_nhwc::depthwise_nhwc(&x.data, batch, h, wd, c, w.matrix(), kernel, bias.map(|b| &b.data[..]), &mut out));
+        self.tensor(x.shape.clone(), out)
     }
 
     fn attention_packed(&self, qkv: CpuTensor, heads: usize, scale: f32, bias: AttentionBias<'_, Self>) -> Result<CpuTensor> {

@@ -353,6 +353,7 @@ struct TinyVitBlock<B: Backend> {
     window_size: usize,
     attn: WindowAttention<B>,
     local_conv: Conv2d<B>,
+    local_conv_size: usize,
     mlp: Mlp<B>,
 }
 
@@ -363,6 +364,7 @@ impl<B: Backend> TinyVitBlock<B> {
             window_size: g.window_size,
             attn: WindowAttention::load(b, store, &format!("{prefix}.attn"), g.dim, g.num_heads, g.window_size)?,
             local_conv: load_conv_bn(b, store, &format!("{prefix}.local_conv"), (g.dim, g.dim), g.local_conv_size, local_spec)?,
+            local_conv_size: g.local_conv_size,
             mlp: Mlp::load(b, store, &format!("{prefix}.mlp"), g.dim, g.mlp_hidden)?,
         })
     }
@@ -387,11 +389,9 @@ impl<B: Backend> TinyVitBlock<B> {
         windows.merge(b, attended)
     }
 
-    /// `x: [B, H, W, C]` → `[B, H, W, C]` through the depthwise convolution (which runs on NCHW).
+    /// `x: [B, H, W, C]` → `[B, H, W, C]` through the depthwise convolution, channels-last.
     fn local_conv_nhwc(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        let image = nhwc_to_nchw(b, x)?;
-        let image = self.local_conv.forward(b, &image, Activation::None)?;
-        nchw_to_nhwc(b, &image)
+        b.depthwise_conv_nhwc(x, &self.local_conv.weight, self.local_conv.bias.as_ref(), self.local_conv_size)
     }
 }
 
