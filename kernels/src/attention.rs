@@ -241,8 +241,9 @@ struct HeadBuffers {
     short: small_avx512::Scratch,
 }
 
-/// One batch-head's contiguous operands, all its queries: what [`attention_packed`] runs per
-/// task on the calling thread, by the same code [`run_tasks`] picks for the shape.
+/// One batch-head's contiguous operands: what [`attention_heads`] runs per task on the calling
+/// thread, by the same code [`run_tasks`] picks for the shape (the short-key AVX-512 path's
+/// methods are in `small_avx512`).
 struct Head<'a> {
     /// `[nq, d]`.
     q: &'a [f32],
@@ -264,7 +265,7 @@ impl Head<'_> {
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx512 && (1..=small_avx512::MAX_KEYS).contains(&nk) {
             // SAFETY: `isa` is one the CPU supports; the caller checked the shapes, d > 0.
-            unsafe { small_avx512::one_head(self.q, self.k, self.v, self.b, nq, nk, d, self.scale, self.bias, &mut s.short, out) };
+            unsafe { self.run_short_keys(&mut s.short, 0..nq, out) };
             return;
         }
         for (block, out_block) in out.chunks_mut(QUERY_BLOCK * d).enumerate() {

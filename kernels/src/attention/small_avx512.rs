@@ -15,7 +15,7 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-use super::{Bias, SharedOut};
+use super::{Bias, Head, SharedOut};
 use crate::fastmath::avx512::exp_nonpositive16;
 
 /// Longest key sequence this path takes (16 zmm of scores per query row).
@@ -24,7 +24,7 @@ pub(super) const MAX_KEYS: usize = 256;
 const QUERY_BLOCK: usize = 64;
 /// Lanes of a zmm register.
 const LANES: usize = 16;
-/// Queries computed together (see `Head::queries`): 4 queries x 4 key chunks is 16 score
+/// Queries computed together (see `Head::queries` below): 4 queries x 4 key chunks is 16 score
 /// accumulators, 4 x 2 value chunks (d = 32) 8, within the 32 zmm registers.
 const QUERIES_PER_PASS: usize = 4;
 
@@ -57,43 +57,18 @@ pub(super) unsafe fn attention(q: &[f32], k: &[f32], v: &[f32], nq: usize, nk: u
         // AVX-512F and the shapes.
         unsafe {
             let out_rows = std::slice::from_raw_parts_mut(out_ptr.ptr().add((b * nq + rows.start) * d), rows.len() * d);
-            head.run(scratch, rows, out_rows);
+            head.run_short_keys(scratch, rows, out_rows);
         }
     });
 }
 
-/// One batch-head, all `nq` queries, on the calling thread (for a caller that parallelises
-/// over batch-heads itself: `super::attention_packed`).
-///
-/// # Safety
-/// As [`attention`], with `q` `[nq, d]`, `k` and `v` `[nk, d]`, `out` `[nq, d]`; `b` is the
-/// batch-head's index for the bias.
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn one_head(q: &[f32], k: &[f32], v: &[f32], b: usize, nq: usize, nk: usize, d: usize, scale: f32, bias: Bias, scratch: &mut Scratch, out: &mut [f32]) {
-    debug_assert!(d > 0 && nk > 0 && nk <= MAX_KEYS && out.len() == nq * d);
-    // SAFETY: the caller vouches for AVX-512F and the shapes.
-    unsafe { Head { q, k, v, b, nq, nk, d, scale, bias }.run(scratch, 0..nq, out) };
-}
-
-/// One batch-head's operands.
-struct Head<'a> {
-    /// `[nq, d]`.
-    q: &'a [f32],
-    /// `[nk, d]` each.
-    k: &'a [f32],
-    v: &'a [f32],
-    b: usize,
-    nq: usize,
-    nk: usize,
-    d: usize,
-    scale: f32,
-    bias: Bias<'a>,
-}
-
 impl Head<'_> {
-    /// Queries `rows` of this batch-head into `out` (`[rows.len(), d]`).
+    /// Queries `rows` of this batch-head into `out` (`[rows.len(), d]`) on the calling thread.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `d > 0` and `0 < nk <= MAX_KEYS`.
     #[target_feature(enable = "avx512f")]
-    unsafe fn run(&self, s: &mut Scratch, rows: std::ops::Range<usize>, out: &mut [f32]) {
+    pub(super) unsafe fn run_short_keys(&self, s: &mut Scratch, rows: std::ops::Range<usize>, out: &mut [f32]) {
         let (nk, d) = (self.nk, self.d);
         let padded = nk.div_ceil(LANES) * LANES;
         s.keys_t.clear();
