@@ -88,44 +88,13 @@ pub fn attention_case(
     }
     let rel_h = randn(rng, bh * nq * kh, 1.0);
     let rel_w = randn(rng, bh * nq * kw, 1.0);
-    let mut out = poisoned(bh * nq * d);
-    let mut p = AttnParams {
-        q: q.as_ptr() as u64,
-        k: k.as_ptr() as u64,
-        v: v.as_ptr() as u64,
-        out: out.as_mut_ptr() as u64,
-        bh: bh as i64,
-        nq: nq as i64,
-        nk: nk as i64,
-        d: d as i64,
-        scale,
-        bias_mode: mode as i64,
-        ..Default::default()
-    };
     let bias = match mode {
-        1 => {
-            (p.table, p.heads) = (table.as_ptr() as u64, heads as i64);
-            Bias::Table {
-                table: &table,
-                heads,
-            }
-        }
-        2 => {
-            (p.rel_h, p.rel_w, p.kh, p.kw) = (
-                rel_h.as_ptr() as u64,
-                rel_w.as_ptr() as u64,
-                kh as i64,
-                kw as i64,
-            );
-            Bias::RelPos {
-                rel_h: &rel_h,
-                rel_w: &rel_w,
-                kh,
-                kw,
-            }
-        }
+        1 => Bias::Table { table: &table, heads },
+        2 => Bias::RelPos { rel_h: &rel_h, rel_w: &rel_w, kh, kw },
         _ => Bias::None,
     };
+    let mut out = poisoned(bh * nq * d);
+    let p = AttnParams::new(&q, &k, &v, &mut out, bh, nq, nk, d, scale, bias);
     let what = format!(
         "{kernel} [{}] bh={bh} nq={nq} nk={nk} d={d} bias_mode={mode} dead_row={dead_row}",
         sim.variant

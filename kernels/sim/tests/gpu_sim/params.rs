@@ -2,6 +2,7 @@
 //! models/src/cuda/params.rs; the launch checks each record's size against the C++ `sizeof`), and
 //! weights stored the three ways the kernels read them.
 
+use minisam_kernels::attention::Bias;
 use minisam_kernels::nf4;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -86,6 +87,35 @@ pub struct AttnParams {
     pub rel_w: u64,
     pub kh: i64,
     pub kw: i64,
+}
+
+impl AttnParams {
+    /// The record for `out = attention(q, k, v)` over `bh` batch-heads of `nq` queries and `nk`
+    /// keys of `d`, with `bias` choosing the mode and its tables (the kernels' `bias_mode`: 0
+    /// none, 1 table, 2 decomposed relative position).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], bh: usize, nq: usize, nk: usize, d: usize, scale: f32, bias: Bias) -> Self {
+        let mut p = AttnParams {
+            q: q.as_ptr() as u64,
+            k: k.as_ptr() as u64,
+            v: v.as_ptr() as u64,
+            out: out.as_mut_ptr() as u64,
+            bh: bh as i64,
+            nq: nq as i64,
+            nk: nk as i64,
+            d: d as i64,
+            scale,
+            ..Default::default()
+        };
+        match bias {
+            Bias::None => {}
+            Bias::Table { table, heads } => (p.bias_mode, p.table, p.heads) = (1, table.as_ptr() as u64, heads as i64),
+            Bias::RelPos { rel_h, rel_w, kh, kw } => {
+                (p.bias_mode, p.rel_h, p.rel_w, p.kh, p.kw) = (2, rel_h.as_ptr() as u64, rel_w.as_ptr() as u64, kh as i64, kw as i64)
+            }
+        }
+        p
+    }
 }
 
 pub const MAX_RANK: usize = 8;
