@@ -20,6 +20,10 @@ import argparse, os, subprocess, sys, tempfile, warnings
 
 import numpy as np
 
+# The display rules the engine must follow, shared with the corpus generator.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "trainer", "tests", "data", "dicom"))
+from display_rules import minmax_u8, window_u8  # noqa: E402
+
 warnings.simplefilter("ignore")
 try:
     import pydicom
@@ -31,20 +35,6 @@ except ImportError as e:
     sys.exit(0)
 
 LOSSY = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.81"}
-
-
-def window_u8(x, c, w):
-    lo, hi = c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2
-    y = ((x - (c - 0.5)) / (w - 1) + 0.5) * 255
-    y = np.where(x <= lo, 0, np.where(x > hi, 255, y))
-    return np.clip(np.floor(y + 0.5), 0, 255).astype(np.uint8)
-
-
-def minmax_u8(x):
-    lo, hi = x.min(), x.max()
-    if hi <= lo:
-        return np.zeros(x.shape, np.uint8)
-    return np.round((x - lo) / (hi - lo) * 255).astype(np.uint8)
 
 
 def expected(ds):

@@ -14,6 +14,7 @@ compares both.
 """
 import io, json
 import numpy as np
+from display_rules import minmax_u8, window_u8
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -60,20 +61,6 @@ def smooth(shape, lo, hi, dtype):
         g = g[None] * np.linspace(0.8, 1.0, shape[0])[:, None, None]
     v = lo + g * (hi - lo) + rng.normal(0, (hi - lo) * 0.02, shape)
     return np.clip(np.round(v), lo, hi).astype(dtype)
-
-
-def window_u8(x, c, w):
-    lo, hi = c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2
-    y = ((x - (c - 0.5)) / (w - 1) + 0.5) * 255
-    y = np.where(x <= lo, 0, np.where(x > hi, 255, y))
-    return np.clip(np.floor(y + 0.5), 0, 255).astype(np.uint8)
-
-
-def minmax_u8(x):
-    lo, hi = x.min(), x.max()
-    if hi <= lo:
-        return np.zeros(x.shape, np.uint8)
-    return np.round((x - lo) / (hi - lo) * 255).astype(np.uint8)  # numpy rounds half to even
 
 
 def save(name, ds, ts, frame=0, lossy=False, note="", error=None):
