@@ -486,22 +486,18 @@ pub(crate) mod tests {
         let biases = [f32_tensor("eb", &[hidden], &eb), f32_tensor("db", &[hidden], &db), f32_tensor("pb", &[c], &pb)];
         let cpu = CpuBackend::new(2).unwrap();
         let default = DefaultLora::new(2);
+        // One block on backend `b`: weights and (optionally) biases made by it, input [2, c, h, w].
+        fn run<B: Backend>(b: &B, stored: &[StoredTensor; 3], biases: Option<&[StoredTensor; 3]>, k: usize, shape: &[usize], x: &[f32]) -> Vec<f32> {
+            let [e, d, p] = stored.each_ref().map(|t| b.weight(t).unwrap());
+            let biases = biases.map(|bs| bs.each_ref().map(|t| b.vector(t).unwrap()));
+            let bias = |i: usize| biases.as_ref().map(|bs| &bs[i]);
+            let block = InvertedResidual { expand: &e, expand_bias: bias(0), depthwise: &d, depthwise_bias: bias(1), kernel: k, project: &p, project_bias: bias(2), act: Activation::Gelu };
+            b.to_host(&b.inverted_residual(&b.from_host(shape, x).unwrap(), &block).unwrap()).unwrap()
+        }
         for with_bias in [true, false] {
-            let run = |b: &dyn Fn(&[f32]) -> Vec<f32>| b(&xv);
-            let on_cpu = run(&|x| {
-                let [e, d, p] = stored.each_ref().map(|t| cpu.weight(t).unwrap());
-                let [eb, db, pb] = biases.each_ref().map(|t| cpu.vector(t).unwrap());
-                let pick = |v| with_bias.then_some(v);
-                let block = InvertedResidual { expand: &e, expand_bias: pick(&eb), depthwise: &d, depthwise_bias: pick(&db), kernel: k, project: &p, project_bias: pick(&pb), act: Activation::Gelu };
-                cpu.to_host(&cpu.inverted_residual(&cpu.from_host(&[2, c, h, w], x).unwrap(), &block).unwrap()).unwrap()
-            });
-            let composed = run(&|x| {
-                let [e, d, p] = stored.each_ref().map(|t| default.weight(t).unwrap());
-                let [eb, db, pb] = biases.each_ref().map(|t| default.vector(t).unwrap());
-                let pick = |v| with_bias.then_some(v);
-                let block = InvertedResidual { expand: &e, expand_bias: pick(&eb), depthwise: &d, depthwise_bias: pick(&db), kernel: k, project: &p, project_bias: pick(&pb), act: Activation::Gelu };
-                default.to_host(&default.inverted_residual(&default.from_host(&[2, c, h, w], x).unwrap(), &block).unwrap()).unwrap()
-            });
+            let biases = with_bias.then_some(&biases);
+            let on_cpu = run(&cpu, &stored, biases, k, &[2, c, h, w], &xv);
+            let composed = run(&default, &stored, biases, k, &[2, c, h, w], &xv);
             assert!(on_cpu.iter().zip(&composed).all(|(a, b)| a.to_bits() == b.to_bits()), "bias {with_bias}");
         }
         let [e, d, p] = stored.each_ref().map(|t| cpu.weight(t).unwrap());
