@@ -194,17 +194,19 @@ unsafe fn run_task(
     TASK_PANELS.with(|cell| {
         let mut guard = cell.borrow_mut();
         let (a_buf, b_buf) = &mut *guard;
-        ensure_len(a_buf, row_panels * mr * KC.min(k.max(1)));
-        if let BOperand::RowMajor { .. } = b {
-            ensure_len(b_buf, col_panels * nr * KC.min(k.max(1)));
-        }
-        let mut edge = [0.0f32; MAX_TILE];
         // A row-major A is read in place where the kernel can (its rows are then `lda` apart);
         // otherwise this task packs its rows into `[kc][mr]` panels per pass.
         let in_place = match a {
             AOperand::RowMajor { data, lda } if microkernel::reads_row_major_a(isa) => Some((data.as_ptr(), lda)),
             _ => None,
         };
+        if matches!(a, AOperand::RowMajor { .. }) && in_place.is_none() {
+            ensure_len(a_buf, row_panels * mr * KC.min(k.max(1)));
+        }
+        if let BOperand::RowMajor { .. } = b {
+            ensure_len(b_buf, col_panels * nr * KC.min(k.max(1)));
+        }
+        let mut edge = [0.0f32; MAX_TILE];
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
             let a_panels = match a {
@@ -230,41 +232,29 @@ unsafe fn run_task(
                     let i0 = rows.start + ip * mr;
                     let height = mr.min(rows.end - i0);
                     let dst = c.add(i0 * ldc + j0);
+                    let accumulate = k0 > 0;
                     if let Some((a_data, lda)) = in_place {
                         let a_rows = a_data.add(i0 * lda + k0);
+                        let tile = |c_tile: *mut f32, ld: usize| {
+                            let ran = microkernel::run_row_major_a(isa, height, kc, a_rows, lda, b_panel, c_tile, ld, accumulate);
+                            debug_assert!(ran, "in_place is only chosen where the kernel exists");
+                        };
                         if width == nr {
-                            microkernel::run_row_major_a(isa, height, kc, a_rows, lda, b_panel, dst, ldc, k0 > 0);
+                            tile(dst, ldc);
                         } else {
-                            // Ragged edge: the kernel writes `height` whole rows into scratch
-                            // (A has no rows past `height` to read).
-                            if k0 > 0 {
-                                for i in 0..height {
-                                    std::ptr::copy_nonoverlapping(dst.add(i * ldc), edge.as_mut_ptr().add(i * nr), width);
-                                }
-                            }
-                            microkernel::run_row_major_a(isa, height, kc, a_rows, lda, b_panel, edge.as_mut_ptr(), nr, k0 > 0);
-                            for i in 0..height {
-                                std::ptr::copy_nonoverlapping(edge.as_ptr().add(i * nr), dst.add(i * ldc), width);
-                            }
+                            // Ragged edge: `height` whole rows into scratch (A has no more rows).
+                            through_scratch(dst, ldc, height, width, nr, accumulate, &mut edge, |e| tile(e, nr));
                         }
                         continue;
                     }
                     let a_panel = a_panels.add(ip * kc * mr);
                     if height == mr && width == nr {
-                        microkernel::run(isa, kc, a_panel, b_panel, dst, ldc, k0 > 0);
-                    } else if width == nr && microkernel::run_rows(isa, height, kc, a_panel, b_panel, dst, ldc, k0 > 0) {
+                        microkernel::run(isa, kc, a_panel, b_panel, dst, ldc, accumulate);
+                    } else if width == nr && microkernel::run_rows(isa, height, kc, a_panel, b_panel, dst, ldc, accumulate) {
                         // The last row panel, computed for its real rows only.
                     } else {
                         // Ragged edge: the kernel writes a whole tile into scratch.
-                        if k0 > 0 {
-                            for i in 0..height {
-                                std::ptr::copy_nonoverlapping(dst.add(i * ldc), edge.as_mut_ptr().add(i * nr), width);
-                            }
-                        }
-                        microkernel::run(isa, kc, a_panel, b_panel, edge.as_mut_ptr(), nr, k0 > 0);
-                        for i in 0..height {
-                            std::ptr::copy_nonoverlapping(edge.as_ptr().add(i * nr), dst.add(i * ldc), width);
-                        }
+                        through_scratch(dst, ldc, height, width, nr, accumulate, &mut edge, |e| microkernel::run(isa, kc, a_panel, b_panel, e, nr, accumulate));
                     }
                 }
             }
@@ -272,6 +262,26 @@ unsafe fn run_task(
     });
     for r in rows {
         epilogue(r, cols.start, std::slice::from_raw_parts_mut(c.add(r * ldc + cols.start), cols.len()));
+    }
+}
+
+/// A ragged tile of C (`height` rows of `width < nr` columns at `dst`, row stride `ldc`)
+/// computed through the scratch tile `edge` (rows of `nr`): its values copied in when the kernel
+/// accumulates, `kernel` run on the scratch, the `width` real columns copied back.
+///
+/// # Safety
+/// `dst` holds `height` rows of `width` floats `ldc` apart; `kernel` writes at most
+/// `MAX_TILE / nr` rows of `nr` floats at the pointer it is given.
+#[allow(clippy::too_many_arguments)]
+unsafe fn through_scratch(dst: *mut f32, ldc: usize, height: usize, width: usize, nr: usize, accumulate: bool, edge: &mut [f32; MAX_TILE], kernel: impl FnOnce(*mut f32)) {
+    if accumulate {
+        for i in 0..height {
+            std::ptr::copy_nonoverlapping(dst.add(i * ldc), edge.as_mut_ptr().add(i * nr), width);
+        }
+    }
+    kernel(edge.as_mut_ptr());
+    for i in 0..height {
+        std::ptr::copy_nonoverlapping(edge.as_ptr().add(i * nr), dst.add(i * ldc), width);
     }
 }
 
