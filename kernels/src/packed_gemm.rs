@@ -84,7 +84,7 @@ pub(crate) fn gemm(isa: Isa, m: usize, n: usize, k: usize, a: &[f32], lda: usize
     // packs the same panels again. With few rows (a convolution's output channels, at most
     // `WHOLE_A_ROWS`) one task takes all of them, and the columns are cut finer instead so that
     // every thread still gets work (a 3x3 convolution of 256 channels at 64x64 packed its 2304 x
-    // 4096 im2col columns three times: 12% of its time).
+    // 4096 im2col columns three times: about 14 % of its time, benches/RESULTS.md).
     let whole_a = matches!(b, BOperand::RowMajor { .. }) && m <= WHOLE_A_ROWS;
     let col_chunk = if whole_a { n.div_ceil(4 * threads).div_ceil(nr).clamp(1, NC / nr) * nr } else { NC.div_ceil(nr) * nr };
     let col_chunks = n.div_ceil(col_chunk);
