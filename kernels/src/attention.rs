@@ -74,6 +74,14 @@ fn check_bias(bias: Bias, bh: usize, nq: usize, nk: usize) {
     }
 }
 
+/// Whether [`Head::run`] takes the short-key AVX-512 path for `nk` keys.
+fn takes_short_keys(isa: Isa, nk: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return isa == Isa::Avx512 && (1..=small_avx512::MAX_KEYS).contains(&nk);
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
+
 /// Splits the work into (batch-head, query block) tasks and runs them in parallel.
 // q is [bh, nq, d], k and v are [bh, nk, d], out is [bh, nq, d] (shapes already checked, d > 0).
 #[allow(clippy::too_many_arguments)]
@@ -91,6 +99,8 @@ fn run_tasks(q: &[f32], k: &[f32], v: &[f32], nq: usize, nk: usize, d: usize, sc
                 q: &q[(b * nq + block * QUERY_BLOCK) * d..][..out_block.len()],
                 k: &k[b * nk * d..(b + 1) * nk * d],
                 v: &v[b * nk * d..(b + 1) * nk * d],
+                ldk: d,
+                ldv: d,
                 b,
                 first_query: block * QUERY_BLOCK,
                 nq,
@@ -132,6 +142,11 @@ impl<'a> HeadsView<'a> {
     /// Whether `batch` batch elements of `heads` heads of rows of `d` floats lie inside `data`.
     fn fits(&self, batch: usize, heads: usize, d: usize) -> bool {
         batch == 0 || self.rows == 0 || heads == 0 || self.offset + ((batch * self.rows - 1) * self.row_stride + (heads - 1) * self.head_stride + d) <= self.data.len()
+    }
+
+    /// The rows of (batch, head) in place: the data from its first row on, and the row stride.
+    fn head_rows(&self, batch: usize, head: usize) -> (&'a [f32], usize) {
+        (&self.data[self.offset + batch * self.rows * self.row_stride + head * self.head_stride..], self.row_stride)
     }
 
     // buf: the rows of (batch, head) one after another, [rows, d].
@@ -181,15 +196,24 @@ pub fn attention_heads(q: HeadsView, k: HeadsView, v: HeadsView, batch: usize, h
         return;
     }
     let isa = crate::simd::active();
+    // The online path reads keys and values in place, row by row with the merged tensor's
+    // stride (gathering them was a twentieth of a LiteMedSAM decode: 4096 keys per head, three
+    // times); the short-key path takes its few rows contiguous.
+    let gather_kv = takes_short_keys(isa, nk);
     let out_ptr = SharedOut(out.as_mut_ptr());
     (0..bh).into_par_iter().for_each_init(HeadScratch::default, |s, b| {
         let (batch_index, head) = (b / heads, b % heads);
         q.gather(batch_index, head, d, &mut s.q);
-        k.gather(batch_index, head, d, &mut s.k);
-        v.gather(batch_index, head, d, &mut s.v);
+        let ((k_rows, ldk), (v_rows, ldv)) = if gather_kv {
+            k.gather(batch_index, head, d, &mut s.k);
+            v.gather(batch_index, head, d, &mut s.v);
+            ((&s.k[..], d), (&s.v[..], d))
+        } else {
+            (k.head_rows(batch_index, head), v.head_rows(batch_index, head))
+        };
         // Every element is written by the head's run: grow, never clear.
         s.out.resize(nq * d, 0.0);
-        Head { q: &s.q, k: &s.k, v: &s.v, b, nq, nk, d, scale, bias }.run(isa, &mut s.buffers, &mut s.out);
+        Head { q: &s.q, k: k_rows, v: v_rows, ldk, ldv, b, nq, nk, d, scale, bias }.run(isa, &mut s.buffers, &mut s.out);
         for (i, row) in s.out.chunks_exact(d).enumerate() {
             // SAFETY: batch-head b alone writes row i's d floats at this head's place in the
             // merged output, inside `out` (its length was checked above).
@@ -247,9 +271,12 @@ struct HeadBuffers {
 struct Head<'a> {
     /// `[nq, d]`.
     q: &'a [f32],
-    /// `[nk, d]` each.
+    /// Row `j` at `k[j * ldk..][..d]`, `v[j * ldv..][..d]`; the short-key path takes only
+    /// contiguous rows (`ld = d`).
     k: &'a [f32],
     v: &'a [f32],
+    ldk: usize,
+    ldv: usize,
     b: usize,
     nq: usize,
     nk: usize,
@@ -263,13 +290,27 @@ impl Head<'_> {
     fn run(&self, isa: Isa, s: &mut HeadBuffers, out: &mut [f32]) {
         let (nq, nk, d) = (self.nq, self.nk, self.d);
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx512 && (1..=small_avx512::MAX_KEYS).contains(&nk) {
+        if takes_short_keys(isa, nk) {
+            assert!(self.ldk == d && self.ldv == d, "the short-key path reads contiguous keys and values");
             // SAFETY: `isa` is one the CPU supports; the caller checked the shapes, d > 0.
             unsafe { self.run_short_keys(&mut s.short, 0..nq, out) };
             return;
         }
         for (block, out_block) in out.chunks_mut(QUERY_BLOCK * d).enumerate() {
-            let task = Task { q: &self.q[block * QUERY_BLOCK * d..][..out_block.len()], k: self.k, v: self.v, b: self.b, first_query: block * QUERY_BLOCK, nq, nk, d, scale: self.scale, bias: self.bias };
+            let task = Task {
+                q: &self.q[block * QUERY_BLOCK * d..][..out_block.len()],
+                k: self.k,
+                v: self.v,
+                ldk: self.ldk,
+                ldv: self.ldv,
+                b: self.b,
+                first_query: block * QUERY_BLOCK,
+                nq,
+                nk,
+                d,
+                scale: self.scale,
+                bias: self.bias,
+            };
             task.run_at(isa, &mut s.online, out_block);
         }
     }
@@ -290,39 +331,55 @@ impl SharedOut {
 
 /// `acc += Σ_j probs[j] · values[j]`, walking `acc` in register-sized chunks so that each chunk
 /// is loaded and stored once per key block instead of once per key.
-// probs is [keys], values is [keys, d], acc is [d].
+// probs is [keys], values holds row j at values[j * ld..][..d], acc is [d].
 #[inline(always)]
-fn accumulate_values(probs: &[f32], values: &[f32], d: usize, acc: &mut [f32]) {
-    const CHUNK: usize = 32;
+fn accumulate_values(probs: &[f32], values: &[f32], ld: usize, d: usize, acc: &mut [f32]) {
     let mut c0 = 0;
-    while c0 + CHUNK <= d {
-        let mut chunk: [f32; CHUNK] = acc[c0..c0 + CHUNK].try_into().unwrap();
-        for (j, &prob) in probs.iter().enumerate() {
-            let v: &[f32; CHUNK] = values[j * d + c0..][..CHUNK].try_into().unwrap();
-            for (a, &vv) in chunk.iter_mut().zip(v) {
-                *a += prob * vv;
-            }
-        }
-        acc[c0..c0 + CHUNK].copy_from_slice(&chunk);
-        c0 += CHUNK;
+    while c0 + 32 <= d {
+        accumulate_chunk::<32>(probs, values, ld, c0, acc);
+        c0 += 32;
+    }
+    // A 16-float chunk in registers too: SAM's decoder has 16-wide heads, which went through
+    // the tail loop below, loading and storing `acc` once per key (7% of a LiteMedSAM decode).
+    if c0 + 16 <= d {
+        accumulate_chunk::<16>(probs, values, ld, c0, acc);
+        c0 += 16;
     }
     if c0 < d {
         let tail = &mut acc[c0..];
         for (j, &prob) in probs.iter().enumerate() {
-            for (a, &vv) in tail.iter_mut().zip(&values[j * d + c0..(j + 1) * d]) {
+            for (a, &vv) in tail.iter_mut().zip(&values[j * ld + c0..j * ld + d]) {
                 *a += prob * vv;
             }
         }
     }
 }
 
+/// [`accumulate_values`] on the `CHUNK` floats of `acc` from `c0`, held in registers over all
+/// keys.
+#[inline(always)]
+fn accumulate_chunk<const CHUNK: usize>(probs: &[f32], values: &[f32], ld: usize, c0: usize, acc: &mut [f32]) {
+    let mut chunk: [f32; CHUNK] = acc[c0..c0 + CHUNK].try_into().unwrap();
+    for (j, &prob) in probs.iter().enumerate() {
+        let v: &[f32; CHUNK] = values[j * ld + c0..][..CHUNK].try_into().unwrap();
+        for (a, &vv) in chunk.iter_mut().zip(v) {
+            *a += prob * vv;
+        }
+    }
+    acc[c0..c0 + CHUNK].copy_from_slice(&chunk);
+}
+
 /// One batch-head's block of queries.
 struct Task<'a> {
     /// `[rows, d]`: this block's queries.
     q: &'a [f32],
-    /// `[nk, d]`: this batch-head's keys and values.
+    /// This batch-head's `nk` keys and values, row `j` at `k[j * ldk..][..d]` and
+    /// `v[j * ldv..][..d]` (`ld = d` when contiguous, `heads · d` read in place from a tensor
+    /// whose heads are merged into the channels).
     k: &'a [f32],
     v: &'a [f32],
+    ldk: usize,
+    ldv: usize,
     b: usize,
     first_query: usize,
     nq: usize,
@@ -384,7 +441,7 @@ impl Task<'_> {
             // Transpose the key block so that the score loop runs over contiguous keys (register
             // transposes where the CPU has AVX-512: element by element it was a third of the
             // mask decoder's token-to-image attention, 7 queries against 4096 keys).
-            crate::transpose::transpose_block(&self.k[key0 * d..(key0 + keys) * d], d, &mut s.keys_t, KEY_BLOCK, keys, d);
+            crate::transpose::transpose_block(&self.k[key0 * self.ldk..], self.ldk, &mut s.keys_t, KEY_BLOCK, keys, d);
             for i in 0..rows {
                 // A whole block of scores fits in registers: accumulate there, store once.
                 let mut block = [0.0f32; KEY_BLOCK];
@@ -421,8 +478,7 @@ impl Task<'_> {
                         *a *= rescale;
                     }
                 }
-                let values = &self.v[key0 * d..(key0 + keys) * d];
-                accumulate_values(scores, values, d, acc);
+                accumulate_values(scores, &self.v[key0 * self.ldv..], self.ldv, d, acc);
             }
         }
         for i in 0..rows {

@@ -27,7 +27,7 @@ use crate::weights::MatrixRef;
 /// From this many rows of `x` on, `linear` packs the weight into micro-kernel panels and runs the
 /// blocked GEMM; below it (the decoder's few tokens) packing the whole weight would cost more
 /// than the product, so the tile-by-tile dot-product path runs instead.
-const PACKED_MIN_ROWS: usize = 32;
+pub const PACKED_MIN_ROWS: usize = 32;
 
 thread_local! {
     /// The packed weight of the `linear` call running on this thread, reused across calls.

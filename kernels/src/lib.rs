@@ -29,6 +29,7 @@ pub mod resize;
 pub mod resize_backward;
 pub mod simd;
 pub mod transpose;
+pub mod upscale;
 pub mod weights;
 
 pub use activation::Activation;

@@ -33,6 +33,45 @@ pub(crate) fn layer_norm_at(isa: crate::simd::Isa, x: &[f32], rows: usize, dim: 
     });
 }
 
+/// `layer_norm(x + delta)` in one pass over the rows: each row's sum is formed in `out` and
+/// normalised there while it is in cache (a residual followed by a post-norm, as in SAM's
+/// two-way transformer; apart, the sum went through memory between the two passes). Bit for
+/// bit [`layer_norm`] of the f32 sum.
+// x, delta, out: [rows, dim]; gamma, beta: [dim].
+#[allow(clippy::too_many_arguments)]
+pub fn add_layer_norm(x: &[f32], delta: &[f32], rows: usize, dim: usize, gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
+    add_layer_norm_at(crate::simd::active(), x, delta, rows, dim, gamma, beta, eps, out);
+}
+
+/// [`add_layer_norm`] with the row loop built for `isa` (one `simd::supported` lists).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn add_layer_norm_at(isa: crate::simd::Isa, x: &[f32], delta: &[f32], rows: usize, dim: usize, gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
+    assert!(x.len() == rows * dim && delta.len() == rows * dim, "add_layer_norm: x or delta is not [rows, dim]");
+    assert_eq!(out.len(), rows * dim, "add_layer_norm: out is not [rows, dim]");
+    assert!(gamma.len() == dim && beta.len() == dim, "add_layer_norm: gamma/beta are not [dim]");
+    if dim == 0 {
+        return;
+    }
+    // Rows per task: enough that a task is more than its scheduling (the decoder's rows are 256
+    // floats), few enough that every thread gets several.
+    let per_task = (1usize << 12).div_ceil(dim).max(1);
+    out.par_chunks_mut(per_task * dim).zip(x.par_chunks(per_task * dim).zip(delta.par_chunks(per_task * dim))).for_each(|(o, (xs, ds))| {
+        for ((row, xr), dr) in o.chunks_exact_mut(dim).zip(xs.chunks_exact(dim)).zip(ds.chunks_exact(dim)) {
+            for ((r, &a), &b) in row.iter_mut().zip(xr).zip(dr) {
+                *r = a + b;
+            }
+            match isa {
+                // SAFETY: the caller passes a level the CPU supports.
+                #[cfg(target_arch = "x86_64")]
+                crate::simd::Isa::Avx512 => unsafe { norm_row_in_place_avx512(row, gamma, beta, eps) },
+                #[cfg(target_arch = "x86_64")]
+                crate::simd::Isa::Avx2Fma => unsafe { norm_row_in_place_avx2(row, gamma, beta, eps) },
+                _ => norm_row_in_place(row, gamma, beta, eps),
+            }
+        }
+    });
+}
+
 /// f64 partial sums kept per lane, so that the statistics vectorise: a single f64 accumulator
 /// is a serial chain of dependent additions (the compiler may not reassociate it), which made
 /// LayerNorm 4% of LiteMedSAM's encode. Eight lanes also round less than one running sum.
@@ -81,6 +120,34 @@ unsafe fn norm_row_avx512(row: &[f32], gamma: &[f32], beta: &[f32], eps: f32, ou
 #[target_feature(enable = "avx2,fma")]
 unsafe fn norm_row_avx2(row: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
     norm_row(row, gamma, beta, eps, out)
+}
+
+/// [`norm_row`] over `row` itself: the same statistics and the same expression per element
+/// (each element is read before it is overwritten), so the same bits.
+// row, gamma, beta: [dim].
+#[inline(always)]
+fn norm_row_in_place(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let dim = row.len() as f64;
+    let mean = lane_sum(row, |v| v) / dim;
+    let var = lane_sum(row, |v| (v - mean) * (v - mean)) / dim;
+    let inv_std = 1.0 / (var + eps as f64).sqrt();
+    for ((v, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
+        *v = ((*v as f64 - mean) * inv_std) as f32 * g + b;
+    }
+}
+
+/// [`norm_row_in_place`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn norm_row_in_place_avx512(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    norm_row_in_place(row, gamma, beta, eps)
+}
+
+/// [`norm_row_in_place`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn norm_row_in_place_avx2(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    norm_row_in_place(row, gamma, beta, eps)
 }
 
 /// LayerNorm2d: for every pixel, normalises the `channels` values over the channel axis.
@@ -178,6 +245,24 @@ mod tests {
                 for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
                     assert!((g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()), "{isa:?} rows {rows} dim {dim} element {i}: {g} vs {w}");
                 }
+            }
+        }
+    }
+
+    /// The fused residual and norm is bit for bit `layer_norm` of the f32 sum, at every SIMD
+    /// level, on row counts that leave a ragged last task.
+    #[test]
+    fn add_layer_norm_equals_layer_norm_of_the_sum() {
+        let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
+        for &(rows, dim, offset) in &[(4103, 256, 0.0f32), (7, 33, 5.0), (1, 1, 0.0), (37, 768, -3.0)] {
+            let (x, delta) = (random(&mut rng, rows * dim, offset), random(&mut rng, rows * dim, 0.0));
+            let (gamma, beta) = (random(&mut rng, dim, 1.0), random(&mut rng, dim, 0.0));
+            let sum: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
+            for isa in crate::simd::supported() {
+                let (mut want, mut got) = (vec![f32::NAN; rows * dim], vec![f32::NAN; rows * dim]);
+                layer_norm_at(isa, &sum, rows, dim, &gamma, &beta, 1e-5, &mut want);
+                add_layer_norm_at(isa, &x, &delta, rows, dim, &gamma, &beta, 1e-5, &mut got);
+                assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "{isa:?} rows {rows} dim {dim}");
             }
         }
     }

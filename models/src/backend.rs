@@ -71,6 +71,19 @@ pub struct InvertedResidual<'a, B: Backend + ?Sized> {
     pub act: Activation,
 }
 
+/// SAM's `output_upscaling` for [`Backend::upscale_masks`]: a 2x2/stride-2 transposed
+/// convolution `[C, C1, 2, 2]`, LayerNorm2d over `C1`, GELU, a 2x2/stride-2 transposed
+/// convolution `[C1, C2, 2, 2]`, GELU.
+pub struct OutputUpscaling<'a, B: Backend + ?Sized> {
+    pub up1: &'a B::Weight,
+    pub up1_bias: Option<&'a B::Vector>,
+    pub norm_gamma: &'a B::Vector,
+    pub norm_beta: &'a B::Vector,
+    pub norm_eps: f32,
+    pub up2: &'a B::Weight,
+    pub up2_bias: Option<&'a B::Vector>,
+}
+
 /// The computation of one frame for [`Backend::run_frame`]: the backend and the uploaded input in,
 /// the result out.
 pub type FrameFn<'a, B> = &'a dyn Fn(&B, &<B as Backend>::Tensor) -> Result<<B as Backend>::Tensor>;
@@ -154,6 +167,12 @@ pub trait Backend: Send + Sync {
     fn conv_transpose2d(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Vector>, stride: usize) -> Result<Self::Tensor>;
     /// LayerNorm over the last axis.
     fn layer_norm(&self, x: &Self::Tensor, gamma: &Self::Vector, beta: &Self::Vector, eps: f32) -> Result<Self::Tensor>;
+    /// `layer_norm(x + delta)` over the last axis, `delta` of `x`'s shape: a residual and the
+    /// post-norm after it (SAM's two-way transformer has one after every attention and MLP). The
+    /// default composes `add` and `layer_norm`; a backend may fuse them (the CPU backend does).
+    fn add_layer_norm(&self, x: &Self::Tensor, delta: &Self::Tensor, gamma: &Self::Vector, beta: &Self::Vector, eps: f32) -> Result<Self::Tensor> {
+        self.layer_norm(&self.add(x, delta)?, gamma, beta, eps)
+    }
     /// LayerNorm over the channel axis of NCHW (SAM's `LayerNorm2d`).
     fn layer_norm_nchw(&self, x: &Self::Tensor, gamma: &Self::Vector, beta: &Self::Vector, eps: f32) -> Result<Self::Tensor>;
     fn activation(&self, x: &Self::Tensor, act: Activation) -> Result<Self::Tensor>;
@@ -178,6 +197,34 @@ pub trait Backend: Send + Sync {
         let filtered = self.conv2d(&expanded, block.depthwise, block.depthwise_bias, depthwise, block.act)?;
         let projected = self.conv2d(&filtered, block.project, block.project_bias, pointwise, Activation::None)?;
         self.activation(&self.add(&projected, x)?, block.act)
+    }
+    /// The mask decoder's tail: image tokens `[1, E·E, C]` (row `i·E + j` grid cell `(i, j)`)
+    /// through `up` to `[1, C2, 4E, 4E]`, then each mask's hypernetwork weights `hyper_in:
+    /// [1, k, C2]` times every upscaled pixel → mask logits `[1, k, 4E, 4E]`. The default permutes
+    /// to NCHW and composes `conv_transpose2d`, `layer_norm_nchw`, `activation` and `matmul`, as
+    /// the reference does; a backend may stay channels-last and never materialise the upscaled
+    /// embedding (the CPU backend does: those passes were a fifth of a LiteMedSAM decode).
+    fn upscale_masks(&self, image_tokens: &Self::Tensor, grid: usize, up: &OutputUpscaling<'_, Self>, hyper_in: &Self::Tensor) -> Result<Self::Tensor> {
+        let channels = match self.shape(image_tokens) {
+            [1, n, c] if *n == grid * grid => *c,
+            other => return Err(crate::Error::Shape(format!("upscale_masks: image tokens {other:?} are not [1, {grid}·{grid}, C]"))),
+        };
+        let channels_first = self.permute(image_tokens, &[0, 2, 1])?;
+        let x = self.reshape(channels_first, &[1, channels, grid, grid])?;
+        let x = self.conv_transpose2d(&x, up.up1, up.up1_bias, 2)?;
+        let x = self.activation(&self.layer_norm_nchw(&x, up.norm_gamma, up.norm_beta, up.norm_eps)?, Activation::Gelu)?;
+        let upscaled = self.activation(&self.conv_transpose2d(&x, up.up2, up.up2_bias, 2)?, Activation::Gelu)?;
+        let (c2, h, w) = match self.shape(&upscaled) {
+            [1, c, h, w] => (*c, *h, *w),
+            other => return Err(crate::Error::Shape(format!("upscale_masks: upscaled embedding {other:?}, expected [1, C2, 4E, 4E]"))),
+        };
+        let k = match self.shape(hyper_in) {
+            [1, k, c] if *c == c2 => *k,
+            other => return Err(crate::Error::Shape(format!("upscale_masks: hypernetwork weights {other:?} are not [1, k, {c2}]"))),
+        };
+        let pixels = self.reshape(upscaled, &[1, c2, h * w])?;
+        let masks = self.matmul(hyper_in, &pixels, false)?;
+        self.reshape(masks, &[1, k, h, w])
     }
     /// Attention on projections whose heads are merged into the channels: `q: [B, Nq, heads·d]`,
     /// `k, v: [B, Nk, heads·d]` → `[B, Nq, heads·d]`, i.e. the head split (`view(B, N, heads,
@@ -506,6 +553,67 @@ pub(crate) mod tests {
         assert!(matches!(cpu.inverted_residual(&x, &swapped), Err(crate::Error::Shape(_))));
         let wrong_kernel = InvertedResidual { expand: &e, expand_bias: None, depthwise: &d, depthwise_bias: None, kernel: 5, project: &p, project_bias: None, act: Activation::Gelu };
         assert!(matches!(cpu.inverted_residual(&x, &wrong_kernel), Err(crate::Error::Shape(_))));
+    }
+
+    /// The CPU backend's fused residual and norm equals the default's add then norm, bit for
+    /// bit; a delta of another shape is an error.
+    #[test]
+    fn add_layer_norm_cpu_equals_default() {
+        let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
+        let mut values = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect() };
+        let (shape, dim) = ([3, 70, 256], 256);
+        let (x, delta, gamma, beta) = (values(3 * 70 * dim), values(3 * 70 * dim), values(dim), values(dim));
+        fn run<B: Backend>(b: &B, shape: &[usize], x: &[f32], delta: &[f32], gamma: &[f32], beta: &[f32]) -> Vec<f32> {
+            let (g, bt) = (b.vector(&f32_tensor("g", &[gamma.len()], gamma)).unwrap(), b.vector(&f32_tensor("b", &[beta.len()], beta)).unwrap());
+            let out = b.add_layer_norm(&b.from_host(shape, x).unwrap(), &b.from_host(shape, delta).unwrap(), &g, &bt, 1e-5).unwrap();
+            b.to_host(&out).unwrap()
+        }
+        let cpu = CpuBackend::new(2).unwrap();
+        let (fused, composed) = (run(&cpu, &shape, &x, &delta, &gamma, &beta), run(&DefaultLora::new(2), &shape, &x, &delta, &gamma, &beta));
+        assert!(fused.iter().zip(&composed).all(|(a, b)| a.to_bits() == b.to_bits()));
+        let g = cpu.vector(&f32_tensor("g", &[dim], &gamma)).unwrap();
+        let short = cpu.from_host(&[70, 256], &delta[..70 * dim]).unwrap();
+        assert!(matches!(cpu.add_layer_norm(&cpu.from_host(&shape, &x).unwrap(), &short, &g, &g, 1e-5), Err(crate::Error::Shape(_))));
+    }
+
+    /// The CPU backend's channels-last mask tail against the trait's default (permute, two
+    /// transposed convolutions, LayerNorm2d, GELUs, matmul) on the same CPU kernels, with and
+    /// without biases and for one and three masks; mismatched shapes are an error.
+    #[test]
+    fn upscale_masks_cpu_equals_default_and_checks_shapes() {
+        let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
+        let (grid, c, c1, c2) = (5, 16, 8, 4);
+        let mut values = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect() };
+        let (tokens, w1, w2, gamma, beta, b1, b2, hyper) =
+            (values(grid * grid * c), values(c * c1 * 4), values(c1 * c2 * 4), values(c1), values(c1), values(c1), values(c2), values(3 * c2));
+        let stored = [f32_tensor("w1", &[c, c1, 2, 2], &w1), f32_tensor("w2", &[c1, c2, 2, 2], &w2)];
+        let vectors = [f32_tensor("g", &[c1], &gamma), f32_tensor("b", &[c1], &beta), f32_tensor("b1", &[c1], &b1), f32_tensor("b2", &[c2], &b2)];
+        // The tail on backend `b` for the first `k` hypernetwork rows.
+        fn c_of(stored: &[StoredTensor; 2]) -> usize {
+            stored[0].shape[0]
+        }
+        #[allow(clippy::too_many_arguments)]
+        fn tail<B: Backend>(b: &B, stored: &[StoredTensor; 2], vectors: &[StoredTensor; 4], biased: bool, grid: usize, tokens: &[f32], hyper: &[f32], k: usize) -> Result<Vec<f32>> {
+            let [w1, w2] = stored.each_ref().map(|t| b.weight(t).unwrap());
+            let [gamma, beta, b1, b2] = vectors.each_ref().map(|t| b.vector(t).unwrap());
+            let up = OutputUpscaling { up1: &w1, up1_bias: biased.then_some(&b1), norm_gamma: &gamma, norm_beta: &beta, norm_eps: 1e-6, up2: &w2, up2_bias: biased.then_some(&b2) };
+            let c2 = hyper.len() / 3;
+            let x = b.from_host(&[1, tokens.len() / c_of(stored), c_of(stored)], tokens)?;
+            let h = b.from_host(&[1, k, c2], &hyper[..k * c2])?;
+            b.to_host(&b.upscale_masks(&x, grid, &up, &h)?)
+        }
+        let (cpu, default) = (CpuBackend::new(2).unwrap(), DefaultLora::new(2));
+        for (biased, k) in [(true, 1), (false, 3)] {
+            let on_cpu = tail(&cpu, &stored, &vectors, biased, grid, &tokens, &hyper, k).unwrap();
+            let composed = tail(&default, &stored, &vectors, biased, grid, &tokens, &hyper, k).unwrap();
+            assert_eq!(on_cpu.len(), k * 16 * grid * grid);
+            let peak = composed.iter().fold(0.0f32, |p, v| p.max(v.abs()));
+            let worst = on_cpu.iter().zip(&composed).fold(0.0f32, |e, (a, b)| e.max((a - b).abs()));
+            assert!(worst <= 1e-5 * peak, "bias {biased}, k {k}: largest difference {worst} (peak {peak})");
+        }
+        assert!(matches!(tail(&cpu, &stored, &vectors, true, grid + 1, &tokens, &hyper, 1), Err(crate::Error::Shape(_))), "tokens of another grid");
+        let swapped = [stored[1].clone(), stored[0].clone()];
+        assert!(matches!(tail(&cpu, &swapped, &vectors, true, grid, &tokens, &hyper, 1), Err(crate::Error::Shape(_))));
     }
 
     /// The CPU backend's fused head split and merge against the trait's default (permutes

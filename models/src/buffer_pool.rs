@@ -7,20 +7,44 @@
 //! of the same geometry allocates no activation memory at all; `fresh_allocations` counts the
 //! misses so tests can hold that true.
 //!
-//! The pool is bounded ([`MAX_POOLED`] buffers) so memory stays bounded whatever a caller does.
-//! The lock is taken once per operation by the thread driving the network, never by the kernel
-//! threads, so it is uncontended on the per-frame path.
+//! The pool is bounded (at most [`MAX_POOLED`] large and [`MAX_POOLED_SMALL`] small buffers) so
+//! memory stays bounded whatever a caller does. The lock is taken once per operation by the
+//! thread driving the network, never by the kernel threads, so it is uncontended on the
+//! per-frame path.
+//!
+//! Small buffers (the decoder's token tensors, vectors) and large ones (activation maps) are
+//! pooled apart. Mixed, a 7-token tensor took whichever large buffer was free, and the next
+//! activation map given that buffer had to be zero-filled back to length: 3-4% of a LiteMedSAM
+//! decode went to `memset` (`perf`, 2026-12-03).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-/// Buffers kept at most; more than a SAM forward pass holds alive at once.
+/// Large buffers kept at most; more than a SAM forward pass holds alive at once.
 pub const MAX_POOLED: usize = 64;
+/// Small buffers kept at most (at most 16 MiB of them).
+pub const MAX_POOLED_SMALL: usize = 256;
+/// Requests of at most this many elements (64 KiB) are served from the small buffers.
+const SMALL_LEN: usize = 1 << 14;
+
+/// The idle buffers of one size class.
+type Free = Vec<Vec<f32>>;
 
 #[derive(Debug, Default)]
 pub struct BufferPool {
-    free: Mutex<Vec<Vec<f32>>>,
+    /// `[small, large]`.
+    free: Mutex<[Free; 2]>,
     fresh: AtomicUsize,
+}
+
+/// The class of a request or buffer of `len` elements (index into `BufferPool::free`) and
+/// how many of that class are kept.
+fn class(len: usize) -> (usize, usize) {
+    if len <= SMALL_LEN {
+        (0, MAX_POOLED_SMALL)
+    } else {
+        (1, MAX_POOLED)
+    }
 }
 
 impl BufferPool {
@@ -36,6 +60,10 @@ impl BufferPool {
     /// buffer keeps whatever its last user left (initialised, stale values) instead of being
     /// zeroed first. The zeroing ran single-threaded over every activation of the frame and
     /// was 7% of LiteMedSAM's encode (`perf`, 2026-12-03).
+    ///
+    /// Only a buffer's length counts as written (what lies between its length and its capacity
+    /// is not ours to read), so a buffer that last held fewer elements is zero-filled up to
+    /// `len`; the small/large split keeps that rare.
     pub fn take_for_overwrite(&self, len: usize) -> Vec<f32> {
         let mut buffer = self.reuse_or_allocate(len);
         buffer.truncate(len);
@@ -44,10 +72,13 @@ impl BufferPool {
         buffer
     }
 
-    /// The smallest pooled buffer whose capacity holds `len`, else a new empty one.
+    /// The smallest pooled buffer of `len`'s class whose capacity holds `len`, else a new empty
+    /// one. (Preferring a buffer whose written length covers `len` zeroed less but took larger
+    /// buffers than needed, and a second frame then had to allocate.)
     fn reuse_or_allocate(&self, len: usize) -> Vec<f32> {
         let reused = {
-            let mut free = self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut classes = self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let free = &mut classes[class(len).0];
             let best = free.iter().enumerate().filter(|(_, v)| v.capacity() >= len).min_by_key(|(_, v)| v.capacity()).map(|(i, _)| i);
             best.map(|i| free.swap_remove(i))
         };
@@ -57,14 +88,16 @@ impl BufferPool {
         })
     }
 
-    /// Returns a buffer for reuse; beyond [`MAX_POOLED`] the smallest one is let go.
+    /// Returns a buffer for reuse; beyond its class's limit the smallest one is let go.
     pub fn give(&self, buffer: Vec<f32>) {
         if buffer.capacity() == 0 {
             return;
         }
-        let mut free = self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (index, limit) = class(buffer.capacity());
+        let mut classes = self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let free = &mut classes[index];
         free.push(buffer);
-        if free.len() > MAX_POOLED {
+        if free.len() > limit {
             let smallest = free.iter().enumerate().min_by_key(|(_, v)| v.capacity()).map(|(i, _)| i);
             if let Some(i) = smallest {
                 free.swap_remove(i);
@@ -79,14 +112,20 @@ impl BufferPool {
 
     /// Bytes held by idle pooled buffers.
     pub fn pooled_bytes(&self) -> usize {
-        let free = self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        free.iter().map(|v| v.capacity() * std::mem::size_of::<f32>()).sum()
+        let classes = self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        classes.iter().flatten().map(|v| v.capacity() * std::mem::size_of::<f32>()).sum()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Idle buffers per class, `[small, large]`.
+    fn counts(pool: &BufferPool) -> [usize; 2] {
+        let classes = pool.free.lock().unwrap();
+        [classes[0].len(), classes[1].len()]
+    }
 
     #[test]
     fn buffers_are_reused_zeroed_and_bounded() {
@@ -100,10 +139,25 @@ mod tests {
         pool.give(b);
         let _big = pool.take(1000);
         assert_eq!(pool.fresh_allocations(), 2);
-        for n in 0..2 * MAX_POOLED {
+        for n in 0..2 * MAX_POOLED_SMALL {
             pool.give(vec![0.0; n + 1]);
         }
-        assert!(pool.pooled_bytes() <= MAX_POOLED * 2 * MAX_POOLED * 4, "at most MAX_POOLED buffers are kept");
+        for n in 0..2 * MAX_POOLED {
+            pool.give(vec![0.0; SMALL_LEN + 1 + n]);
+        }
+        assert_eq!(counts(&pool), [MAX_POOLED_SMALL, MAX_POOLED], "each class keeps at most its limit");
+    }
+
+    /// A small request never takes a large buffer, whose next large user would then have to
+    /// zero-fill it back.
+    #[test]
+    fn small_requests_keep_off_large_buffers() {
+        let pool = BufferPool::default();
+        pool.give(vec![7.0; 4 * SMALL_LEN]);
+        let small = pool.take_for_overwrite(100);
+        assert_eq!((pool.fresh_allocations(), small.capacity()), (1, 100), "a small request gets a small buffer");
+        assert_eq!(counts(&pool), [0, 1]);
+        assert!(pool.take_for_overwrite(4 * SMALL_LEN).iter().all(|&v| v == 7.0), "the large buffer kept its length");
     }
 
     /// `take_for_overwrite` hands a reused buffer over without a zeroing pass (its stale values

@@ -8,16 +8,17 @@
 //! All work runs inside the backend's own rayon pool, so several backends (or a host
 //! application's own rayon work) do not fight over threads.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
 
 use minisam_kernels::attention::{self, Bias};
 use minisam_kernels::depthwise_nhwc;
 use minisam_kernels::inverted_residual::{self, InvertedResidualWeights};
+use minisam_kernels::upscale::{self, UpscalingWeights};
 use minisam_kernels::{activation, conv, gemm, norm, resize, MatrixRef};
 
-use crate::backend::{Activation, AttentionBias, Backend, Conv2dSpec, InvertedResidual, Lora};
+use crate::backend::{Activation, AttentionBias, Backend, Conv2dSpec, InvertedResidual, Lora, OutputUpscaling};
 use crate::buffer_pool::BufferPool;
 use crate::store::{StoredTensor, TensorData};
 use crate::{Error, Result};
@@ -62,9 +63,17 @@ impl CpuTensor {
 pub struct CpuWeight {
     pub shape: Vec<usize>,
     pub data: TensorData,
+    /// `data` in f32, made the first time a linear reads the weight with few rows (see
+    /// [`CpuWeight::matrix_for_rows`]).
+    few_rows: OnceLock<Vec<f32>>,
 }
 
 impl CpuWeight {
+    /// A weight of `shape` holding `data` (checked by the caller).
+    pub fn new(shape: Vec<usize>, data: TensorData) -> Self {
+        Self { shape, data, few_rows: OnceLock::new() }
+    }
+
     /// The borrowed view the kernels take.
     pub fn matrix(&self) -> MatrixRef<'_> {
         match &self.data {
@@ -72,6 +81,24 @@ impl CpuWeight {
             TensorData::F16(bytes) => MatrixRef::F16(bytes.as_slice()),
             TensorData::Nf4(q) => MatrixRef::Nf4(q.view()),
         }
+    }
+
+    /// The view a linear over `rows` rows of input reads. With fewer rows than the kernels'
+    /// packed GEMM takes, the product dequantises every weight tile for a handful of rows, and
+    /// for the mask decoder's token-side layers (7 tokens) that dequantisation was about a tenth
+    /// of a decode; so such a weight is dequantised once, on first use, and kept in f32. This
+    /// trades memory for it: for SAM's decoder about 14 MiB, only the weights that see few rows
+    /// (the image encoder's never do). The f32 values are the dequantised ones, so the products
+    /// are the same bits.
+    pub fn matrix_for_rows(&self, rows: usize) -> MatrixRef<'_> {
+        if rows >= gemm::PACKED_MIN_ROWS || matches!(self.data, TensorData::F32(_)) {
+            return self.matrix();
+        }
+        MatrixRef::F32(self.few_rows.get_or_init(|| {
+            let mut values = vec![0.0; self.shape.iter().product()];
+            self.matrix().dequantize_range(0, &mut values);
+            values
+        }))
     }
 }
 
@@ -188,6 +215,11 @@ fn expect_rank<'a>(op: &str, what: &str, shape: &'a [usize], rank: usize) -> Res
     Ok(shape)
 }
 
+/// Elements per task of the element-wise ops: 64 KiB, small enough to stay in L2 between the
+/// copy and the operation, large enough that a task's overhead is noise, and fixed so that a
+/// same-shape tensor is split over the threads too.
+const ELEMENTWISE_CHUNK: usize = 1 << 14;
+
 /// `a + b` broadcasting `b` over the leading axes of `a` (`b`'s shape a suffix of `a`'s).
 // a: [.., s], b: [s] where s is any suffix of a's shape.
 fn add_broadcast(be: &CpuBackend, op: &str, a: &CpuTensor, b_shape: &[usize], b: &[f32]) -> Result<CpuTensor> {
@@ -197,9 +229,8 @@ fn add_broadcast(be: &CpuBackend, op: &str, a: &CpuTensor, b_shape: &[usize], b:
     if b.is_empty() {
         return be.copy_of(&a.shape, &a.data);
     }
-    // One pass writing `a + b` (a copy of `a` followed by `+= b` read and wrote it twice), in
-    // fixed-size chunks so that a same-shape add (the residuals) is split over the threads too.
-    const CHUNK: usize = 1 << 14;
+    // One pass writing `a + b` (a copy of `a` followed by `+= b` read and wrote it twice).
+    const CHUNK: usize = ELEMENTWISE_CHUNK;
     let period = b.len();
     let mut out = be.buffer_for_overwrite(a.data.len());
     out.par_chunks_mut(CHUNK).zip(a.data.par_chunks(CHUNK)).enumerate().for_each(|(chunk, (dst, src))| {
@@ -351,7 +382,7 @@ impl Backend for CpuBackend {
 
     fn weight(&self, t: &StoredTensor) -> Result<CpuWeight> {
         check_payload(&t.name, &t.shape, &t.data)?;
-        Ok(CpuWeight { shape: t.shape.clone(), data: t.data.clone() })
+        Ok(CpuWeight::new(t.shape.clone(), t.data.clone()))
     }
 
     fn vector(&self, t: &StoredTensor) -> Result<CpuTensor> {
@@ -484,7 +515,7 @@ impl Backend for CpuBackend {
         let mut shape = x.shape.clone();
         *shape.last_mut().unwrap() = n;
         let mut out = self.buffer_for_overwrite(m * n);
-        self.run(|| gemm::linear(&x.data, m, k, w.matrix(), n, bias.map(|b| &b.data[..]), kernel_activation(act), &mut out));
+        self.run(|| gemm::linear(&x.data, m, k, w.matrix_for_rows(m), n, bias.map(|b| &b.data[..]), kernel_activation(act), &mut out));
         self.tensor(shape, out)
     }
 
@@ -586,6 +617,16 @@ impl Backend for CpuBackend {
         self.tensor(x.shape.clone(), out)
     }
 
+    fn add_layer_norm(&self, x: &CpuTensor, delta: &CpuTensor, gamma: &CpuTensor, beta: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+        let (rows, dim) = split_last("add_layer_norm", &x.shape)?;
+        if delta.shape != x.shape || gamma.shape != [dim] || beta.shape != [dim] {
+            return Err(Error::Shape(format!("add_layer_norm: input {:?}, delta {:?}, gamma {:?}, beta {:?}", x.shape, delta.shape, gamma.shape, beta.shape)));
+        }
+        let mut out = self.buffer_for_overwrite(x.data.len());
+        self.run(|| norm::add_layer_norm(&x.data, &delta.data, rows, dim, &gamma.data, &beta.data, eps, &mut out));
+        self.tensor(x.shape.clone(), out)
+    }
+
     fn layer_norm_nchw(&self, x: &CpuTensor, gamma: &CpuTensor, beta: &CpuTensor, eps: f32) -> Result<CpuTensor> {
         let xs = expect_rank("layer_norm_nchw", "input", &x.shape, 4)?;
         let (batch, channels, spatial) = (xs[0], xs[1], xs[2] * xs[3]);
@@ -598,9 +639,17 @@ impl Backend for CpuBackend {
     }
 
     fn activation(&self, x: &CpuTensor, act: Activation) -> Result<CpuTensor> {
-        let mut out = self.copy_of(&x.shape, &x.data)?;
-        self.run(|| out.data.par_chunks_mut(4096).for_each(|chunk| activation::apply(kernel_activation(act), chunk)));
-        Ok(out)
+        // Copy and activate one L1-sized chunk at a time, on every thread: a whole-tensor copy
+        // first was a single-threaded pass over memory before the activation's own (the
+        // decoder's 8 MiB GELU inputs: about 1 ms a decode).
+        let mut out = self.buffer_for_overwrite(x.data.len());
+        self.run(|| {
+            out.par_chunks_mut(ELEMENTWISE_CHUNK).zip(x.data.par_chunks(ELEMENTWISE_CHUNK)).for_each(|(dst, src)| {
+                dst.copy_from_slice(src);
+                activation::apply(kernel_activation(act), dst);
+            })
+        });
+        self.tensor(x.shape.clone(), out)
     }
 
     fn add(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
@@ -612,9 +661,13 @@ impl Backend for CpuBackend {
     }
 
     fn scale(&self, a: &CpuTensor, s: f32) -> Result<CpuTensor> {
-        let mut out = self.copy_of(&a.shape, &a.data)?;
-        self.run(|| out.data.par_iter_mut().for_each(|x| *x *= s));
-        Ok(out)
+        let mut out = self.buffer_for_overwrite(a.data.len());
+        self.run(|| {
+            out.par_chunks_mut(ELEMENTWISE_CHUNK).zip(a.data.par_chunks(ELEMENTWISE_CHUNK)).for_each(|(dst, src)| {
+                dst.iter_mut().zip(src).for_each(|(d, &x)| *d = x * s);
+            })
+        });
+        self.tensor(a.shape.clone(), out)
     }
 
     fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, scale: f32, bias: AttentionBias<'_, Self>) -> Result<CpuTensor> {
@@ -666,6 +719,43 @@ impl Backend for CpuBackend {
         let mut out = self.buffer_for_overwrite(x.data.len());
         self.run(|| inverted_residual::inverted_residual(&x.data, batch, c, h, w, hidden, k, weights, kernel_activation(block.act), &mut out));
         self.tensor(x.shape.clone(), out)
+    }
+
+    fn upscale_masks(&self, image_tokens: &CpuTensor, grid: usize, up: &OutputUpscaling<'_, Self>, hyper_in: &CpuTensor) -> Result<CpuTensor> {
+        let c = match image_tokens.shape[..] {
+            [1, n, c] if n == grid * grid => c,
+            _ => return Err(Error::Shape(format!("upscale_masks: image tokens {:?} are not [1, {grid}·{grid}, C]", image_tokens.shape))),
+        };
+        let (c1, c2) = (up.up1.shape.get(1).copied().unwrap_or(0), up.up2.shape.get(1).copied().unwrap_or(0));
+        let k = match hyper_in.shape[..] {
+            [1, k, hc] if hc == c2 => k,
+            _ => return Err(Error::Shape(format!("upscale_masks: hypernetwork weights {:?} are not [1, k, {c2}]", hyper_in.shape))),
+        };
+        let shapes_fit = up.up1.shape == [c, c1, 2, 2]
+            && up.up2.shape == [c1, c2, 2, 2]
+            && up.norm_gamma.shape == [c1]
+            && up.norm_beta.shape == [c1]
+            && up.up1_bias.is_none_or(|b| b.shape == [c1])
+            && up.up2_bias.is_none_or(|b| b.shape == [c2]);
+        if !shapes_fit {
+            return Err(Error::Shape(format!(
+                "upscale_masks: tokens {:?}, first convolution {:?}, norm {:?}, second convolution {:?} (each 2x2, stride 2, with [C_out] biases)",
+                image_tokens.shape, up.up1.shape, up.norm_gamma.shape, up.up2.shape
+            )));
+        }
+        let weights = UpscalingWeights {
+            up1: up.up1.matrix(),
+            up1_bias: up.up1_bias.map(|b| &b.data[..]),
+            norm_gamma: &up.norm_gamma.data,
+            norm_beta: &up.norm_beta.data,
+            norm_eps: up.norm_eps,
+            up2: up.up2.matrix(),
+            up2_bias: up.up2_bias.map(|b| &b.data[..]),
+        };
+        let side = 4 * grid;
+        let mut out = self.buffer_for_overwrite(k * side * side);
+        self.run(|| upscale::upscale_masks(&image_tokens.data, grid, c, c1, c2, weights, &hyper_in.data, &mut out));
+        self.tensor(vec![1, k, side, side], out)
     }
 
     fn attention_heads(&self, q: CpuTensor, k: CpuTensor, v: CpuTensor, heads: usize, scale: f32, bias: AttentionBias<'_, Self>) -> Result<CpuTensor> {
@@ -723,6 +813,33 @@ mod tests {
     use crate::store::SharedBytes;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
+
+    /// A linear over few rows reads an NF4 or fp16 weight through its cached f32 copy: the
+    /// same bits as dequantising tile by tile, the copy made once; many rows read the stored
+    /// weight.
+    #[test]
+    fn few_row_linears_read_a_cached_dequantised_weight() {
+        let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
+        let (n, k) = (48, 320);
+        let values: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let q = minisam_kernels::nf4::quantize(&values);
+        let nf4 = TensorData::Nf4(Nf4Data { codes: SharedBytes::from_vec(q.codes), absmax_q: SharedBytes::from_vec(q.absmax_q), absmax_scales: SharedBytes::from_vec(q.absmax_scales) });
+        let f16 = TensorData::F16(SharedBytes::from_vec(values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()));
+        let be = CpuBackend::new(2).unwrap();
+        for data in [nf4, f16] {
+            let w = CpuWeight::new(vec![n, k], data);
+            for m in [1, 7, gemm::PACKED_MIN_ROWS - 1, gemm::PACKED_MIN_ROWS] {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+                let got = be.linear(&be.from_host(&[m, k], &x).unwrap(), &w, None, Activation::None).unwrap();
+                let mut want = vec![0.0; m * n];
+                gemm::linear(&x, m, k, w.matrix(), n, None, activation::Activation::None, &mut want);
+                assert!(got.data.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "m {m}");
+            }
+            let cached = w.few_rows.get().expect("a few-row linear made the f32 copy").as_ptr();
+            assert!(matches!(w.matrix_for_rows(7), MatrixRef::F32(v) if v.as_ptr() == cached), "made once");
+            assert!(!matches!(w.matrix_for_rows(gemm::PACKED_MIN_ROWS), MatrixRef::F32(_)), "many rows read the stored weight");
+        }
+    }
 
     fn rng() -> ChaCha8Rng {
         ChaCha8Rng::seed_from_u64(rand::random())

@@ -223,8 +223,7 @@ impl<B: Backend> Segmenter<B> {
         let input = pipeline::transform_prompts(self.config.preprocess, prompts, &emb.geometry);
         let b = &self.backend;
         let (sparse, dense) = self.prompt_encoder.embed(b, &input.points, &input.boxes, None)?;
-        let pe = self.prompt_encoder.dense_positional_encoding(b)?;
-        let (masks, iou) = self.mask_decoder.forward(b, &emb.embedding, &pe, &sparse, &dense, multimask)?;
+        let (masks, iou) = self.mask_decoder.forward(b, &emb.embedding, self.prompt_encoder.token_positional_encoding(), &sparse, &dense, multimask)?;
 
         let shape = b.shape(&masks).to_vec();
         let (k, low_res) = match shape.as_slice() {

@@ -52,7 +52,7 @@ pub(super) unsafe fn attention(q: &[f32], k: &[f32], v: &[f32], nq: usize, nk: u
     (0..bh * blocks).into_par_iter().for_each_init(Scratch::default, |scratch, task| {
         let (b, block) = (task / blocks, task % blocks);
         let rows = block * QUERY_BLOCK..((block + 1) * QUERY_BLOCK).min(nq);
-        let head = Head { q: &q[b * nq * d..(b + 1) * nq * d], k: &k[b * nk * d..(b + 1) * nk * d], v: &v[b * nk * d..(b + 1) * nk * d], b, nq, nk, d, scale, bias };
+        let head = Head { q: &q[b * nq * d..(b + 1) * nq * d], k: &k[b * nk * d..(b + 1) * nk * d], v: &v[b * nk * d..(b + 1) * nk * d], ldk: d, ldv: d, b, nq, nk, d, scale, bias };
         // SAFETY: each task writes only its own rows of batch-head b; the caller vouches for
         // AVX-512F and the shapes.
         unsafe {

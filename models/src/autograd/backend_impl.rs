@@ -51,7 +51,7 @@ impl TapeBackend {
     fn cpu_weight(&self, w: &TapeWeight) -> Arc<CpuWeight> {
         match &w.kind {
             ParamOr::Frozen(cw) => cw.clone(),
-            ParamOr::Param(i) => Arc::new(CpuWeight { shape: w.shape.clone(), data: self.registry().data(*i) }),
+            ParamOr::Param(i) => Arc::new(CpuWeight::new(w.shape.clone(), self.registry().data(*i))),
         }
     }
 

@@ -48,8 +48,7 @@ impl<B: Backend> SamModel<B> {
     /// `[1, k, 4E, 4E]` (k = 1, or 3 with `multimask`).
     pub fn decode(&self, b: &B, embedding: &B::Tensor, prompts: &InputPrompts, multimask: bool) -> Result<B::Tensor> {
         let (sparse, dense) = self.prompt_encoder.embed(b, &prompts.points, &prompts.boxes, None)?;
-        let pe = self.prompt_encoder.dense_positional_encoding(b)?;
-        let (masks, _iou) = self.mask_decoder.forward(b, embedding, &pe, &sparse, &dense, multimask)?;
+        let (masks, _iou) = self.mask_decoder.forward(b, embedding, self.prompt_encoder.token_positional_encoding(), &sparse, &dense, multimask)?;
         Ok(masks)
     }
 }

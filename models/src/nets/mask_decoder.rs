@@ -8,6 +8,8 @@
 //! - The image tokens come back as a 64x64 map and are upscaled 4x by two 2x2/stride-2 transposed
 //!   convolutions to 32 channels; each mask token goes through its own 3-layer hypernetwork MLP
 //!   to 32 weights, and a mask is the dot product of those weights with every upscaled pixel.
+//!   The upscaling and that product are one backend operation ([`Backend::upscale_masks`]), so
+//!   that a backend can keep the tokens channels-last and never write the upscaled embedding.
 //! - Mask token 0 is the single-mask output, tokens 1.. are the three multimask outputs. Only the
 //!   selected tokens' hypernetworks are evaluated: each mask is an independent row of the final
 //!   product, so the result equals computing all of them and slicing.
@@ -23,7 +25,8 @@ use std::ops::Range;
 use crate::backend::{Activation, Backend};
 use crate::config::ModelConfig;
 use crate::nets::common::{Linear, Norm};
-use crate::nets::transformer::TwoWayTransformer;
+use crate::nets::prompt_encoder::DensePrompt;
+use crate::nets::transformer::{nchw_to_tokens, TwoWayTransformer};
 use crate::store::WeightStore;
 use crate::{Error, Result};
 
@@ -33,14 +36,14 @@ const PREFIX: &str = "mask_decoder";
 const LAYER_NORM_2D_EPS: f32 = 1e-6;
 /// Layers of each hypernetwork MLP.
 const HYPERNETWORK_DEPTH: usize = 3;
-/// Kernel and stride of both transposed convolutions of `output_upscaling`.
+/// Kernel and stride of both transposed convolutions of `output_upscaling` (what
+/// [`Backend::upscale_masks`] computes).
 const UPSCALE_STRIDE: usize = 2;
 
 /// `torch.nn.ConvTranspose2d` whose kernel equals its stride, weight `[C_in, C_out, k, k]`.
 struct ConvTranspose2d<B: Backend> {
     weight: B::Weight,
     bias: Option<B::Vector>,
-    stride: usize,
 }
 
 impl<B: Backend> ConvTranspose2d<B> {
@@ -49,12 +52,7 @@ impl<B: Backend> ConvTranspose2d<B> {
         let w = store.get_shaped(&format!("{prefix}.weight"), &[c_in, c_out, stride, stride])?;
         let bias_name = format!("{prefix}.bias");
         let bias = if store.contains(&bias_name) { Some(b.vector(&store.get_shaped(&bias_name, &[c_out])?)?) } else { None };
-        Ok(Self { weight: b.weight(&w)?, bias, stride })
-    }
-
-    /// `[B, C_in, H, W]` → `[B, C_out, H·s, W·s]`.
-    fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        b.conv_transpose2d(x, &self.weight, self.bias.as_ref(), self.stride)
+        Ok(Self { weight: b.weight(&w)?, bias })
     }
 }
 
@@ -116,11 +114,17 @@ impl<B: Backend> OutputUpscaling<B> {
         })
     }
 
-    /// `[1, C, E, E]` → `[1, C/8, 4E, 4E]`.
-    fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        let x = self.up1.forward(b, x)?;
-        let x = b.activation(&self.norm.forward_nchw(b, &x)?, Activation::Gelu)?;
-        b.activation(&self.up2.forward(b, &x)?, Activation::Gelu)
+    /// The layers as [`Backend::upscale_masks`] takes them.
+    fn layers(&self) -> crate::backend::OutputUpscaling<'_, B> {
+        crate::backend::OutputUpscaling {
+            up1: &self.up1.weight,
+            up1_bias: self.up1.bias.as_ref(),
+            norm_gamma: &self.norm.gamma,
+            norm_beta: &self.norm.beta,
+            norm_eps: self.norm.eps,
+            up2: &self.up2.weight,
+            up2_bias: self.up2.bias.as_ref(),
+        }
     }
 }
 
@@ -169,25 +173,36 @@ impl<B: Backend> MaskDecoder<B> {
         self.iou_prediction_head.layers.iter_mut().for_each(&mut *f);
     }
 
-    /// `image_embedding, image_pe, dense: [1, C, E, E]`, `sparse: [1, n, C]` →
-    /// (mask logits `[1, k, 4E, 4E]`, IoU predictions `k`), `k = 3` with `multimask_output`
-    /// (outputs 1..) and `k = 1` without (output 0).
+    /// `image_embedding: [1, C, E, E]`, `token_pe: [E·E, C]` (the grid's positional encoding in
+    /// token layout, [`PromptEncoder::token_positional_encoding`]), `sparse: [1, n, C]`, `dense`
+    /// a `[1, C, E, E]` mask embedding or `no_mask_embed` → (mask logits `[1, k, 4E, 4E]`, IoU
+    /// predictions `k`), `k = 3` with `multimask_output` (outputs 1..) and `k = 1` without
+    /// (output 0).
+    ///
+    /// [`PromptEncoder::token_positional_encoding`]: crate::nets::prompt_encoder::PromptEncoder::token_positional_encoding
     pub fn forward(
         &self,
         b: &B,
         image_embedding: &B::Tensor,
-        image_pe: &B::Tensor,
+        token_pe: &B::Vector,
         sparse: &B::Tensor,
-        dense: &B::Tensor,
+        dense: &DensePrompt<'_, B>,
         multimask_output: bool,
     ) -> Result<(B::Tensor, Vec<f32>)> {
-        self.check_inputs(b, image_embedding, image_pe, sparse, dense)?;
+        self.check_inputs(b, image_embedding, sparse, dense)?;
         let selected = self.selected_outputs(multimask_output);
         let tokens = self.decoder_tokens(b, sparse)?;
-        let src = b.add(image_embedding, dense)?;
-        let (hs, image_tokens) = self.transformer.forward(b, &src, image_pe, &tokens)?;
-        let upscaled = self.upscale_image_tokens(b, image_tokens, b.shape(&src))?;
-        let masks = self.predict_masks(b, &hs, upscaled, selected.clone())?;
+        // `src = image_embedding + dense`, flattened to tokens. Without a mask the dense part is
+        // one vector per channel, added after the flattening (the same sums, in another layout).
+        let src = match dense {
+            DensePrompt::Mask(mask) => nchw_to_tokens(b, &b.add(image_embedding, mask)?)?,
+            DensePrompt::NoMask(no_mask_embed) => b.add_vector(&nchw_to_tokens(b, image_embedding)?, no_mask_embed)?,
+        };
+        let (hs, image_tokens) = self.transformer.forward(b, &src, token_pe, &tokens)?;
+        // `output_upscaling` of the image tokens and `hyper_in @ upscaled.view(1, C/8, L·L)`
+        // over the selected mask tokens, as one backend operation.
+        let hyper_in = self.hypernetwork_weights(b, &hs, selected.clone())?;
+        let masks = b.upscale_masks(&image_tokens, b.shape(image_embedding)[2], &self.output_upscaling.layers(), &hyper_in)?;
         let iou = self.predict_iou(b, &hs)?;
         Ok((masks, iou[selected].to_vec()))
     }
@@ -210,27 +225,6 @@ impl<B: Backend> MaskDecoder<B> {
         b.concat(&[&output_tokens, sparse], 1)
     }
 
-    /// Image tokens `[1, E·E, C]` → upscaled embedding `[1, C/8, 4E, 4E]`; `nchw` is `[1, C, E, E]`.
-    fn upscale_image_tokens(&self, b: &B, image_tokens: B::Tensor, nchw: &[usize]) -> Result<B::Tensor> {
-        let channels_first = b.permute(&image_tokens, &[0, 2, 1])?;
-        let src = b.reshape(channels_first, nchw)?;
-        self.output_upscaling.forward(b, &src)
-    }
-
-    /// `hs: [1, T, C]`, `upscaled: [1, C/8, L, L]` → logits `[1, k, L, L]` for the `selected`
-    /// mask tokens (`hyper_in @ upscaled.view(1, C/8, L·L)`).
-    fn predict_masks(&self, b: &B, hs: &B::Tensor, upscaled: B::Tensor, selected: Range<usize>) -> Result<B::Tensor> {
-        let hyper_in = self.hypernetwork_weights(b, hs, selected)?;
-        let (channels, h, w) = match b.shape(&upscaled) {
-            [1, c, h, w] => (*c, *h, *w),
-            other => return Err(Error::Shape(format!("upscaled embedding {other:?}, expected [1, C, L, L]"))),
-        };
-        let k = b.shape(&hyper_in)[1];
-        let pixels = b.reshape(upscaled, &[1, channels, h * w])?;
-        let masks = b.matmul(&hyper_in, &pixels, false)?;
-        b.reshape(masks, &[1, k, h, w])
-    }
-
     /// Mask tokens `hs[:, 1 + i, :]` for `i` in `selected`, each through its hypernetwork →
     /// `[1, k, C/8]`.
     fn hypernetwork_weights(&self, b: &B, hs: &B::Tensor, selected: Range<usize>) -> Result<B::Tensor> {
@@ -251,16 +245,20 @@ impl<B: Backend> MaskDecoder<B> {
     }
 
     /// Refuses inputs that are not one prompt set on one `[1, C, E, E]` embedding.
-    fn check_inputs(&self, b: &B, image_embedding: &B::Tensor, image_pe: &B::Tensor, sparse: &B::Tensor, dense: &B::Tensor) -> Result<()> {
+    fn check_inputs(&self, b: &B, image_embedding: &B::Tensor, sparse: &B::Tensor, dense: &DensePrompt<'_, B>) -> Result<()> {
         let c = self.transformer_dim;
         let emb = b.shape(image_embedding);
         let grid_ok = emb.len() == 4 && emb[0] == 1 && emb[1] == c;
-        if !grid_ok || b.shape(image_pe) != emb || b.shape(dense) != emb {
-            return Err(Error::Shape(format!(
-                "mask decoder: embedding {emb:?}, positional encoding {:?} and dense prompt {:?} must all be [1, {c}, E, E]",
-                b.shape(image_pe),
-                b.shape(dense)
-            )));
+        let dense_ok = match dense {
+            DensePrompt::Mask(mask) => b.shape(mask) == emb,
+            DensePrompt::NoMask(_) => true,
+        };
+        if !grid_ok || !dense_ok {
+            let dense_shape = match dense {
+                DensePrompt::Mask(mask) => format!("{:?}", b.shape(mask)),
+                DensePrompt::NoMask(_) => "none".into(),
+            };
+            return Err(Error::Shape(format!("mask decoder: embedding {emb:?} and dense prompt {dense_shape} must both be [1, {c}, E, E]")));
         }
         match b.shape(sparse) {
             [1, _, sc] if *sc == c => Ok(()),
@@ -303,8 +301,7 @@ mod tests {
         let embedding = b.from_host(&[1, c, e, e], &embedding).unwrap();
 
         let (sparse, dense) = prompt_encoder.embed(&b, points, boxes, None).unwrap();
-        let pe = prompt_encoder.dense_positional_encoding(&b).unwrap();
-        let (masks, iou) = decoder.forward(&b, &embedding, &pe, &sparse, &dense, multimask).unwrap();
+        let (masks, iou) = decoder.forward(&b, &embedding, prompt_encoder.token_positional_encoding(), &sparse, &dense, multimask).unwrap();
         (b.shape(&masks).to_vec(), b.to_host(&masks).unwrap(), iou)
     }
 
@@ -337,6 +334,7 @@ mod tests {
         let mask = b.from_host(&[1, 1, 256, 256], &mask).unwrap();
         let (sparse, dense) = prompt_encoder.embed(&b, &[(10.0, 10.0, 1)], &[], Some(&mask)).unwrap();
         assert_eq!(b.shape(&sparse), [1, 2, 256]);
+        let DensePrompt::Mask(dense) = dense else { panic!("a mask prompt gives a dense tensor") };
         assert_eq!(b.shape(&dense), [1, 256, 64, 64]);
         assert!(b.to_host(&dense).unwrap().iter().all(|v| v.is_finite()));
         let wrong = b.from_host(&[1, 1, 64, 64], &[0.0; 64 * 64]).unwrap();
@@ -515,8 +513,9 @@ mod tests {
             tokens.extend(&s.0[&format!("{PREFIX}.mask_tokens.weight")].1);
             tokens.extend(&sparse);
             let src: Vec<f32> = emb.iter().zip(&dense).map(|(a, d)| a + d).collect();
-            let (hs, keys) =
-                decoder.transformer.forward(&b, &up(&src, &grid), &up(&pe, &grid), &up(&tokens, &[1, 5 + N_SPARSE, DIM])).unwrap();
+            let src_tokens = nchw_to_tokens(&b, &up(&src, &grid)).unwrap();
+            let pe_tokens = b.vector_from_host(&[GRID * GRID, DIM], &channels_last(&pe, DIM)).unwrap();
+            let (hs, keys) = decoder.transformer.forward(&b, &src_tokens, &pe_tokens, &up(&tokens, &[1, 5 + N_SPARSE, DIM])).unwrap();
             let hs: Vec<f64> = b.to_host(&hs).unwrap().iter().map(|&v| v as f64).collect();
             let keys = b.to_host(&keys).unwrap();
             let hw = GRID * GRID;
@@ -535,9 +534,9 @@ mod tests {
             let iou = mlp_f64(&s, &format!("{PREFIX}.iou_prediction_head"), &hs[..DIM]);
 
             for multimask in [false, true] {
-                let (masks, got_iou) = decoder
-                    .forward(&b, &up(&emb, &grid), &up(&pe, &grid), &up(&sparse, &[1, N_SPARSE, DIM]), &up(&dense, &grid), multimask)
-                    .unwrap();
+                let dense = DensePrompt::Mask(up(&dense, &grid));
+                let (masks, got_iou) =
+                    decoder.forward(&b, &up(&emb, &grid), &pe_tokens, &up(&sparse, &[1, N_SPARSE, DIM]), &dense, multimask).unwrap();
                 let selected: Vec<usize> = if multimask { vec![1, 2, 3] } else { vec![0] };
                 assert_eq!(b.shape(&masks), [1, selected.len(), 4 * GRID, 4 * GRID]);
                 let want: Vec<f64> = selected.iter().flat_map(|&t| mask_of(t)).chain(selected.iter().map(|&t| iou[t])).collect();
@@ -546,6 +545,40 @@ mod tests {
                 let worst = got.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
                 assert!(worst < 1e-4, "multimask {multimask}: largest difference {worst}");
             }
+        }
+
+        /// `[C, N]` → `[N, C]` on the host.
+        fn channels_last(planes: &[f32], c: usize) -> Vec<f32> {
+            let n = planes.len() / c;
+            (0..n * c).map(|i| planes[(i % c) * n + i / c]).collect()
+        }
+
+        /// Without a mask prompt the decoder adds `no_mask_embed` as a per-channel vector after
+        /// flattening; that must give bit for bit what the reference's expanded `[1, C, E, E]`
+        /// tensor added before flattening gives.
+        #[test]
+        fn no_mask_vector_equals_the_expanded_dense_tensor() {
+            let cfg = config();
+            let s = store(&cfg);
+            let b = CpuBackend::new(2).unwrap();
+            let decoder = MaskDecoder::load(&b, &s, &cfg).unwrap();
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+            let mut random = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect() };
+            let (emb, pe, no_mask, sparse) = (random(DIM * GRID * GRID), random(GRID * GRID * DIM), random(DIM), random(N_SPARSE * DIM));
+            let grid = [1, DIM, GRID, GRID];
+            let expanded: Vec<f32> = no_mask.iter().flat_map(|&v| std::iter::repeat_n(v, GRID * GRID)).collect();
+            let pe = b.vector_from_host(&[GRID * GRID, DIM], &pe).unwrap();
+            let no_mask = b.vector_from_host(&[DIM], &no_mask).unwrap();
+            let run = |dense: DensePrompt<'_, CpuBackend>| {
+                let emb = b.from_host(&grid, &emb).unwrap();
+                let (masks, iou) = decoder.forward(&b, &emb, &pe, &b.from_host(&[1, N_SPARSE, DIM], &sparse).unwrap(), &dense, true).unwrap();
+                (b.to_host(&masks).unwrap(), iou)
+            };
+            let (vector, tensor) = (run(DensePrompt::NoMask(&no_mask)), run(DensePrompt::Mask(b.from_host(&grid, &expanded).unwrap())));
+            assert!(vector.0.iter().chain(&vector.1).zip(tensor.0.iter().chain(&tensor.1)).all(|(v, t)| v.to_bits() == t.to_bits()));
+            let wrong = b.from_host(&[1, DIM, GRID, GRID + 1], &vec![0.0; DIM * GRID * (GRID + 1)]).unwrap();
+            let emb = b.from_host(&grid, &emb).unwrap();
+            assert!(decoder.forward(&b, &emb, &pe, &b.from_host(&[1, N_SPARSE, DIM], &sparse).unwrap(), &DensePrompt::Mask(wrong), true).is_err());
         }
     }
 }

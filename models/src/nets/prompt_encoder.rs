@@ -8,7 +8,12 @@
 //!   sparse path ([`SparseEmbedder`], [`PositionEmbeddingRandom`]) is host-only and testable
 //!   without a backend.
 //! - The dense positional encoding of the 64x64 embedding grid (`get_dense_pe`) depends only on
-//!   the weights, so it is computed once at load time and kept on the backend.
+//!   the weights, so it is computed once at load time and kept on the backend, already in the
+//!   token layout `[E·E, C]` the two-way transformer adds it in (the reference's per-decode
+//!   `flatten(2).permute(0, 2, 1)` of a constant).
+//! - Without a mask prompt the dense embedding is `no_mask_embed` at every grid cell: it stays a
+//!   `[C]` vector ([`DensePrompt::NoMask`]) that the decoder adds with a broadcast, instead of a
+//!   `[1, C, E, E]` tensor filled and added on every decode.
 //! - Only the mask prompt goes through the backend (`mask_downscaling`, two strided convolutions).
 //!
 //! Reference semantics kept exactly (`segment_anything/modeling/prompt_encoder.py`):
@@ -233,16 +238,26 @@ impl<B: Backend> MaskDownscaling<B> {
     }
 }
 
+/// The dense prompt embedding of one prompt set, as the mask decoder adds it to the image
+/// embedding.
+pub enum DensePrompt<'a, B: Backend> {
+    /// A mask prompt through `mask_downscaling`: `[1, embed_dim, E, E]`.
+    Mask(B::Tensor),
+    /// No mask prompt: `no_mask_embed` `[embed_dim]`, the same at every grid cell (SAM's
+    /// `expand(bs, -1, E, E)`), broadcast over the grid by the decoder.
+    NoMask(&'a B::Vector),
+}
+
 /// SAM's prompt encoder for one prompt set (batch 1).
 pub struct PromptEncoder<B: Backend> {
     sparse: SparseEmbedder,
     /// `no_mask_embed.weight` `[embed_dim]`, broadcast over the grid when no mask is given.
-    no_mask_embed: Vec<f32>,
+    no_mask_embed: B::Vector,
     mask_downscaling: MaskDownscaling<B>,
-    /// `get_dense_pe()` `[1, embed_dim, E, E]`, computed once. Kept as a parameter, not an
-    /// activation: a backend's activation memory then holds nothing between frames (the CUDA
-    /// backend resizes its arena after a warm-up frame).
-    dense_pe: B::Vector,
+    /// `get_dense_pe()` in token layout, `[E·E, embed_dim]`, computed once. Kept as a
+    /// parameter, not an activation: a backend's activation memory then holds nothing between
+    /// frames (the CUDA backend resizes its arena after a warm-up frame).
+    token_pe: B::Vector,
     embedding_size: usize,
 }
 
@@ -251,20 +266,21 @@ impl<B: Backend> PromptEncoder<B> {
     pub fn load(b: &B, store: &dyn WeightStore, cfg: &ModelConfig) -> Result<Self> {
         let (dim, grid) = (cfg.prompt_embed_dim, cfg.embedding_size);
         let sparse = SparseEmbedder::load(store, dim, cfg.image_size)?;
-        let dense_pe = b.vector_from_host(&[1, dim, grid, grid], &sparse.pe.dense_grid(grid, grid))?;
+        let token_pe = b.vector_from_host(&[grid * grid, dim], &channels_last(&sparse.pe.dense_grid(grid, grid), dim))?;
+        let no_mask_embed = load_embedding(store, &format!("{PREFIX}.no_mask_embed.weight"), dim)?;
         Ok(Self {
-            no_mask_embed: load_embedding(store, &format!("{PREFIX}.no_mask_embed.weight"), dim)?,
+            no_mask_embed: b.vector_from_host(&[dim], &no_mask_embed)?,
             mask_downscaling: MaskDownscaling::load(b, store, cfg.mask_in_chans, dim)?,
             sparse,
-            dense_pe,
+            token_pe,
             embedding_size: grid,
         })
     }
 
-    /// The positional encoding of the image embedding grid, `[1, embed_dim, E, E]`
-    /// (SAM's `get_dense_pe`), as a tensor for one decode.
-    pub fn dense_positional_encoding(&self, b: &B) -> Result<B::Tensor> {
-        b.tensor_from_vector(&self.dense_pe)
+    /// The positional encoding of the image embedding grid (SAM's `get_dense_pe`) in token
+    /// layout: `[E·E, embed_dim]`, row `i·E + j` the encoding of grid cell `(i, j)`.
+    pub fn token_positional_encoding(&self) -> &B::Vector {
+        &self.token_pe
     }
 
     /// The host-side sparse embedder (exposed for tests and for callers that batch prompts).
@@ -272,15 +288,15 @@ impl<B: Backend> PromptEncoder<B> {
         &self.sparse
     }
 
-    /// One prompt set in the encoder-input frame → (sparse `[1, n, embed_dim]`,
-    /// dense `[1, embed_dim, E, E]`); `mask`, if given, is `[1, 1, 4E, 4E]` logits.
-    pub fn embed(&self, b: &B, points: &[(f32, f32, i32)], boxes: &[[f32; 4]], mask: Option<&B::Tensor>) -> Result<(B::Tensor, B::Tensor)> {
+    /// One prompt set in the encoder-input frame → (sparse `[1, n, embed_dim]`, dense); `mask`,
+    /// if given, is `[1, 1, 4E, 4E]` logits.
+    pub fn embed(&self, b: &B, points: &[(f32, f32, i32)], boxes: &[[f32; 4]], mask: Option<&B::Tensor>) -> Result<(B::Tensor, DensePrompt<'_, B>)> {
         let dim = self.sparse.embed_dim();
         let tokens = self.sparse.tokens(points, boxes)?;
         let sparse = b.from_host(&[1, tokens.len() / dim, dim], &tokens)?;
         let dense = match mask {
-            Some(m) => self.embed_mask(b, m)?,
-            None => self.no_mask_dense(b)?,
+            Some(m) => DensePrompt::Mask(self.embed_mask(b, m)?),
+            None => DensePrompt::NoMask(&self.no_mask_embed),
         };
         Ok((sparse, dense))
     }
@@ -293,13 +309,13 @@ impl<B: Backend> PromptEncoder<B> {
         }
         self.mask_downscaling.forward(b, mask)
     }
+}
 
-    /// `no_mask_embed` broadcast to `[1, embed_dim, E, E]`.
-    fn no_mask_dense(&self, b: &B) -> Result<B::Tensor> {
-        let plane = self.embedding_size * self.embedding_size;
-        let data: Vec<f32> = self.no_mask_embed.iter().flat_map(|&v| std::iter::repeat_n(v, plane)).collect();
-        b.from_host(&[1, self.no_mask_embed.len(), self.embedding_size, self.embedding_size], &data)
-    }
+/// `[C, N]` (channel-major) → `[N, C]`.
+// planes: C·N values, channels: C.
+fn channels_last(planes: &[f32], channels: usize) -> Vec<f32> {
+    let cells = planes.len() / channels;
+    (0..cells * channels).map(|i| planes[(i % channels) * cells + i / channels]).collect()
 }
 
 #[cfg(test)]

@@ -805,8 +805,7 @@ mod tests {
 
             let json = std::fs::read_to_string(dir.join(format!("{stem}_label1.json"))).expect("json");
             let (sparse, dense) = prompt_encoder.embed(&b, &[], &[json_box(&json, "box_256_xyxy")], None).expect("prompt");
-            let pe = prompt_encoder.dense_positional_encoding(&b).expect("pe");
-            let (logits, iou) = decoder.forward(&b, &embedding, &pe, &sparse, &dense, false).expect("decode");
+            let (logits, iou) = decoder.forward(&b, &embedding, prompt_encoder.token_positional_encoding(), &sparse, &dense, false).expect("decode");
 
             let ours = b.to_host(&logits).expect("download");
             let expected = crate::npy::read(&dir.join(format!("{stem}_label1_lowres_logits.npy"))).expect("golden npy");

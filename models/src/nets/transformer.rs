@@ -145,12 +145,15 @@ impl<B: Backend> TwoWayAttentionBlock<B> {
         queries: &B::Tensor,
         keys: &B::Tensor,
         query_pe: &B::Tensor,
-        key_pe: &B::Tensor,
+        key_pe: &B::Vector,
     ) -> Result<(B::Tensor, B::Tensor)> {
         let queries = self.token_self_attention(b, queries, query_pe)?;
-        let queries = self.tokens_attend_to_image(b, &queries, keys, query_pe, key_pe)?;
+        // Both cross-attentions see the image with its positional encoding, and the keys do not
+        // change between them: the reference adds `keys + key_pe` twice, this adds it once.
+        let keys_with_pe = b.add_vector(keys, key_pe)?;
+        let queries = self.tokens_attend_to_image(b, &queries, keys, &keys_with_pe, query_pe)?;
         let queries = residual_then_norm(b, &queries, &self.mlp.forward(b, &queries)?, &self.norm3)?;
-        let keys = self.image_attends_to_tokens(b, &queries, keys, query_pe, key_pe)?;
+        let keys = self.image_attends_to_tokens(b, &queries, keys, &keys_with_pe, query_pe)?;
         Ok((queries, keys))
     }
 
@@ -165,18 +168,18 @@ impl<B: Backend> TwoWayAttentionBlock<B> {
         residual_then_norm(b, queries, &attn_out, &self.norm1)
     }
 
-    /// Tokens (queries) attend to the image (keys), then `norm2`: → `[B, Nt, C]`.
+    /// Tokens (queries) attend to the image (keys; `keys_with_pe` = keys + key_pe), then
+    /// `norm2`: → `[B, Nt, C]`.
     fn tokens_attend_to_image(
         &self,
         b: &B,
         queries: &B::Tensor,
         keys: &B::Tensor,
+        keys_with_pe: &B::Tensor,
         query_pe: &B::Tensor,
-        key_pe: &B::Tensor,
     ) -> Result<B::Tensor> {
         let q = b.add(queries, query_pe)?;
-        let k = b.add(keys, key_pe)?;
-        let attn_out = self.cross_attn_token_to_image.forward(b, &q, &k, keys)?;
+        let attn_out = self.cross_attn_token_to_image.forward(b, &q, keys_with_pe, keys)?;
         residual_then_norm(b, queries, &attn_out, &self.norm2)
     }
 
@@ -186,19 +189,18 @@ impl<B: Backend> TwoWayAttentionBlock<B> {
         b: &B,
         queries: &B::Tensor,
         keys: &B::Tensor,
+        keys_with_pe: &B::Tensor,
         query_pe: &B::Tensor,
-        key_pe: &B::Tensor,
     ) -> Result<B::Tensor> {
         let q = b.add(queries, query_pe)?;
-        let k = b.add(keys, key_pe)?;
-        let attn_out = self.cross_attn_image_to_token.forward(b, &k, &q, queries)?;
+        let attn_out = self.cross_attn_image_to_token.forward(b, keys_with_pe, &q, queries)?;
         residual_then_norm(b, keys, &attn_out, &self.norm4)
     }
 }
 
 /// `norm(x + delta)`, both `[.., C]`.
 fn residual_then_norm<B: Backend>(b: &B, x: &B::Tensor, delta: &B::Tensor, norm: &Norm<B>) -> Result<B::Tensor> {
-    norm.forward(b, &b.add(x, delta)?)
+    b.add_layer_norm(x, delta, &norm.gamma, &norm.beta, norm.eps)
 }
 
 /// SAM's `TwoWayTransformer`.
@@ -242,23 +244,22 @@ impl<B: Backend> TwoWayTransformer<B> {
         self.final_attn_token_to_image.linears_mut(f);
     }
 
-    /// `image_embedding: [B, C, H, W]`, `image_pe: [1, C, H, W]`, `point_embedding: [B, Nt, C]` →
-    /// (tokens `[B, Nt, C]`, image tokens `[B, H·W, C]`).
+    /// `image_tokens: [B, H·W, C]` (the image embedding plus the dense prompt, flattened
+    /// channels-last), `key_pe: [H·W, C]` (the grid's positional encoding in the same layout),
+    /// `point_embedding: [B, Nt, C]` → (tokens `[B, Nt, C]`, image tokens `[B, H·W, C]`).
     pub fn forward(
         &self,
         b: &B,
-        image_embedding: &B::Tensor,
-        image_pe: &B::Tensor,
+        image_tokens: &B::Tensor,
+        key_pe: &B::Vector,
         point_embedding: &B::Tensor,
     ) -> Result<(B::Tensor, B::Tensor)> {
-        let image_tokens = nchw_to_tokens(b, image_embedding)?;
-        let key_pe = drop_unit_batch(b, nchw_to_tokens(b, image_pe)?)?;
         let (first, rest) = self.layers.split_first().expect("depth >= 1 checked at load");
-        let (mut queries, mut keys) = first.forward(b, point_embedding, &image_tokens, point_embedding, &key_pe)?;
+        let (mut queries, mut keys) = first.forward(b, point_embedding, image_tokens, point_embedding, key_pe)?;
         for layer in rest {
-            (queries, keys) = layer.forward(b, &queries, &keys, point_embedding, &key_pe)?;
+            (queries, keys) = layer.forward(b, &queries, &keys, point_embedding, key_pe)?;
         }
-        let queries = self.final_token_to_image(b, &queries, &keys, point_embedding, &key_pe)?;
+        let queries = self.final_token_to_image(b, &queries, &keys, point_embedding, key_pe)?;
         Ok((queries, keys))
     }
 
@@ -269,32 +270,24 @@ impl<B: Backend> TwoWayTransformer<B> {
         queries: &B::Tensor,
         keys: &B::Tensor,
         query_pe: &B::Tensor,
-        key_pe: &B::Tensor,
+        key_pe: &B::Vector,
     ) -> Result<B::Tensor> {
         let q = b.add(queries, query_pe)?;
-        let k = b.add(keys, key_pe)?;
+        let k = b.add_vector(keys, key_pe)?;
         let attn_out = self.final_attn_token_to_image.forward(b, &q, &k, keys)?;
         residual_then_norm(b, queries, &attn_out, &self.norm_final_attn)
     }
 }
 
-/// `[B, C, H, W]` → `[B, H·W, C]` (`flatten(2).permute(0, 2, 1)`).
-fn nchw_to_tokens<B: Backend>(b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+/// `[B, C, H, W]` → `[B, H·W, C]` (`flatten(2).permute(0, 2, 1)`): the layout the transformer
+/// takes the image in.
+pub fn nchw_to_tokens<B: Backend>(b: &B, x: &B::Tensor) -> Result<B::Tensor> {
     let (batch, channels, h, w) = match b.shape(x) {
         [batch, c, h, w] => (*batch, *c, *h, *w),
         other => return Err(Error::Shape(format!("two-way transformer expects NCHW, got {other:?}"))),
     };
     let nhwc = b.permute(x, &[0, 2, 3, 1])?;
     b.reshape(nhwc, &[batch, h * w, channels])
-}
-
-/// `[1, N, C]` → `[N, C]`, so that it broadcasts over any batch in [`Backend::add`].
-fn drop_unit_batch<B: Backend>(b: &B, x: B::Tensor) -> Result<B::Tensor> {
-    let shape = b.shape(&x).to_vec();
-    if shape.first() != Some(&1) {
-        return Err(Error::Shape(format!("positional encoding must have batch 1, got {shape:?}")));
-    }
-    b.reshape(x, &shape[1..])
 }
 
 #[cfg(test)]
@@ -470,11 +463,13 @@ mod tests {
 
         let b = CpuBackend::new(1).unwrap();
         let transformer = TwoWayTransformer::load(&b, &store, "t", dim, &cfg).unwrap();
+        let image_tokens = nchw_to_tokens(&b, &b.from_host(&[1, dim, h, w], &image).unwrap()).unwrap();
+        let key_pe_tokens: Vec<f32> = chw_to_tokens_f64(&image_pe, dim, h * w).iter().map(|&v| v as f32).collect();
         let (q, k) = transformer
             .forward(
                 &b,
-                &b.from_host(&[1, dim, h, w], &image).unwrap(),
-                &b.from_host(&[1, dim, h, w], &image_pe).unwrap(),
+                &image_tokens,
+                &b.vector_from_host(&[h * w, dim], &key_pe_tokens).unwrap(),
                 &b.from_host(&[1, n_tokens, dim], &tokens).unwrap(),
             )
             .unwrap();

@@ -131,8 +131,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
 
     let threads = args.threads.get();
     match super::model::load_selected(&args.backend, threads, &args.model)? {
-        LoadedOn::Cpu(loaded) => run_on(args, &plan, loaded),
-        LoadedOn::Cuda(loaded) => run_on(args, &plan, loaded),
+        LoadedOn::Cpu(loaded) => run_on(args, &plan, *loaded),
+        LoadedOn::Cuda(loaded) => run_on(args, &plan, *loaded),
     }
 }
 

@@ -36,10 +36,11 @@ pub fn load<B: Backend>(path: &Path, backend: B) -> Result<Loaded<B>> {
     })
 }
 
-/// A model loaded on the backend that could hold it.
+/// A model loaded on the backend that could hold it (boxed: the two differ in size by
+/// kilobytes, and the enum is moved around whole).
 pub enum LoadedOn {
-    Cpu(Loaded<CpuBackend>),
-    Cuda(Loaded<CudaBackend>),
+    Cpu(Box<Loaded<CpuBackend>>),
+    Cuda(Box<Loaded<CudaBackend>>),
 }
 
 /// Selects the backend `args` ask for and loads `path` on it. With `--backend auto`, a model the
@@ -47,15 +48,15 @@ pub enum LoadedOn {
 /// loaded on the CPU after one line on stderr: `auto` promises a run, as the daemon's does.
 pub fn load_selected(args: &BackendArgs, threads: usize, path: &Path) -> Result<LoadedOn> {
     match args.select(threads)? {
-        SelectedBackend::Cpu(b) => Ok(LoadedOn::Cpu(load(path, b)?)),
+        SelectedBackend::Cpu(b) => Ok(LoadedOn::Cpu(Box::new(load(path, b)?))),
         SelectedBackend::Cuda(b) => {
             let on_cpu = || {
                 let cpu = CpuBackend::new(threads).context("bringing up the CPU backend after the CUDA one failed")?;
                 load(path, cpu)
             };
             Ok(match gpu_or_cpu(args.backend, load(path, *b), on_cpu)? {
-                Ok(gpu) => LoadedOn::Cuda(gpu),
-                Err(cpu) => LoadedOn::Cpu(cpu),
+                Ok(gpu) => LoadedOn::Cuda(Box::new(gpu)),
+                Err(cpu) => LoadedOn::Cpu(Box::new(cpu)),
             })
         }
     }

@@ -39,8 +39,8 @@ pub fn run(args: &SegmentArgs) -> Result<()> {
         })?;
 
     match super::model::load_selected(&args.backend, args.threads.get(), &model_path)? {
-        LoadedOn::Cpu(loaded) => run_on(args, &image, &prompts, &model_path, loaded),
-        LoadedOn::Cuda(loaded) => run_on(args, &image, &prompts, &model_path, loaded),
+        LoadedOn::Cpu(loaded) => run_on(args, &image, &prompts, &model_path, *loaded),
+        LoadedOn::Cuda(loaded) => run_on(args, &image, &prompts, &model_path, *loaded),
     }
 }
 
