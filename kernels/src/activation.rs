@@ -108,12 +108,15 @@ unsafe fn apply_serial_avx512(act: Activation, xs: &mut [f32]) {
     }
 }
 
-/// The same loop compiled for AVX2: 8 lanes instead of SSE2's 4 (no FMA contraction happens
-/// without fast-math, so results are bit-identical to the portable build).
+/// AVX2: GELU by the intrinsics kernel of `crate::gelu_avx2` (a few ulps from the portable
+/// build, same accuracy bound), ReLU by the portable loop compiled for 8 lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn apply_serial_avx2(act: Activation, xs: &mut [f32]) {
-    apply_portable(act, xs);
+    match act {
+        Activation::Gelu => crate::gelu_avx2::gelu_in_place(xs),
+        _ => apply_portable(act, xs),
+    }
 }
 
 // xs: any flat buffer.
@@ -235,7 +238,8 @@ mod tests {
         assert!(relu(f32::NAN).is_nan());
     }
 
-    /// The AVX2 build is the portable loop recompiled: bit-identical. ReLU on AVX-512 too.
+    /// ReLU's wide builds are the portable loop recompiled: bit-identical. (GELU's are
+    /// intrinsics kernels of their own, checked against the reference below.)
     #[test]
     fn wide_builds_are_bit_identical_to_portable() {
         let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
@@ -247,8 +251,7 @@ mod tests {
             for isa in crate::simd::supported() {
                 let mut got = xs.clone();
                 match isa {
-                    // GELU's AVX-512 kernel is its own code: checked against the reference below.
-                    crate::simd::Isa::Avx512 if act == Activation::Gelu => continue,
+                    crate::simd::Isa::Avx512 | crate::simd::Isa::Avx2Fma if act == Activation::Gelu => continue,
                     crate::simd::Isa::Avx512 => unsafe { apply_serial_avx512(act, &mut got) },
                     crate::simd::Isa::Avx2Fma => unsafe { apply_serial_avx2(act, &mut got) },
                     _ => apply_portable(act, &mut got),
@@ -259,34 +262,39 @@ mod tests {
         }
     }
 
-    /// The AVX-512 GELU kernel against the f64 reference with the scalar bound, on every length
-    /// 0..40 (masked tails) and a long buffer, plus the special values the scalar handles.
+    /// The AVX-512 and AVX2 GELU kernels against the f64 reference with the scalar bound, on
+    /// every length 0..40 (tails) and a long buffer, plus the special values the scalar handles.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx512_gelu_matches_reference() {
-        if !crate::simd::supported().contains(&crate::simd::Isa::Avx512) {
-            eprintln!("SKIP: this CPU has no AVX-512F");
-            return;
-        }
-        let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
-        let mut worst = 0.0f64;
-        for len in (0..40).chain([100_003]) {
-            let xs: Vec<f32> = (0..len).map(|i| if i % 2 == 0 { rng.gen_range(-5.0..5.0) } else { rng.gen_range(-13.0..13.0) }).collect();
-            let mut ys = xs.clone();
-            // SAFETY: AVX-512F checked above.
-            unsafe { crate::gelu_avx512::gelu_in_place(&mut ys) };
-            for (&x, &y) in xs.iter().zip(&ys) {
-                let want = 0.5 * x as f64 * reference::erfc(-x as f64 / 2f64.sqrt());
-                worst = worst.max((y as f64 - want).abs() / (1.5e-6 * want.abs() + 1e-9));
+    fn wide_gelu_kernels_match_reference() {
+        let kernels: [(crate::simd::Isa, unsafe fn(&mut [f32])); 2] =
+            [(crate::simd::Isa::Avx512, crate::gelu_avx512::gelu_in_place), (crate::simd::Isa::Avx2Fma, crate::gelu_avx2::gelu_in_place)];
+        for (isa, kernel) in kernels {
+            if !crate::simd::supported().contains(&isa) {
+                eprintln!("SKIP: this CPU has no {isa:?}");
+                continue;
             }
-        }
-        assert!(worst <= 1.0, "AVX-512 GELU error reaches {worst} x (1.5e-6 |gelu| + 1e-9)");
-        let specials = [0.0f32, -0.0, f32::NAN, f32::INFINITY, -100.0, 100.0, 1e30, -1e30, f32::MIN_POSITIVE];
-        let mut got = specials;
-        unsafe { crate::gelu_avx512::gelu_in_place(&mut got) };
-        for (&x, &y) in specials.iter().zip(&got) {
-            let want = gelu(x);
-            assert!(y == want || (y.is_nan() && want.is_nan()) || (y - want).abs() <= 1e-30, "gelu({x}) = {y}, scalar {want}");
+            let mut rng = ChaCha8Rng::seed_from_u64(rand::random());
+            let mut worst = 0.0f64;
+            for len in (0..40).chain([100_003]) {
+                let xs: Vec<f32> = (0..len).map(|i| if i % 2 == 0 { rng.gen_range(-5.0..5.0) } else { rng.gen_range(-13.0..13.0) }).collect();
+                let mut ys = xs.clone();
+                // SAFETY: the CPU supports `isa` (checked above).
+                unsafe { kernel(&mut ys) };
+                for (&x, &y) in xs.iter().zip(&ys) {
+                    let want = 0.5 * x as f64 * reference::erfc(-x as f64 / 2f64.sqrt());
+                    worst = worst.max((y as f64 - want).abs() / (1.5e-6 * want.abs() + 1e-9));
+                }
+            }
+            assert!(worst <= 1.0, "{isa:?} GELU error reaches {worst} x (1.5e-6 |gelu| + 1e-9)");
+            let specials = [0.0f32, -0.0, f32::NAN, f32::INFINITY, -100.0, 100.0, 1e30, -1e30, f32::MIN_POSITIVE];
+            let mut got = specials;
+            // SAFETY: as above.
+            unsafe { kernel(&mut got) };
+            for (&x, &y) in specials.iter().zip(&got) {
+                let want = gelu(x);
+                assert!(y == want || (y.is_nan() && want.is_nan()) || (y - want).abs() <= 1e-30, "{isa:?}: gelu({x}) = {y}, scalar {want}");
+            }
         }
     }
 

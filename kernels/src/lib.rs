@@ -17,6 +17,8 @@ pub mod gemm;
 pub mod gemm_backward;
 pub mod inverted_residual;
 #[cfg(target_arch = "x86_64")]
+mod gelu_avx2;
+#[cfg(target_arch = "x86_64")]
 mod gelu_avx512;
 mod microkernel;
 #[cfg(test)]
