@@ -23,6 +23,8 @@ mod small_avx512;
 const QUERY_BLOCK: usize = 32;
 /// Keys per online-softmax step.
 const KEY_BLOCK: usize = 64;
+/// Lanes of the online softmax's partial maxima and sums (one zmm, two ymm).
+const REDUCE_LANES: usize = 16;
 
 /// An additive bias on the scores, evaluated on the fly.
 #[derive(Clone, Copy, Debug)]
@@ -97,6 +99,7 @@ fn run_tasks(q: &[f32], k: &[f32], v: &[f32], nq: usize, nk: usize, d: usize, sc
         out_b.par_chunks_mut(QUERY_BLOCK * d).enumerate().for_each_init(Scratch::default, |scratch, (block, out_block)| {
             let task = Task {
                 q: &q[(b * nq + block * QUERY_BLOCK) * d..][..out_block.len()],
+                ldq: d,
                 k: &k[b * nk * d..(b + 1) * nk * d],
                 v: &v[b * nk * d..(b + 1) * nk * d],
                 ldk: d,
@@ -196,14 +199,14 @@ pub fn attention_heads(q: HeadsView, k: HeadsView, v: HeadsView, batch: usize, h
         return;
     }
     let isa = crate::simd::active();
-    // The online path reads keys and values in place, row by row with the merged tensor's
-    // stride (gathering them was a twentieth of a LiteMedSAM decode: 4096 keys per head, three
-    // times); the short-key path takes its few rows contiguous.
+    // Queries are read in place, row by row with the merged tensor's stride, and so are keys
+    // and values on the online path (gathering them was a twentieth of a LiteMedSAM decode:
+    // 4096 keys per head, three times); the short-key path takes its few keys contiguous.
     let gather_kv = takes_short_keys(isa, nk);
     let out_ptr = SharedOut(out.as_mut_ptr());
     (0..bh).into_par_iter().for_each_init(HeadScratch::default, |s, b| {
         let (batch_index, head) = (b / heads, b % heads);
-        q.gather(batch_index, head, d, &mut s.q);
+        let (q_rows, ldq) = q.head_rows(batch_index, head);
         let ((k_rows, ldk), (v_rows, ldv)) = if gather_kv {
             k.gather(batch_index, head, d, &mut s.k);
             v.gather(batch_index, head, d, &mut s.v);
@@ -213,7 +216,7 @@ pub fn attention_heads(q: HeadsView, k: HeadsView, v: HeadsView, batch: usize, h
         };
         // Every element is written by the head's run: grow, never clear.
         s.out.resize(nq * d, 0.0);
-        Head { q: &s.q, k: k_rows, v: v_rows, ldk, ldv, b, nq, nk, d, scale, bias }.run(isa, &mut s.buffers, &mut s.out);
+        Head { q: q_rows, ldq, k: k_rows, v: v_rows, ldk, ldv, b, nq, nk, d, scale, bias }.run(isa, &mut s.buffers, &mut s.out);
         for (i, row) in s.out.chunks_exact(d).enumerate() {
             // SAFETY: batch-head b alone writes row i's d floats at this head's place in the
             // merged output, inside `out` (its length was checked above).
@@ -245,12 +248,11 @@ struct Scratch {
     running_sum: Vec<f32>,
 }
 
-
-/// Per-thread buffers of [`attention_packed`]: one batch-head's operands, gathered, and its
-/// output rows before they are scattered into the merged layout.
+/// Per-thread buffers of [`attention_heads`]: one batch-head's keys and values where the
+/// short-key path needs them gathered, and its output rows before they are scattered into the
+/// merged layout.
 #[derive(Default)]
 struct HeadScratch {
-    q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
     out: Vec<f32>,
@@ -269,8 +271,9 @@ struct HeadBuffers {
 /// thread, by the same code [`run_tasks`] picks for the shape (the short-key AVX-512 path's
 /// methods are in `small_avx512`).
 struct Head<'a> {
-    /// `[nq, d]`.
+    /// Row `i` at `q[i * ldq..][..d]`.
     q: &'a [f32],
+    ldq: usize,
     /// Row `j` at `k[j * ldk..][..d]`, `v[j * ldv..][..d]`; the short-key path takes only
     /// contiguous rows (`ld = d`).
     k: &'a [f32],
@@ -298,7 +301,8 @@ impl Head<'_> {
         }
         for (block, out_block) in out.chunks_mut(QUERY_BLOCK * d).enumerate() {
             let task = Task {
-                q: &self.q[block * QUERY_BLOCK * d..][..out_block.len()],
+                q: &self.q[block * QUERY_BLOCK * self.ldq..],
+                ldq: self.ldq,
                 k: self.k,
                 v: self.v,
                 ldk: self.ldk,
@@ -371,8 +375,9 @@ fn accumulate_chunk<const CHUNK: usize>(probs: &[f32], values: &[f32], ld: usize
 
 /// One batch-head's block of queries.
 struct Task<'a> {
-    /// `[rows, d]`: this block's queries.
+    /// This block's queries, row `i` at `q[i * ldq..][..d]`.
     q: &'a [f32],
+    ldq: usize,
     /// This batch-head's `nk` keys and values, row `j` at `k[j * ldk..][..d]` and
     /// `v[j * ldv..][..d]` (`ld = d` when contiguous, `heads · d` read in place from a tensor
     /// whose heads are merged into the channels).
@@ -445,7 +450,7 @@ impl Task<'_> {
             for i in 0..rows {
                 // A whole block of scores fits in registers: accumulate there, store once.
                 let mut block = [0.0f32; KEY_BLOCK];
-                for (p, &qv) in self.q[i * d..][..d].iter().enumerate() {
+                for (p, &qv) in self.q[i * self.ldq..][..d].iter().enumerate() {
                     let kt: &[f32; KEY_BLOCK] = s.keys_t[p * KEY_BLOCK..][..KEY_BLOCK].try_into().unwrap();
                     for (sc, &kv) in block.iter_mut().zip(kt) {
                         *sc += qv * kv;
@@ -457,20 +462,32 @@ impl Task<'_> {
                 }
                 self.add_bias(self.first_query + i, key0, scores);
 
-                let block_max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                // Maximum and sum over 16 lanes, then across them: one running value each was a
+                // chain of dependent operations per key, slower than the exponentials (the
+                // decoder's 7 queries against 4096 keys spend most of their time here).
+                let mut lane_max = [f32::NEG_INFINITY; REDUCE_LANES];
+                for chunk in scores.chunks(REDUCE_LANES) {
+                    for (m, &x) in lane_max.iter_mut().zip(chunk) {
+                        *m = m.max(x);
+                    }
+                }
+                let block_max = lane_max.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                 let new_max = s.running_max[i].max(block_max);
                 if new_max == f32::NEG_INFINITY {
                     continue; // every score so far is -inf: nothing to accumulate yet
                 }
-                let rescale = (s.running_max[i] - new_max).exp();
+                // The old maximum is at most the new one, so the vectorisable exponential serves
+                // (libm's `expf` was a call per row and key block).
+                let rescale = exp_nonpositive(s.running_max[i] - new_max);
                 s.running_max[i] = new_max;
-                let mut block_sum = 0.0f32;
-                for sc in scores.iter_mut() {
-                    *sc = exp_nonpositive(*sc - new_max);
+                let mut lane_sum = [0.0f32; REDUCE_LANES];
+                for chunk in scores.chunks_mut(REDUCE_LANES) {
+                    for (l, sc) in lane_sum.iter_mut().zip(chunk) {
+                        *sc = exp_nonpositive(*sc - new_max);
+                        *l += *sc;
+                    }
                 }
-                for &sc in scores.iter() {
-                    block_sum += sc;
-                }
+                let block_sum: f32 = lane_sum.iter().sum();
                 s.running_sum[i] = s.running_sum[i] * rescale + block_sum;
                 let acc = &mut s.acc[i * d..][..d];
                 if rescale != 1.0 {

@@ -52,7 +52,7 @@ pub(super) unsafe fn attention(q: &[f32], k: &[f32], v: &[f32], nq: usize, nk: u
     (0..bh * blocks).into_par_iter().for_each_init(Scratch::default, |scratch, task| {
         let (b, block) = (task / blocks, task % blocks);
         let rows = block * QUERY_BLOCK..((block + 1) * QUERY_BLOCK).min(nq);
-        let head = Head { q: &q[b * nq * d..(b + 1) * nq * d], k: &k[b * nk * d..(b + 1) * nk * d], v: &v[b * nk * d..(b + 1) * nk * d], ldk: d, ldv: d, b, nq, nk, d, scale, bias };
+        let head = Head { q: &q[b * nq * d..(b + 1) * nq * d], ldq: d, k: &k[b * nk * d..(b + 1) * nk * d], v: &v[b * nk * d..(b + 1) * nk * d], ldk: d, ldv: d, b, nq, nk, d, scale, bias };
         // SAFETY: each task writes only its own rows of batch-head b; the caller vouches for
         // AVX-512F and the shapes.
         unsafe {
@@ -98,15 +98,15 @@ impl Head<'_> {
     #[target_feature(enable = "avx512f")]
     unsafe fn queries<const R: usize>(&self, query0: usize, scores: &mut [f32], keys_t: &[f32], padded: usize, tail_mask: __mmask16, out: &mut [f32]) {
         let (nk, d) = (self.nk, self.d);
-        let q = self.q.as_ptr().add(query0 * d);
+        let q = self.q.as_ptr().add(query0 * self.ldq);
         let chunks = padded / LANES;
         let mut c = 0;
         while c + 4 <= chunks {
-            score_chunks::<R, 4>(q, d, keys_t, padded, c, self.scale, scores.as_mut_ptr());
+            score_chunks::<R, 4>(q, self.ldq, d, keys_t, padded, c, self.scale, scores.as_mut_ptr());
             c += 4;
         }
         while c < chunks {
-            score_chunks::<R, 1>(q, d, keys_t, padded, c, self.scale, scores.as_mut_ptr());
+            score_chunks::<R, 1>(q, self.ldq, d, keys_t, padded, c, self.scale, scores.as_mut_ptr());
             c += 1;
         }
         let mut inv_sums = [0.0f32; R];
@@ -130,17 +130,18 @@ impl Head<'_> {
 }
 
 /// Scores of key chunks `c0..c0 + G` (16 keys each) for R queries, R·G accumulators.
-// q: R rows of d floats, stride d; keys_t: [d][padded]; scores: R rows of padded floats.
+// q: R rows of d floats, stride ldq; keys_t: [d][padded]; scores: R rows of padded floats.
+#[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn score_chunks<const R: usize, const G: usize>(q: *const f32, d: usize, keys_t: &[f32], padded: usize, c0: usize, scale: f32, scores: *mut f32) {
+unsafe fn score_chunks<const R: usize, const G: usize>(q: *const f32, ldq: usize, d: usize, keys_t: &[f32], padded: usize, c0: usize, scale: f32, scores: *mut f32) {
     let mut acc = [[_mm512_setzero_ps(); G]; R];
     let kt = keys_t.as_ptr().add(c0 * LANES);
     for p in 0..d {
         let row = kt.add(p * padded);
         let keys: [__m512; G] = std::array::from_fn(|g| _mm512_loadu_ps(row.add(g * LANES)));
         for (i, acc_i) in acc.iter_mut().enumerate() {
-            let qb = _mm512_set1_ps(*q.add(i * d + p));
+            let qb = _mm512_set1_ps(*q.add(i * ldq + p));
             for (a, &kv) in acc_i.iter_mut().zip(&keys) {
                 *a = _mm512_fmadd_ps(qb, kv, *a);
             }
