@@ -267,8 +267,8 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn wide_gelu_kernels_match_reference() {
-        let kernels: [(crate::simd::Isa, unsafe fn(&mut [f32])); 2] =
-            [(crate::simd::Isa::Avx512, crate::gelu_avx512::gelu_in_place), (crate::simd::Isa::Avx2Fma, crate::gelu_avx2::gelu_in_place)];
+        type Kernel = unsafe fn(&mut [f32]);
+        let kernels: [(crate::simd::Isa, Kernel); 2] = [(crate::simd::Isa::Avx512, crate::gelu_avx512::gelu_in_place), (crate::simd::Isa::Avx2Fma, crate::gelu_avx2::gelu_in_place)];
         for (isa, kernel) in kernels {
             if !crate::simd::supported().contains(&isa) {
                 eprintln!("SKIP: this CPU has no {isa:?}");
