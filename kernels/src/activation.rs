@@ -82,6 +82,7 @@ fn apply_serial(act: Activation, xs: &mut [f32]) {
 /// `simd::supported` lists): for callers already inside a parallel loop, and for tests that
 /// compare levels.
 // xs: any flat buffer.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // wide builds are x86's only
 pub(crate) fn apply_serial_at(isa: crate::simd::Isa, act: Activation, xs: &mut [f32]) {
     if act == Activation::None {
         return;

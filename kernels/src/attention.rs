@@ -77,6 +77,7 @@ fn check_bias(bias: Bias, bh: usize, nq: usize, nk: usize) {
 }
 
 /// Whether [`Head::run`] takes the short-key AVX-512 path for `nk` keys.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn takes_short_keys(isa: Isa, nk: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     return isa == Isa::Avx512 && (1..=small_avx512::MAX_KEYS).contains(&nk);

@@ -412,6 +412,7 @@ fn conv_transpose2d_at(isa: simd::Isa, x: &[f32], batch: usize, c_in: usize, h: 
 /// `dst + j * k` for `j < values.len()` must be valid for writes that no one else makes.
 // values: one run of products; dst: its first output element.
 unsafe fn store_strided(isa: simd::Isa, values: &[f32], bias: f32, k: usize, dst: *mut f32) {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))] // the wide path is x86's only
     let mut j = 0;
     #[cfg(target_arch = "x86_64")]
     if isa == simd::Isa::Avx512 && k == 2 {

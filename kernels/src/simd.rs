@@ -54,7 +54,7 @@ pub fn supported() -> Vec<Isa> {
             }
         }
     }
-    #[cfg(all(target_arch = "aarch64", feature = "neon-kernel"))]
+    #[cfg(target_arch = "aarch64")]
     {
         if std::arch::is_aarch64_feature_detected!("neon") {
             levels.push(Isa::Neon);
@@ -87,5 +87,12 @@ mod tests {
             assert_eq!(Isa::parse(isa.name()), Some(isa));
         }
         assert!(supported().contains(&active()));
+    }
+
+    /// Every aarch64 CPU has Advanced SIMD, so there the NEON kernels are what the tests check.
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn aarch64_supports_neon() {
+        assert!(supported().contains(&Isa::Neon));
     }
 }

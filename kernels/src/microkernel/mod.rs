@@ -14,9 +14,8 @@ mod portable;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
-// Off by default until it has been compiled and tested on an aarch64 machine (see the README's
-// CPU kernels section): the Jetson build then runs the portable kernel.
-#[cfg(all(target_arch = "aarch64", feature = "neon-kernel"))]
+// Built and tested for aarch64 in CI by cross-compilation, run under qemu-user (.ci/aarch64.sh).
+#[cfg(target_arch = "aarch64")]
 mod neon;
 
 /// Rows and columns of the register tile for `isa`.
@@ -39,14 +38,14 @@ pub(crate) fn tile_shape(isa: Isa) -> TileShape {
     }
 }
 
-#[cfg(all(target_arch = "aarch64", feature = "neon-kernel"))]
+#[cfg(target_arch = "aarch64")]
 fn neon_shape() -> (usize, usize) {
     (neon::MR, neon::NR)
 }
 
-/// Without the NEON kernel its shape is the portable one so that the dispatcher stays total (it
-/// is never selected then: `simd::supported` does not list it).
-#[cfg(not(all(target_arch = "aarch64", feature = "neon-kernel")))]
+/// Off aarch64 its shape is the portable one so that the dispatcher stays total (it is never
+/// selected there: `simd::supported` does not list it).
+#[cfg(not(target_arch = "aarch64"))]
 fn neon_shape() -> (usize, usize) {
     (portable::MR, portable::NR)
 }
@@ -75,7 +74,7 @@ pub(crate) unsafe fn run(isa: Isa, kc: usize, a: *const f32, b: *const f32, c: *
         Isa::Avx512 => avx512::kernel(kc, a, b, c, ldc, accumulate),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => avx2::kernel(kc, a, b, c, ldc, accumulate),
-        #[cfg(all(target_arch = "aarch64", feature = "neon-kernel"))]
+        #[cfg(target_arch = "aarch64")]
         Isa::Neon => neon::kernel(kc, a, b, c, ldc, accumulate),
         _ => portable::kernel(kc, a, b, c, ldc, accumulate),
     }
@@ -89,6 +88,7 @@ pub(crate) unsafe fn run(isa: Isa, kc: usize, a: *const f32, b: *const f32, c: *
 /// As [`run`], with `c` pointing to `height` rows.
 #[inline]
 #[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // only x86 has such kernels
 pub(crate) unsafe fn run_rows(isa: Isa, height: usize, kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) -> bool {
     debug_assert!(height >= 1 && height <= tile_shape(isa).mr);
     match isa {
@@ -109,6 +109,7 @@ pub(crate) unsafe fn run_rows(isa: Isa, height: usize, kc: usize, a: *const f32,
 /// As [`run_rows`], with `a` pointing to `height` rows of `kc` readable floats, `lda` apart.
 #[inline]
 #[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // only x86 has such kernels
 pub(crate) unsafe fn run_row_major_a(isa: Isa, height: usize, kc: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) -> bool {
     debug_assert!(height >= 1 && height <= tile_shape(isa).mr);
     match isa {
