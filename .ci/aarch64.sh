@@ -34,8 +34,21 @@ if ! command -v debootstrap >/dev/null; then
 fi
 
 ready=$root/.minisam-toolchain-ready
+# A run killed mid-build leaves the repository bind-mounted in the root (once per killed run):
+# every such mount goes before anything here deletes, or the delete would reach the repository.
+cleanup() {
+    local m
+    for m in "$root/proc" "$root/src"; do
+        while mountpoint -q "$m" 2>/dev/null; do umount "$m" || break; done
+    done
+}
+cleanup
+if mountpoint -q "$root/src" 2>/dev/null || mountpoint -q "$root/proc" 2>/dev/null; then
+    echo "aarch64: $root/src or $root/proc is still mounted and cannot be unmounted" >&2
+    exit 1
+fi
 if [ ! -f "$ready" ]; then
-    rm -rf "$root"
+    rm -rf --one-file-system "$root"
     debootstrap --variant=minbase --include=ca-certificates trixie "$root" "$mirror" >>"$log" 2>&1 \
         || skip "debootstrap of Debian trixie from $mirror failed"
 fi
@@ -60,12 +73,7 @@ fi
 # The repository is bind-mounted at /src (`--locked` keeps cargo from rewriting Cargo.lock); the
 # build goes to the root's own target folder.
 mkdir -p "$root/src"
-cleanup() {
-    umount "$root/proc" 2>/dev/null || true
-    umount "$root/src" 2>/dev/null || true
-}
 trap cleanup EXIT
-cleanup
 mount --bind "$repo" "$root/src"
 mount -t proc proc "$root/proc"
 
