@@ -90,7 +90,7 @@ fn takes_short_keys(isa: Isa, nk: usize) -> bool {
 #[allow(clippy::too_many_arguments)]
 fn run_tasks(q: &[f32], k: &[f32], v: &[f32], nq: usize, nk: usize, d: usize, scale: f32, bias: Bias, isa: Isa, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && (1..=small_avx512::MAX_KEYS).contains(&nk) {
+    if takes_short_keys(isa, nk) {
         // SAFETY: `isa` is one the CPU supports; the shapes were checked by `attention`, d > 0
         // since `out` is not empty.
         unsafe { small_avx512::attention(q, k, v, nq, nk, d, scale, bias, out) };

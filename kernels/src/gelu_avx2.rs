@@ -11,11 +11,8 @@
 
 use std::arch::x86_64::*;
 
-/// Above this `|x|/√2`, `erfc` is below f32's range: lanes are clamped here so that the
-/// reciprocal and the polynomial never see infinity.
-const Z_CLAMP: f32 = 10.0;
-/// Exponents below this give 0, as in [`crate::fastmath::exp_nonpositive`].
-const EXP_FLOOR: f32 = -87.0;
+use crate::activation::{ERFC_FIT, ERFC_Z_CLAMP};
+use crate::fastmath::avx2::exp_nonpositive8;
 
 /// `xs[i] = gelu(xs[i])` in place.
 ///
@@ -46,13 +43,13 @@ pub(crate) unsafe fn gelu_in_place(xs: &mut [f32]) {
 unsafe fn gelu8(x: __m256) -> __m256 {
     let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
     let scaled = _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
-    let z = _mm256_min_ps(_mm256_and_ps(scaled, abs_mask), _mm256_set1_ps(Z_CLAMP));
+    let z = _mm256_min_ps(_mm256_and_ps(scaled, abs_mask), _mm256_set1_ps(ERFC_Z_CLAMP));
     let d = _mm256_fmadd_ps(z, _mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
     // 1/d: the 12-bit estimate and one Newton step r + r(1 - d·r), about 2^-23 relative.
     let r0 = _mm256_rcp_ps(d);
     let t = _mm256_fmadd_ps(r0, _mm256_fnmadd_ps(d, r0, _mm256_set1_ps(1.0)), r0);
-    let mut p = _mm256_set1_ps(0.170_872_77);
-    for c in [-0.822_152_23, 1.488_515_9, -1.135_204, 0.278_868_07, -0.186_288_06, 0.096_784_18, 0.374_091_96, 1.000_023_7, -1.265_512_2] {
+    let mut p = _mm256_set1_ps(ERFC_FIT[0]);
+    for &c in &ERFC_FIT[1..] {
         p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(c));
     }
     let erfc = _mm256_mul_ps(t, exp_nonpositive8(_mm256_fnmadd_ps(z, z, p)));
@@ -60,24 +57,4 @@ unsafe fn gelu8(x: __m256) -> __m256 {
     let negative = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_setzero_ps());
     let phi = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(1.0), half_erfc), half_erfc, negative);
     _mm256_mul_ps(x, phi)
-}
-
-/// `e^a` for `a ≤ 0` lane-wise (NaN lanes give 0; GELU's final product with `x` restores the
-/// NaN): `2^n · e^r`, `n = round(a·log2 e)`, degree-7 Taylor polynomial on `|r| ≤ ln2/2`.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_nonpositive8(a: __m256) -> __m256 {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let in_range = _mm256_cmp_ps::<_CMP_GE_OQ>(a, _mm256_set1_ps(EXP_FLOOR));
-    let a = _mm256_max_ps(a, _mm256_set1_ps(EXP_FLOOR));
-    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(a, _mm256_set1_ps(std::f32::consts::LOG2_E)));
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), a));
-    let mut poly = _mm256_set1_ps(1.0 / 5040.0);
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c));
-    }
-    // n is an integer in [-126, 1]: 2^n is its biased exponent shifted into place.
-    let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127))));
-    _mm256_and_ps(_mm256_mul_ps(poly, scale), in_range)
 }

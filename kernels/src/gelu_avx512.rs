@@ -12,11 +12,8 @@
 
 use std::arch::x86_64::*;
 
+use crate::activation::{ERFC_FIT, ERFC_Z_CLAMP};
 use crate::fastmath::avx512::exp_nonpositive16;
-
-/// Above this `|x|/√2`, `erfc` is below f32's range (`e^{-z²}` underflows): the lanes are clamped
-/// here so that the reciprocal and the polynomial never see infinity.
-const Z_CLAMP: f32 = 10.0;
 
 /// `xs[i] = gelu(xs[i])` in place.
 ///
@@ -45,13 +42,13 @@ pub(crate) unsafe fn gelu_in_place(xs: &mut [f32]) {
 #[inline]
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn gelu16(x: __m512) -> __m512 {
-    let z = _mm512_min_ps(_mm512_abs_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2))), _mm512_set1_ps(Z_CLAMP));
+    let z = _mm512_min_ps(_mm512_abs_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2))), _mm512_set1_ps(ERFC_Z_CLAMP));
     let d = _mm512_fmadd_ps(z, _mm512_set1_ps(0.5), _mm512_set1_ps(1.0));
     // 1/d to ~2^-28 relative: the 14-bit estimate plus one Newton step r + r(1 - d·r).
     let r0 = _mm512_rcp14_ps(d);
     let t = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(d, r0, _mm512_set1_ps(1.0)), r0);
-    let mut p = _mm512_set1_ps(0.170_872_77);
-    for c in [-0.822_152_23, 1.488_515_9, -1.135_204, 0.278_868_07, -0.186_288_06, 0.096_784_18, 0.374_091_96, 1.000_023_7, -1.265_512_2] {
+    let mut p = _mm512_set1_ps(ERFC_FIT[0]);
+    for &c in &ERFC_FIT[1..] {
         p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(c));
     }
     let erfc = _mm512_mul_ps(t, exp_nonpositive16(_mm512_fnmadd_ps(z, z, p)));

@@ -99,13 +99,25 @@ fn lane_sum(row: &[f32], f: impl Fn(f64) -> f64) -> f64 {
 // row, gamma, beta, out: [dim].
 #[inline(always)]
 fn norm_row(row: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
+    let (mean, inv_std) = row_statistics(row, eps);
+    for (((o, &v), &g), &b) in out.iter_mut().zip(row).zip(gamma).zip(beta) {
+        *o = normalise(v, mean, inv_std, g, b);
+    }
+}
+
+/// A row's mean and `1 / sqrt(var + eps)`, both in f64, the variance from a second pass.
+#[inline(always)]
+fn row_statistics(row: &[f32], eps: f32) -> (f64, f64) {
     let dim = row.len() as f64;
     let mean = lane_sum(row, |v| v) / dim;
     let var = lane_sum(row, |v| (v - mean) * (v - mean)) / dim;
-    let inv_std = 1.0 / (var + eps as f64).sqrt();
-    for (((o, &v), &g), &b) in out.iter_mut().zip(row).zip(gamma).zip(beta) {
-        *o = ((v as f64 - mean) * inv_std) as f32 * g + b;
-    }
+    (mean, 1.0 / (var + eps as f64).sqrt())
+}
+
+/// One element: `(v - mean) / std` rounded to f32, then scaled and shifted in f32.
+#[inline(always)]
+fn normalise(v: f32, mean: f64, inv_std: f64, g: f32, b: f32) -> f32 {
+    ((v as f64 - mean) * inv_std) as f32 * g + b
 }
 
 /// [`norm_row`] compiled for AVX-512 (eight f64 lanes per instruction).
@@ -127,12 +139,9 @@ unsafe fn norm_row_avx2(row: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out:
 // row, gamma, beta: [dim].
 #[inline(always)]
 fn norm_row_in_place(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
-    let dim = row.len() as f64;
-    let mean = lane_sum(row, |v| v) / dim;
-    let var = lane_sum(row, |v| (v - mean) * (v - mean)) / dim;
-    let inv_std = 1.0 / (var + eps as f64).sqrt();
+    let (mean, inv_std) = row_statistics(row, eps);
     for ((v, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
-        *v = ((*v as f64 - mean) * inv_std) as f32 * g + b;
+        *v = normalise(*v, mean, inv_std, g, b);
     }
 }
 

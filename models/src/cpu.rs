@@ -230,11 +230,10 @@ fn add_broadcast(be: &CpuBackend, op: &str, a: &CpuTensor, b_shape: &[usize], b:
         return be.copy_of(&a.shape, &a.data);
     }
     // One pass writing `a + b` (a copy of `a` followed by `+= b` read and wrote it twice).
-    const CHUNK: usize = ELEMENTWISE_CHUNK;
     let period = b.len();
     let mut out = be.buffer_for_overwrite(a.data.len());
-    out.par_chunks_mut(CHUNK).zip(a.data.par_chunks(CHUNK)).enumerate().for_each(|(chunk, (dst, src))| {
-        let (mut done, mut j) = (0, (chunk * CHUNK) % period);
+    out.par_chunks_mut(ELEMENTWISE_CHUNK).zip(a.data.par_chunks(ELEMENTWISE_CHUNK)).enumerate().for_each(|(chunk, (dst, src))| {
+        let (mut done, mut j) = (0, (chunk * ELEMENTWISE_CHUNK) % period);
         while done < dst.len() {
             let len = (period - j).min(dst.len() - done);
             for ((d, &x), &y) in dst[done..done + len].iter_mut().zip(&src[done..done + len]).zip(&b[j..j + len]) {

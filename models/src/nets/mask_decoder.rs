@@ -514,7 +514,7 @@ mod tests {
             tokens.extend(&sparse);
             let src: Vec<f32> = emb.iter().zip(&dense).map(|(a, d)| a + d).collect();
             let src_tokens = nchw_to_tokens(&b, &up(&src, &grid)).unwrap();
-            let pe_tokens = b.vector_from_host(&[GRID * GRID, DIM], &channels_last(&pe, DIM)).unwrap();
+            let pe_tokens = b.vector_from_host(&[GRID * GRID, DIM], &crate::nets::prompt_encoder::channels_last(&pe, DIM)).unwrap();
             let (hs, keys) = decoder.transformer.forward(&b, &src_tokens, &pe_tokens, &up(&tokens, &[1, 5 + N_SPARSE, DIM])).unwrap();
             let hs: Vec<f64> = b.to_host(&hs).unwrap().iter().map(|&v| v as f64).collect();
             let keys = b.to_host(&keys).unwrap();
@@ -545,12 +545,6 @@ mod tests {
                 let worst = got.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
                 assert!(worst < 1e-4, "multimask {multimask}: largest difference {worst}");
             }
-        }
-
-        /// `[C, N]` → `[N, C]` on the host.
-        fn channels_last(planes: &[f32], c: usize) -> Vec<f32> {
-            let n = planes.len() / c;
-            (0..n * c).map(|i| planes[(i % c) * n + i / c]).collect()
         }
 
         /// Without a mask prompt the decoder adds `no_mask_embed` as a per-channel vector after

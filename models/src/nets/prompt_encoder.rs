@@ -313,7 +313,7 @@ impl<B: Backend> PromptEncoder<B> {
 
 /// `[C, N]` (channel-major) → `[N, C]`.
 // planes: C·N values, channels: C.
-fn channels_last(planes: &[f32], channels: usize) -> Vec<f32> {
+pub(crate) fn channels_last(planes: &[f32], channels: usize) -> Vec<f32> {
     let cells = planes.len() / channels;
     (0..cells * channels).map(|i| planes[(i % channels) * cells + i / channels]).collect()
 }
